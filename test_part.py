@@ -1,0 +1,498 @@
+"""Property tests for part.py: CPU only, synthetic data, seconds each.
+
+Run: python -m pytest -q test_part.py
+"""
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import part
+
+ROOT = Path(__file__).resolve().parent
+EPS, EPS_LOW = 8 / 255, 3 / 255  # a wide gap makes a wrong budget visible
+
+
+def cli(*args, timeout=600):
+    """Run the real command line in a fresh process."""
+    return subprocess.run([sys.executable, str(ROOT / "part.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+def invoke(*args):
+    """Run the command line in this process (faster; for the error paths)."""
+    return CliRunner().invoke(part.app, [str(a) for a in args])
+
+
+def seeded(arch="cnn", num_classes=10, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return part.build_model(arch, num_classes).to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    s = part.synthetic_split(24, seed=5)
+    return part.to_float(s.x), s.y
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return seeded()
+
+
+# ---------------------------------------------------------------- the attack
+
+
+@pytest.mark.parametrize("rule", part.MASK_RULES)
+@pytest.mark.parametrize("start", [True, False, 0.001])
+def test_pgd_never_exceeds_the_per_pixel_budget(cnn, batch, rule, start):
+    x, y = batch
+    budget = part.eps_map(part.class_activation(cnn, x), EPS, EPS_LOW, rule, size=x.shape[-2:])
+    x_adv = part.pgd(cnn, x, y, budget, 2 / 255, 5, random_start=start)
+    delta = (x_adv - x).abs()
+    assert (delta <= budget + 1e-6).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert ((delta - budget).abs() < 1e-6).float().mean() > 0.3  # the attack does use its budget
+
+
+@pytest.mark.parametrize("loss", ["ce", "cw", "kl"])
+def test_every_attack_loss_stays_in_budget_and_raises_its_loss(cnn, batch, loss):
+    x, y = batch
+    x_adv = part.pgd(cnn, x, y, EPS, 2 / 255, 5, loss=loss, random_start=0.001 if loss == "kl" else True)
+    assert ((x_adv - x).abs() <= EPS + 1e-6).all()
+    with torch.no_grad():
+        ref = F.softmax(cnn(x), 1)
+        before = part.attack_loss(loss, cnn((x + 1e-3 * torch.randn_like(x)).clamp(0, 1)), y, ref)
+        after = part.attack_loss(loss, cnn(x_adv), y, ref)
+    assert after > before
+
+
+def test_mma_stays_in_a_per_pixel_budget_and_breaks_at_least_as_much_as_its_candidates(cnn, batch):
+    x, y = batch
+    budget = part.eps_map(part.class_activation(cnn, x), EPS, EPS_LOW, "zscore", size=x.shape[-2:])
+    x_adv = part.mma(cnn, x, y, budget, 2 / 255, 5)
+    assert ((x_adv - x).abs() <= budget + 1e-6).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        margin = -part.cw_margin(cnn(x_adv), y, kappa=float("inf"))
+        clean = -part.cw_margin(cnn(x), y, kappa=float("inf"))
+    assert (margin <= clean + 1e-4).float().mean() > 0.9  # the kept candidate lowers the true margin
+
+
+def test_uniform_tensor_budget_equals_the_scalar_budget(cnn, batch):
+    x, y = batch
+    torch.manual_seed(1)
+    a = part.pgd(cnn, x, y, EPS, 2 / 255, 4)
+    torch.manual_seed(1)
+    b = part.pgd(cnn, x, y, torch.full_like(x, EPS), 2 / 255, 4)
+    assert torch.equal(a, b)
+
+
+def test_batch_result_equals_per_example_result(batch):
+    model = seeded(dtype=torch.float64)
+    x, y = batch[0][:6].double(), batch[1][:6]
+    budget = torch.rand(6, 1, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * EPS
+    together = part.pgd(model, x, y, budget, 2 / 255, 5, random_start=False)
+    alone = torch.cat([part.pgd(model, x[i:i + 1], y[i:i + 1], budget[i:i + 1], 2 / 255, 5, random_start=False) for i in range(6)])
+    assert torch.allclose(together, alone, atol=1e-12)
+
+
+def test_attacks_leave_the_input_the_model_mode_and_parameter_grads_alone(cnn, batch):
+    x, y = batch
+    x0 = x.clone()
+    cnn.train()
+    try:
+        part.pgd(cnn, x, y, EPS, 2 / 255, 2)
+        part.mma(cnn, x, y, EPS, 2 / 255, 2)
+        part.grad_cam(cnn, x)
+        assert cnn.training
+    finally:
+        cnn.eval()
+    assert torch.equal(x, x0)
+    assert all(p.grad is None for p in cnn.parameters())
+
+
+# ---------------------------------------------------------------- CAM
+
+
+@pytest.mark.parametrize("method", part.CAM_METHODS)
+@pytest.mark.parametrize("arch", ["cnn", "resnet18", "preact-resnet18"])
+def test_batched_cam_equals_a_per_image_loop(batch, method, arch):
+    model = seeded(arch, dtype=torch.float64)
+    x = batch[0][:5].double()
+    together = part.grad_cam(model, x, method)
+    alone = torch.cat([part.grad_cam(model, x[i:i + 1], method) for i in range(5)])
+    assert together.shape == (5, 1, 32, 32)
+    assert torch.allclose(together, alone, atol=1e-10)
+    assert together.min() >= 0 and together.max() <= 1
+
+
+def _textbook_cam(model, x, method):
+    """Per image, straight from the definitions (Selvaraju 2017, Fu 2020, Jiang 2021)."""
+    maps = []
+    for xi in x.split(1):
+        a = model.features(xi).detach().requires_grad_(True)
+        logits = model.head(a)
+        (g,) = torch.autograd.grad(logits[0, logits[0].argmax()], a)
+        a, g = a[0], g[0]  # [K, h, w]
+        if method == "gradcam":
+            cam = torch.relu(sum(g[k].mean() * a[k] for k in range(a.shape[0])))
+        elif method == "xgradcam":
+            cam = torch.relu(sum((g[k] * a[k]).sum() / (a[k].sum() + 1e-7) * a[k] for k in range(a.shape[0])))
+        else:
+            cam = torch.relu(sum(torch.relu(g[k]) * a[k] for k in range(a.shape[0])))
+        cam = (cam - cam.min()) / (cam.max() - cam.min()).clamp(min=1e-12)
+        maps.append(cam[None, None])
+    return torch.cat(maps)
+
+
+@pytest.mark.parametrize("method", part.CAM_METHODS)
+def test_cam_matches_the_textbook_definitions(batch, method):
+    model = seeded("resnet18", dtype=torch.float64)
+    x = batch[0][:3].double()
+    assert torch.allclose(part.class_activation(model, x, method), _textbook_cam(model, x, method), atol=1e-10)
+
+
+def test_gradcam_equals_xgradcam_behind_a_pooled_linear_head_but_not_on_wrn(batch):
+    x = batch[0][:2]
+    resnet = seeded("resnet18")
+    assert torch.allclose(part.grad_cam(resnet, x, "gradcam"), part.grad_cam(resnet, x, "xgradcam"), atol=1e-4)
+    assert not torch.allclose(part.grad_cam(resnet, x, "gradcam"), part.grad_cam(resnet, x, "layercam"), atol=1e-2)
+    wrn = seeded("wrn-34-10")  # bn + ReLU between block3 and the pooling: gradients vary in space
+    assert not torch.allclose(part.grad_cam(wrn, x, "gradcam"), part.grad_cam(wrn, x, "xgradcam"), atol=1e-2)
+
+
+class QuadrantModel(nn.Module):
+    """Sees only the top-left quadrant of the image: a known answer for the CAM."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.linear = nn.Linear(8, 10)
+        with torch.no_grad():
+            self.linear.weight.abs_()
+        self.register_buffer("mask", torch.zeros(1, 1, 8, 8))
+        self.mask[..., :4, :4] = 1
+
+    def features(self, x):
+        return F.relu(self.conv(F.avg_pool2d(x, 4))) * self.mask
+
+    def head(self, a):
+        return self.linear(a.mean((2, 3)))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("method", part.CAM_METHODS)
+def test_cam_of_a_model_that_sees_one_quadrant_peaks_there_and_gets_the_full_budget_there(batch, method):
+    model, x = QuadrantModel().eval(), batch[0][:8]
+    cam = part.grad_cam(model, x, method)
+    peak = cam.flatten(1).argmax(1)
+    assert ((peak // 32 < 16) & (peak % 32 < 16)).all()
+    budget = part.eps_map(part.class_activation(model, x, method), EPS, EPS_LOW, "zscore", size=(32, 32))
+    full = budget[:, 0] == torch.tensor(EPS, dtype=torch.float32)
+    rows, cols = torch.arange(32).view(32, 1), torch.arange(32).view(1, 32)
+    assert full.flatten(1).any(1).all()
+    assert not (full & ((rows >= 18) | (cols >= 18))).any()  # bilinear upsampling bleeds <= 2 px
+
+
+def test_a_degenerate_all_zero_cam_gives_no_nan(batch):
+    model = QuadrantModel().eval()
+    with torch.no_grad():
+        model.conv.weight.zero_()
+        model.conv.bias.fill_(-1)  # ReLU -> every feature is 0
+    x = batch[0][:4]
+    for method in part.CAM_METHODS:
+        cam = part.grad_cam(model, x, method)
+        assert torch.isfinite(cam).all() and (cam == 0).all()
+        for rule in part.MASK_RULES:
+            budget = part.eps_map(part.class_activation(model, x, method), EPS, EPS_LOW, rule, size=(32, 32))
+            assert torch.isfinite(budget).all()
+
+
+# ---------------------------------------------------------------- budget maps
+
+
+@pytest.fixture(scope="module")
+def cams(batch):
+    return part.class_activation(seeded("resnet18"), batch[0])
+
+
+def test_masks_hold_only_the_two_budgets(cams):
+    allowed = torch.tensor([EPS_LOW, EPS], dtype=torch.float32)
+    for rule, channels in (("zscore", 1), ("official", 3), ("random", 1)):
+        m = part.eps_map(cams, EPS, EPS_LOW, rule, size=(32, 32))
+        assert m.shape == (len(cams), channels, 32, 32)
+        assert torch.isin(m.unique(), allowed).all()
+        assert (m == EPS_LOW).any() and (m == torch.tensor(EPS, dtype=torch.float32)).any()
+
+
+def test_random_rule_has_zscores_density_per_image_at_other_positions(cams):
+    z = part.eps_map(cams, EPS, EPS_LOW, "zscore", size=(32, 32)) > EPS_LOW
+    r = part.eps_map(cams, EPS, EPS_LOW, "random", size=(32, 32), generator=torch.Generator().manual_seed(0)) > EPS_LOW
+    assert torch.equal(z.sum((1, 2, 3)), r.sum((1, 2, 3)))
+    assert not torch.equal(z, r)
+
+
+def test_uniform_rule_is_zscores_mean_budget(cams):
+    z = part.eps_map(cams, EPS, EPS_LOW, "zscore", size=(32, 32))
+    u = part.eps_map(cams, EPS, EPS_LOW, "uniform", size=(32, 32))
+    assert u.shape == (len(cams), 1, 1, 1)
+    assert torch.allclose(u.flatten(), z.mean((1, 2, 3)), atol=1e-7)
+
+
+def test_zscore_rule_marks_pixels_more_than_one_std_above_the_mean(cams):
+    up = F.interpolate(cams, size=(32, 32), mode="bilinear", align_corners=False)
+    z = (up - up.mean((1, 2, 3), keepdim=True)) / up.std((1, 2, 3), keepdim=True, correction=0)
+    m = part.eps_map(cams, EPS, EPS_LOW, "zscore", size=(32, 32))
+    assert torch.equal(m == torch.tensor(EPS, dtype=torch.float32), z > 1)
+
+
+def test_official_rule_is_per_channel_and_never_gives_the_full_budget_on_all_channels(cams):
+    m = part.eps_map(cams, EPS, EPS_LOW, "official", size=(32, 32))
+    full = m == torch.tensor(EPS, dtype=torch.float32)
+    assert not full.all(1).any()
+    assert 0.05 < full.float().mean() < 0.5
+
+
+def test_pil_bicubic_resampling_matches_pillow():
+    import numpy as np
+    from PIL import Image
+
+    a = np.random.default_rng(0).random((4, 4)).astype(np.float32)
+    ref = np.asarray(Image.fromarray(a, mode="F").resize((32, 32), Image.BICUBIC))
+    m = part._pil_bicubic_matrix(4, 32).float()
+    assert np.abs((m @ torch.from_numpy(a) @ m.T).numpy() - ref).max() < 1e-5
+
+
+def test_jet_matches_matplotlibs_table():
+    # matplotlib.colormaps["jet"](v)[:3], read off matplotlib 3.x
+    expected = {0.0: (0, 0, 0.5), 0.1: (0, 0, 0.9456328), 0.25: (0, 0.50392157, 1), 0.5: (0.49019608, 1, 0.47754586),
+                0.7: (1, 0.77051561, 0), 0.9: (0.9456328, 0.02977487, 0), 1.0: (0.5, 0, 0)}
+    v = torch.tensor(list(expected)).view(1, 1, 1, -1)
+    got = part.jet(v)[0, :, 0].T
+    assert torch.allclose(got, torch.tensor(list(expected.values())), atol=1e-6)
+
+
+# ---------------------------------------------------------------- models, data, checkpoints
+
+
+@pytest.mark.parametrize("arch, shape", [("resnet18", (512, 4, 4)), ("preact-resnet18", (512, 4, 4)),
+                                         ("wrn-34-10", (640, 8, 8)), ("cnn", (128, 8, 8))])
+def test_models_expose_their_cam_layer_and_forward_through_it(batch, arch, shape):
+    model, x = seeded(arch), batch[0][:2]
+    with torch.no_grad():
+        a = model.features(x)
+        assert a.shape[1:] == shape
+        assert torch.allclose(model(x), model.head(a))
+
+
+def test_state_dict_names_follow_the_reference_cifar_models():
+    keys = {a: set(part.build_model(a).state_dict()) for a in ("resnet18", "preact-resnet18", "wrn-34-10")}
+    assert {"conv1.weight", "bn1.running_mean", "layer2.0.shortcut.0.weight", "layer2.0.shortcut.1.weight", "linear.weight"} <= keys["resnet18"]
+    assert len(keys["resnet18"]) == 122
+    assert {"layer2.0.shortcut.0.weight", "bn.weight", "linear.bias"} <= keys["preact-resnet18"]
+    assert {"block1.layer.0.convShortcut.weight", "block3.layer.4.bn2.running_var", "bn1.weight", "fc.weight"} <= keys["wrn-34-10"]
+
+
+def test_autoattacks_example_resnet18_loads_and_gives_the_same_logits(batch, tmp_path):
+    spec = importlib.util.find_spec("pyautoattack")
+    if spec is None:
+        pytest.skip("pyautoattack not installed")
+    path = Path(spec.origin).parent / "examples" / "resnet.py"
+    mod_spec = importlib.util.spec_from_file_location("aa_resnet", path)
+    ref_module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(ref_module)
+    torch.manual_seed(0)
+    ref = ref_module.ResNet18().eval()
+    torch.save({"module." + k: v for k, v in ref.state_dict().items()}, tmp_path / "ref.pth")
+    ours, meta = part.load_checkpoint(tmp_path / "ref.pth", arch="resnet18")
+    assert meta["num_classes"] == 10
+    with torch.no_grad():
+        assert torch.allclose(ours(batch[0][:4]), ref(batch[0][:4]), atol=1e-5)
+
+
+def test_foreign_state_dicts_load_with_wrappers_and_prefixes(batch, tmp_path):
+    model = seeded("cnn", num_classes=7)
+    state = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "a.pt")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "b.safetensors"))
+    for name in ("a.pt", "b.safetensors"):
+        loaded, meta = part.load_checkpoint(tmp_path / name, arch="cnn")
+        assert meta["num_classes"] == 7 and not loaded.training
+        with torch.no_grad():
+            assert torch.equal(loaded(batch[0][:2]), model(batch[0][:2]))
+
+
+class NotAWeight:
+    pass
+
+
+def test_pickles_that_need_code_are_refused_and_mismatches_explained(tmp_path):
+    torch.save({"w": torch.zeros(1), "obj": NotAWeight()}, tmp_path / "evil.pt")
+    with pytest.raises(part.CliError, match="weights-only"):
+        part.load_checkpoint(tmp_path / "evil.pt", arch="cnn")
+    torch.save(seeded("cnn").state_dict(), tmp_path / "cnn.pt")
+    with pytest.raises(part.CliError, match="does not match architecture resnet18"):
+        part.load_checkpoint(tmp_path / "cnn.pt", arch="resnet18")
+    with pytest.raises(part.CliError, match="--arch"):
+        part.load_checkpoint(tmp_path / "cnn.pt")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(part.CliError, match="not a readable safetensors"):
+        part.load_checkpoint(tmp_path / "bad.safetensors", arch="cnn")
+    with pytest.raises(part.CliError, match="not found"):
+        part.load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_augmentation_is_a_padded_crop_and_a_flip():
+    x = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
+    padded = F.pad(x, (4, 4, 4, 4))
+    for flip in (False, True):
+        out = part.augment(x, flip, torch.Generator().manual_seed(0))
+        flips = 0
+        for i in range(len(x)):
+            windows = [padded[i, :, r:r + 8, c:c + 8] for r in range(9) for c in range(9)]
+            plain = any(torch.equal(out[i], w) for w in windows)
+            mirrored = any(torch.equal(out[i].flip(2), w) for w in windows)
+            assert plain or (flip and mirrored)
+            flips += not plain
+        assert (flips > 4) == flip
+
+
+def _write_folder(root, split, classes, per_class, size=12):
+    from PIL import Image
+
+    images = {}
+    for c in classes:
+        (root / split / c).mkdir(parents=True)
+        for i in range(per_class):
+            img = torch.randint(0, 256, (3, size, size), dtype=torch.uint8)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(root / split / c / f"{i:04d}.png")
+            images[(c, i)] = img
+    return images
+
+
+def test_image_folders_decode_once_in_class_interleaved_order(tmp_path):
+    images = _write_folder(tmp_path / "data", "train", ["b_cls", "a_cls", "c_cls"], 3)
+    s = part.load_split("imagefolder", "train", tmp_path / "data", tmp_path / "cache", image_size=12)
+    assert s.classes == ["a_cls", "b_cls", "c_cls"]
+    assert s.y.tolist() == [0, 1, 2] * 3
+    assert torch.equal(s.x[1], images[("b_cls", 0)]) and torch.equal(s.x[5], images[("c_cls", 1)])
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    again = part.load_split("imagefolder", "train", tmp_path / "data", tmp_path / "cache", image_size=12)
+    assert torch.equal(again.x, s.x) and torch.equal(again.y, s.y)
+
+
+def test_synthetic_data_is_fixed_and_balanced():
+    a, b = part.load_split("synthetic", "train", "unused"), part.load_split("synthetic", "train", "unused")
+    assert torch.equal(a.x, b.x) and a.x.dtype == torch.uint8 and a.x.shape[1:] == (3, 32, 32)
+    assert a.y.bincount().min() > 400
+
+
+# ---------------------------------------------------------------- training through the CLI
+
+SMALL = ["--preset", "smoke", "--train-subset", 512, "--eval-subset", 128]
+
+
+def test_smoke_training_writes_a_loadable_checkpoint_and_learns(tmp_path):
+    r = cli("train", "--preset", "smoke", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+    assert [row["phase"] for row in rows] == ["warm-up", "warm-up", "PART", "PART"]
+    assert rows[-1]["natural"] > 0.25 and rows[-1]["pgd20"] > 0.1  # chance: 0.1
+    model, meta = part.load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert meta["arch"] == "cnn" and meta["epoch"] == 4 and meta["classes"] == list(part.SYNTHETIC_CLASSES)
+    assert meta["config"]["eps"] == 8 and meta["metrics"]["natural"] == rows[-1]["natural"]
+    test = part.load_split("synthetic", "test", "unused").first(256)
+    assert part.evaluate(model, test, 128, 8 / 255, 2 / 255, 1)["natural"] == pytest.approx(rows[-1]["natural"])
+    assert (tmp_path / "run" / "best.safetensors").is_file()
+    r = cli("attack", tmp_path / "run" / "best.safetensors", "--n-examples", 64)
+    assert r.returncode == 0 and "pgd20" in r.stdout
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    args = ["train", *SMALL, "--epochs", 4, "--warmup-epochs", 2]
+    assert cli(*args, "--out", tmp_path / "full").returncode == 0
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "part.py"), *map(str, args), "--out", str(cut)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((cut / "metrics.jsonl").exists() and (cut / "metrics.jsonl").read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    assert part.load_checkpoint(cut / "last.safetensors")[1]["epoch"] < 4
+    r = cli("train", "--out", cut, "--resume")
+    assert r.returncode == 0, r.stderr
+    full, resumed = load_file(str(tmp_path / "full" / "last.safetensors")), load_file(str(cut / "last.safetensors"))
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert [json.loads(line)["epoch"] for line in (cut / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "vgg"], "unknown model 'vgg'"),
+    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["--cam", "scorecam"], "unknown cam"),
+    (["--eps", "4", "--eps-low", "6"], "must not exceed eps"),
+    (["--eps", "-1"], "non-negative"),
+    (["--eps", "eight"], "1/255 levels"),
+    (["--steps", "0"], "steps must be at least 1"),
+    (["--warmup-epochs", "9", "--epochs", "3"], "warmup-epochs (9)"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--resume"], "--resume needs --out"),
+])
+def test_bad_training_input_gives_one_line_and_a_nonzero_exit(tmp_path, args, message):
+    out = [] if "--resume" in args else ["--out", tmp_path / "run"]
+    r = invoke("train", "--preset", "smoke", *out, *args) if args[0] != "--preset" else invoke("train", *args, *out)
+    assert r.exit_code != 0
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_files_are_reported(tmp_path):
+    (tmp_path / "c.toml").write_text('[p]\nmodel = "cnn"\nepochz = 3\n')
+    r = invoke("train", "--config", tmp_path / "c.toml", "--preset", "p")
+    assert r.exit_code == 1 and "unknown key 'epochz'" in r.stderr
+    (tmp_path / "c.toml").write_text('[p]\nepochs = "three"\n')
+    assert "epochs = 'three'" in invoke("train", "--config", tmp_path / "c.toml", "--preset", "p").stderr
+
+
+def test_missing_data_exits_2_and_says_where_to_put_it(tmp_path):
+    for dataset in ("imagefolder", "tinyimagenet"):
+        r = invoke("train", "--preset", "smoke", "--dataset", dataset, "--data-dir", tmp_path / "nothing", "--out", tmp_path / "r")
+        assert r.exit_code == 2 and str(tmp_path / "nothing") in r.stderr
+
+
+def test_a_folder_with_a_run_is_never_overwritten_and_nan_keeps_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    r = cli("train", *SMALL, "--epochs", 2, "--warmup-epochs", 1, "--lr-milestones", 1, "--lr-gamma", 1e30, "--out", run)
+    assert r.returncode == 3 and "NaN" in r.stderr and "Traceback" not in r.stderr
+    model, meta = part.load_checkpoint(run / "last.safetensors")
+    assert meta["epoch"] == 1 and all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
+    before = (run / "last.safetensors").read_bytes()
+    r = invoke("train", "--preset", "smoke", "--out", run)
+    assert r.exit_code == 1 and "already holds a run" in r.stderr
+    assert (run / "last.safetensors").read_bytes() == before
+
+
+def test_attack_rejects_missing_and_corrupt_checkpoints(tmp_path):
+    r = invoke("attack", tmp_path / "none.safetensors", "--dataset", "synthetic")
+    assert r.exit_code == 1 and "not found" in r.stderr
+    (tmp_path / "c.safetensors").write_bytes(b"not a checkpoint")
+    r = invoke("attack", tmp_path / "c.safetensors", "--dataset", "synthetic")
+    assert r.exit_code == 1 and "not a readable safetensors" in r.stderr and len(r.stderr.strip().splitlines()) == 1
