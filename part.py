@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -354,8 +355,10 @@ def synthetic_split(n: int, seed: int, size: int = 32) -> Split:
         (box < 0.9) & (box > 0.55),  # frame
     ])  # [10, n, 1, H, W]
     mask = shapes[y, torch.arange(n)].float()
-    dark = bg.mean((1, 2, 3), keepdim=True) < 0.5  # contrast: bright shapes on dark backgrounds
-    fg = rand(n, 3, 1, 1) * 0.35 + torch.where(dark, 0.65, 0.0)
+    # Moderate contrast (0.2-0.3 per channel, brighter on dark backgrounds): easy to learn, yet an
+    # undefended model falls to ~0% at 8/255, as on natural images.
+    dark = bg.mean((1, 2, 3), keepdim=True) < 0.5
+    fg = bg.mean((2, 3), keepdim=True) + torch.where(dark, 1.0, -1.0) * (0.2 + 0.1 * rand(n, 3, 1, 1))
     x = (bg * (1 - mask) + fg * mask).clamp(0, 1)
     return Split((x * 255).round().to(torch.uint8), y, list(SYNTHETIC_CLASSES))
 
@@ -1059,6 +1062,155 @@ def evaluate(model: nn.Module, data: Split, batch_size: int, eps: float, step: f
     return {"natural": counts[0] / max(counts[2], 1), "pgd20": counts[1] / max(counts[2], 1)}
 
 
+# ============================================================================ robustness evaluation
+
+SUITE = ("natural", "fgsm", "pgd20", "cw20", "mma", "aa", "pgd20-part")
+
+
+@dataclasses.dataclass
+class AttackSetup:
+    """One evaluation's threat model ([0, 1] units) and the settings of the PART map."""
+
+    eps: float
+    step: float
+    restarts: int = 1
+    seed: int = 0
+    batch_size: int = 256
+    eps_low: float = levels(7)
+    cam: str = "gradcam"
+    mask_rule: str = "zscore"
+
+
+def worst_of_restarts(model: nn.Module, y: Tensor, restarts: int, attack: Callable[[], Tensor]) -> Tensor:
+    """Run `attack` up to `restarts` times, keeping per example an AE that fools the model."""
+    best = attack()
+    for _ in range(restarts - 1):
+        with torch.no_grad():
+            holding = model(best).argmax(1) == y
+        if not holding.any():
+            break
+        best = torch.where(holding.view(-1, 1, 1, 1), attack(), best)
+    return best
+
+
+def run_attack(name: str, model: nn.Module, x: Tensor, y: Tensor, s: AttackSetup) -> Tensor:
+    """Adversarial examples of one suite attack (not `aa`) for a batch, model in eval mode."""
+    if name == "natural":
+        return x
+    if name == "fgsm":
+        return pgd(model, x, y, s.eps, s.eps, 1, random_start=False)
+    if name in ("pgd20", "cw20"):
+        loss = "ce" if name == "pgd20" else "cw"
+        return worst_of_restarts(model, y, s.restarts, lambda: pgd(model, x, y, s.eps, s.step, 20, loss))
+    if name == "mma":
+        return mma(model, x, y, s.eps, s.step, 20, k=3)
+    if name == "pgd20-part":  # inside the model's own PART budget map of these clean images
+        budget = eps_map(class_activation(model, x, s.cam), s.eps, s.eps_low, s.mask_rule, size=x.shape[-2:])
+        return worst_of_restarts(model, y, s.restarts, lambda: pgd(model, x, y, budget, s.step, 20))
+    raise ValueError(f"unknown attack {name!r}")
+
+
+def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int, batch_size: int) -> Tensor:
+    """The reference AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square), from
+    pyautoattack. It reseeds the global generator, so it runs inside fork_rng."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError:
+        raise CliError("the aa attack needs the optional package pyautoattack: pip install pyautoattack") from None
+    device = x.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=device)
+        with torch.no_grad():
+            num_classes = model(x[:1]).shape[1]
+        if num_classes < 10:  # the standard version targets 9 classes; fewer exist here
+            adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = num_classes - 1
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+    return x_adv
+
+
+def sanity_warnings(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
+    """AutoAttack-style checks that a gradient-based evaluation means something here."""
+    found = []
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    if not torch.equal(a, b):
+        found.append("the model gives different outputs for the same input (a randomised defence?): "
+                     "these attacks do not average over its randomness, robustness may be overstated")
+    if (a >= 0).all() and torch.allclose(a.sum(1), torch.ones_like(a[:, 0]), atol=1e-4):
+        found.append("the outputs look like probabilities (non-negative, rows sum to 1): the attacks expect logits")
+    x_ = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_).float(), y, reduction="sum"), x_, allow_unused=True)
+    zero = 1.0 if grad is None else (grad.flatten(1).abs().amax(1) == 0).float().mean().item()
+    if zero > 0:
+        found.append(f"{zero:.0%} of the inputs have an all-zero input gradient (gradient masking?): "
+                     "gradient-based accuracy may be overstated")
+    return found
+
+
+def evaluate_suite(model: nn.Module, data: Split, attacks: list[str], s: AttackSetup,
+                   on_batch: Callable[[str, int, int], None] = lambda name, done, total: None) -> dict:
+    """Accuracy of every attack on `data` (on the model's device), each attack run on the
+    points the model classifies correctly, fp32, eval mode; `worst` counts a point robust
+    only if no attack broke it. Every AE is checked against the budget before it counts."""
+    n, device = len(data.y), data.y.device
+    x_all = to_float(data.x)
+    with eval_mode(model):
+        with torch.no_grad():
+            clean = torch.cat([model(x).argmax(1) for x in x_all.split(s.batch_size)]) == data.y
+        correct, seconds = {"natural": clean}, {"natural": 0.0}
+        todo = clean.nonzero().squeeze(1)
+        for name in attacks:
+            if name == "natural":
+                continue
+            t0 = time.perf_counter()
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(s.seed)  # each attack's randomness is independent of the others
+                correct[name] = _attack_all(name, model, x_all, data.y, todo, s, on_batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[name] = time.perf_counter() - t0
+    worst = torch.stack(list(correct.values())).all(0)
+    accuracy = {k: v.float().mean().item() for k, v in correct.items()}
+    accuracy["worst"] = worst.float().mean().item()
+    per_class = {}
+    for c, name in enumerate(data.classes):
+        members = data.y == c
+        if members.any():
+            per_class[name] = {k: v[members].float().mean().item() for k, v in {**correct, "worst": worst}.items()}
+    return {"accuracy": accuracy, "seconds": seconds, "per_class": per_class}
+
+
+def _attack_all(name: str, model: nn.Module, x_all: Tensor, y_all: Tensor, todo: Tensor, s: AttackSetup,
+                on_batch: Callable[[str, int, int], None]) -> Tensor:
+    """Per point: is it still classified correctly under attack `name`? (`todo`: the points
+    to attack; the others count as broken.) AutoAttack gets every point, as when called directly."""
+    n = len(y_all)
+    if name == "aa":
+        x_adv = autoattack(model, x_all, y_all, s.eps, s.seed, s.batch_size)
+        _check_budget(x_adv, x_all, s.eps, name)
+        with torch.no_grad():
+            robust = torch.cat([model(x).argmax(1) for x in x_adv.split(s.batch_size)]) == y_all
+        on_batch(name, n, n)
+        return robust
+    robust, done = torch.zeros(n, dtype=torch.bool, device=y_all.device), 0
+    for idx in todo.split(s.batch_size):
+        x, y = x_all[idx], y_all[idx]
+        x_adv = run_attack(name, model, x, y, s)
+        _check_budget(x_adv, x, s.eps, name)
+        with torch.no_grad():
+            robust[idx] = model(x_adv).argmax(1) == y
+        done += len(idx)
+        on_batch(name, done, len(todo))
+    return robust
+
+
+def _check_budget(x_adv: Tensor, x: Tensor, eps: float, name: str) -> None:
+    excess = ((x_adv - x).abs().max() - eps).item() if len(x) else 0.0
+    if excess > 1e-5 or (len(x) and (x_adv.min() < 0 or x_adv.max() > 1)):
+        raise CliError(f"{name} produced inputs outside the eps ball or [0, 1] (by {excess:.2e}); no accuracy reported")
+
+
 # ============================================================================ checkpoints
 # Weights: safetensors with the run's metadata (strings; JSON where structured). Resume
 # state (optimizer buffers, epoch, best) in a second safetensors file beside it. Every
@@ -1081,20 +1233,28 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
         tmp.unlink(missing_ok=True)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def sigint_deferred():
-    """Hold Ctrl-C back while files are written (the checkpoint pair stays consistent)."""
+def stop_signals_deferred():
+    """Hold Ctrl-C / SIGTERM back while files are written (the checkpoint pair stays consistent)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    previous = {s: signal.signal(s, lambda *a: caught.append(a)) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         if caught:
             raise KeyboardInterrupt
 
@@ -1429,7 +1589,7 @@ def run_training(cfg: TrainConfig, preset: str, out: Path, resume: bool, dist: D
             if improved:
                 best = {"pgd20": metrics["pgd20"], "natural": metrics["natural"], "epoch": epoch + 1}
             if dist.main:
-                with sigint_deferred():
+                with stop_signals_deferred():
                     meta = {**meta_base, "epoch": epoch + 1, "metrics": metrics, "best": best}
                     save_checkpoint(last, model, meta)
                     save_resume_state(state_path, optimizer, epoch + 1, best)
@@ -1532,6 +1692,7 @@ def train(
                      eval_subset=eval_subset, eval_every=eval_every, out=out, seed=seed, device=device, compile=compile, amp=amp,
                      sync_bn=sync_bn)
     with cli_errors():
+        signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop is handled like Ctrl-C
         dist = dist_from_env()
         if resume:
             if not out:
@@ -1550,45 +1711,119 @@ def train(
             run_training(cfg, preset_name, out_dir, resume, dist)
 
 
-def _test_split_for(meta: dict, dataset: Optional[str], data_dir: str, cache_dir: str, image_size: Optional[int]) -> Split:
-    name = dataset or meta.get("dataset") or "cifar10"
-    if name not in DATASETS:
-        raise CliError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
-    size = image_size or meta.get("image_size") or DATASETS[name].image_size or 32
-    data = load_split(name, "test", data_dir, cache_dir, size)
+def check_fits(meta: dict, data: Split, name: str, data_dir: str) -> None:
     if len(data.classes) != meta["num_classes"]:
         raise CliError(f"the model predicts {meta['num_classes']} classes but {name} in {data_dir} has {len(data.classes)}")
     if meta.get("classes") and list(meta["classes"]) != list(data.classes):
         raise CliError(f"the model's classes ({', '.join(meta['classes'][:4])}, ...) differ from those of {name} in {data_dir}")
-    return data
+
+
+def parse_attacks(text: str) -> list[str]:
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in names if a not in SUITE]
+    if unknown or not names:
+        raise CliError(f"unknown attack {', '.join(unknown) or repr(text)} (choose from {', '.join(SUITE)})")
+    if "aa" in names and importlib.util.find_spec("pyautoattack") is None:
+        raise CliError("the aa attack needs the optional package pyautoattack: pip install pyautoattack")
+    return list(dict.fromkeys(["natural", *names]))
+
+
+@contextlib.contextmanager
+def attack_progress():
+    """A bar per attack on a terminal (points attacked so far); nothing otherwise."""
+    if not console.is_terminal:
+        yield lambda name, done, total: None
+        return
+    columns = (TextColumn("{task.description:>11}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        tasks: dict[str, Any] = {}
+
+        def show(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = progress.add_task(name, total=total)
+            progress.update(tasks[name], completed=done)
+
+        yield show
 
 
 @app.command()
 def attack(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints: ours (.safetensors) or foreign state dicts with --arch.", show_default=False)],
+    attacks: Annotated[str, _opt(f"Comma-separated, from {','.join(SUITE)} (natural is always run).")] = "natural,fgsm,pgd20,cw20,mma",
     dataset: Annotated[Optional[str], _opt("Dataset (default: the checkpoint's, else cifar10).")] = None,
     data_dir: Annotated[str, _opt("Dataset folder (only the test split is read).")] = "data",
     cache_dir: Annotated[str, _opt("Cache of decoded image folders.")] = "~/.cache/part",
     arch: Annotated[Optional[str], _opt("Architecture of foreign state dicts: resnet18|preact-resnet18|wrn-34-10|cnn")] = None,
-    n_examples: Annotated[int, _opt("The first N test images (canonical order).", min=1)] = 1000,
+    n_examples: Annotated[Optional[int], _opt("The first N test images in canonical order (default: all).", min=1)] = None,
     batch_size: Annotated[int, _opt("Batch size.", min=1)] = 256,
-    eps: Annotated[str, _opt("Budget, 1/255 levels.")] = "8",
-    step: Annotated[str, _opt("PGD step, 1/255 levels.")] = "2",
-    seed: Annotated[int, _opt("Random seed.")] = 0,
+    eps: Annotated[str, _opt("L-inf budget, 1/255 levels (8 or 8/255).")] = "8",
+    step: Annotated[str, _opt("PGD/CW/MMA step, 1/255 levels.")] = "2",
+    restarts: Annotated[int, _opt("Random restarts of pgd20/cw20/pgd20-part (worst case kept).", min=1)] = 1,
+    eps_low: Annotated[Optional[str], _opt("pgd20-part: low budget (default: the checkpoint's, else 7).")] = None,
+    per_class: Annotated[bool, _opt("Also report accuracy per class.")] = False,
+    json_out: Annotated[Optional[Path], _opt("Write the report as JSON here.", "--json")] = None,
+    seed: Annotated[int, _opt("Random seed (each attack starts from it).")] = 0,
     device: Annotated[str, _opt("auto|cpu|cuda")] = "auto",
 ):
-    """Natural and PGD-20 accuracy of checkpoints on the first N test images."""
+    """Robust accuracy of checkpoints on the first N test images: a table, optionally JSON.
+
+    Standard protocol: inputs in [0, 1], eval mode, fp32; each attack runs on the points the
+    model gets right; `worst` counts a point robust only if no attack broke it."""
     with cli_errors():
+        names = parse_attacks(attacks)
         dev = pick_device(device)
         eps_v, step_v = levels(parse_levels(eps, "eps")), levels(parse_levels(step, "step"))
+        if not 0 < eps_v <= 1 or step_v <= 0:
+            raise CliError(f"--eps must be in (0, 255] and --step positive (got {eps} and {step})")
+        if arch is not None and arch not in ARCHS:
+            raise CliError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHS)})")
+        reports, table = [], Table(title=f"accuracy (%) at eps {parse_levels(eps, 'eps'):g}/255")
+        for col in ["checkpoint", "arch", "n", *names, "worst"]:
+            table.add_column(col, justify="left" if col in ("checkpoint", "arch") else "right")
+        datasets: dict = {}
         for path in checkpoints:
             model, meta = load_checkpoint(path, arch, dev)
-            data = _test_split_for(meta, dataset, data_dir, cache_dir, None)
-            if n_examples > len(data.y):
-                raise CliError(f"--n-examples {n_examples} is more than the {len(data.y)} test images")
-            torch.manual_seed(seed)
-            result = evaluate(model, data.first(n_examples).to(dev), batch_size, eps_v, step_v, 20)
-            console.print(f"{path}: natural {fmt_pct(result['natural'])}%  pgd20 {fmt_pct(result['pgd20'])}%  (n={n_examples})")
+            trained = meta.get("config") or {}
+            low = parse_levels(eps_low, "eps_low") if eps_low is not None else trained.get("eps_low", 7.0)
+            setup = AttackSetup(eps_v, step_v, restarts, seed, batch_size, levels(low),
+                                trained.get("cam", "gradcam"), trained.get("mask_rule", "zscore"))
+            name = dataset or meta.get("dataset") or "cifar10"
+            if name not in DATASETS:
+                raise CliError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
+            key = (name, meta.get("image_size") or DATASETS[name].image_size or 32)
+            if key not in datasets:
+                datasets[key] = load_split(key[0], "test", data_dir, cache_dir, key[1])
+            data = datasets[key]
+            check_fits(meta, data, key[0], data_dir)
+            n = n_examples or len(data.y)
+            if n > len(data.y):
+                raise CliError(f"--n-examples {n} is more than the {len(data.y)} test images of {key[0]} in {data_dir}")
+            points = data.first(n).to(dev)
+            for warning in sanity_warnings(model, to_float(points.x[:batch_size]), points.y[:batch_size]):
+                err_console.print(f"warning: {path}: {warning}", markup=False)
+            with attack_progress() as show:
+                result = evaluate_suite(model, points, names, setup, show)
+            console.print(f"{path}: " + ", ".join(f"{a} {fmt_pct(result['accuracy'][a])}% ({result['seconds'][a]:.1f} s)" for a in names)
+                          + f", worst {fmt_pct(result['accuracy']['worst'])}%", markup=False)
+            row = {"path": str(path), "arch": meta["arch"], "dataset": key[0], "n_examples": n, "eps": eps_v,
+                   "eps_levels": parse_levels(eps, "eps"), "step": step_v, "restarts": restarts, "seed": seed, **result}
+            if not per_class:
+                row.pop("per_class")
+            reports.append(row)
+            table.add_row(str(path), meta["arch"], str(n), *[fmt_pct(result["accuracy"][a]) for a in [*names, "worst"]])
+        wide = None if console.is_terminal else 240  # pipes and logs: never truncate the table
+        console.print(table, width=wide)
+        if per_class:
+            for row in reports:
+                pc = Table(title=f"per class: {row['path']}")
+                for col in ["class", *names, "worst"]:
+                    pc.add_column(col, justify="left" if col == "class" else "right")
+                for cls, acc in row["per_class"].items():
+                    pc.add_row(cls, *[fmt_pct(acc[a]) for a in [*names, "worst"]])
+                console.print(pc, width=wide)
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps({"checkpoints": reports}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -405,21 +405,26 @@ def test_synthetic_data_is_fixed_and_balanced():
 SMALL = ["--preset", "smoke", "--train-subset", 512, "--eval-subset", 128]
 
 
-def test_smoke_training_writes_a_loadable_checkpoint_and_learns(tmp_path):
-    r = cli("train", "--preset", "smoke", "--out", tmp_path / "run")
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    r = cli("train", "--preset", "smoke", "--out", out)
     assert r.returncode == 0, r.stderr
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
-    assert [row["phase"] for row in rows] == ["warm-up", "warm-up", "PART", "PART"]
-    assert rows[-1]["natural"] > 0.25 and rows[-1]["pgd20"] > 0.1  # chance: 0.1
-    model, meta = part.load_checkpoint(tmp_path / "run" / "last.safetensors")
-    assert meta["arch"] == "cnn" and meta["epoch"] == 4 and meta["classes"] == list(part.SYNTHETIC_CLASSES)
+    return out
+
+
+def test_smoke_training_writes_a_loadable_checkpoint_and_learns(smoke_run):
+    rows = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5]
+    assert [row["phase"] for row in rows] == ["warm-up", "warm-up", "PART", "PART", "PART"]
+    assert rows[-1]["natural"] > 0.3 and rows[-1]["pgd20"] > 0.15  # chance: 0.1
+    model, meta = part.load_checkpoint(smoke_run / "last.safetensors")
+    assert meta["arch"] == "cnn" and meta["epoch"] == 5 and meta["classes"] == list(part.SYNTHETIC_CLASSES)
     assert meta["config"]["eps"] == 8 and meta["metrics"]["natural"] == rows[-1]["natural"]
-    test = part.load_split("synthetic", "test", "unused").first(256)
+    test = part.load_split("synthetic", "test", "unused").first(128)
     assert part.evaluate(model, test, 128, 8 / 255, 2 / 255, 1)["natural"] == pytest.approx(rows[-1]["natural"])
-    assert (tmp_path / "run" / "best.safetensors").is_file()
-    r = cli("attack", tmp_path / "run" / "best.safetensors", "--n-examples", 64)
-    assert r.returncode == 0 and "pgd20" in r.stdout
+    best = part.load_checkpoint(smoke_run / "best.safetensors")[1]
+    assert best["metrics"]["pgd20"] == max(row["pgd20"] for row in rows)
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
@@ -496,3 +501,152 @@ def test_attack_rejects_missing_and_corrupt_checkpoints(tmp_path):
     (tmp_path / "c.safetensors").write_bytes(b"not a checkpoint")
     r = invoke("attack", tmp_path / "c.safetensors", "--dataset", "synthetic")
     assert r.exit_code == 1 and "not a readable safetensors" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def reference_pgd(model, x, y, eps, alpha, steps, generator):
+    """An independent textbook PGD (Madry et al.): delta parametrisation, its own RNG."""
+    delta = (torch.rand(x.shape, generator=generator) * 2 - 1) * eps
+    delta = (x + delta).clamp(0, 1) - x
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x + delta), y), delta)
+        delta = (delta.detach() + alpha * g.sign()).clamp(-eps, eps)
+        delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
+
+
+@pytest.fixture(scope="module")
+def smoke_model(smoke_run):
+    return part.load_checkpoint(smoke_run / "best.safetensors")[0]
+
+
+@pytest.fixture(scope="module")
+def test_points():
+    return part.load_split("synthetic", "test", "unused").first(256)
+
+
+@pytest.fixture(scope="module")
+def suite_with_aa(smoke_model, test_points):
+    pytest.importorskip("pyautoattack")
+    setup = part.AttackSetup(eps=8 / 255, step=2 / 255, seed=3, batch_size=64)
+    return part.evaluate_suite(smoke_model, test_points.first(48), ["natural", "fgsm", "pgd20", "aa"], setup)
+
+
+def test_pgd20_agrees_with_an_independent_pgd(smoke_model, test_points):
+    x, y = part.to_float(test_points.x), test_points.y
+    ours = part.evaluate_suite(smoke_model, test_points, ["natural", "pgd20"], part.AttackSetup(8 / 255, 2 / 255, batch_size=128))
+    x_ref = reference_pgd(smoke_model, x, y, 8 / 255, 2 / 255, 20, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = ((smoke_model(x_ref).argmax(1) == y) & (smoke_model(x).argmax(1) == y)).float().mean().item()
+    assert 0.05 < ref < ours["accuracy"]["natural"] - 0.05  # the comparison means something
+    assert abs(ours["accuracy"]["pgd20"] - ref) <= 0.04  # sampling noise of the random starts
+
+
+def test_stronger_attacks_find_more_fgsm_then_pgd20_then_autoattack(suite_with_aa):
+    acc = suite_with_aa["accuracy"]
+    assert acc["natural"] >= acc["fgsm"] >= acc["pgd20"] >= acc["aa"] >= acc["worst"]
+    assert acc["worst"] == min(acc.values())
+    assert acc["natural"] > acc["pgd20"]
+
+
+def test_the_aa_path_gives_exactly_what_pyautoattack_gives_directly(smoke_model, test_points, suite_with_aa):
+    from pyautoattack import AutoAttack
+
+    x, y = part.to_float(test_points.x[:48]), test_points.y[:48]
+    torch.manual_seed(12345)  # whatever the global state, AutoAttack's seed decides
+    x_adv, _ = AutoAttack(smoke_model, norm="Linf", eps=8 / 255, version="standard", seed=3, device="cpu").run_standard_evaluation(x, y, batch_size=64)
+    with torch.no_grad():
+        direct = (smoke_model(x_adv).argmax(1) == y).float().mean().item()
+    assert suite_with_aa["accuracy"]["aa"] == direct
+
+
+def test_an_undefended_model_falls_to_about_zero_under_pgd20(tmp_path, test_points):
+    out = tmp_path / "natural"
+    r = cli("train", "--preset", "smoke", "--method", "at", "--eps", 0, "--eps-low", 0, "--steps", 1, "--epochs", 4,
+            "--warmup-epochs", 0, "--train-subset", 5000, "--lr-milestones", 3, "--eval-subset", 64, "--out", out)
+    assert r.returncode == 0, r.stderr
+    model = part.load_checkpoint(out / "last.safetensors")[0]
+    acc = part.evaluate_suite(model, test_points, ["natural", "pgd20"], part.AttackSetup(8 / 255, 2 / 255, batch_size=128))["accuracy"]
+    assert acc["natural"] > 0.5 and acc["pgd20"] <= 0.03
+
+
+def test_evaluation_is_reproducible_for_a_seed_and_leaves_the_global_rng_alone(smoke_model, test_points):
+    setup = part.AttackSetup(8 / 255, 2 / 255, seed=11, batch_size=64, restarts=2)
+    attacks = ["natural", "pgd20", "cw20", "mma", "pgd20-part"]
+    state = torch.get_rng_state()
+    a = part.evaluate_suite(smoke_model, test_points.first(96), attacks, setup)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = part.evaluate_suite(smoke_model, test_points.first(96), attacks, setup)
+    assert a["accuracy"] == b["accuracy"] and set(a["accuracy"]) == {*attacks, "worst"}
+
+
+def test_the_attack_command_writes_the_json_report(smoke_run, tmp_path):
+    report = tmp_path / "r.json"
+    r = cli("attack", smoke_run / "best.safetensors", smoke_run / "last.safetensors", "--attacks", "fgsm,pgd20,cw20",
+            "--n-examples", 64, "--per-class", "--json", report)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(report.read_text())["checkpoints"]
+    assert [row["path"] for row in rows] == [str(smoke_run / "best.safetensors"), str(smoke_run / "last.safetensors")]
+    for row in rows:
+        acc = row["accuracy"]
+        assert row["arch"] == "cnn" and row["n_examples"] == 64 and row["eps"] == pytest.approx(8 / 255)
+        assert set(acc) == {"natural", "fgsm", "pgd20", "cw20", "worst"} and set(row["seconds"]) == set(acc) - {"worst"}
+        assert all(0 <= v <= 1 for v in acc.values()) and acc["worst"] == min(acc.values())
+        assert set(row["per_class"]) == set(part.SYNTHETIC_CLASSES)
+    assert "pgd20" in r.stdout and "worst" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attacks", "pgd50"], "unknown attack pgd50"),
+    (["--n-examples", 5000], "more than the 1000 test images"),
+    (["--eps", "x"], "1/255 levels"),
+    (["--arch", "resnet18"], "holds a cnn model, not resnet18"),
+])
+def test_bad_attack_input_gives_one_line_and_a_nonzero_exit(smoke_run, args, message):
+    r = invoke("attack", smoke_run / "last.safetensors", *args)
+    assert r.exit_code != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_foreign_checkpoints_must_fit_the_arch_and_the_classes(tmp_path):
+    torch.save(seeded("cnn", num_classes=7).state_dict(), tmp_path / "seven.pt")
+    r = invoke("attack", tmp_path / "seven.pt", "--arch", "cnn", "--dataset", "synthetic")
+    assert r.exit_code == 1 and "predicts 7 classes but synthetic" in r.stderr
+    r = invoke("attack", tmp_path / "seven.pt", "--arch", "wrn-34-10", "--dataset", "synthetic")
+    assert r.exit_code == 1 and "does not match architecture wrn-34-10" in r.stderr
+
+
+def test_aa_without_the_package_says_how_to_install_it(smoke_run, monkeypatch):
+    real = part.importlib.util.find_spec
+    monkeypatch.setattr(part.importlib.util, "find_spec", lambda name, *a: None if name == "pyautoattack" else real(name, *a))
+    r = invoke("attack", smoke_run / "last.safetensors", "--attacks", "pgd20,aa")
+    assert r.exit_code == 1 and "pip install pyautoattack" in r.stderr
+
+
+class Softmaxed(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return F.softmax(self.model(x), 1)
+
+
+class Noisy(Softmaxed):
+    def forward(self, x):
+        return self.model(x) + torch.randn(len(x), 10)
+
+
+class Flat(Softmaxed):
+    def forward(self, x):
+        return self.model(x.round() * 0 + x.detach())  # no gradient reaches the input
+
+
+def test_sanity_checks_flag_probabilities_randomness_and_masked_gradients(cnn, batch):
+    x, y = batch
+    assert part.sanity_warnings(cnn, x, y) == []
+    assert "probabilities" in " ".join(part.sanity_warnings(Softmaxed(cnn), x, y))
+    assert "randomised" in " ".join(part.sanity_warnings(Noisy(cnn), x, y))
+    assert "zero input gradient" in " ".join(part.sanity_warnings(Flat(cnn), x, y))
