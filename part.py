@@ -48,25 +48,22 @@ Tensor = torch.Tensor
 # ============================================================================ specs
 
 FORMAT = "part/1"  # checkpoint format version, stored in every file we write
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SYNTHETIC_CLASSES = ("disk", "square", "ring", "plus", "cross", "triangle", "hbar", "vbar", "diamond", "frame")
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    num_classes: int  # 0: read from the data (imagefolder)
-    image_size: int  # 0: --image-size (imagefolder)
+    image_size: int  # native side; 0: --image-size (imagefolder)
     flip: bool  # horizontal flip in training augmentation (not for digits)
-    classes: tuple[str, ...] = ()  # fixed names; empty: read from the data
 
 
 DATASETS = {
-    "cifar10": DatasetSpec(10, 32, True, CIFAR10_CLASSES),
-    "cifar100": DatasetSpec(100, 32, True),
-    "svhn": DatasetSpec(10, 32, False, tuple(str(i) for i in range(10))),
-    "tinyimagenet": DatasetSpec(200, 64, True),
-    "imagefolder": DatasetSpec(0, 0, True),
-    "synthetic": DatasetSpec(10, 32, True, SYNTHETIC_CLASSES),
+    "cifar10": DatasetSpec(32, True),
+    "cifar100": DatasetSpec(32, True),
+    "svhn": DatasetSpec(32, False),
+    "tinyimagenet": DatasetSpec(64, True),
+    "imagefolder": DatasetSpec(0, True),
+    "synthetic": DatasetSpec(32, True),
 }
 ARCHS = ("resnet18", "preact-resnet18", "wrn-34-10", "cnn")
 METHODS = ("at", "part")
@@ -470,7 +467,7 @@ def _torchvision_split(dataset: str, split: str, root: Path) -> Split:
         raise CliError(f"{dataset} needs an extra package: {e}") from None
     if dataset == "svhn":
         x, y = torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64)
-        classes = list(DATASETS["svhn"].classes)
+        classes = [str(d) for d in range(10)]
     else:
         x, y = torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.as_tensor(ds.targets, dtype=torch.int64)
         classes = list(ds.classes)
@@ -1031,6 +1028,14 @@ def train_step(model: nn.Module, attack_model: nn.Module, update_model: nn.Modul
     return loss.detach(), (adv.argmax(1) == y).sum()
 
 
+def epoch_batches(n: int, batch: int, dist: Dist, shuffle: torch.Generator) -> list[Tensor]:
+    """This process's share of every global batch of an epoch: one shuffled order on every
+    rank, each global batch cut into `world` contiguous parts (disjoint, together the whole
+    batch). A last batch too small for two images per process (BatchNorm) is dropped."""
+    order = torch.randperm(n, device=shuffle.device, generator=shuffle)
+    return [idx.tensor_split(dist.world)[dist.rank] for idx in order.split(batch) if len(idx) >= 2 * dist.world]
+
+
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
     """Step schedule: lr * gamma^(number of milestones reached); epochs count from 0."""
     return cfg.lr * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
@@ -1388,6 +1393,84 @@ def load_resume_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
     return meta
 
 
+# ============================================================================ export
+
+EXPORT_FORMATS = ("torchscript", "onnx", "pt2")
+SUFFIX = {"torchscript": ".ts.pt", "onnx": ".onnx", "pt2": ".pt2"}
+
+
+def model_card(meta: dict, image_size: int, files: dict[str, str]) -> dict:
+    """What a deployment needs to know, stored beside the exported files and inside the ONNX."""
+    return {
+        "input": {"name": "image", "dtype": "float32", "shape": ["N", 3, image_size, image_size], "layout": "NCHW, RGB",
+                  "range": [0.0, 1.0], "normalisation": "none: feed RGB values in [0, 1]; the model normalises nothing"},
+        "output": {"name": "logits", "dtype": "float32", "shape": ["N", meta["num_classes"]]},
+        "classes": meta.get("classes") or [str(i) for i in range(meta["num_classes"])],
+        "arch": meta["arch"], "dataset": meta.get("dataset"), "epoch": meta.get("epoch"),
+        "config": meta.get("config"), "metrics": meta.get("metrics"), "best": meta.get("best"),
+        "source": meta.get("source"), "files": files, "exported_with": f"part ({FORMAT}), torch {torch.__version__}",
+    }
+
+
+@contextlib.contextmanager
+def torchscript_warnings(note: bool):
+    """TorchScript is deprecated in recent PyTorch: its deprecation warnings become one note
+    (when `note`); every other warning (a tracer warning, say) is still shown, in one line each."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    deprecated = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning)) and "deprecated" in str(w.message)]
+    if deprecated and note:
+        err_console.print(f"note: TorchScript is deprecated in torch {torch.__version__}; the .ts.pt file is for older "
+                          "deployments, .pt2 and .onnx are the lasting formats")
+    for w in caught:
+        if w not in deprecated:
+            err_console.print(f"warning: {w.category.__name__}: {str(w.message).strip().splitlines()[0]}", markup=False)
+
+
+def export_torchscript(model: nn.Module, example: Tensor, path: Path) -> None:
+    with torchscript_warnings(note=True):
+        traced = torch.jit.trace(model, (example,), check_trace=False)
+        traced.save(str(path))
+
+
+def export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int, card: dict) -> None:
+    """Dynamo exporter, weights inside the file, dynamic batch; the model card as metadata_props."""
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(model, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
+                                opset_version=opset, dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+    proto = program.model_proto
+    for key, value in card.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.checker.check_model(proto)
+    tmp = path.with_name(f".{path.name}.tmp")
+    onnx.save_model(proto, str(tmp))
+    os.replace(tmp, path)
+
+
+def export_pt2(model: nn.Module, example: Tensor, path: Path) -> None:
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, str(path))
+
+
+def run_exported(fmt: str, path: Path, x: Tensor) -> Tensor:
+    """Logits of an exported file, run the way a deployment would run it."""
+    if fmt == "torchscript":
+        with torchscript_warnings(note=False):
+            return torch.jit.load(str(path), map_location="cpu")(x)
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(["logits"], {"image": x.numpy()})[0])
+    return torch.export.load(str(path)).module()(x)
+
+
 # ============================================================================ console output
 
 console = Console(highlight=False, soft_wrap=True)
@@ -1485,6 +1568,7 @@ def process_group(dist: Dist, device: torch.device):
                           device_id=device if device.type == "cuda" else None)
     try:
         yield
+        td.barrier()  # leave together: a rank that tears the group down under a busy one aborts it
     finally:
         td.destroy_process_group()
 
@@ -1515,6 +1599,8 @@ def run_training(cfg: TrainConfig, preset: str, out: Path, resume: bool, dist: D
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
     model = build_model(cfg.model, len(classes)).to(device)
     if cfg.sync_bn and dist.world > 1:
+        if device.type != "cuda":
+            raise CliError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     last, state_path, metrics_path = out / "last.safetensors", out / "last.state.safetensors", out / "metrics.jsonl"
@@ -1541,8 +1627,7 @@ def run_training(cfg: TrainConfig, preset: str, out: Path, resume: bool, dist: D
     report.config(cfg, preset, out, device, f" processes={dist.world}" if dist.world > 1 else "")
     if start >= cfg.epochs:
         report.print(f"{out} already finished {start} of {cfg.epochs} epochs; nothing to do")
-    n, batch = len(train_data.y), cfg.batch_size
-    steps_per_epoch = math.ceil(n / batch)
+    n = len(train_data.y)
     meta_base = {"arch": cfg.model, "dataset": cfg.dataset, "classes": classes, "num_classes": len(classes),
                  "image_size": int(train_data.x.shape[-1]), "preset": preset, "config": dataclasses.asdict(cfg)}
     metrics: dict = {}
@@ -1560,18 +1645,15 @@ def run_training(cfg: TrainConfig, preset: str, out: Path, resume: bool, dist: D
             torch.manual_seed(derived_seed(cfg.seed, epoch, dist.rank))
             shuffle = torch.Generator(device).manual_seed(derived_seed(cfg.seed, epoch, -1))  # same on every rank
             aug = torch.Generator(device).manual_seed(derived_seed(cfg.seed, epoch, dist.rank, 1))
-            order = torch.randperm(n, device=device, generator=shuffle)
+            batches = epoch_batches(n, cfg.batch_size, dist, shuffle)
             totals = torch.zeros(3, device=device)  # loss sum, correct, count (this rank)
-            with report.epoch(epoch + 1, steps_per_epoch) as show:
-                for i, idx in enumerate(order.split(batch)):
-                    if len(idx) < 2 * dist.world:  # BatchNorm needs two images per process
-                        continue
-                    mine = idx.tensor_split(dist.world)[dist.rank]
+            with report.epoch(epoch + 1, len(batches)) as show:
+                for i, mine in enumerate(batches):
                     x = to_float(augment(train_data.x[mine], spec.flip, aug))
                     y = train_data.y[mine]
                     loss, correct = train_step(model, attack_model, update_model, optimizer, x, y, cfg, part_phase)
                     totals += torch.stack([loss * len(y), correct, torch.tensor(len(y), device=device)])
-                    if (i + 1) % 10 == 0 or i + 1 == steps_per_epoch:
+                    if (i + 1) % 10 == 0 or i + 1 == len(batches):
                         t = totals.tolist()  # a device sync: only every 10 steps
                         if dist.world == 1 and not math.isfinite(t[0]):
                             raise FloatingPointError
@@ -1582,7 +1664,7 @@ def run_training(cfg: TrainConfig, preset: str, out: Path, resume: bool, dist: D
             train_seconds = time.perf_counter() - t0
             metrics = {"epoch": epoch + 1, "phase": phase, "lr": lr, "train_loss": t[0] / t[2], "train_acc": t[1] / t[2]}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                metrics.update(evaluate(model, test_data, 2 * batch, levels(EVAL_EPS), levels(EVAL_STEP), EVAL_STEPS, dist))
+                metrics.update(evaluate(model, test_data, 2 * cfg.batch_size, levels(EVAL_EPS), levels(EVAL_STEP), EVAL_STEPS, dist))
             seconds = time.perf_counter() - t0
             metrics.update(seconds=seconds, train_seconds=train_seconds, img_per_s=t[2] / train_seconds)
             improved = metrics.get("pgd20") is not None and (best["pgd20"] is None or metrics["pgd20"] > best["pgd20"])
@@ -1618,6 +1700,58 @@ def _append_metrics(path: Path, metrics: dict, epoch: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(rows) + "\n")
     os.replace(tmp, path)
+
+
+# ============================================================================ CAM figures
+# A PNG grid written with torch and Pillow (torchvision's own image library) only.
+
+TILE_PAD, HEADER_PX, CAPTION_PX = 2, 14, 14
+
+
+def overlay(x: Tensor, heat: Tensor, alpha: float = 0.5) -> Tensor:
+    """The CAM [B,1,H,W] in [0,1] coloured with jet over the image."""
+    return (1 - alpha) * x + alpha * jet(heat)
+
+
+def budget_picture(budget: Tensor, eps: float, eps_low: float, like: Tensor) -> Tensor:
+    """Black = eps_low, white = eps; a per-channel (official) map shows in colour."""
+    return ((budget - eps_low) / max(eps - eps_low, 1e-12)).clamp(0, 1).expand_as(like)
+
+
+def perturbation_picture(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    """delta magnified so that +-eps spans the whole range (grey = 0)."""
+    return (0.5 + (x_adv - x) / (2 * eps)).clamp(0, 1)
+
+
+def figure_size(n: int, columns: int, image_size: int, scale: int) -> tuple[int, int]:
+    """(width, height) in pixels of a figure with n rows."""
+    tile = image_size * scale
+    return TILE_PAD + columns * (tile + TILE_PAD), HEADER_PX + n * (tile + CAPTION_PX)
+
+
+def save_figure(path: Path, columns: list[tuple[str, Tensor]], captions: list[str], scale: int) -> tuple[int, int]:
+    """Columns of [N,3,H,W] tiles in [0,1] (upscaled `scale` x), a caption under each row."""
+    from PIL import Image, ImageDraw
+
+    n, _, h, _ = columns[0][1].shape
+    width, height = figure_size(n, len(columns), h, scale)
+    tile = h * scale
+    canvas = torch.ones(3, height, width)
+    for j, (_, pictures) in enumerate(columns):
+        big = F.interpolate(pictures.float().cpu(), scale_factor=scale, mode="nearest")
+        left = TILE_PAD + j * (tile + TILE_PAD)
+        for i in range(n):
+            top = HEADER_PX + i * (tile + CAPTION_PX)
+            canvas[:, top:top + tile, left:left + tile] = big[i]
+    image = Image.fromarray((canvas * 255).round().byte().permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(image)
+    for j, (title, _) in enumerate(columns):
+        draw.text((TILE_PAD + j * (tile + TILE_PAD) + 2, 1), title, fill=(0, 0, 0))
+    for i, caption in enumerate(captions):
+        draw.text((TILE_PAD + 2, HEADER_PX + i * (tile + CAPTION_PX) + tile + 1), caption, fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return width, height
 
 
 # ============================================================================ commands
@@ -1824,6 +1958,219 @@ def attack(
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps({"checkpoints": reports}, indent=2) + "\n")
+
+
+def parse_formats(text: str) -> list[str]:
+    names = EXPORT_FORMATS if text == "all" else tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = [f for f in names if f not in EXPORT_FORMATS]
+    if unknown or not names:
+        raise CliError(f"unknown export format {', '.join(unknown) or repr(text)} (choose from {', '.join(EXPORT_FORMATS)}, all)")
+    return list(dict.fromkeys(names))
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Our .safetensors checkpoint, or a foreign state dict with --arch.", show_default=False)],
+    format: Annotated[str, _opt("torchscript|onnx|pt2|all (or a comma-separated list).")] = "all",
+    out: Annotated[Path, _opt("Output folder.")] = Path("export"),
+    batch_size: Annotated[int, _opt("Batch size of the example input (the batch dimension stays dynamic).", min=2)] = 2,
+    opset: Annotated[int, _opt("ONNX opset.", min=18)] = 18,
+    verify: Annotated[bool, _opt("Run every exported file on a batch of another size and compare with PyTorch.", "--verify/--no-verify")] = True,
+    arch: Annotated[Optional[str], _opt("Architecture of a foreign state dict: resnet18|preact-resnet18|wrn-34-10|cnn")] = None,
+    image_size: Annotated[Optional[int], _opt("Input side (default: the checkpoint's, else 32).", min=8)] = None,
+):
+    """Export a checkpoint for deployment: TorchScript, ONNX and/or torch.export (.pt2),
+    with <name>.json beside them (input contract, classes, training config, accuracy)."""
+    with cli_errors():
+        formats = parse_formats(format)
+        if arch is not None and arch not in ARCHS:
+            raise CliError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHS)})")
+        model, meta = load_checkpoint(checkpoint, arch, "cpu")
+        size = image_size or meta.get("image_size") or 32
+        card = model_card(meta, size, {})
+        example = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+        name = checkpoint.name.split(".")[0]
+        out.mkdir(parents=True, exist_ok=True)
+        files: dict[str, Path] = {}
+        for fmt in formats:
+            path = out / f"{name}{SUFFIX[fmt]}"
+            try:
+                if fmt == "torchscript":
+                    export_torchscript(model, example, path)
+                elif fmt == "onnx":
+                    export_onnx(model, example, path, opset, card)
+                else:
+                    export_pt2(model, example, path)
+            except Exception as e:  # exporters fail in many ways; each is reported in one line
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                if fmt == "torchscript":
+                    err_console.print(f"torchscript: skipped, this PyTorch refuses it ({first})", markup=False)
+                    continue
+                raise CliError(f"{fmt} export failed: {first}") from None
+            files[fmt] = path
+            console.print(f"{fmt}: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+        card["files"] = {fmt: p.name for fmt, p in files.items()}
+        sidecar = out / f"{name}.json"
+        sidecar.write_text(json.dumps(card, indent=2) + "\n")
+        console.print(f"model card: {sidecar}")
+        if verify and files:
+            check_exports(model, files, batch_size + 3, size)
+
+
+def check_exports(model: nn.Module, files: dict[str, Path], batch: int, size: int, tolerance: float = 1e-4) -> None:
+    """Each file against the PyTorch model on a random batch of another size than the export's."""
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+    table, failed = Table(title=f"export check: batch of {batch}, max |diff| <= {tolerance:g}, same argmax"), []
+    for col in ("format", "file", "max |diff|", "argmax", "result"):
+        table.add_column(col)
+    for fmt, path in files.items():
+        try:
+            with torch.no_grad():
+                got = run_exported(fmt, path, x).float()
+            diff = (got - ref).abs().max().item() if got.shape == ref.shape else float("inf")
+            same = got.shape == ref.shape and torch.equal(got.argmax(1), ref.argmax(1))
+        except Exception as e:  # a file that does not even run is a failed check, not a crash
+            diff, same = float("inf"), False
+            err_console.print(f"{fmt}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}", markup=False)
+        ok = diff <= tolerance and same
+        failed += [] if ok else [fmt]
+        table.add_row(fmt, path.name, f"{diff:.2e}", "same" if same else "DIFFERENT", "ok" if ok else "FAILED")
+    console.print(table, width=None if console.is_terminal else 160)
+    if failed:
+        raise CliError(f"export check failed for {', '.join(failed)}")
+
+
+@app.command()
+def cam(
+    checkpoint: Annotated[Path, typer.Argument(help="Our .safetensors checkpoint, or a foreign state dict with --arch.", show_default=False)],
+    dataset: Annotated[Optional[str], _opt("Dataset (default: the checkpoint's, else cifar10).")] = None,
+    data_dir: Annotated[str, _opt("Dataset folder (only the test split is read).")] = "data",
+    cache_dir: Annotated[str, _opt("Cache of decoded image folders.")] = "~/.cache/part",
+    arch: Annotated[Optional[str], _opt("Architecture of a foreign state dict.")] = None,
+    n: Annotated[int, _opt("The first N test images.", min=1)] = 16,
+    cam_method: Annotated[Optional[str], _opt("gradcam|xgradcam|layercam (default: the checkpoint's).", "--cam")] = None,
+    mask_rule: Annotated[Optional[str], _opt("zscore|official|random|uniform (default: the checkpoint's).")] = None,
+    compare_rules: Annotated[bool, _opt("Add a budget-map column per rule (zscore, official, random).")] = False,
+    eps: Annotated[Optional[str], _opt("Full budget, 1/255 levels (default: the checkpoint's, else 8).")] = None,
+    eps_low: Annotated[Optional[str], _opt("Low budget, 1/255 levels (default: the checkpoint's, else 7).")] = None,
+    step: Annotated[str, _opt("Attack step, 1/255 levels.")] = "2",
+    steps: Annotated[int, _opt("Attack steps for the PART adversarial example.", min=1)] = 10,
+    scale: Annotated[int, _opt("Upscaling of every tile.", min=1, max=16)] = 4,
+    out: Annotated[Path, _opt("PNG to write.")] = Path("cams.png"),
+    seed: Annotated[int, _opt("Random seed (random rule, attack start).")] = 0,
+    device: Annotated[str, _opt("auto|cpu|cuda")] = "auto",
+):
+    """What PART protects: image, CAM, budget map and a PART adversarial example per row."""
+    with cli_errors():
+        dev = pick_device(device)
+        model, meta = load_checkpoint(checkpoint, arch, dev)
+        trained = meta.get("config") or {}
+        method = cam_method or trained.get("cam", "gradcam")
+        rule = mask_rule or trained.get("mask_rule", "zscore")
+        for key, value in (("cam", method), ("mask_rule", rule)):
+            _coerce(key, value, "command line")
+        hi = levels(parse_levels(eps, "eps") if eps is not None else trained.get("eps", 8.0))
+        lo = levels(parse_levels(eps_low, "eps_low") if eps_low is not None else trained.get("eps_low", 7.0))
+        if not 0 <= lo <= hi:
+            raise CliError(f"eps-low ({lo * 255:g}/255) must be between 0 and eps ({hi * 255:g}/255)")
+        name = dataset or meta.get("dataset") or "cifar10"
+        if name not in DATASETS:
+            raise CliError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
+        data = load_split(name, "test", data_dir, cache_dir, meta.get("image_size") or DATASETS[name].image_size or 32)
+        check_fits(meta, data, name, data_dir)
+        if n > len(data.y):
+            raise CliError(f"--n {n} is more than the {len(data.y)} test images")
+        points = data.first(n).to(dev)
+        x, y = to_float(points.x), points.y
+        torch.manual_seed(seed)
+        low_res = class_activation(model, x, method)
+        maps = {r: eps_map(low_res, hi, lo, r, size=x.shape[-2:]) for r in MASK_RULES}
+        x_adv = pgd(model, x, y, maps[rule], levels(parse_levels(step, "step")), steps)
+        with torch.no_grad():
+            pred, adv_pred = model(x).argmax(1), model(x_adv).argmax(1)
+        heat = F.interpolate(low_res, size=x.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
+        shown = ("zscore", "official", "random") if compare_rules else (rule,)
+        columns = [("image", x), (f"{method}", overlay(x, heat))]
+        columns += [(f"budget {r}", budget_picture(maps[r], hi, lo, x)) for r in shown]
+        columns += [("PART AE", x_adv), ("delta x eps", perturbation_picture(x_adv, x, hi))]
+        names = data.classes
+        captions = [f"true {names[int(a)]} | pred {names[int(b)]} | adv {names[int(c)]}" for a, b, c in zip(y, pred, adv_pred)]
+        width, height = save_figure(out, columns, captions, scale)
+        table = Table(title=f"budget maps of {n} images ({method}, eps {hi * 255:g}/255, eps_low {lo * 255:g}/255)")
+        for col in ("rule", "share at eps", "mean budget (/255)"):
+            table.add_column(col, justify="left" if col == "rule" else "right")
+        for r, m in maps.items():
+            full = (m == torch.tensor(hi, dtype=m.dtype, device=m.device)).float().mean().item()
+            table.add_row(r, f"{100 * full:.1f}%", f"{m.mean().item() * 255:.3f}")
+        console.print(table, width=None if console.is_terminal else 120)
+        console.print(f"wrote {out} ({width}x{height} px)")
+
+
+@app.command()
+def bench(
+    model: Annotated[str, _opt("resnet18|preact-resnet18|wrn-34-10|cnn")] = "resnet18",
+    batch_size: Annotated[int, _opt("Batch size.", min=2)] = 128,
+    image_size: Annotated[int, _opt("Input side.", min=8)] = 32,
+    steps: Annotated[int, _opt("Attack steps (training uses 10).", min=1)] = 10,
+    iters: Annotated[int, _opt("Timed repetitions of each piece.", min=1)] = 5,
+    device: Annotated[str, _opt("auto|cpu|cuda")] = "auto",
+    compile: Annotated[Optional[bool], _opt("torch.compile the attack and update (default: on with CUDA).", "--compile/--no-compile")] = None,
+    amp: Annotated[bool, _opt("bf16 autocast for the attack and update (CUDA only).", "--amp/--no-amp")] = False,
+    json_out: Annotated[Optional[Path], _opt("Write the figures as JSON here.", "--json")] = None,
+):
+    """Images per second of each piece of a PART training step on this machine (random data)."""
+    with cli_errors():
+        dev = pick_device(device)
+        use_compile = compile if compile is not None else dev.type == "cuda"
+        torch.manual_seed(0)
+        net = build_model(model, 10).to(dev)
+        x = torch.rand(batch_size, 3, image_size, image_size, device=dev)
+        y = torch.randint(0, 10, (batch_size,), device=dev)
+        cfg = TrainConfig(model=model, steps=steps, amp=amp)
+        attack_model = torch.compile(net) if use_compile else net
+        update_model = torch.compile(MultiInput(net)) if use_compile else MultiInput(net)
+        optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
+        cam = class_activation(net, x)
+        budget = eps_map(cam, levels(8), levels(7), size=x.shape[-2:])
+
+        def forward():
+            with torch.no_grad(), eval_mode(net):
+                net(x)
+
+        pieces = {
+            "forward (eval, no grad)": forward,
+            "CAM (gradcam)": lambda: class_activation(net, x),
+            "budget map (zscore)": lambda: eps_map(cam, levels(8), levels(7), size=x.shape[-2:]),
+            f"PGD-{steps} attack": lambda: pgd(attack_model, x, y, budget, levels(2), steps),
+            "AT step (attack + update)": lambda: train_step(net, attack_model, update_model, optimizer, x, y, cfg, False),
+            "PART step (CAM + map + attack + update)": lambda: train_step(net, attack_model, update_model, optimizer, x, y, cfg, True),
+        }
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+        table = Table(title=f"{model}, batch {batch_size}, {image_size}px, {name}, compile {'on' if use_compile else 'off'}, amp {'on' if amp else 'off'}")
+        table.add_column("piece")
+        table.add_column("ms / batch", justify="right")
+        table.add_column("images / s", justify="right")
+        results = {}
+        for label, fn in pieces.items():
+            with autocast(dev, amp and label.startswith("PGD")):  # train_step applies cfg.amp itself
+                for _ in range(2):  # warm-up (compilation, allocator, kernel selection)
+                    fn()
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                sync()
+            seconds = (time.perf_counter() - t0) / iters
+            results[label] = {"ms_per_batch": 1000 * seconds, "images_per_s": batch_size / seconds}
+            table.add_row(label, f"{1000 * seconds:.1f}", f"{batch_size / seconds:.0f}")
+        console.print(table, width=None if console.is_terminal else 120)
+        if json_out is not None:
+            info = {"model": model, "batch_size": batch_size, "image_size": image_size, "device": name,
+                    "compile": use_compile, "amp": amp, "torch": torch.__version__, "results": results}
+            json_out.write_text(json.dumps(info, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -650,3 +650,198 @@ def test_sanity_checks_flag_probabilities_randomness_and_masked_gradients(cnn, b
     assert "probabilities" in " ".join(part.sanity_warnings(Softmaxed(cnn), x, y))
     assert "randomised" in " ".join(part.sanity_warnings(Noisy(cnn), x, y))
     assert "zero input gradient" in " ".join(part.sanity_warnings(Flat(cnn), x, y))
+
+
+# ---------------------------------------------------------------- export and CAM figures
+
+
+def _our_checkpoint(path, arch, num_classes=10):
+    model = seeded(arch, num_classes)
+    meta = {"arch": arch, "dataset": "synthetic", "classes": list(part.SYNTHETIC_CLASSES)[:num_classes], "num_classes": num_classes,
+            "image_size": 32, "epoch": 1, "config": {"eps": 8.0}, "metrics": {"natural": 0.5, "pgd20": 0.25}}
+    part.save_checkpoint(path, model, meta)
+    return model
+
+
+STANDALONE = """
+import sys, torch
+x = torch.load(sys.argv[2], weights_only=True)
+torch.save(torch.jit.load(sys.argv[1])(x), sys.argv[3])
+print("part" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("arch", ["cnn", "resnet18"])
+def test_torchscript_and_onnx_exports_give_the_same_logits(tmp_path, arch):
+    import onnx
+
+    model = _our_checkpoint(tmp_path / "model.safetensors", arch)
+    r = invoke("export", tmp_path / "model.safetensors", "--format", "torchscript,onnx", "--out", tmp_path / "exp")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["model.json", "model.onnx", "model.ts.pt"]
+    # TorchScript, in a process that never imports part
+    x = torch.rand(5, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    run = subprocess.run([sys.executable, "-c", STANDALONE, tmp_path / "exp" / "model.ts.pt", tmp_path / "x.pt", tmp_path / "y.pt"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
+    with torch.no_grad():
+        ref = model(x)
+    assert (torch.load(tmp_path / "y.pt", weights_only=True) - ref).abs().max() <= 1e-4
+    # ONNX: self-contained, named, dynamic batch, opset >= 18, the model card inside
+    proto = onnx.load(str(tmp_path / "exp" / "model.onnx"))
+    assert [i.name for i in proto.graph.input] == ["image"] and [o.name for o in proto.graph.output] == ["logits"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["classes"]) == list(part.SYNTHETIC_CLASSES) and json.loads(props["input"])["range"] == [0.0, 1.0]
+    assert np_logits(tmp_path / "exp" / "model.onnx", x).sub(ref).abs().max() <= 1e-4
+    card = json.loads((tmp_path / "exp" / "model.json").read_text())
+    assert card["input"]["shape"] == ["N", 3, 32, 32] and card["metrics"]["pgd20"] == 0.25 and card["config"]["eps"] == 8.0
+    assert "same" in r.stdout and "FAILED" not in r.stdout
+
+
+def np_logits(path, x):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(["logits"], {"image": x.numpy()})[0])
+
+
+def test_a_foreign_state_dict_exports_to_every_format(tmp_path):
+    model = seeded("cnn", num_classes=4)
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "foreign.pth")
+    r = invoke("export", tmp_path / "foreign.pth", "--arch", "cnn", "--out", tmp_path / "exp")
+    assert r.exit_code == 0, r.output
+    assert {p.name for p in (tmp_path / "exp").iterdir()} >= {"foreign.onnx", "foreign.pt2", "foreign.json"}
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        got, ref = part.run_exported("pt2", tmp_path / "exp" / "foreign.pt2", x), model(x)
+    assert (got - ref).abs().max() <= 1e-4
+    assert json.loads((tmp_path / "exp" / "foreign.json").read_text())["classes"] == ["0", "1", "2", "3"]
+
+
+def test_a_failed_export_check_exits_nonzero_and_names_the_format(tmp_path, monkeypatch):
+    _our_checkpoint(tmp_path / "m.safetensors", "cnn")
+    real = part.run_exported
+    monkeypatch.setattr(part, "run_exported", lambda fmt, path, x: real(fmt, path, x) + (0.01 if fmt == "onnx" else 0))
+    r = invoke("export", tmp_path / "m.safetensors", "--format", "onnx,pt2", "--out", tmp_path / "exp")
+    assert r.exit_code == 1 and "export check failed for onnx" in r.stderr
+
+
+def test_export_of_a_missing_or_corrupt_checkpoint_fails_cleanly(tmp_path):
+    r = invoke("export", tmp_path / "nope.safetensors", "--out", tmp_path / "exp")
+    assert r.exit_code == 1 and "not found" in r.stderr
+    (tmp_path / "bad.pt").write_bytes(b"\x80\x04garbage")
+    r = invoke("export", tmp_path / "bad.pt", "--arch", "cnn", "--out", tmp_path / "exp")
+    assert r.exit_code == 1 and "weights-only" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = invoke("export", tmp_path / "bad.pt", "--format", "tflite", "--out", tmp_path / "exp")
+    assert r.exit_code == 1 and "unknown export format tflite" in r.stderr
+    assert not (tmp_path / "exp").exists()
+
+
+def test_the_cam_figure_has_the_expected_size_and_reports_each_rule(smoke_run, tmp_path):
+    out = tmp_path / "cams.png"
+    r = invoke("cam", smoke_run / "best.safetensors", "--n", 5, "--compare-rules", "--scale", 3, "--out", out)
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size == part.figure_size(5, 7, 32, 3) == (2 + 7 * (96 + 2), 14 + 5 * (96 + 14))
+        pixels = torch.from_numpy(__import__("numpy").asarray(im).copy()).float()
+    assert pixels.std() > 20  # a picture, not a blank page
+    for rule in part.MASK_RULES:
+        assert rule in r.stdout
+    assert "share at eps" in r.stdout
+
+
+# ---------------------------------------------------------------- several processes (torchrun / DDP)
+
+
+def test_epoch_shards_are_disjoint_and_cover_the_epoch():
+    n, batch = 203, 16
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(5))
+    for world in (1, 2, 3):
+        shards = [part.epoch_batches(n, batch, part.Dist(r, r, world), torch.Generator().manual_seed(5)) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1  # every rank takes the same number of steps
+        seen = torch.cat([torch.cat(s) for s in shards]).tolist()
+        assert len(seen) == len(set(seen))  # disjoint
+        tail = n % batch
+        assert len(seen) == n - (tail if tail < 2 * world else 0)  # the whole epoch (but a too-small last batch)
+        for step, global_batch in enumerate(order.split(batch)[:len(shards[0])]):
+            assert torch.equal(torch.cat([s[step] for s in shards]), global_batch)
+
+
+class NoBatchStats(nn.Module):
+    """A model without batch statistics, so that a split batch computes the same thing."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU())
+        self.linear = nn.Linear(32, 10)
+
+    def features(self, x):
+        return self.body(x)
+
+    def head(self, a):
+        return self.linear(a.mean((2, 3)))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _one_step(model, update_model, x, y, loss):
+    cfg = part.TrainConfig(eps=8, eps_low=4, step=2, steps=3, loss=loss)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
+    part.train_step(model, model, update_model, optimizer, x, y, cfg, part_phase=True)
+
+
+def _ddp_worker(rank, world, init_file, x, y, loss, out):
+    import torch.distributed as td
+
+    part.START[loss] = False  # the attack's random start off: the step is deterministic
+    td.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = NoBatchStats()
+        ddp = nn.parallel.DistributedDataParallel(part.MultiInput(model))
+        _one_step(model, ddp, x.tensor_split(world)[rank], y.tensor_split(world)[rank], loss)
+        if rank == 0:
+            torch.save(model.state_dict(), out)
+    finally:
+        td.destroy_process_group()
+
+
+@pytest.mark.parametrize("loss", ["ce", "trades"])
+def test_two_processes_holding_half_a_batch_each_make_the_same_update_as_one(tmp_path, monkeypatch, batch, loss):
+    x, y = batch[0][:16], batch[1][:16]
+    monkeypatch.setitem(part.START, loss, False)
+    single = NoBatchStats()
+    _one_step(single, part.MultiInput(single), x, y, loss)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), x, y, loss, str(tmp_path / "ddp.pt")), nprocs=2)
+    synced = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    start = NoBatchStats().state_dict()
+    for key, value in single.state_dict().items():
+        assert torch.allclose(value, synced[key], atol=1e-6), key
+    assert not torch.allclose(start["linear.weight"], synced["linear.weight"])  # the step did move the weights
+
+
+def torchrun(*args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(ROOT / "part.py"), *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_torchrun_with_two_cpu_processes_writes_one_run_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    r = torchrun("train", *SMALL, "--epochs", 2, "--warmup-epochs", 1, "--out", run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in run.iterdir()) == ["best.safetensors", "last.safetensors", "last.state.safetensors", "metrics.jsonl"]
+    assert r.stdout.count("part train") == 1 and "processes=2" in r.stdout, r.stdout  # only rank 0 speaks
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert 0 <= rows[-1]["natural"] <= 1
+    r = torchrun("train", "--out", run, "--resume", "--epochs", 3)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert part.load_checkpoint(run / "last.safetensors")[1]["epoch"] == 3
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
