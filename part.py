@@ -15,8 +15,9 @@ Units: budgets on the command line and in configs.toml are in 1/255 intensity le
 conversion is `levels()`. The Python API (`grad_cam`, `eps_map`, `pgd`, ...) takes
 budgets in [0, 1] units.
 
-Sections: specs, config, runtime, data, models, CAM and budget maps, attacks, training and
-evaluation, checkpoints, console output, commands.
+Sections, each using only those above it: specs, config, runtime, data, models, CAM and
+budget maps, attacks, training and evaluation, robustness evaluation, checkpoints, export,
+console output, the training run, CAM figures, commands (train, attack, export, cam, bench).
 """
 from __future__ import annotations
 
@@ -295,6 +296,23 @@ def dist_from_env() -> Dist:
     return Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
 
 
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors to a temporary name, synced, then renamed: a crash never leaves half a file."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the library writes 0600; keep the usual file mode
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # ============================================================================ data
 
 
@@ -398,7 +416,7 @@ def _decode_files(files: list[Path], size: int) -> Tensor:
 def _cached(cache_dir: str, name: str, files: list[Path], size: int, build: Callable[[], Split]) -> Split:
     """Decode once, keep a uint8 copy in the cache (keyed by the file list, sizes and mtimes)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open, save_file
+    from safetensors.torch import load_file, safe_open
 
     h = hashlib.sha1(f"{FORMAT}|{name}|{size}".encode())
     for f in files:
@@ -426,6 +444,8 @@ def _folder_split(root: Path, split: str, size: int, cache_dir: str, name: str) 
     folder = root / split
     if split == "test" and not folder.is_dir() and (root / "val").is_dir():
         folder = root / "val"
+    if not folder.is_dir():
+        raise DataMissing(f"{folder} not found: expected image folders {folder}/<class>/*")
     files, labels, classes = _class_folder_files(folder)
     if not files:
         raise DataMissing(f"no images in {folder}/<class>/")
@@ -449,20 +469,23 @@ def _torchvision_split(dataset: str, split: str, root: Path) -> Split:
         "svhn": lambda dl: tvd.SVHN(str(root), split="train" if train else "test", download=dl),
     }[dataset]
     try:
-        ds = make(False)
-    except RuntimeError:
-        old = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(30)
         try:
-            with contextlib.redirect_stdout(sys.stderr):
-                ds = make(True)
-        except Exception as e:  # network errors come in many types; all mean the same here
-            raise DataMissing(
-                f"{dataset} not found in {root} and could not be downloaded ({type(e).__name__}). "
-                f"Put torchvision's copy in {root}, or an image-folder copy as {root}/train/<class>/ and {root}/test/<class>/"
-            ) from None
-        finally:
-            socket.setdefaulttimeout(old)
+            ds = make(False)
+        except RuntimeError:  # not there (or corrupt): download it, where the network allows
+            old = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(30)
+            try:
+                with contextlib.redirect_stdout(sys.stderr):
+                    ds = make(True)
+            except ImportError:
+                raise
+            except Exception as e:  # network errors come in many types; all mean the same here
+                raise DataMissing(
+                    f"{dataset} not found in {root} and could not be downloaded ({type(e).__name__}). "
+                    f"Put torchvision's copy in {root}, or an image-folder copy as {root}/train/<class>/ and {root}/test/<class>/"
+                ) from None
+            finally:
+                socket.setdefaulttimeout(old)
     except ImportError as e:
         raise CliError(f"{dataset} needs an extra package: {e}") from None
     if dataset == "svhn":
@@ -489,7 +512,7 @@ def _tinyimagenet_split(root: Path, split: str, cache_dir: str) -> Split:
         if not ann.is_file():
             raise DataMissing(f"{ann} not found")
         rows = [line.split("\t") for line in ann.read_text().splitlines() if line.strip()]
-        pairs = [(root / "val" / "images" / r[0], index[r[1]]) for r in rows if r[1] in index]
+        pairs = [(root / "val" / "images" / r[0], index[r[1]]) for r in rows if len(r) > 1 and r[1] in index]
     files, labels = [p for p, _ in pairs], [lab for _, lab in pairs]
     build = lambda: Split(_decode_files(files, 64), torch.tensor(labels, dtype=torch.int64), classes)  # noqa: E731
     return _cached(cache_dir, f"tinyimagenet-{split}", files, 64, build)
@@ -1222,22 +1245,6 @@ def _check_budget(x_adv: Tensor, x: Tensor, eps: float, name: str) -> None:
 # file is written to a temporary name and renamed, so a crash never leaves half a file.
 
 
-def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the library writes 0600; keep the usual file mode
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -1473,7 +1480,8 @@ def run_exported(fmt: str, path: Path, x: Tensor) -> Tensor:
 
 # ============================================================================ console output
 
-console = Console(highlight=False, soft_wrap=True)
+# Tables keep their columns in logs and pipes too (rich would assume 80 columns there).
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -1497,8 +1505,10 @@ class Reporter:
 
     def config(self, cfg: TrainConfig, preset: str, out: Path, device: torch.device, extra: str = "") -> None:
         items = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
-        self.print(f"[bold]part train[/bold] preset={preset} out={out} device={device}{extra}")
+        self.print(f"part train preset={preset} out={out} device={device}{extra}", markup=False, style="bold")
         self.print(f"config: {items}", markup=False)
+
+    def header(self) -> None:
         self.print("  ".join(name.rjust(width) for name, width in self.COLUMNS), style="bold")
 
     @contextlib.contextmanager
@@ -1585,6 +1595,7 @@ def run_training(cfg: TrainConfig, preset: str, out: Path, resume: bool, dist: D
     Returns the last epoch's metrics."""
     device = run_device(cfg, dist)
     report = Reporter(enabled=dist.main)
+    report.config(cfg, preset, out, device, f" processes={dist.world}" if dist.world > 1 else "")
     if cfg.amp and device.type != "cuda":
         report.print("note: --amp is CUDA-only; training in fp32 on the CPU")
     spec = DATASETS[cfg.dataset]
@@ -1624,14 +1635,14 @@ def run_training(cfg: TrainConfig, preset: str, out: Path, resume: bool, dist: D
     if use_compile:
         update_model = torch.compile(update_model)
 
-    report.config(cfg, preset, out, device, f" processes={dist.world}" if dist.world > 1 else "")
+    report.header()
     if start >= cfg.epochs:
         report.print(f"{out} already finished {start} of {cfg.epochs} epochs; nothing to do")
     n = len(train_data.y)
     meta_base = {"arch": cfg.model, "dataset": cfg.dataset, "classes": classes, "num_classes": len(classes),
                  "image_size": int(train_data.x.shape[-1]), "preset": preset, "config": dataclasses.asdict(cfg)}
     metrics: dict = {}
-    epoch = start
+    epoch = completed = start
     try:
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
@@ -1678,12 +1689,13 @@ def run_training(cfg: TrainConfig, preset: str, out: Path, resume: bool, dist: D
                     if improved:
                         save_checkpoint(out / "best.safetensors", model, meta)
                     _append_metrics(metrics_path, metrics, epoch)
+            completed = epoch + 1
             report.row(metrics)
     except KeyboardInterrupt:
-        done = f"{last} holds epoch {epoch}" if epoch > 0 else "no epoch finished, nothing was saved"
-        raise CliError(f"interrupted in epoch {epoch + 1}: {done}. Continue with: python part.py train --out {out} --resume", code=130) from None
+        done = f"{last} holds epoch {completed}" if completed else "no epoch finished, nothing was saved"
+        raise CliError(f"interrupted in epoch {completed + 1}: {done}. Continue with: python part.py train --out {out} --resume", code=130) from None
     except FloatingPointError:
-        kept = f"{last} keeps epoch {epoch}" if epoch > 0 else "no checkpoint was written"
+        kept = f"{last} keeps epoch {completed}" if completed else "no checkpoint was written"
         raise CliError(f"the training loss became NaN/inf in epoch {epoch + 1}; stopped ({kept}). Try a lower --lr", code=3) from None
     if dist.main and metrics:
         b = f"best PGD-20 {fmt_pct(best['pgd20'])}% at epoch {best['epoch']} ({out / 'best.safetensors'})" if best["epoch"] else ""
@@ -1774,7 +1786,7 @@ def cli_errors():
 
 
 def _opt(help: str, *names: str, **kw):
-    return typer.Option(*names, help=help, show_default=False, **kw)
+    return typer.Option(*names, help=help, **kw)
 
 
 @app.command()
@@ -1945,8 +1957,7 @@ def attack(
                 row.pop("per_class")
             reports.append(row)
             table.add_row(str(path), meta["arch"], str(n), *[fmt_pct(result["accuracy"][a]) for a in [*names, "worst"]])
-        wide = None if console.is_terminal else 240  # pipes and logs: never truncate the table
-        console.print(table, width=wide)
+        console.print(table)
         if per_class:
             for row in reports:
                 pc = Table(title=f"per class: {row['path']}")
@@ -1954,7 +1965,7 @@ def attack(
                     pc.add_column(col, justify="left" if col == "class" else "right")
                 for cls, acc in row["per_class"].items():
                     pc.add_row(cls, *[fmt_pct(acc[a]) for a in [*names, "worst"]])
-                console.print(pc, width=wide)
+                console.print(pc)
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps({"checkpoints": reports}, indent=2) + "\n")
@@ -2037,7 +2048,7 @@ def check_exports(model: nn.Module, files: dict[str, Path], batch: int, size: in
         ok = diff <= tolerance and same
         failed += [] if ok else [fmt]
         table.add_row(fmt, path.name, f"{diff:.2e}", "same" if same else "DIFFERENT", "ok" if ok else "FAILED")
-    console.print(table, width=None if console.is_terminal else 160)
+    console.print(table)
     if failed:
         raise CliError(f"export check failed for {', '.join(failed)}")
 
@@ -2104,7 +2115,7 @@ def cam(
         for r, m in maps.items():
             full = (m == torch.tensor(hi, dtype=m.dtype, device=m.device)).float().mean().item()
             table.add_row(r, f"{100 * full:.1f}%", f"{m.mean().item() * 255:.3f}")
-        console.print(table, width=None if console.is_terminal else 120)
+        console.print(table)
         console.print(f"wrote {out} ({width}x{height} px)")
 
 
@@ -2166,7 +2177,7 @@ def bench(
             seconds = (time.perf_counter() - t0) / iters
             results[label] = {"ms_per_batch": 1000 * seconds, "images_per_s": batch_size / seconds}
             table.add_row(label, f"{1000 * seconds:.1f}", f"{batch_size / seconds:.0f}")
-        console.print(table, width=None if console.is_terminal else 120)
+        console.print(table)
         if json_out is not None:
             info = {"model": model, "batch_size": batch_size, "image_size": image_size, "device": name,
                     "compile": use_compile, "amp": amp, "torch": torch.__version__, "results": results}
