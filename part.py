@@ -1305,6 +1305,20 @@ def _clean_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     return clean
 
 
+def _unpickling_reason(e: Exception) -> str:
+    """The informative part of torch.load's long weights-only message."""
+    text = str(e)
+    if isinstance(e, EOFError):
+        return "empty or truncated file"
+    if "Unsupported global" in text:
+        name = text.split("GLOBAL", 1)[1].split()[0] if "GLOBAL" in text else "a Python object"
+        return f"it pickles {name}, i.e. code, not only tensors"
+    if "WeightsUnpickler error" in text:
+        return "damaged, or not a PyTorch pickle"
+    lines = text.strip().splitlines()
+    return lines[0][:160] if lines else type(e).__name__
+
+
 def _head_size(state: dict[str, Tensor]) -> Optional[int]:
     for key in ("linear.weight", "fc.weight"):
         if key in state and state[key].dim() == 2:
@@ -1336,12 +1350,14 @@ def load_checkpoint(path: str | Path, arch: Optional[str] = None, device: str | 
         raise CliError(f"checkpoint {path} not found")
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         import pickle
+        import warnings
 
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's notes on pickle protocols; failures raise below
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CliError(f"{path} cannot be loaded safely as a weights-only checkpoint ({first[:160]})") from None
+            raise CliError(f"{path} cannot be loaded safely as a weights-only checkpoint ({_unpickling_reason(e)})") from None
         state, metadata = _clean_state_dict(obj, path), {}
     else:
         state, metadata = _open_safetensors(path)
@@ -1837,24 +1853,32 @@ def train(
                      weight_decay=weight_decay, lr_milestones=lr_milestones, lr_gamma=lr_gamma, train_subset=train_subset,
                      eval_subset=eval_subset, eval_every=eval_every, out=out, seed=seed, device=device, compile=compile, amp=amp,
                      sync_bn=sync_bn)
-    with cli_errors():
-        signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop is handled like Ctrl-C
-        dist = dist_from_env()
-        if resume:
-            if not out:
-                raise CliError("--resume needs --out DIR, the run folder to continue")
-            cfg, preset_name = resume_config(Path(out), overrides)
-        else:
-            cfg, preset_name = resolve_config(overrides, preset, config)
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out_dir = Path(cfg.out or f"runs/{preset_name}-{cfg.method}-{stamp}")
-        if dist.main:
-            check_out_dir(out_dir, resume)
-        cfg.out = str(out_dir)
-        if cfg.batch_size < 2 * dist.world:
-            raise CliError(f"--batch-size {cfg.batch_size} is too small for {dist.world} processes (at least 2 each)")
-        with process_group(dist, run_device(cfg, dist)):
-            run_training(cfg, preset_name, out_dir, resume, dist)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop is handled like Ctrl-C
+    try:
+        with cli_errors():
+            _train(overrides, preset, config, resume, out)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train(overrides: dict, preset: Optional[str], config: Optional[Path], resume: bool, out: Optional[str]) -> None:
+    """The train command once its options are collected: config, run folder, process group."""
+    dist = dist_from_env()
+    if resume:
+        if not out:
+            raise CliError("--resume needs --out DIR, the run folder to continue")
+        cfg, preset_name = resume_config(Path(out), overrides)
+    else:
+        cfg, preset_name = resolve_config(overrides, preset, config)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(cfg.out or f"runs/{preset_name}-{cfg.method}-{stamp}")
+    if dist.main:
+        check_out_dir(out_dir, resume)
+    cfg.out = str(out_dir)
+    if cfg.batch_size < 2 * dist.world:
+        raise CliError(f"--batch-size {cfg.batch_size} is too small for {dist.world} processes (at least 2 each)")
+    with process_group(dist, run_device(cfg, dist)):
+        run_training(cfg, preset_name, out_dir, resume, dist)
 
 
 def check_fits(meta: dict, data: Split, name: str, data_dir: str) -> None:

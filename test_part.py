@@ -335,6 +335,16 @@ def test_foreign_state_dicts_load_with_wrappers_and_prefixes(batch, tmp_path):
             assert torch.equal(loaded(batch[0][:2]), model(batch[0][:2]))
 
 
+def test_a_trades_style_wrn_state_dict_with_module_prefix_and_spare_block_loads(batch):
+    ref = seeded("wrn-34-10")
+    state = {f"module.{k}": v for k, v in ref.state_dict().items()}
+    state.update({f"module.sub_block1.{k}": v for k, v in ref.block1.state_dict().items()})  # TRADES' unused block
+    ours = part.build_model("wrn-34-10").eval()
+    part.load_state_into(ours, part._clean_state_dict(state, Path("wrn.pt")), "wrn-34-10", Path("wrn.pt"))
+    with torch.no_grad():
+        assert torch.equal(ours(batch[0][:2]), ref(batch[0][:2]))
+
+
 class NotAWeight:
     pass
 
