@@ -853,6 +853,7 @@ def _ddp_worker(rank, world, init_file, x, y, loss, out):
         _one_step(model, ddp, x.tensor_split(world)[rank], y.tensor_split(world)[rank], loss)
         if rank == 0:
             torch.save(model.state_dict(), out)
+        td.barrier()  # leave together (as part.process_group does)
     finally:
         td.destroy_process_group()
 
