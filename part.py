@@ -486,8 +486,8 @@ def _torchvision_split(dataset: str, split: str, root: Path) -> Split:
                 ) from None
             finally:
                 socket.setdefaulttimeout(old)
-    except ImportError as e:
-        raise CliError(f"{dataset} needs an extra package: {e}") from None
+    except ImportError as e:  # torchvision reads SVHN's .mat files with scipy
+        raise CliError(f"{dataset} needs an extra package ({e}): pip install scipy") from None
     if dataset == "svhn":
         x, y = torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64)
         classes = [str(d) for d in range(10)]

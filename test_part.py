@@ -404,6 +404,34 @@ def test_image_folders_decode_once_in_class_interleaved_order(tmp_path):
     assert torch.equal(again.x, s.x) and torch.equal(again.y, s.y)
 
 
+def test_tinyimagenet_layout_reads_train_and_the_annotated_val_split(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "tiny-imagenet-200"
+    for wnid in ("n02", "n01"):
+        (root / "train" / wnid / "images").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (64, 64), (10 * i, 0, 0)).save(root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG")
+    (root / "val" / "images").mkdir(parents=True)
+    for i, wnid in enumerate(("n02", "n01", "n02")):
+        Image.new("L", (64, 64), 100 + i).save(root / "val" / "images" / f"val_{i}.JPEG")  # greyscale becomes RGB
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\t0\t0\t1\t1\nval_1.JPEG\tn01\t0\t0\t1\t1\nval_2.JPEG\tn02\t0\t0\t1\t1\n")
+    train = part.load_split("tinyimagenet", "train", tmp_path, tmp_path / "cache")
+    test = part.load_split("tinyimagenet", "test", tmp_path, tmp_path / "cache")
+    assert train.classes == test.classes == ["n01", "n02"] and train.y.tolist() == [0, 1, 0, 1]
+    assert test.y.tolist() == [1, 0, 1] and test.x.shape == (3, 3, 64, 64)
+    assert (test.x[1].float().mean(0) - 101).abs().max() <= 2  # file order of the annotations kept
+
+
+def test_a_cifar_image_folder_copy_with_only_a_test_split_serves_attack(tmp_path, smoke_run):
+    classes = list(part.SYNTHETIC_CLASSES)
+    _write_folder(tmp_path / "copy", "test", classes, 2, size=32)
+    s = part.load_split("cifar10", "test", tmp_path / "copy", tmp_path / "cache")
+    assert s.classes == sorted(classes) and s.y.tolist()[:10] == list(range(10))
+    r = invoke("attack", smoke_run / "best.safetensors", "--dataset", "cifar10", "--data-dir", tmp_path / "copy", "--cache-dir", tmp_path / "cache")
+    assert r.exit_code == 1 and "differ from those of cifar10" in r.stderr  # the smoke model's classes are in another order
+
+
 def test_synthetic_data_is_fixed_and_balanced():
     a, b = part.load_split("synthetic", "train", "unused"), part.load_split("synthetic", "train", "unused")
     assert torch.equal(a.x, b.x) and a.x.dtype == torch.uint8 and a.x.shape[1:] == (3, 32, 32)
