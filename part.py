@@ -84,6 +84,12 @@ class CliError(Exception):
         self.code = code
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's first line (or its type), for one-line error messages."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__
+
+
 def levels(value: float) -> float:
     """1/255 intensity levels (command line, configs) -> [0, 1] image units."""
     return value / 255.0
@@ -1109,6 +1115,17 @@ class AttackSetup:
     mask_rule: str = "zscore"
 
 
+def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    """Predicted classes of x, batch by batch, without a graph."""
+    with torch.no_grad():
+        return torch.cat([model(chunk).argmax(1) for chunk in x.split(batch_size)])
+
+
+def rng_fork(device: torch.device):
+    """A scope whose changes to the global RNG (CPU, and this GPU) are undone on exit."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def worst_of_restarts(model: nn.Module, y: Tensor, restarts: int, attack: Callable[[], Tensor]) -> Tensor:
     """Run `attack` up to `restarts` times, keeping per example an AE that fools the model."""
     best = attack()
@@ -1146,7 +1163,7 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int, ba
     except ImportError:
         raise CliError("the aa attack needs the optional package pyautoattack: pip install pyautoattack") from None
     device = x.device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with rng_fork(device):
         adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=device)
         with torch.no_grad():
             num_classes = model(x[:1]).shape[1]
@@ -1184,15 +1201,14 @@ def evaluate_suite(model: nn.Module, data: Split, attacks: list[str], s: AttackS
     n, device = len(data.y), data.y.device
     x_all = to_float(data.x)
     with eval_mode(model):
-        with torch.no_grad():
-            clean = torch.cat([model(x).argmax(1) for x in x_all.split(s.batch_size)]) == data.y
+        clean = predict(model, x_all, s.batch_size) == data.y
         correct, seconds = {"natural": clean}, {"natural": 0.0}
         todo = clean.nonzero().squeeze(1)
         for name in attacks:
             if name == "natural":
                 continue
             t0 = time.perf_counter()
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with rng_fork(device):
                 torch.manual_seed(s.seed)  # each attack's randomness is independent of the others
                 correct[name] = _attack_all(name, model, x_all, data.y, todo, s, on_batch)
             if device.type == "cuda":
@@ -1217,8 +1233,7 @@ def _attack_all(name: str, model: nn.Module, x_all: Tensor, y_all: Tensor, todo:
     if name == "aa":
         x_adv = autoattack(model, x_all, y_all, s.eps, s.seed, s.batch_size)
         _check_budget(x_adv, x_all, s.eps, name)
-        with torch.no_grad():
-            robust = torch.cat([model(x).argmax(1) for x in x_adv.split(s.batch_size)]) == y_all
+        robust = predict(model, x_adv, s.batch_size) == y_all
         on_batch(name, n, n)
         return robust
     robust, done = torch.zeros(n, dtype=torch.bool, device=y_all.device), 0
@@ -1286,7 +1301,7 @@ def _open_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             metadata = f.metadata() or {}
         return load(path.read_bytes()), metadata
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CliError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise CliError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
 
 
 def _clean_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -1315,8 +1330,7 @@ def _unpickling_reason(e: Exception) -> str:
         return f"it pickles {name}, i.e. code, not only tensors"
     if "WeightsUnpickler error" in text:
         return "damaged, or not a PyTorch pickle"
-    lines = text.strip().splitlines()
-    return lines[0][:160] if lines else type(e).__name__
+    return first_line(e, 160)
 
 
 def _head_size(state: dict[str, Tensor]) -> Optional[int]:
@@ -1346,6 +1360,8 @@ def load_checkpoint(path: str | Path, arch: Optional[str] = None, device: str | 
     foreign state dict (.safetensors, or .pt/.pth opened with weights_only=True) with `arch`.
     Returns (model in eval mode, metadata)."""
     path = Path(path)
+    if arch is not None and arch not in ARCHS:
+        raise CliError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHS)})")
     if not path.is_file():
         raise CliError(f"checkpoint {path} not found")
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
@@ -1422,7 +1438,7 @@ EXPORT_FORMATS = ("torchscript", "onnx", "pt2")
 SUFFIX = {"torchscript": ".ts.pt", "onnx": ".onnx", "pt2": ".pt2"}
 
 
-def model_card(meta: dict, image_size: int, files: dict[str, str]) -> dict:
+def model_card(meta: dict, image_size: int) -> dict:
     """What a deployment needs to know, stored beside the exported files and inside the ONNX."""
     return {
         "input": {"name": "image", "dtype": "float32", "shape": ["N", 3, image_size, image_size], "layout": "NCHW, RGB",
@@ -1431,7 +1447,7 @@ def model_card(meta: dict, image_size: int, files: dict[str, str]) -> dict:
         "classes": meta.get("classes") or [str(i) for i in range(meta["num_classes"])],
         "arch": meta["arch"], "dataset": meta.get("dataset"), "epoch": meta.get("epoch"),
         "config": meta.get("config"), "metrics": meta.get("metrics"), "best": meta.get("best"),
-        "source": meta.get("source"), "files": files, "exported_with": f"part ({FORMAT}), torch {torch.__version__}",
+        "source": meta.get("source"), "exported_with": f"part ({FORMAT}), torch {torch.__version__}",
     }
 
 
@@ -1881,6 +1897,14 @@ def _train(overrides: dict, preset: Optional[str], config: Optional[Path], resum
         run_training(cfg, preset_name, out_dir, resume, dist)
 
 
+def test_set_of(meta: dict, dataset: Optional[str]) -> tuple[str, int]:
+    """(dataset, image side) to evaluate a checkpoint on: --dataset, else its own, else cifar10."""
+    name = dataset or meta.get("dataset") or "cifar10"
+    if name not in DATASETS:
+        raise CliError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
+    return name, meta.get("image_size") or DATASETS[name].image_size or 32
+
+
 def check_fits(meta: dict, data: Split, name: str, data_dir: str) -> None:
     if len(data.classes) != meta["num_classes"]:
         raise CliError(f"the model predicts {meta['num_classes']} classes but {name} in {data_dir} has {len(data.classes)}")
@@ -1945,8 +1969,6 @@ def attack(
         eps_v, step_v = levels(parse_levels(eps, "eps")), levels(parse_levels(step, "step"))
         if not 0 < eps_v <= 1 or step_v <= 0:
             raise CliError(f"--eps must be in (0, 255] and --step positive (got {eps} and {step})")
-        if arch is not None and arch not in ARCHS:
-            raise CliError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHS)})")
         reports, table = [], Table(title=f"accuracy (%) at eps {parse_levels(eps, 'eps'):g}/255")
         for col in ["checkpoint", "arch", "n", *names, "worst"]:
             table.add_column(col, justify="left" if col in ("checkpoint", "arch") else "right")
@@ -1957,10 +1979,7 @@ def attack(
             low = parse_levels(eps_low, "eps_low") if eps_low is not None else trained.get("eps_low", 7.0)
             setup = AttackSetup(eps_v, step_v, restarts, seed, batch_size, levels(low),
                                 trained.get("cam", "gradcam"), trained.get("mask_rule", "zscore"))
-            name = dataset or meta.get("dataset") or "cifar10"
-            if name not in DATASETS:
-                raise CliError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
-            key = (name, meta.get("image_size") or DATASETS[name].image_size or 32)
+            key = test_set_of(meta, dataset)
             if key not in datasets:
                 datasets[key] = load_split(key[0], "test", data_dir, cache_dir, key[1])
             data = datasets[key]
@@ -2018,11 +2037,9 @@ def export(
     with <name>.json beside them (input contract, classes, training config, accuracy)."""
     with cli_errors():
         formats = parse_formats(format)
-        if arch is not None and arch not in ARCHS:
-            raise CliError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHS)})")
         model, meta = load_checkpoint(checkpoint, arch, "cpu")
         size = image_size or meta.get("image_size") or 32
-        card = model_card(meta, size, {})
+        card = model_card(meta, size)
         example = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
         name = checkpoint.name.split(".")[0]
         out.mkdir(parents=True, exist_ok=True)
@@ -2037,11 +2054,10 @@ def export(
                 else:
                     export_pt2(model, example, path)
             except Exception as e:  # exporters fail in many ways; each is reported in one line
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 if fmt == "torchscript":
-                    err_console.print(f"torchscript: skipped, this PyTorch refuses it ({first})", markup=False)
+                    err_console.print(f"torchscript: skipped, this PyTorch refuses it ({first_line(e)})", markup=False)
                     continue
-                raise CliError(f"{fmt} export failed: {first}") from None
+                raise CliError(f"{fmt} export failed: {first_line(e)}") from None
             files[fmt] = path
             console.print(f"{fmt}: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
         card["files"] = {fmt: p.name for fmt, p in files.items()}
@@ -2068,7 +2084,7 @@ def check_exports(model: nn.Module, files: dict[str, Path], batch: int, size: in
             same = got.shape == ref.shape and torch.equal(got.argmax(1), ref.argmax(1))
         except Exception as e:  # a file that does not even run is a failed check, not a crash
             diff, same = float("inf"), False
-            err_console.print(f"{fmt}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}", markup=False)
+            err_console.print(f"{fmt}: {first_line(e)}", markup=False)
         ok = diff <= tolerance and same
         failed += [] if ok else [fmt]
         table.add_row(fmt, path.name, f"{diff:.2e}", "same" if same else "DIFFERENT", "ok" if ok else "FAILED")
@@ -2110,10 +2126,8 @@ def cam(
         lo = levels(parse_levels(eps_low, "eps_low") if eps_low is not None else trained.get("eps_low", 7.0))
         if not 0 <= lo <= hi:
             raise CliError(f"eps-low ({lo * 255:g}/255) must be between 0 and eps ({hi * 255:g}/255)")
-        name = dataset or meta.get("dataset") or "cifar10"
-        if name not in DATASETS:
-            raise CliError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
-        data = load_split(name, "test", data_dir, cache_dir, meta.get("image_size") or DATASETS[name].image_size or 32)
+        name, size = test_set_of(meta, dataset)
+        data = load_split(name, "test", data_dir, cache_dir, size)
         check_fits(meta, data, name, data_dir)
         if n > len(data.y):
             raise CliError(f"--n {n} is more than the {len(data.y)} test images")

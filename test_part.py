@@ -423,7 +423,7 @@ def test_tinyimagenet_layout_reads_train_and_the_annotated_val_split(tmp_path):
     assert (test.x[1].float().mean(0) - 101).abs().max() <= 2  # file order of the annotations kept
 
 
-def test_a_cifar_image_folder_copy_with_only_a_test_split_serves_attack(tmp_path, smoke_run):
+def test_a_test_only_cifar_folder_copy_is_read_interleaved_and_checked_against_the_model(tmp_path, smoke_run):
     classes = list(part.SYNTHETIC_CLASSES)
     _write_folder(tmp_path / "copy", "test", classes, 2, size=32)
     s = part.load_split("cifar10", "test", tmp_path / "copy", tmp_path / "cache")
