@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import hashlib
 import importlib.util
 import json
@@ -1610,6 +1611,7 @@ def process_group(dist: Dist, device: torch.device):
                           device_id=device if device.type == "cuda" else None)
     try:
         yield
+        gc.collect()  # drop any DDP wrapper still holding the group before it is torn down
         td.barrier()  # leave together: a rank that tears the group down under a busy one aborts it
     finally:
         td.destroy_process_group()

@@ -870,20 +870,29 @@ def _one_step(model, update_model, x, y, loss):
     part.train_step(model, model, update_model, optimizer, x, y, cfg, part_phase=True)
 
 
+def _ddp_step(rank, world, x, y, loss, out):
+    model = NoBatchStats()
+    ddp = nn.parallel.DistributedDataParallel(part.MultiInput(model))
+    _one_step(model, ddp, x.tensor_split(world)[rank], y.tensor_split(world)[rank], loss)
+    if rank == 0:
+        torch.save(model.state_dict(), out)
+
+
 def _ddp_worker(rank, world, init_file, x, y, loss, out):
+    import gc
+    import os
+
     import torch.distributed as td
 
     part.START[loss] = False  # the attack's random start off: the step is deterministic
     td.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = NoBatchStats()
-        ddp = nn.parallel.DistributedDataParallel(part.MultiInput(model))
-        _one_step(model, ddp, x.tensor_split(world)[rank], y.tensor_split(world)[rank], loss)
-        if rank == 0:
-            torch.save(model.state_dict(), out)
-        td.barrier()  # leave together (as part.process_group does)
-    finally:
-        td.destroy_process_group()
+    _ddp_step(rank, world, x, y, loss, out)  # returns with the DDP wrapper (and its hold on the group) gone
+    gc.collect()
+    td.barrier()  # leave together (as part.process_group does)
+    td.destroy_process_group()
+    # The result is on disk. Skip interpreter finalisation, where gloo's worker threads can
+    # abort a process under load (SIGABRT "terminate called without an active exception").
+    os._exit(0)
 
 
 @pytest.mark.parametrize("loss", ["ce", "trades"])
