@@ -5,7 +5,7 @@ budget `eps` on the pixels a class activation map (Grad-CAM, XGradCAM or LayerCA
 as important and lowers it to `eps_low` elsewhere, then trains on those pixel-reweighted
 adversarial examples (base losses: AT = PART, TRADES = PART-T, MART = PART-M).
 
-    python part.py train --preset smoke                      # seconds, synthetic data
+    python part.py train --preset smoke                      # about a minute, synthetic data
     python part.py train --dataset cifar10 --data-dir DIR    # the paper's settings
     python part.py attack runs/X/best.safetensors --data-dir DIR --attacks natural,pgd20,aa
     python part.py export runs/X/best.safetensors --format all --out export/

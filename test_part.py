@@ -487,11 +487,11 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_training_writes_a_loadable_checkpoint_and_learns(smoke_run):
     rows = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
-    assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5]
-    assert [row["phase"] for row in rows] == ["warm-up", "warm-up", "PART", "PART", "PART"]
-    assert rows[-1]["natural"] > 0.3 and rows[-1]["pgd20"] > 0.15  # chance: 0.1
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5, 6, 7]
+    assert [row["phase"] for row in rows] == ["warm-up"] * 2 + ["PART"] * 5
+    assert rows[-1]["natural"] > 0.45 and rows[-1]["pgd20"] > 0.15  # chance: 0.1 (seeds 0-3 give 0.62-0.90 and 0.24-0.28)
     model, meta = part.load_checkpoint(smoke_run / "last.safetensors")
-    assert meta["arch"] == "cnn" and meta["epoch"] == 5 and meta["classes"] == list(part.SYNTHETIC_CLASSES)
+    assert meta["arch"] == "cnn" and meta["epoch"] == 7 and meta["classes"] == list(part.SYNTHETIC_CLASSES)
     assert meta["config"]["eps"] == 8 and meta["metrics"]["natural"] == rows[-1]["natural"]
     test = part.load_split("synthetic", "test", "unused").first(128)
     assert part.evaluate(model, test, 128, 8 / 255, 2 / 255, 1)["natural"] == pytest.approx(rows[-1]["natural"])
