@@ -1372,7 +1372,7 @@ def load_checkpoint(path: str | Path, arch: Optional[str] = None, device: str | 
     if arch is not None and arch not in ARCHS:
         raise CliError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHS)})")
     if not path.is_file():
-        raise CliError(f"checkpoint {path} not found")
+        raise CliError(f"checkpoint {path} {'is a folder, not a file' if path.is_dir() else 'not found'}")
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         import pickle
         import warnings
@@ -1575,6 +1575,8 @@ class Reporter:
 
 def check_out_dir(out: Path, resume: bool) -> None:
     last, state = out / "last.safetensors", out / "last.state.safetensors"
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file, not a folder")
     if resume:
         for p in (last, state):
             if not p.is_file():
@@ -1825,6 +1827,10 @@ def cli_errors():
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise typer.Exit(130) from None
+    except OSError as e:  # a folder that is a file, no permission, a full disk: writes are atomic, nothing is lost
+        where = f": {e.filename}" if e.filename else ""
+        err_console.print(f"error: {e.strerror or first_line(e)}{where}", markup=False)
+        raise typer.Exit(1) from None
 
 
 def _opt(help: str, *names: str, **kw):
@@ -2053,6 +2059,8 @@ def export(
         card = model_card(meta, size)
         example = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
         name = checkpoint.name.split(".")[0]
+        if out.exists() and not out.is_dir():
+            raise CliError(f"--out {out} is a file, not a folder")
         out.mkdir(parents=True, exist_ok=True)
         files: dict[str, Path] = {}
         for fmt in formats:
@@ -2126,6 +2134,10 @@ def cam(
 ):
     """What PART protects: image, CAM, budget map and a PART adversarial example per row."""
     with cli_errors():
+        from PIL import Image
+
+        if out.is_dir() or out.suffix.lower() not in Image.registered_extensions():
+            raise CliError(f"--out {out} is not an image file name (e.g. cams.png)")
         dev = pick_device(device)
         model, meta = load_checkpoint(checkpoint, arch, dev)
         model = channels_last(model)

@@ -832,6 +832,21 @@ def test_export_of_a_missing_or_corrupt_checkpoint_fails_cleanly(tmp_path):
     assert not (tmp_path / "exp").exists()
 
 
+def test_paths_of_the_wrong_kind_give_one_line_and_keep_what_is_there(smoke_run, tmp_path):
+    ckpt = smoke_run / "last.safetensors"
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    cases = [(invoke("train", "--preset", "smoke", "--out", taken), "is a file, not a folder"),
+             (invoke("export", ckpt, "--out", taken), "is a file, not a folder"),
+             (invoke("attack", tmp_path, "--arch", "cnn"), "is a folder, not a file"),
+             (invoke("cam", ckpt, "--n", 2, "--out", tmp_path), "not an image file name"),
+             (invoke("cam", ckpt, "--n", 2, "--out", tmp_path / "cams.txt"), "not an image file name"),
+             (invoke("attack", ckpt, "--n-examples", 8, "--attacks", "natural", "--json", taken / "r.json"), "error: ")]
+    for r, message in cases:
+        assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "Traceback" not in r.stderr
+    assert taken.read_text() == "keep me"
+
 def test_the_cam_figure_has_the_expected_size_and_reports_each_rule(smoke_run, tmp_path):
     out = tmp_path / "cams.png"
     r = invoke("cam", smoke_run / "best.safetensors", "--n", 5, "--compare-rules", "--scale", 3, "--out", out)
