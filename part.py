@@ -905,10 +905,25 @@ def attack_loss(name: str, logits: Tensor, y: Tensor, ref: Optional[Tensor] = No
     raise ValueError(f"unknown attack loss {name!r}")
 
 
+def _round_inward(v: Tensor, dtype: torch.dtype, down: bool) -> Tensor:
+    """float64 values -> `dtype`, rounded toward -inf (down) or +inf instead of to nearest."""
+    r = v.to(dtype)
+    if dtype == torch.float64:
+        return r
+    past = r.double() > v if down else r.double() < v
+    return torch.where(past, torch.nextafter(r, torch.full_like(r, -math.inf if down else math.inf)), r)
+
+
 def _budget_box(x: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
-    """Element-wise bounds of the feasible set {x' : |x' - x| <= eps, 0 <= x' <= 1}."""
-    eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
-    return (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+    """Element-wise bounds of the feasible set {x' : |x' - x| <= eps, 0 <= x' <= 1}.
+    Worked out in float64 and rounded inward, so |x' - x| <= eps holds exactly, whatever
+    precision a check uses: float32(8/255) itself is 1.9e-9 above 8/255, and x + eps
+    rounded to nearest can land above x + eps."""
+    eps = _round_inward(torch.as_tensor(eps, dtype=torch.float64, device=x.device), x.dtype, down=True).double()
+    x64 = x.double()
+    low = _round_inward((x64 - eps).clamp(min=0), x.dtype, down=False)
+    high = _round_inward((x64 + eps).clamp(max=1), x.dtype, down=True)
+    return low, high
 
 
 def _ascend(model: nn.Module, x_adv: Tensor, low: Tensor, high: Tensor, step: float, steps: int,
