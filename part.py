@@ -948,6 +948,19 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def full_fp32():
+    """True fp32 for evaluation: PyTorch lets cuDNN convolutions use TF32 (10-bit mantissa)
+    on Ampere and newer GPUs by default; here neither convolutions nor matmuls may. No
+    effect on the CPU. The previous settings come back on exit."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, step: float, steps: int,
         loss: str = "ce", random_start: bool | float = True) -> Tensor:
     """L-inf PGD inside a per-pixel budget; returns x' with |x' - x| <= eps element-wise and
@@ -1107,7 +1120,7 @@ def evaluate(model: nn.Module, data: Split, batch_size: int, eps: float, step: f
     n = len(data.y)
     mine = torch.arange(dist.rank, n, dist.world, device=data.y.device)
     counts = torch.zeros(3, device=data.y.device)
-    with eval_mode(model):
+    with eval_mode(model), full_fp32():
         for chunk in mine.split(batch_size):
             x, y = to_float(data.x[chunk]), data.y[chunk]
             with torch.no_grad():
@@ -1224,7 +1237,7 @@ def evaluate_suite(model: nn.Module, data: Split, attacks: list[str], s: AttackS
     only if no attack broke it. Every AE is checked against the budget before it counts."""
     n, device = len(data.y), data.y.device
     x_all = to_float(data.x)
-    with eval_mode(model):
+    with eval_mode(model), full_fp32():
         clean = predict(model, x_all, s.batch_size) == data.y
         correct, seconds = {"natural": clean}, {"natural": 0.0}
         todo = clean.nonzero().squeeze(1)

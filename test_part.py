@@ -667,6 +667,28 @@ def test_an_undefended_model_falls_to_about_zero_under_pgd20(tmp_path, test_poin
     assert acc["natural"] > 0.5 and acc["pgd20"] <= 0.03
 
 
+class Recorder(nn.Module):
+    """Wraps a model; notes the mode and the TF32 switches each forward runs under."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, set()
+
+    def forward(self, x):
+        self.seen.add((self.training, x.dtype, torch.is_autocast_enabled("cpu"),
+                       torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return self.model(x)
+
+
+def test_evaluation_runs_in_eval_mode_and_true_fp32_and_restores_the_switches(smoke_model, test_points, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    model = Recorder(smoke_model).train()
+    part.evaluate_suite(model, test_points.first(16), ["natural", "fgsm", "pgd20", "mma"], part.AttackSetup(8 / 255, 2 / 255))
+    part.evaluate(model, test_points.first(16), 16, 8 / 255, 2 / 255, 2)
+    assert model.seen == {(False, torch.float32, False, False, False)}
+    assert model.training and torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+
 def test_evaluation_is_reproducible_for_a_seed_and_leaves_the_global_rng_alone(smoke_model, test_points):
     setup = part.AttackSetup(8 / 255, 2 / 255, seed=11, batch_size=64, restarts=2)
     attacks = ["natural", "pgd20", "cw20", "mma", "pgd20-part"]
