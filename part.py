@@ -790,10 +790,14 @@ def class_activation(model: nn.Module, x: Tensor, method: str = "gradcam", targe
     return (cam - low) / (high - low).clamp(min=1e-12)
 
 
+def upsample(cam: Tensor, size: tuple[int, ...]) -> Tensor:
+    """A feature-resolution CAM [B, 1, h, w] resized (bilinear) to the image size."""
+    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+
+
 def grad_cam(model: nn.Module, x: Tensor, method: str = "gradcam", target: Optional[Tensor] = None) -> Tensor:
     """The CAM upsampled (bilinear) to the input size: [B, 1, H, W] in [0, 1]."""
-    cam = class_activation(model, x, method, target)
-    return F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
+    return upsample(class_activation(model, x, method, target), x.shape[-2:]).clamp(0, 1)
 
 
 def _pil_bicubic_matrix(n_in: int, n_out: int) -> Tensor:
@@ -871,7 +875,7 @@ def eps_map(cam: Tensor, eps: float, eps_low: float, rule: str = "zscore",
         rgb = (jet(heat.square()) * 255).floor()  # torchcam's uint8 overlay
         return torch.where(_zscore_hot(rgb), hi, lo)
     if cam.shape[-2:] != size:
-        cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+        cam = upsample(cam, size)
     hot = _zscore_hot(cam)
     if rule == "random":
         b, n = cam.shape[0], size[0] * size[1]
@@ -1503,7 +1507,7 @@ def torchscript_warnings(note: bool):
                           "deployments, .pt2 and .onnx are the lasting formats")
     for w in caught:
         if w not in deprecated:
-            err_console.print(f"warning: {w.category.__name__}: {str(w.message).strip().splitlines()[0]}", markup=False)
+            err_console.print(f"warning: {w.category.__name__}: {first_line(w.message)}", markup=False)
 
 
 def export_torchscript(model: nn.Module, example: Tensor, path: Path) -> None:
@@ -2191,7 +2195,7 @@ def cam(
         x_adv = pgd(model, x, y, maps[rule], levels(parse_levels(step, "step")), steps)
         with torch.no_grad():
             pred, adv_pred = model(x).argmax(1), model(x_adv).argmax(1)
-        heat = F.interpolate(low_res, size=x.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
+        heat = upsample(low_res, x.shape[-2:]).clamp(0, 1)
         shown = ("zscore", "official", "random") if compare_rules else (rule,)
         columns = [("image", x), (f"{method}", overlay(x, heat))]
         columns += [(f"budget {r}", budget_picture(maps[r], hi, lo, x)) for r in shown]

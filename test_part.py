@@ -320,6 +320,7 @@ def test_the_channels_last_layout_changes_speed_not_results_and_checkpoints_stay
     with torch.no_grad():
         assert torch.equal(loaded(x), plain(x))
 
+
 def test_state_dict_names_follow_the_reference_cifar_models():
     keys = {a: set(part.build_model(a).state_dict()) for a in ("resnet18", "preact-resnet18", "wrn-34-10")}
     assert {"conv1.weight", "bn1.running_mean", "layer2.0.shortcut.0.weight", "layer2.0.shortcut.1.weight", "linear.weight"} <= keys["resnet18"]
@@ -689,6 +690,7 @@ def test_evaluation_runs_in_eval_mode_and_true_fp32_and_restores_the_switches(sm
     assert model.seen == {(False, torch.float32, False, False, False)}
     assert model.training and torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
 
+
 def test_evaluation_is_reproducible_for_a_seed_and_leaves_the_global_rng_alone(smoke_model, test_points):
     setup = part.AttackSetup(8 / 255, 2 / 255, seed=11, batch_size=64, restarts=2)
     attacks = ["natural", "pgd20", "cw20", "mma", "pgd20-part"]
@@ -872,15 +874,18 @@ def test_paths_of_the_wrong_kind_give_one_line_and_keep_what_is_there(smoke_run,
         assert "Traceback" not in r.stderr
     assert taken.read_text() == "keep me"
 
+
 def test_the_cam_figure_has_the_expected_size_and_reports_each_rule(smoke_run, tmp_path):
     out = tmp_path / "cams.png"
+    import numpy as np
+    from PIL import Image
+
     r = invoke("cam", smoke_run / "best.safetensors", "--n", 5, "--compare-rules", "--scale", 3, "--out", out)
     assert r.exit_code == 0, r.output
-    from PIL import Image
 
     with Image.open(out) as im:
         assert im.size == part.figure_size(5, 7, 32, 3) == (2 + 7 * (96 + 2), 14 + 5 * (96 + 14))
-        pixels = torch.from_numpy(__import__("numpy").asarray(im).copy()).float()
+        pixels = torch.from_numpy(np.asarray(im).copy()).float()
     assert pixels.std() > 20  # a picture, not a blank page
     for rule in part.MASK_RULES:
         assert rule in r.stdout
