@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_part.py
 """
+import dataclasses
 import importlib.util
 import json
 import signal
@@ -274,9 +275,10 @@ def test_pil_bicubic_resampling_matches_pillow():
     from PIL import Image
 
     a = np.random.default_rng(0).random((4, 4)).astype(np.float32)
-    ref = np.asarray(Image.fromarray(a, mode="F").resize((32, 32), Image.BICUBIC))
-    m = part._pil_bicubic_matrix(4, 32).float()
-    assert np.abs((m @ torch.from_numpy(a) @ m.T).numpy() - ref).max() < 1e-5
+    for size in (32, 64):
+        ref = np.asarray(Image.fromarray(a, mode="F").resize((size, size), Image.BICUBIC))
+        got = part.pil_bicubic(torch.from_numpy(a)[None, None], (size, size))[0, 0].numpy()
+        assert np.abs(got - ref).max() < 1e-6
 
 
 def test_jet_matches_matplotlibs_table():
@@ -314,7 +316,7 @@ def test_the_channels_last_layout_changes_speed_not_results_and_checkpoints_stay
         xr = x.clone().requires_grad_()
         grads.append(torch.autograd.grad(F.cross_entropy(model(xr), y), xr)[0])
     assert torch.allclose(*grads, rtol=1e-3, atol=1e-7)  # what the attacks follow (their sign may flip where ~0)
-    part.save_checkpoint(tmp_path / "m.safetensors", fast, {"arch": arch, "num_classes": 10, "classes": []})
+    part.save_checkpoint(tmp_path / "m.safetensors", fast, part.CheckpointMeta(arch=arch, num_classes=10))
     assert all(t.is_contiguous() for t in load_file(tmp_path / "m.safetensors").values())
     loaded = part.load_checkpoint(tmp_path / "m.safetensors")[0]
     with torch.no_grad():
@@ -341,7 +343,7 @@ def test_autoattacks_example_resnet18_loads_and_gives_the_same_logits(batch, tmp
     ref = ref_module.ResNet18().eval()
     torch.save({"module." + k: v for k, v in ref.state_dict().items()}, tmp_path / "ref.pth")
     ours, meta = part.load_checkpoint(tmp_path / "ref.pth", arch="resnet18")
-    assert meta["num_classes"] == 10
+    assert meta.num_classes == 10
     with torch.no_grad():
         assert torch.allclose(ours(batch[0][:4]), ref(batch[0][:4]), atol=1e-5)
 
@@ -353,7 +355,7 @@ def test_foreign_state_dicts_load_with_wrappers_and_prefixes(batch, tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "b.safetensors"))
     for name in ("a.pt", "b.safetensors"):
         loaded, meta = part.load_checkpoint(tmp_path / name, arch="cnn")
-        assert meta["num_classes"] == 7 and not loaded.training
+        assert meta.num_classes == 7 and not loaded.training
         with torch.no_grad():
             assert torch.equal(loaded(batch[0][:2]), model(batch[0][:2]))
 
@@ -374,8 +376,9 @@ class NotAWeight:
 
 def test_pickles_that_need_code_are_refused_and_mismatches_explained(tmp_path):
     torch.save({"w": torch.zeros(1), "obj": NotAWeight()}, tmp_path / "evil.pt")
-    with pytest.raises(part.CliError, match="weights-only"):
+    with pytest.raises(part.CliError, match="weights-only") as refused:
         part.load_checkpoint(tmp_path / "evil.pt", arch="cnn")
+    assert "NotAWeight" in str(refused.value) and "weights_only=False" not in str(refused.value)
     torch.save(seeded("cnn").state_dict(), tmp_path / "cnn.pt")
     with pytest.raises(part.CliError, match="does not match architecture resnet18"):
         part.load_checkpoint(tmp_path / "cnn.pt", arch="resnet18")
@@ -468,7 +471,8 @@ def test_every_loss_generator_and_rule_makes_a_finite_update(batch, loss, genera
     cfg = part.TrainConfig(loss=loss, generator=generator, mask_rule=rule, steps=2, eps_low=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     before = [p.detach().clone() for p in model.parameters()]
-    loss_value, correct = part.train_step(model, model, part.MultiInput(model), optimizer, *batch, cfg, part_phase=True)
+    parts = part.TrainingModules(model, part.MultiInput(model))
+    loss_value, correct = part.train_step(parts, optimizer, *batch, cfg, part.AttackSetup.from_config(cfg), part_phase=True)
     assert torch.isfinite(loss_value) and 0 <= correct <= len(batch[1])
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -514,12 +518,12 @@ def test_smoke_training_writes_a_loadable_checkpoint_and_learns(smoke_run):
     assert [row["phase"] for row in rows] == ["warm-up"] * 2 + ["PART"] * 5
     assert rows[-1]["natural"] > 0.45 and rows[-1]["pgd20"] > 0.15  # chance: 0.1 (seeds 0-3 give 0.62-0.90 and 0.24-0.28)
     model, meta = part.load_checkpoint(smoke_run / "last.safetensors")
-    assert meta["arch"] == "cnn" and meta["epoch"] == 7 and meta["classes"] == list(part.SYNTHETIC_CLASSES)
-    assert meta["config"]["eps"] == 8 and meta["metrics"]["natural"] == rows[-1]["natural"]
+    assert meta.arch == "cnn" and meta.epoch == 7 and meta.classes == list(part.SYNTHETIC_CLASSES)
+    assert meta.config.eps == 8 and meta.metrics["natural"] == rows[-1]["natural"]
     test = part.load_split("synthetic", "test", "unused").first(128)
-    assert part.evaluate(model, test, 128, 8 / 255, 2 / 255, 1)["natural"] == pytest.approx(rows[-1]["natural"])
+    assert part.evaluate(model, test, part.AttackSetup(8 / 255, 2 / 255, batch_size=128, steps=1))["natural"] == pytest.approx(rows[-1]["natural"])
     best = part.load_checkpoint(smoke_run / "best.safetensors")[1]
-    assert best["metrics"]["pgd20"] == max(row["pgd20"] for row in rows)
+    assert best.metrics["pgd20"] == max(row["pgd20"] for row in rows)
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
@@ -535,7 +539,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
-    assert part.load_checkpoint(cut / "last.safetensors")[1]["epoch"] < 4
+    assert part.load_checkpoint(cut / "last.safetensors")[1].epoch < 4
     r = cli("train", "--out", cut, "--resume")
     assert r.returncode == 0, r.stderr
     full, resumed = load_file(str(tmp_path / "full" / "last.safetensors")), load_file(str(cut / "last.safetensors"))
@@ -546,8 +550,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "vgg"], "unknown model 'vgg'"),
-    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
-    (["--cam", "scorecam"], "unknown cam"),
+    (["--dataset", "mnist"], "'mnist' is not one of"),
+    (["--cam", "scorecam"], "'scorecam' is not one of"),
     (["--eps", "4", "--eps-low", "6"], "must not exceed eps"),
     (["--eps", "-1"], "non-negative"),
     (["--eps", "eight"], "1/255 levels"),
@@ -583,7 +587,7 @@ def test_a_folder_with_a_run_is_never_overwritten_and_nan_keeps_the_last_good_ch
     r = cli("train", *SMALL, "--epochs", 2, "--warmup-epochs", 1, "--lr-milestones", 1, "--lr-gamma", 1e30, "--out", run)
     assert r.returncode == 3 and "NaN" in r.stderr and "Traceback" not in r.stderr
     model, meta = part.load_checkpoint(run / "last.safetensors")
-    assert meta["epoch"] == 1 and all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
+    assert meta.epoch == 1 and all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
     before = (run / "last.safetensors").read_bytes()
     r = invoke("train", "--preset", "smoke", "--out", run)
     assert r.exit_code == 1 and "already holds a run" in r.stderr
@@ -652,7 +656,8 @@ def test_the_aa_path_gives_exactly_what_pyautoattack_gives_directly(smoke_model,
 
     x, y = part.to_float(test_points.x[:48]), test_points.y[:48]
     torch.manual_seed(12345)  # whatever the global state, AutoAttack's seed decides
-    x_adv, _ = AutoAttack(smoke_model, norm="Linf", eps=8 / 255, version="standard", seed=3, device="cpu").run_standard_evaluation(x, y, batch_size=64)
+    seed = part.batch_seed(3, "aa", 0)  # the seed of the evaluation's first (and only) batch
+    x_adv, _ = AutoAttack(smoke_model, norm="Linf", eps=8 / 255, version="standard", seed=seed, device="cpu").run_standard_evaluation(x, y, batch_size=64)
     with torch.no_grad():
         direct = (smoke_model(x_adv).argmax(1) == y).float().mean().item()
     assert suite_with_aa["accuracy"]["aa"] == direct
@@ -681,12 +686,21 @@ class Recorder(nn.Module):
         return self.model(x)
 
 
-def test_evaluation_runs_in_eval_mode_and_true_fp32_and_restores_the_switches(smoke_model, test_points, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+@pytest.fixture
+def tf32_on():
+    """Both TF32 switches on for the test, the previous values back afterwards. (pytest's
+    monkeypatch cannot restore torch.backends.cuda.matmul.allow_tf32, a computed attribute,
+    from pytest 9.2 on.)"""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_evaluation_runs_in_eval_mode_and_true_fp32_and_restores_the_switches(smoke_model, test_points, tf32_on):
     model = Recorder(smoke_model).train()
     part.evaluate_suite(model, test_points.first(16), ["natural", "fgsm", "pgd20", "mma"], part.AttackSetup(8 / 255, 2 / 255))
-    part.evaluate(model, test_points.first(16), 16, 8 / 255, 2 / 255, 2)
+    part.evaluate(model, test_points.first(16), part.AttackSetup(8 / 255, 2 / 255, batch_size=16, steps=2))
     assert model.seen == {(False, torch.float32, False, False, False)}
     assert model.training and torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
 
@@ -718,7 +732,7 @@ def test_the_attack_command_writes_the_json_report(smoke_run, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--attacks", "pgd50"], "unknown attack pgd50"),
+    (["--attacks", "pgdx"], "unknown attack 'pgdx'"),
     (["--n-examples", 5000], "more than the 1000 test images"),
     (["--eps", "x"], "1/255 levels"),
     (["--arch", "resnet18"], "holds a cnn model, not resnet18"),
@@ -775,8 +789,9 @@ def test_sanity_checks_flag_probabilities_randomness_and_masked_gradients(cnn, b
 
 def _our_checkpoint(path, arch, num_classes=10):
     model = seeded(arch, num_classes)
-    meta = {"arch": arch, "dataset": "synthetic", "classes": list(part.SYNTHETIC_CLASSES)[:num_classes], "num_classes": num_classes,
-            "image_size": 32, "epoch": 1, "config": {"eps": 8.0}, "metrics": {"natural": 0.5, "pgd20": 0.25}}
+    meta = part.CheckpointMeta(arch=arch, num_classes=num_classes, classes=list(part.SYNTHETIC_CLASSES)[:num_classes],
+                               dataset="synthetic", image_size=32, epoch=1, config=part.TrainConfig(eps=8.0),
+                               metrics={"natural": 0.5, "pgd20": 0.25})
     part.save_checkpoint(path, model, meta)
     return model
 
@@ -816,7 +831,7 @@ def test_torchscript_and_onnx_exports_give_the_same_logits(tmp_path, arch):
     assert json.loads(props["classes"]) == list(part.SYNTHETIC_CLASSES) and json.loads(props["input"])["range"] == [0.0, 1.0]
     assert np_logits(tmp_path / "exp" / "model.onnx", x).sub(ref).abs().max() <= 1e-4
     card = json.loads((tmp_path / "exp" / "model.json").read_text())
-    assert card["input"]["shape"] == ["N", 3, 32, 32] and card["metrics"]["pgd20"] == 0.25 and card["config"]["eps"] == 8.0
+    assert card["input"]["shape"] == ["N", 3, 32, 32] and card["training_metrics"]["pgd20"] == 0.25 and card["config"]["eps"] == 8.0
     assert "same" in r.stdout and "FAILED" not in r.stdout
 
 
@@ -855,7 +870,7 @@ def test_export_of_a_missing_or_corrupt_checkpoint_fails_cleanly(tmp_path):
     r = invoke("export", tmp_path / "bad.pt", "--arch", "cnn", "--out", tmp_path / "exp")
     assert r.exit_code == 1 and "weights-only" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = invoke("export", tmp_path / "bad.pt", "--format", "tflite", "--out", tmp_path / "exp")
-    assert r.exit_code == 1 and "unknown export format tflite" in r.stderr
+    assert r.exit_code == 1 and "unknown export format 'tflite'" in r.stderr
     assert not (tmp_path / "exp").exists()
 
 
@@ -931,7 +946,7 @@ class NoBatchStats(nn.Module):
 def _one_step(model, update_model, x, y, loss):
     cfg = part.TrainConfig(eps=8, eps_low=4, step=2, steps=3, loss=loss)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
-    part.train_step(model, model, update_model, optimizer, x, y, cfg, part_phase=True)
+    part.train_step(part.TrainingModules(model, update_model), optimizer, x, y, cfg, part.AttackSetup.from_config(cfg), part_phase=True)
 
 
 def _ddp_step(rank, world, x, y, loss, out):
@@ -948,7 +963,7 @@ def _ddp_worker(rank, world, init_file, x, y, loss, out):
 
     import torch.distributed as td
 
-    part.START[loss] = False  # the attack's random start off: the step is deterministic
+    part.LOSSES[loss] = dataclasses.replace(part.LOSSES[loss], start=False)  # no random start: the step is deterministic
     td.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     _ddp_step(rank, world, x, y, loss, out)  # returns with the DDP wrapper (and its hold on the group) gone
     gc.collect()
@@ -962,7 +977,7 @@ def _ddp_worker(rank, world, init_file, x, y, loss, out):
 @pytest.mark.parametrize("loss", ["ce", "trades"])
 def test_two_processes_holding_half_a_batch_each_make_the_same_update_as_one(tmp_path, monkeypatch, batch, loss):
     x, y = batch[0][:16], batch[1][:16]
-    monkeypatch.setitem(part.START, loss, False)
+    monkeypatch.setitem(part.LOSSES, loss, dataclasses.replace(part.LOSSES[loss], start=False))
     single = NoBatchStats()
     _one_step(single, part.MultiInput(single), x, y, loss)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), x, y, loss, str(tmp_path / "ddp.pt")), nprocs=2)
@@ -982,12 +997,12 @@ def test_torchrun_with_two_cpu_processes_writes_one_run_and_resumes(tmp_path):
     run = tmp_path / "run"
     r = torchrun("train", *SMALL, "--epochs", 2, "--warmup-epochs", 1, "--out", run)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(p.name for p in run.iterdir()) == ["best.safetensors", "last.safetensors", "last.state.safetensors", "metrics.jsonl"]
+    assert {"best.safetensors", "last.safetensors", "last.state.safetensors", "metrics.jsonl", "config.json", "summary.csv"} <= {p.name for p in run.iterdir()}
     assert r.stdout.count("part train") == 1 and "processes=2" in r.stdout, r.stdout  # only rank 0 speaks
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2]
     assert 0 <= rows[-1]["natural"] <= 1
     r = torchrun("train", "--out", run, "--resume", "--epochs", 3)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert part.load_checkpoint(run / "last.safetensors")[1]["epoch"] == 3
+    assert part.load_checkpoint(run / "last.safetensors")[1].epoch == 3
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
