@@ -85,8 +85,9 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 EVAL_EPS_LEVELS, EVAL_STEP_LEVELS, EVAL_STEPS = 8.0, 2.0, 20
 
 
-class CliError(Exception):
-    """A user-facing error: printed as one line on stderr, exit code `code`."""
+class CliError(ValueError):
+    """A user-facing error: printed as one line on stderr, exit code `code`. A ValueError, so
+    that API callers who pass a bad value get the exception they expect."""
 
     def __init__(self, message: str, code: int = 1):
         super().__init__(message)
@@ -1783,11 +1784,15 @@ class AttackSpec:
 
     @property
     def key(self) -> str:
-        tail = "-part" if self.family == "pgd-part" else ""
-        head = "pgd" if self.family == "pgd-part" else self.family
+        return self.seed_key + (f"x{self.restarts}" if self.restarts > 1 else "")
+
+    @property
+    def seed_key(self) -> str:
+        """The key without the restarts: R restarts begin with the very run of one restart,
+        so more restarts can only find more (a tested property)."""
         if not ATTACKS[self.family].iterative:
             return self.family
-        return f"{head}{self.steps}{tail}" + (f"x{self.restarts}" if self.restarts > 1 else "")
+        return f"pgd{self.steps}-part" if self.family == "pgd-part" else f"{self.family}{self.steps}"
 
 
 def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
@@ -2134,7 +2139,7 @@ def _run_attack(spec: AttackSpec, model: nn.Module, x_all: Tensor, y_all: Tensor
         if i < len(batches) and bool((flags[batches[i]] == PENDING).any()):
             idx = batches[i]
             with rng_fork(device):
-                x_adv, extras = chunker(one, x_all[idx], y_all[idx], batch_seed(s.seed, spec.key, i))
+                x_adv, extras = chunker(one, x_all[idx], y_all[idx], batch_seed(s.seed, spec.seed_key, i))
             check_budget(x_adv, x_all[idx], s.eps, spec.name)
             if adv is not None:
                 adv.write(spec.key, i, dist.rank, idx, x_adv)

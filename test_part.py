@@ -5,10 +5,13 @@ Run: python -m pytest -q test_part.py
 import dataclasses
 import importlib.util
 import json
+import math
+import os
 import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -1006,3 +1009,406 @@ def test_torchrun_with_two_cpu_processes_writes_one_run_and_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert part.load_checkpoint(run / "last.safetensors")[1].epoch == 3
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- the code's shape: one list of settings, registries
+
+
+def test_every_training_setting_is_a_train_option_with_its_choices():
+    import typer.main
+
+    command = typer.main.get_command(part.app).commands["train"]
+    options = {p.name for p in command.params} - {"help"}
+    assert options == set(part.CONFIG_FIELDS) | {"preset", "config", "resume"}
+    text = invoke("train", "--help").output
+    for choice in (*part.CAM_WEIGHTS, *part.MASK_RULES, *part.LOSSES):
+        assert choice in text
+
+
+def test_config_values_are_checked_by_their_real_types():
+    assert part._base_type(bool | None) == (bool, True) and part._base_type(typing.Optional[bool]) == (bool, True)
+    assert part.coerce("compile", None, "t") is None and part.coerce("amp", True, "t") is True
+    assert part.coerce("lr_milestones", "60, 75", "t") == [60, 75] and part.coerce("eps", "8/255", "t") == 8.0
+    for key, bad in (("compile", "yes"), ("amp", None), ("epochs", 2.5), ("epochs", True), ("lr", "fast"), ("lr_milestones", "6,x")):
+        with pytest.raises(part.CliError):
+            part.coerce(key, bad, "t")
+
+
+def test_a_new_cam_method_mask_rule_and_attack_are_one_function_and_one_registry_line(monkeypatch, cnn, batch):
+    x, y = batch
+    monkeypatch.setitem(part.CAM_WEIGHTS, "ones", lambda acts, grads: torch.ones_like(grads[:, :, :1, :1]))
+    cam = part.class_activation(cnn, x, "ones")
+    acts = cnn.features(x)
+    ref = acts.sum(1, keepdim=True).clamp(min=0)
+    ref = (ref - ref.amin((2, 3), keepdim=True)) / (ref.amax((2, 3), keepdim=True) - ref.amin((2, 3), keepdim=True))
+    assert torch.allclose(cam, ref, atol=1e-5)
+    monkeypatch.setitem(part.MASK_RULES, "everywhere", lambda cam, eps, eps_low, size, generator=None: torch.full((len(cam), 1, *size), eps))
+    assert torch.equal(part.eps_map(cam, EPS, EPS_LOW, "everywhere", size=(32, 32)), torch.full((len(x), 1, 32, 32), EPS))
+    monkeypatch.setitem(part.ATTACKS, "noise", part.AttackFamily(lambda model, x, y, s, spec, seed: ((x + s.eps * torch.randn_like(x).sign()).clamp(0, 1), {})))
+    result = part.evaluate_suite(cnn, part.synthetic_split(32, 3), ["natural", "noise"], part.AttackSetup(EPS, 2 / 255))
+    assert set(result["accuracy"]) == {"natural", "noise", "worst"}
+
+
+# ---------------------------------------------------------------- a fresh install, versions
+
+
+def test_the_version_is_printed_and_stored_in_checkpoints_and_reports(smoke_run, tmp_path):
+    r = invoke("--version")
+    assert r.exit_code == 0 and part.__version__ in r.output and torch.__version__ in r.output
+    meta = part.load_checkpoint(smoke_run / "last.safetensors")[1]
+    assert meta.versions["part"] == part.__version__ and meta.versions["torch"] == torch.__version__
+    r = invoke("attack", smoke_run / "last.safetensors", "--attacks", "fgsm", "--n-examples", 16, "--json", tmp_path / "r.json")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["versions"]["part"] == part.__version__ and report["checkpoints"][0]["versions"]["torch"] == torch.__version__
+
+
+def test_pip_install_gives_a_part_command_that_finds_its_presets(tmp_path):
+    pytest.importorskip("setuptools")
+    prefix = tmp_path / "prefix"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--prefix", str(prefix), str(ROOT)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    site = next(prefix.glob("lib/python*/site-packages"))
+    assert (prefix / "share" / "part" / "configs.toml").is_file() and (site / "part.py").is_file()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    script = subprocess.run([str(prefix / "bin" / "part"), "--version"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert script.returncode == 0 and part.__version__ in script.stdout, script.stderr
+    # the installed module reads the presets installed beside it, from anywhere
+    check = "import sys, part; sys.prefix = sys.argv[1]; print(part.preset_values(part.read_presets(next(p for p in part.config_paths() if p.is_file())), 'smoke', 'x')['model'])"
+    out = subprocess.run([sys.executable, "-c", check, str(prefix)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "cnn", out.stderr
+
+
+# ---------------------------------------------------------------- validation split
+
+
+def test_the_validation_split_is_class_balanced_disjoint_and_a_function_of_the_seed():
+    full = part.synthetic_split(600, seed=4)
+    train, val = part.carve_validation(full, 100, seed=0)
+    counts = torch.bincount(val.y, minlength=10)
+    assert len(val.y) == 100 and counts.max() - counts.min() <= 0 and len(train.y) == 500
+    assert torch.equal(part.carve_validation(full, 100, seed=0)[1].x, val.x)
+    assert not torch.equal(part.carve_validation(full, 100, seed=1)[1].x, val.x)
+    pixels = lambda s: {bytes(img.numpy().tobytes()) for img in s.x}  # noqa: E731
+    assert not pixels(train) & pixels(val) and len(pixels(train) | pixels(val)) == len(pixels(full))
+    with pytest.raises(part.CliError, match="too large"):
+        part.carve_validation(full, 595, seed=0)
+
+
+def test_best_is_chosen_on_the_validation_split_when_there_is_one(tmp_path):
+    r = cli("train", *SMALL, "--epochs", 1, "--warmup-epochs", 0, "--val-size", 100, "--out", tmp_path / "v")
+    assert r.returncode == 0, r.stderr
+    assert "100 validation images held out" in r.stdout
+    meta = part.load_checkpoint(tmp_path / "v" / "best.safetensors")[1]
+    assert meta.best["eval_on"] == "val" and meta.metrics["eval_on"] == "val"
+    assert json.loads((tmp_path / "v" / "config.json").read_text())["eval_on"] == "val"
+
+
+# ---------------------------------------------------------------- no invented numbers
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--step", "nan"], "finite"), (["--step", "inf"], "finite"), (["--step", "0"], "--step must be"),
+    (["--eps", "0"], "--eps must be positive"), (["--eps", "-8"], "non-negative"),
+    (["--attacks", "pgd20-part", "--eps-low", "40"], "must not exceed eps"),
+    (["--attacks", "pgd20-part", "--eps-low", "-8"], "non-negative"),
+    (["--attacks", "pgd20-part", "--eps", "4"], "exceeds --eps 4/255"),
+])
+def test_attack_refuses_budgets_and_steps_that_would_invent_a_number(smoke_run, args, message):
+    r = invoke("attack", smoke_run / "last.safetensors", "--n-examples", 8, *args)
+    assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--step", "inf"], "finite"), (["--step", "nan"], "finite"), (["--lr-gamma", "-1"], "lr-gamma must be positive"),
+    (["--lr", "nan"], "finite"), (["--seed", "99999999999999999999999"], "seed must be at most"),
+    (["--image-size", "200000"], "image-size must be at most"), (["--batch-size", "10000000"], "batch-size must be at most"),
+    (["--device", "gpu"], "unknown device 'gpu'"), (["--model", "torchvision:nonet"], "unknown torchvision classifier"),
+])
+def test_train_refuses_impossible_settings_in_one_line(tmp_path, args, message):
+    r = invoke("train", "--preset", "smoke", "--out", tmp_path / "run", *args)
+    assert r.exit_code != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--step", "-5"], "--step must be"), (["--step", "nan"], "finite"), (["--eps", "1000"], "larger than the whole"),
+    (["--device", "foo"], "unknown device 'foo'"), (["--seed", "99999999999999999999999"], "--seed must be"),
+])
+def test_cam_refuses_bad_budgets_and_devices(smoke_run, tmp_path, args, message):
+    r = invoke("cam", smoke_run / "last.safetensors", "--n", 2, "--out", tmp_path / "c.png", *args)
+    assert r.exit_code != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_the_api_refuses_nan_budgets_and_the_budget_check_fails_on_nan(cnn, batch):
+    x, y = batch
+    for eps, step in ((EPS, math.nan), (EPS, math.inf), (EPS, 0.0), (math.nan, 2 / 255), (-EPS, 2 / 255),
+                      (torch.full_like(x, math.nan), 2 / 255), (torch.full_like(x, -EPS), 2 / 255)):
+        with pytest.raises(ValueError):
+            part.pgd(cnn, x, y, eps, step, 2)
+    with pytest.raises(ValueError):
+        part.AttackSetup(EPS, math.nan)
+    with pytest.raises(part.CliError, match="not finite"):
+        part.check_budget(torch.full_like(x, math.nan), x, EPS, "pgd20")
+    part.check_budget(x, x, EPS, "natural")  # the clean images are inside the ball
+
+
+def test_evaluate_names_its_pgd_result_by_its_steps(cnn):
+    result = part.evaluate(cnn, part.synthetic_split(8, 1), part.AttackSetup(EPS, 2 / 255, batch_size=8, steps=3))
+    assert set(result) == {"natural", "pgd3"}
+
+
+def test_16_bit_pngs_decode_to_8_bits_instead_of_saturating(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    grey = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I;16")
+    decoded = part._decode_image(tmp_path / "deep.png", 8)
+    expected = torch.from_numpy((grey / 257.0).round().astype(np.uint8))
+    assert torch.equal(decoded[0], expected) and torch.equal(decoded[1], expected)
+
+
+# ---------------------------------------------------------------- no lost or stuck runs
+
+TINY = ["--preset", "smoke", "--train-subset", 192, "--eval-subset", 32, "--epochs", 2, "--warmup-epochs", 1]
+
+KILLER = """
+import os, signal, sys
+import part
+count, at, when = [0], int(os.environ["KILL_AT"]), os.environ["KILL_WHEN"]
+real = os.replace
+def replace(src, dst):
+    count[0] += 1
+    if count[0] == at and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)  # the temporary file is complete, the rename not done
+    real(src, dst)
+    if count[0] == at and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)  # e.g. between the resume state and `last`
+os.replace = replace
+sys.argv[0] = "part.py"
+part.app()
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    r = cli("train", *TINY, "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+# os.replace calls of a TINY run: 1 config.json; epoch 1: 2 state, 3 last, 4 best, 5 metrics, 6 summary, 7 curves; epoch 2: 8 state, 9 last, ...
+@pytest.mark.parametrize("at, when", [(2, "before"), (2, "after"), (4, "before"), (8, "after"), (9, "after")])
+def test_a_kill_at_any_instant_resumes_to_the_uninterrupted_result(tiny_reference, tmp_path, at, when):
+    out = tmp_path / "run"
+    env = {**os.environ, "KILL_AT": str(at), "KILL_WHEN": when}
+    crashed = subprocess.run([sys.executable, "-c", KILLER, "train", *map(str, TINY), "--out", str(out)], capture_output=True,
+                             text=True, cwd=ROOT, env=env, timeout=600)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    r = cli("train", "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    reference, resumed = load_file(str(tiny_reference / "last.safetensors")), load_file(str(out / "last.safetensors"))
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    assert part.load_checkpoint(out / "best.safetensors")[1].epoch == part.load_checkpoint(tiny_reference / "best.safetensors")[1].epoch
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2] and len((out / "summary.csv").read_text().splitlines()) == 3
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tiny_reference, tmp_path, monkeypatch):
+    import errno
+
+    real, writes = part.save_tensors, []
+
+    def full(path, tensors, metadata):
+        writes.append(path.name)
+        if len(writes) == 4:  # epoch 2's resume state
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, tensors, metadata)
+
+    monkeypatch.setattr(part, "save_tensors", full)
+    out = tmp_path / "run"
+    r = invoke("train", *TINY, "--out", out)
+    assert r.exit_code == 1 and "No space left" in r.stderr and "--resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    monkeypatch.setattr(part, "save_tensors", real)
+    assert invoke("train", "--out", out, "--resume").exit_code == 0
+    reference, resumed = load_file(str(tiny_reference / "last.safetensors")), load_file(str(out / "last.safetensors"))
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_any_file_of_a_run_makes_the_folder_taken(tmp_path):
+    for name in ("best.safetensors", "summary.csv", "config.json"):
+        out = tmp_path / name.split(".")[0]
+        out.mkdir()
+        (out / name).write_text("keep")
+        r = invoke("train", "--preset", "smoke", "--out", out)
+        assert r.exit_code == 1 and "already holds a run" in r.stderr and (out / name).read_text() == "keep"
+
+
+def test_two_trainings_on_one_folder_cannot_both_write(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with part.folder_lock(out, "a test"):
+        r = invoke("train", "--preset", "smoke", "--out", out)
+    assert r.exit_code == 1 and "in use by a test" in r.stderr
+    assert not (out / "config.json").exists()
+
+
+def test_resume_keeps_the_runs_own_settings_and_data(tiny_reference, tmp_path):
+    r = invoke("train", "--out", tiny_reference, "--resume", "--preset", "smoke")
+    assert r.exit_code == 1 and "cannot be used with --resume" in r.stderr
+    r = invoke("train", "--out", tiny_reference, "--resume", "--lr", 0.5)
+    assert r.exit_code == 1 and "--lr cannot change on --resume" in r.stderr
+    classes = ["a", "b"]
+    for name in ("one", "two"):
+        _write_folder(tmp_path / name, "train", classes, 4, size=8)
+        _write_folder(tmp_path / name, "test", classes, 2, size=8)
+    args = ["--dataset", "imagefolder", "--image-size", 8, "--model", "cnn", "--batch-size", 4, "--eval-subset", 4,
+            "--epochs", 1, "--warmup-epochs", 0, "--steps", 1, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run"]
+    assert invoke("train", *args, "--data-dir", tmp_path / "one").exit_code == 0
+    r = invoke("train", "--out", tmp_path / "run", "--resume", "--epochs", 2, "--data-dir", tmp_path / "two", "--cache-dir", tmp_path / "cache")
+    assert r.exit_code == 1 and "differ from the data this run was trained on" in r.stderr
+
+
+def test_ctrl_c_before_the_first_epoch_ends_says_what_works_and_it_does(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "part.py"), "train", *map(str, TINY), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "no epoch had finished" in err and "--resume" in err, err
+    r = cli("train", "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert part.load_checkpoint(out / "last.safetensors")[1].epoch == 2
+
+
+def test_a_damaged_cache_entry_is_rebuilt_not_kept(tmp_path):
+    images = _write_folder(tmp_path / "data", "train", ["a", "b", "c"], 2)
+    args = ("imagefolder", "train", tmp_path / "data", tmp_path / "cache", 12)
+    first = part.load_split(*args)
+    (entry,) = (tmp_path / "cache").iterdir()
+    save_file({"x": torch.zeros(5, 3, 12, 12, dtype=torch.uint8), "y": torch.zeros(24, dtype=torch.int64)}, str(entry),
+              metadata={"classes": json.dumps(["a", "b", "c"])})
+    again = part.load_split(*args)
+    assert torch.equal(again.x, first.x) and torch.equal(again.x[1], images[("b", 0)])
+    assert load_file(str(entry))["y"].shape == (6,)
+
+
+def test_a_cache_that_cannot_be_written_only_costs_time(tmp_path, monkeypatch, capsys):
+    _write_folder(tmp_path / "data", "train", ["a", "b"], 2)
+
+    def refuse(path, tensors, metadata):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(part, "save_tensors", refuse)
+    split = part.load_split("imagefolder", "train", tmp_path / "data", tmp_path / "cache", 12)
+    assert len(split.y) == 4 and "cannot write the cache" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- no tracebacks, messages that help
+
+
+def test_resume_states_among_checkpoints_are_skipped_and_alone_refused(smoke_run, tmp_path):
+    r = invoke("attack", smoke_run / "last.state.safetensors", smoke_run / "last.safetensors", "--attacks", "fgsm",
+               "--n-examples", 8, "--json", tmp_path / "r.json")
+    assert r.exit_code == 0 and "skipping" in r.stderr
+    assert [row["path"] for row in json.loads((tmp_path / "r.json").read_text())["checkpoints"]] == [str(smoke_run / "last.safetensors")]
+    r = invoke("attack", smoke_run / "last.state.safetensors")
+    assert r.exit_code == 1 and "no model checkpoint" in r.stderr
+    with pytest.raises(part.CliError, match="resume state"):
+        part.load_checkpoint(smoke_run / "last.state.safetensors")
+
+
+@pytest.mark.parametrize("command", ["attack", "cam", "bench"])
+def test_unknown_devices_give_one_line(smoke_run, tmp_path, command):
+    target = [] if command == "bench" else [smoke_run / "last.safetensors"]
+    extra = ["--out", tmp_path / "c.png"] if command == "cam" else []
+    for device in ("foo", "gpu"):
+        r = invoke(command, *target, "--device", device, *extra)
+        assert r.exit_code == 1 and f"unknown device '{device}'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def _png_claiming(width, height):
+    """A tiny, valid PNG whose header claims width x height pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bombs_and_broken_headers_give_one_line(tmp_path):
+    from PIL import Image
+
+    for name, payload in (("bomb.png", _png_claiming(15000, 15000)), ("broken.bmp", None)):
+        _write_folder(tmp_path / name, "train", ["a", "b"], 2)
+        bad = tmp_path / name / "train" / "a" / name
+        if payload is None:
+            Image.new("RGB", (12, 12)).save(bad)
+            data = bytearray(bad.read_bytes())
+            data[28] = 7  # bits per pixel: no such BMP
+            payload = bytes(data)
+        bad.write_bytes(payload)
+        r = invoke("train", "--preset", "smoke", "--dataset", "imagefolder", "--data-dir", tmp_path / name, "--image-size", 12,
+                   "--cache-dir", tmp_path / "cache", "--out", tmp_path / f"out-{name}")
+        assert r.exit_code == 1 and f"cannot decode image {bad}" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"format": "part/1", "arch": "{not json"}, "not JSON"),
+    ({"format": "part/1", "num_classes": "10"}, "lacks 'arch'"),
+    ({"format": "part/1", "arch": '"cnn"', "num_classes": '"10"'}, "invalid num_classes"),
+    ({"format": "part/1", "arch": '"cnn"', "num_classes": "10", "config": '{"eps": "lots"}'}, "1/255 levels"),
+])
+def test_our_checkpoints_with_damaged_metadata_give_one_line(tmp_path, metadata, message):
+    save_file({k: v.contiguous() for k, v in seeded().state_dict().items()}, str(tmp_path / "m.safetensors"), metadata=metadata)
+    r = invoke("attack", tmp_path / "m.safetensors", "--dataset", "synthetic")
+    assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_output_paths_are_checked_before_the_work(smoke_run, tmp_path):
+    r = invoke("attack", smoke_run / "last.safetensors", "--json", tmp_path, "--attacks", "pgd20")
+    assert r.exit_code == 1 and "is a folder, not a file name" in r.stderr and "pgd20" not in r.stdout
+    r = invoke("bench", "--model", "cnn", "--batch-size", 4, "--rounds", 1, "--steps", 1, "--json", tmp_path / "new" / "parent" / "b.json")
+    assert r.exit_code == 0 and (tmp_path / "new" / "parent" / "b.json").is_file()
+
+
+def test_class_folders_skip_hidden_files_and_warn_when_empty(tmp_path, capsys):
+    images = _write_folder(tmp_path / "data", "train", ["a", "b"], 2)
+    (tmp_path / "data" / "train" / "a" / "._0000.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (tmp_path / "data" / "train" / "empty").mkdir()
+    split = part.load_split("imagefolder", "train", tmp_path / "data", tmp_path / "cache", 12)
+    assert split.classes == ["a", "b", "empty"] and len(split.y) == 4 and torch.equal(split.x[0], images[("a", 0)])
+    assert "hold no images (empty)" in capsys.readouterr().err
+
+
+def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    class Offline:
+        def __init__(self, root, train=True, download=False):
+            if not download:
+                raise RuntimeError("Dataset not found")
+            Path(root).mkdir(parents=True, exist_ok=True)
+            (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"half a file")
+            raise ConnectionError("no network")
+
+    monkeypatch.setattr(tvd, "CIFAR10", Offline)
+    with pytest.raises(part.DataMissing, match="could not be downloaded"):
+        part.load_split("cifar10", "train", tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "mine.txt").write_text("keep")
+    with pytest.raises(part.DataMissing):
+        part.load_split("cifar10", "train", tmp_path / "old")
+    assert [p.name for p in (tmp_path / "old").iterdir()] == ["mine.txt"]
