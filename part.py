@@ -1177,6 +1177,11 @@ def eps_map(cam: Tensor, eps: float, eps_low: float, rule: str = "zscore",
 # one LossSpec: which inner loss, which random start, which objective.
 
 
+def upcast(logits: Tensor) -> Tensor:
+    """Logits in at least fp32 (bf16 under autocast becomes fp32; fp64 stays fp64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def cw_margin(logits: Tensor, y: Tensor, kappa: float = 50.0) -> Tensor:
     """Per example: max_{j != y} z_j - z_y, capped at kappa (the CW loss, to be maximised)."""
     true = logits.gather(1, y.view(-1, 1)).squeeze(1)
@@ -1185,12 +1190,12 @@ def cw_margin(logits: Tensor, y: Tensor, kappa: float = 50.0) -> Tensor:
 
 
 ATTACK_LOSSES: dict[str, Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]] = {
-    "ce": lambda logits, y, aux: F.cross_entropy(logits.float(), y, reduction="sum"),
-    "cw": lambda logits, y, aux: cw_margin(logits.float(), y).sum(),
+    "ce": lambda logits, y, aux: F.cross_entropy(upcast(logits), y, reduction="sum"),
+    "cw": lambda logits, y, aux: cw_margin(upcast(logits), y).sum(),
     # TRADES: KL(p(x) || p(x')), aux = p(x)
-    "kl": lambda logits, y, aux: F.kl_div(F.log_softmax(logits.float(), 1), aux, reduction="sum"),
+    "kl": lambda logits, y, aux: F.kl_div(F.log_softmax(upcast(logits), 1), aux, reduction="sum"),
     # MMA's targeted margin z_t - z_y capped at 50, aux = the target classes
-    "target-margin": lambda logits, y, aux: (logits.float().gather(1, aux.view(-1, 1)) - logits.float().gather(1, y.view(-1, 1)))
+    "target-margin": lambda logits, y, aux: (upcast(logits).gather(1, aux.view(-1, 1)) - upcast(logits).gather(1, y.view(-1, 1)))
     .clamp(max=50.0).sum(),
 }
 
@@ -1204,18 +1209,18 @@ def attack_loss(name: str, logits: Tensor, y: Tensor, ref: Optional[Tensor] = No
 
 def ce_objective(nat: Optional[Tensor], adv: Tensor, y: Tensor, beta: float) -> Tensor:
     """Madry AT: cross-entropy on the adversarial examples."""
-    return F.cross_entropy(adv.float(), y)
+    return F.cross_entropy(upcast(adv), y)
 
 
 def trades_objective(nat: Tensor, adv: Tensor, y: Tensor, beta: float) -> Tensor:
     """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x'))."""
-    nat, adv = nat.float(), adv.float()
+    nat, adv = upcast(nat), upcast(adv)
     return F.cross_entropy(nat, y) + beta * F.kl_div(F.log_softmax(adv, 1), F.softmax(nat, 1), reduction="batchmean")
 
 
 def mart_objective(nat: Tensor, adv: Tensor, y: Tensor, beta: float) -> Tensor:
     """MART (Wang et al. 2020): boosted CE on x' + beta * KL weighted by (1 - p_y(x))."""
-    nat, adv = nat.float(), adv.float()
+    nat, adv = upcast(nat), upcast(adv)
     adv_probs = F.softmax(adv, 1)
     top2 = adv_probs.argsort(1)[:, -2:]
     runner_up = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
@@ -1359,7 +1364,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, step: float
         ref = None
         if loss == "kl":
             with torch.no_grad():
-                ref = F.softmax(model(x).float(), 1)
+                ref = F.softmax(upcast(model(x)), 1)
         return _ascend(model, start_point(x, eps, random_start, box), y, ref, box, step, steps, loss, stepper)
 
 
@@ -1972,10 +1977,11 @@ OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryErr
 
 class Chunker:
     """Runs an attack on a batch in chunks; a CUDA out-of-memory error halves the chunk
-    (for the rest of the evaluation) and retries, said once, instead of a traceback."""
+    (for the rest of the evaluation) and retries, said once the smaller size works,
+    instead of a traceback."""
 
     def __init__(self, size: int):
-        self.size, self.said = size, False
+        self.size, self.said = size, size
 
     def __call__(self, fn: Callable[[Tensor, Tensor, int], tuple[Tensor, dict]], x: Tensor, y: Tensor, seed: int):
         while True:
@@ -1988,9 +1994,9 @@ class Chunker:
                     raise CliError("out of memory even with one image at a time") from None
                 torch.cuda.empty_cache()
                 self.size = max(1, self.size // 2)
-                if not self.said:
-                    note(f"note: out of memory; attacking {self.size} images at a time from now on")
-                    self.said = True
+        if self.size < self.said:
+            note(f"note: out of memory with larger batches; attacking {self.size} images at a time from now on")
+            self.said = self.size
         extras = {k: torch.cat([p[1][k] for p in pieces]) for k in pieces[0][1]}
         return torch.cat([p[0] for p in pieces]), extras
 
@@ -2023,8 +2029,10 @@ class EvalState:
     interrupted one stopped. Saved atomically at most every few seconds and at the end of
     each attack; refused when it belongs to another evaluation (another signature)."""
 
-    def __init__(self, path: Optional[Path], signature: dict, writer: bool = True, every_s: float = 2.0):
-        self.path, self.signature, self.writer, self.every_s = path, signature, writer, every_s
+    SAVE_EVERY_S = 2.0  # at most one write every 2 s: a kill loses at most that much work
+
+    def __init__(self, path: Optional[Path], signature: dict, writer: bool = True):
+        self.path, self.signature, self.writer = path, signature, writer
         self.flags: dict[str, Tensor] = {}
         self.seconds: dict[str, float] = {}
         self.saved_at = time.monotonic()
@@ -2056,7 +2064,7 @@ class EvalState:
         self.flags[key] = flags.to("cpu", torch.int8)
         if seconds is not None:
             self.seconds[key] = seconds
-        if self.path is not None and self.writer and (force or time.monotonic() - self.saved_at >= self.every_s):
+        if self.path is not None and self.writer and (force or time.monotonic() - self.saved_at >= self.SAVE_EVERY_S):
             meta = {"format": "part/1-eval", "signature": json.dumps(self.signature), "seconds": json.dumps(self.seconds)}
             save_tensors(Path(self.path), {k: v.contiguous() for k, v in self.flags.items()}, meta)
             self.saved_at = time.monotonic()
@@ -2773,7 +2781,8 @@ def stop_signals_deferred():
             raise KeyboardInterrupt
 
 
-SUMMARY_COLUMNS = ("epoch", "phase", "lr", "train_loss", "train_acc", "natural", "pgd20", "eval_on", "seconds", "img_per_s")
+SUMMARY_COLUMNS = ("epoch", "phase", "lr", "train_loss", "train_acc", "natural", "pgd20", "eval_on", "seconds", "img_per_s",
+                   "steady_img_per_s")
 
 
 class Reporter:
@@ -3025,6 +3034,7 @@ def train_epoch(run: Run, epoch: int) -> dict:
     aug = torch.Generator(device).manual_seed(derived_seed(cfg.seed, epoch, dist.rank, 1))
     batches = epoch_batches(len(run.train.y), cfg.batch_size, dist, shuffle)
     totals = torch.zeros(3, device=device)  # loss sum, correct, count (this rank)
+    steady = None  # (time, images) after the first 10 steps: compilation and warm-up are over by then
     with run.report.epoch(epoch + 1, len(batches)) as show:
         for i, index in enumerate(batches):
             x = to_float(augment(run.train.x[index], DATASETS[cfg.dataset].flip, aug))
@@ -3036,13 +3046,16 @@ def train_epoch(run: Run, epoch: int) -> dict:
                 if dist.world == 1 and not math.isfinite(t[0]):
                     raise FloatingPointError
                 show(i + 1, t[0] / t[2], t[1] / t[2])
+                steady = steady or (time.perf_counter(), t[2])
+    end, mine = time.perf_counter(), totals[2].item()
     t = all_sum(totals, dist).tolist()
     if not math.isfinite(t[0]):
         raise FloatingPointError
-    seconds = time.perf_counter() - t0
     phase = "PART" if part_phase else ("warm-up" if cfg.method == "part" else "AT")
+    # images/s after the first 10 steps (all processes): what an epoch costs once compiled
+    rate = dist.world * (mine - steady[1]) / (end - steady[0]) if steady and mine > steady[1] else None
     return {"epoch": epoch + 1, "phase": phase, "lr": lr, "train_loss": t[0] / t[2], "train_acc": t[1] / t[2],
-            "train_seconds": seconds, "img_per_s": t[2] / seconds}
+            "train_seconds": end - t0, "img_per_s": t[2] / (end - t0), "steady_img_per_s": rate}
 
 
 def finish_epoch(run: Run, metrics: dict) -> dict:

@@ -634,7 +634,11 @@ def test_points():
 def suite_with_aa(smoke_model, test_points):
     pytest.importorskip("pyautoattack")
     setup = part.AttackSetup(eps=8 / 255, step=2 / 255, seed=3, batch_size=64)
-    return part.evaluate_suite(smoke_model, test_points.first(48), ["natural", "fgsm", "pgd20", "aa"], setup)
+    shown = []
+    result = part.evaluate_suite(smoke_model, test_points.first(48), ["natural", "fgsm", "pgd20", "aa"], setup,
+                                 lambda name, done, total, extra: shown.append((name, done, total, extra)))
+    result["shown"] = shown
+    return result
 
 
 def test_pgd20_agrees_with_an_independent_pgd(smoke_model, test_points):
@@ -652,6 +656,14 @@ def test_stronger_attacks_find_more_fgsm_then_pgd20_then_autoattack(suite_with_a
     assert acc["natural"] >= acc["fgsm"] >= acc["pgd20"] >= acc["aa"] >= acc["worst"]
     assert acc["worst"] == min(acc.values())
     assert acc["natural"] > acc["pgd20"]
+
+
+def test_autoattack_shows_each_component_and_reports_its_robust_accuracy(suite_with_aa):
+    parts, acc = suite_with_aa["components"]["aa"], suite_with_aa["accuracy"]
+    assert list(parts) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert acc["natural"] >= parts["apgd-ce"] >= parts["apgd-t"] >= parts["fab-t"] >= parts["square"] == acc["aa"]
+    shown = [extra for name, done, total, extra in suite_with_aa["shown"] if name == "aa"]
+    assert shown and all(c in shown[-1] for c in ("clean", "APGD-CE", "APGD-T", "FAB-T", "SQUARE"))
 
 
 def test_the_aa_path_gives_exactly_what_pyautoattack_gives_directly(smoke_model, test_points, suite_with_aa):
@@ -1412,3 +1424,331 @@ def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(part.DataMissing):
         part.load_split("cifar10", "train", tmp_path / "old")
     assert [p.name for p in (tmp_path / "old").iterdir()] == ["mine.txt"]
+
+
+# ---------------------------------------------------------------- the compiled path (inductor on this CPU; CUDA below)
+
+
+class Tiny(nn.Module):
+    """The smallest model with a CAM layer and BatchNorm: compiles in seconds."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.linear = nn.Linear(16, 10)
+
+    def features(self, x):
+        return self.body(x)
+
+    def head(self, a):
+        return self.linear(a.mean((2, 3)))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("loss", ["ce", "cw", "kl"])
+def test_the_compiled_attack_equals_the_eager_one_and_holds_the_budget_exactly(batch, loss):
+    # float64, so that no gradient is so close to 0 that float rounding flips its sign
+    model, x, y = Tiny().double().eval(), batch[0].double(), batch[1]
+    start = 0.001 if loss == "kl" else True
+    for budget in (EPS, part.eps_map(part.class_activation(model, x), EPS, EPS_LOW, "zscore", size=(32, 32)).double()):
+        runs = []
+        for stepper in (None, part.compiled_ascent_step()):
+            torch.manual_seed(3)
+            runs.append(part.pgd(model, x, y, budget, 2 / 255, 5, loss, start, stepper=stepper))
+        eager, compiled = runs
+        assert ((compiled - x).abs() <= torch.as_tensor(budget)).all() and compiled.min() >= 0 and compiled.max() <= 1
+        assert torch.allclose(compiled, eager, atol=1e-12)
+
+
+def test_the_compiled_attack_holds_a_float32_per_pixel_budget_exactly(batch):
+    model, (x, y) = Tiny().eval(), batch
+    budget = part.eps_map(part.class_activation(model, x), EPS, EPS_LOW, "zscore", size=(32, 32))
+    x_adv = part.pgd(model, x, y, budget, 2 / 255, 5, stepper=part.compiled_ascent_step())
+    assert ((x_adv - x).abs() <= budget).all() and ((x_adv.double() - x.double()).abs() <= budget.double()).all()
+
+
+def test_the_attack_step_is_one_graph_and_is_not_recompiled_for_batches_of_a_known_size(batch):
+    model, (x, y) = Tiny().eval(), batch
+    box = part.budget_box(x, EPS)
+    explained = torch._dynamo.explain(part._functional_ascent_step)(model, x, y, None, *box, 2 / 255, "ce")
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    step = part.compiled_ascent_step()
+    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # noqa: E731
+    for n in (16, 5):  # a full batch and an epoch's last, shorter one
+        step(model, x[:n], y[:n], None, box[0][:n], box[1][:n], 2 / 255, "ce")
+    before = graphs()
+    for _ in range(2):  # the next epochs
+        for n in (16, 5):
+            step(model, x[:n], y[:n], None, box[0][:n], box[1][:n], 2 / 255, "ce")
+    assert graphs() == before
+
+
+def test_a_compiled_training_step_makes_the_same_update_as_the_eager_one(batch):
+    x, y = batch[0][:16], batch[1][:16]
+    results = []
+    for compile in (False, True):
+        model = Tiny()
+        cfg = part.TrainConfig(steps=2, eps_low=3, compile=compile)
+        parts = part.wrap_for_training(model, cfg, part.Dist(), torch.device("cpu"))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        torch.manual_seed(5)
+        part.train_step(parts, optimizer, x, y, cfg, part.AttackSetup.from_config(cfg), part_phase=True)
+        results.append(model.state_dict())
+    eager, compiled = results
+    for key in eager:
+        assert torch.allclose(eager[key], compiled[key], atol=1e-5), key
+    assert not torch.equal(eager["linear.weight"], Tiny().state_dict()["linear.weight"])
+
+
+def test_the_compiled_cam_equals_the_eager_one(batch):
+    model, x = Tiny().eval(), batch[0]
+    assert torch.allclose(part.compiled_cam()(model, x, "gradcam"), part.class_activation(model, x, "gradcam"), atol=1e-5)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_compiled_bf16_attack_holds_the_budget_exactly(batch):
+    model = part.channels_last(part.build_model("resnet18").cuda().eval())
+    x, y = batch[0].cuda(), batch[1].cuda()
+    budget = part.eps_map(part.class_activation(model, x), EPS, EPS_LOW, size=(32, 32))
+    with part.autocast(x.device, True):
+        x_adv = part.pgd(model, x, y, budget, 2 / 255, 5, stepper=part.compiled_ascent_step())
+    assert x_adv.dtype == torch.float32
+    assert ((x_adv.double() - x.double()).abs() <= budget.double()).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+@cuda
+def test_cuda_evaluation_runs_in_true_fp32_with_tf32_off(smoke_model, test_points, tf32_on):
+    model = Recorder(smoke_model.cuda()).train()
+    part.evaluate_suite(model, test_points.first(16).to(torch.device("cuda")), ["natural", "pgd20"], part.AttackSetup(8 / 255, 2 / 255))
+    assert model.seen == {(False, torch.float32, False, False, False)}
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    smoke_model.cpu()
+
+
+@cuda
+def test_cuda_channels_last_changes_nothing_but_speed(batch):
+    x = batch[0][:8].cuda()
+    plain, fast = seeded("resnet18").cuda(), part.channels_last(seeded("resnet18").cuda())
+    with part.full_fp32(), torch.no_grad():
+        assert torch.allclose(plain(x), fast(x), atol=1e-4)
+    with part.full_fp32():
+        assert torch.allclose(part.grad_cam(plain, x), part.grad_cam(fast, x), atol=1e-4)
+
+
+def _nccl_worker(rank, world, init_file, x, y, out):
+    import torch.distributed as td
+
+    torch.cuda.set_device(rank)
+    td.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    part.LOSSES["ce"] = dataclasses.replace(part.LOSSES["ce"], start=False)
+    model = NoBatchStats().cuda()
+    ddp = nn.parallel.DistributedDataParallel(part.MultiInput(model), device_ids=[rank])
+    _one_step(model, ddp, x.tensor_split(world)[rank].cuda(), y.tensor_split(world)[rank].cuda(), "ce")
+    if rank == 0:
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out)
+    del ddp
+    td.barrier()
+    td.destroy_process_group()
+
+
+@cuda
+def test_cuda_ddp_with_nccl_makes_the_same_update_as_one_process(tmp_path, batch, monkeypatch):
+    x, y = batch[0][:16], batch[1][:16]
+    monkeypatch.setitem(part.LOSSES, "ce", dataclasses.replace(part.LOSSES["ce"], start=False))
+    single = NoBatchStats().cuda()
+    _one_step(single, part.MultiInput(single), x.cuda(), y.cuda(), "ce")
+    world = min(2, torch.cuda.device_count())
+    torch.multiprocessing.spawn(_nccl_worker, args=(world, str(tmp_path / "init"), x, y, str(tmp_path / "ddp.pt")), nprocs=world)
+    synced = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    for key, value in single.state_dict().items():
+        assert torch.allclose(value.cpu(), synced[key], atol=1e-5), key
+
+
+def test_bench_interleaves_the_pieces_and_reports_ratio_memory_and_flops(tmp_path):
+    r = invoke("bench", "--model", "cnn", "--batch-size", 4, "--rounds", 3, "--steps", 2, "--json", tmp_path / "b.json")
+    assert r.exit_code == 0, r.output
+    info = json.loads((tmp_path / "b.json").read_text())
+    results = info["results"]
+    assert len(results) == 6 and all(v["ms_q1"] <= v["ms_median"] <= v["ms_q3"] for v in results.values())
+    assert len(info["part_over_at"]["per_round"]) == 3 and info["part_over_at"]["median"] > 0
+    forward = results["forward (eval, no grad)"]["gflop_per_image"]
+    assert forward == pytest.approx(part.count_flops(lambda: seeded()(torch.rand(1, 3, 32, 32))) / 1e9)
+    assert results["PGD-2 attack"]["gflop_per_image"] == pytest.approx(4 * forward, rel=0.05)  # 2 x (forward + input gradient)
+    assert all(v["first_call_ms"] > 0 and v["peak_memory_mb"] >= 0 for v in results.values())
+    assert info["versions"]["torch"] == torch.__version__ and info["compile"] is False
+
+
+# ---------------------------------------------------------------- evaluation at research scale
+
+ATTACKER = """
+import os, signal, sys
+import part
+part.EvalState.SAVE_EVERY_S = 0  # write the state after every batch
+at, count, real = int(os.environ["KILL_AT"]), [0], part.save_tensors
+def save(path, tensors, metadata):
+    real(path, tensors, metadata)
+    if str(path).endswith(".state.safetensors"):
+        count[0] += 1
+        if count[0] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+part.save_tensors = save
+sys.argv[0] = "part.py"
+part.app()
+"""
+
+
+def _accuracies(path):
+    return [(row["path"], row["accuracy"]) for row in json.loads(Path(path).read_text())["checkpoints"]]
+
+
+@pytest.fixture(scope="module")
+def attack_reference(smoke_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("attack") / "ref.json"
+    r = cli("attack", smoke_run / "best.safetensors", smoke_run / "last.safetensors", "--attacks", "pgd20,cw20",
+            "--n-examples", 64, "--batch-size", 16, "--seed", 4, "--json", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("at", [2, 9])
+def test_a_killed_attack_continues_to_the_uninterrupted_report(smoke_run, attack_reference, tmp_path, at):
+    args = ["attack", smoke_run / "best.safetensors", smoke_run / "last.safetensors", "--attacks", "pgd20,cw20",
+            "--n-examples", 64, "--batch-size", 16, "--seed", 4, "--json", tmp_path / "r.json"]
+    killed = subprocess.run([sys.executable, "-c", ATTACKER, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "KILL_AT": str(at)}, timeout=600)
+    assert killed.returncode == -signal.SIGKILL and (tmp_path / "r.json.state.safetensors").is_file()
+    r = cli(*args)
+    assert r.returncode == 0 and "resuming the evaluation" in r.stderr, r.stderr
+    assert _accuracies(tmp_path / "r.json") == _accuracies(attack_reference)
+    assert not (tmp_path / "r.json.state.safetensors").exists()  # done: the report holds everything
+    r = cli(*args[:-1], tmp_path / "r.json", "--seed", 5)  # a state of another evaluation is never mixed in
+    assert r.returncode == 0
+
+
+def test_another_evaluations_state_is_refused(smoke_run, tmp_path):
+    state = tmp_path / "s.safetensors"
+    part.save_tensors(state, {}, {"format": "part/1-eval", "signature": json.dumps({"other": 1}), "seconds": "{}"})
+    r = invoke("attack", smoke_run / "last.safetensors", "--attacks", "fgsm", "--n-examples", 8, "--state", state)
+    assert r.exit_code == 1 and "another evaluation" in r.stderr
+
+
+def test_saved_adversarial_examples_reproduce_the_attack_and_are_checked(smoke_run, tmp_path):
+    ckpt = smoke_run / "best.safetensors"
+    r = invoke("attack", ckpt, "--attacks", "pgd20", "--n-examples", 48, "--save-adv", tmp_path / "adv", "--json", tmp_path / "a.json")
+    assert r.exit_code == 0, r.stderr
+    (folder,) = (tmp_path / "adv").iterdir()
+    x_adv, index, labels, meta = part.load_adversarial(folder / "pgd20.safetensors")
+    assert x_adv.dtype == torch.float32 and x_adv.shape == (48, 3, 32, 32) and torch.equal(index, torch.arange(48))
+    assert meta["attack"] == "pgd20" and meta["checkpoint_sha256"] == part.file_hash(ckpt) and meta["eps"] == pytest.approx(8 / 255)
+    assert not list(folder.glob(".parts/*"))
+    r = invoke("attack", ckpt, "--adv-from", tmp_path / "adv", "--json", tmp_path / "t.json")
+    assert r.exit_code == 0, r.stderr
+    attacked, transferred = _accuracies(tmp_path / "a.json")[0][1], _accuracies(tmp_path / "t.json")[0][1]
+    assert transferred[f"adv:{folder.name}/pgd20"] == attacked["pgd20"] and transferred["natural"] == attacked["natural"]
+    tampered = dict(load_file(str(folder / "pgd20.safetensors")))
+    tampered["x_adv"][3] = (tampered["x_adv"][3] + 0.2).clamp(0, 1)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "pgd20.safetensors"), "pt") as f:
+        save_file(tampered, str(tmp_path / "bad.safetensors"), metadata=f.metadata())
+    r = invoke("attack", ckpt, "--adv-from", tmp_path / "bad.safetensors")
+    assert r.exit_code == 1 and "outside the eps ball" in r.stderr
+
+
+def test_attack_strength_is_a_parameter_and_restarts_only_find_more(smoke_model, test_points):
+    specs = part.parse_attacks("pgd5,cw7,mma3,pgd4-part,pgd5x3,apgd-ce,square,pgd5", restarts=2)
+    assert [s.key for s in specs] == ["natural", "pgd5x2", "cw7x2", "mma3x2", "pgd4-partx2", "pgd5x3", "apgd-ce", "square"]
+    assert [(s.family, s.steps, s.restarts) for s in specs[1:3]] == [("pgd", 5, 2), ("cw", 7, 2)]
+    for bad in ("pgd0", "cw20-part", "pgdx", "apgd"):
+        with pytest.raises(part.CliError, match="attack"):
+            part.parse_attack(bad)
+    setup = part.AttackSetup(8 / 255, 2 / 255, batch_size=64, seed=1)
+    result = part.evaluate_suite(smoke_model, test_points.first(128), ["natural", "pgd3", "pgd3x4"], setup)
+    assert result["accuracy"]["pgd3x4"] <= result["accuracy"]["pgd3"]
+
+
+def test_convergence_and_gradient_masking_warnings():
+    specs = part.parse_attacks("pgd10,pgd20,pgd50,square")
+    falling = {"accuracy": {"natural": 0.8, "pgd10": 0.5, "pgd20": 0.45, "pgd50": 0.40, "square": 0.3, "worst": 0.3}}
+    warnings = part.robustness_warnings(specs, falling, 1000, [10, 20, 50])
+    assert any("has not converged" in w for w in warnings) and any("gradient masking" in w for w in warnings)
+    flat = {"accuracy": {"natural": 0.8, "pgd10": 0.41, "pgd20": 0.40, "pgd50": 0.40, "square": 0.45, "worst": 0.4}}
+    assert part.robustness_warnings(specs, flat, 1000, [10, 20, 50]) == []
+
+
+def test_the_sweep_evaluates_steps_and_restarts_and_draws_the_curve(smoke_run, tmp_path):
+    r = invoke("attack", smoke_run / "best.safetensors", "--attacks", "pgd1", "--sweep", "--sweep-steps", "1,3",
+               "--sweep-restarts", "1,2", "--n-examples", 32, "--json", tmp_path / "s.json")
+    assert r.exit_code == 0, r.stderr
+    accuracy = _accuracies(tmp_path / "s.json")[0][1]
+    assert set(accuracy) == {"natural", "pgd1", "pgd3", "pgd3x2", "worst"} and accuracy["pgd3x2"] <= accuracy["pgd3"]
+    assert "sweep" in r.stdout and (tmp_path / "s-sweep.png").stat().st_size > 1000
+
+
+def test_csv_and_markdown_reports_carry_what_a_reader_needs(smoke_run, tmp_path):
+    ckpt = smoke_run / "last.safetensors"
+    r = invoke("attack", ckpt, "--attacks", "fgsm,pgd5", "--n-examples", 32, "--seed", 2, "--json", tmp_path / "r.json",
+               "--csv", tmp_path / "r.csv", "--markdown", tmp_path / "r.md")
+    assert r.exit_code == 0, r.stderr
+    row = json.loads((tmp_path / "r.json").read_text())["checkpoints"][0]
+    assert row["sha256"] == part.file_hash(ckpt) and row["selection"]["first"] == 32 and row["seed"] == 2
+    assert row["device"] and row["versions"]["part"] == part.__version__ and row["config"]["model"] == "cnn"
+    import csv
+
+    (line,) = list(csv.DictReader((tmp_path / "r.csv").read_text().splitlines()))
+    assert float(line["pgd5"]) == row["accuracy"]["pgd5"] and line["sha256"] == row["sha256"][:12]
+    text = (tmp_path / "r.md").read_text()
+    assert "| checkpoint |" in text and fmt(row["accuracy"]["worst"]) in text and "first 32" in text and torch.__version__ in text
+
+
+def fmt(v):
+    return f"{100 * v:.2f}"
+
+
+def test_an_out_of_memory_batch_is_halved_once_said(smoke_model, test_points, monkeypatch, capsys):
+    real = part.ATTACKS["pgd"]
+
+    def picky(model, x, y, s, spec, seed):
+        if len(x) > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real.run(model, x, y, s, spec, seed)
+
+    monkeypatch.setitem(part.ATTACKS, "pgd", dataclasses.replace(real, run=picky))
+    result = part.evaluate_suite(smoke_model, test_points.first(64), ["natural", "pgd5"], part.AttackSetup(8 / 255, 2 / 255, batch_size=32))
+    err = capsys.readouterr().err
+    assert err.count("out of memory") == 1 and "8 images at a time" in err
+    assert 0 <= result["accuracy"]["pgd5"] < result["accuracy"]["natural"]
+
+
+def test_the_model_card_carries_the_attack_results(smoke_run, tmp_path):
+    ckpt = smoke_run / "best.safetensors"
+    assert invoke("attack", ckpt, "--attacks", "fgsm", "--n-examples", 16, "--json", tmp_path / "r.json").exit_code == 0
+    r = invoke("export", ckpt, "--format", "onnx", "--out", tmp_path / "exp", "--report", tmp_path / "r.json")
+    assert r.exit_code == 0, r.stderr
+    card = json.loads((tmp_path / "exp" / "best.json").read_text())
+    assert card["robustness"]["accuracy"] == _accuracies(tmp_path / "r.json")[0][1] and card["robustness"]["n_examples"] == 16
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "exp" / "best.onnx")).metadata_props}
+    assert json.loads(props["robustness"])["accuracy"]["fgsm"] == card["robustness"]["accuracy"]["fgsm"]
+    r = invoke("export", smoke_run / "last.safetensors", "--out", tmp_path / "exp2", "--report", tmp_path / "r.json")
+    assert r.exit_code == 1 and "no results for this checkpoint" in r.stderr
+
+
+def torchrun_attack(*args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(ROOT / "part.py"), "attack", *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_torchrun_shares_the_points_out_and_gives_the_single_process_result(smoke_run, attack_reference, tmp_path):
+    r = torchrun_attack(smoke_run / "best.safetensors", smoke_run / "last.safetensors", "--attacks", "pgd20,cw20",
+                        "--n-examples", 64, "--batch-size", 16, "--seed", 4, "--json", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _accuracies(tmp_path / "r.json") == _accuracies(attack_reference)
+    assert r.stdout.count("accuracy (%)") == 1  # only rank 0 speaks
