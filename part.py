@@ -921,6 +921,7 @@ TORCHVISION_CAM_LAYERS = {"resnet": "layer4", "resnext": "layer4", "wide_resnet"
                           "densenet": "features", "mobilenet": "features", "efficientnet": "features", "convnext": "features",
                           "vgg": "features", "squeezenet": "features", "alexnet": "features", "mnasnet": "layers",
                           "shufflenet": "conv5", "googlenet": "inception5b", "inception": "Mixed_7c"}
+TOKEN_FAMILIES = ("vit", "swin", "maxvit")  # transformers: tokens, not [N, C, H, W] maps; --cam-layer only
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ARCH_HELP = f"{'|'.join(ARCHS)}, or torchvision:NAME (e.g. torchvision:resnet50)"
 
@@ -930,7 +931,7 @@ class TorchvisionNet(nn.Module):
     normalisation of its recipes is the first step of its forward. `cam_layer` names the
     module (inside `net`) whose output the CAM uses."""
 
-    def __init__(self, name: str, num_classes: int, cam_layer: Optional[str] = None):
+    def __init__(self, name: str, num_classes: int, cam_layer: Optional[str] = None, image_size: int = 32):
         super().__init__()
         import torchvision.models as tvm
 
@@ -942,11 +943,34 @@ class TorchvisionNet(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         family = max((f for f in TORCHVISION_CAM_LAYERS if name.startswith(f)), key=len, default=None)
-        layer = cam_layer or (TORCHVISION_CAM_LAYERS[family] if family else None)
-        self.cam_layer = None if layer is None else f"net.{layer}"
+        if cam_layer or name.startswith(TOKEN_FAMILIES):
+            self.cam_layer = f"net.{cam_layer}" if cam_layer else None
+        else:
+            self.cam_layer = self._default_cam_layer(TORCHVISION_CAM_LAYERS.get(family), image_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net((x - self.mean) / self.std)
+
+    def _default_cam_layer(self, preferred: Optional[str], image_size: int) -> Optional[str]:
+        """The family's last stage if its feature map is at least 4 x 4 at this image size
+        (ImageNet models shrink 32 px inputs to 1 x 1 there, a CAM of one value), else the
+        deepest stage (a module one or two levels down) that still is; found by one forward."""
+        shapes: list[tuple[str, tuple]] = []
+        pools = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Identity, nn.Dropout)  # resample or copy, add nothing
+        hooks = [m.register_forward_hook(lambda m, i, o, name=name: shapes.append((name, tuple(o.shape)) if torch.is_tensor(o) else None))
+                 for name, m in self.net.named_modules() if name and name.count(".") <= 1 and not isinstance(m, pools)]
+        try:
+            with torch.no_grad(), eval_mode(self):
+                self(torch.zeros(1, 3, image_size, image_size))
+        except RuntimeError as e:
+            raise CliError(f"this torchvision model cannot take {image_size} px images ({first_line(e)})") from None
+        finally:
+            for h in hooks:
+                h.remove()
+        usable = [name for name, shape in shapes if len(shape) == 4 and min(shape[2:]) >= 4]
+        if preferred in usable:
+            return f"net.{preferred}"
+        return f"net.{usable[-1]}" if usable else None
 
     def adapt_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """A plain torchvision state dict (no `net.` prefix, no normalisation buffers) fits too."""
@@ -955,13 +979,14 @@ class TorchvisionNet(nn.Module):
         return {"mean": self.mean, "std": self.std, **state}
 
 
-def build_model(name: str, num_classes: int = 10, cam_layer: Optional[str] = None) -> nn.Module:
+def build_model(name: str, num_classes: int = 10, cam_layer: Optional[str] = None, image_size: int = 32) -> nn.Module:
     """A fresh model taking images in [0, 1]: a built-in name or torchvision:NAME.
-    `cam_layer` (a module name) moves the CAM of any model to that layer."""
+    `cam_layer` (a module name) moves the CAM of any model to that layer; torchvision
+    models choose theirs for `image_size`."""
     if not isinstance(num_classes, int) or not 1 <= num_classes <= 100_000:
         raise CliError(f"number of classes must be an integer between 1 and 100000, got {num_classes!r}")
     if name.startswith(TORCHVISION):
-        model = TorchvisionNet(name[len(TORCHVISION):], num_classes, cam_layer)
+        model = TorchvisionNet(name[len(TORCHVISION):], num_classes, cam_layer, image_size)
     elif name in BUILTIN_MODELS:
         model = BUILTIN_MODELS[name](num_classes)
         model.cam_layer = cam_layer
@@ -2442,7 +2467,7 @@ def load_checkpoint(path: str | Path, arch: Optional[str] = None, device: str | 
             raise CliError(f"{path} does not match architecture {arch}: no classifier weight found")
         meta = CheckpointMeta(arch=arch, num_classes=num_classes, format="foreign", source=str(path))
     meta.cam_layer = cam_layer or meta.cam_layer
-    model = build_model(meta.arch, meta.num_classes, meta.cam_layer)
+    model = build_model(meta.arch, meta.num_classes, meta.cam_layer, meta.image_size or 32)
     load_state_into(model, state, meta.arch, path)
     return model.to(device).eval(), meta
 
@@ -2943,7 +2968,7 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
              f"the first {len(evaluation.y)} test images (--val-size 0: no validation split)")
     report.print(f"natural / PGD-20 each epoch and `best` on {where}")
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
-    model = channels_last(build_model(cfg.model, len(train.classes), cfg.cam_layer).to(device))
+    model = channels_last(build_model(cfg.model, len(train.classes), cfg.cam_layer, int(train.x.shape[-1])).to(device))
     if cfg.sync_bn and dist.world > 1:
         if device.type != "cuda":
             raise CliError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
@@ -3438,7 +3463,7 @@ def bench_run(model: str, batch_size: int, image_size: int, steps: int, rounds: 
               use_compile: bool, mode: str, amp: bool, peak_tflops: Optional[float]) -> dict:
     """Every piece timed interleaved over `rounds` rounds after one first (compiling) call."""
     torch.manual_seed(0)
-    net = channels_last(build_model(model, 10).to(device))
+    net = channels_last(build_model(model, 10, image_size=image_size).to(device))
     x = torch.rand(batch_size, 3, image_size, image_size, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     cfg = TrainConfig(model=model, steps=steps, amp=amp, compile=use_compile, compile_mode=mode, batch_size=batch_size)

@@ -1752,3 +1752,108 @@ def test_torchrun_shares_the_points_out_and_gives_the_single_process_result(smok
     assert r.returncode == 0, r.stderr[-2000:]
     assert _accuracies(tmp_path / "r.json") == _accuracies(attack_reference)
     assert r.stdout.count("accuracy (%)") == 1  # only rank 0 speaks
+
+
+# ---------------------------------------------------------------- the research workflow
+
+
+def test_every_run_explains_itself(smoke_run):
+    stored = json.loads((smoke_run / "config.json").read_text())
+    assert stored["config"]["model"] == "cnn" and stored["preset"] == "smoke" and stored["versions"]["part"] == part.__version__
+    import csv
+
+    rows = list(csv.DictReader((smoke_run / "summary.csv").read_text().splitlines()))
+    metrics = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    assert [int(r["epoch"]) for r in rows] == [m["epoch"] for m in metrics] == list(range(1, 8))
+    assert float(rows[-1]["pgd20"]) == metrics[-1]["pgd20"] and rows[0]["phase"] == "warm-up" and rows[-1]["phase"] == "PART"
+    from PIL import Image
+
+    with Image.open(smoke_run / "curves.png") as im:
+        assert im.size[0] > 600 and im.size[1] > 200
+
+
+def test_tensorboard_is_used_when_installed_and_otherwise_said(tmp_path):
+    r = invoke("train", *TINY, "--epochs", 1, "--warmup-epochs", 0, "--tensorboard", "--out", tmp_path / "run")
+    assert r.exit_code == 0, r.stderr
+    if importlib.util.find_spec("tensorboard") is None:
+        assert "needs the tensorboard package" in r.stderr
+    else:
+        assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def _report_file(path, rows):
+    """An `attack --json` report as `attack` writes it, with made-up figures."""
+    checkpoints = [{"path": f"runs/{method}-s{seed}/last.safetensors", "n_examples": 1000, "dataset": "cifar10", "eps_levels": 8.0,
+                    "seed": 0, "accuracy": accuracy, "config": dataclasses.asdict(part.TrainConfig(method=method, seed=seed, out=f"runs/{method}-s{seed}"))}
+                   for method, seed, accuracy in rows]
+    path.write_text(json.dumps({"checkpoints": checkpoints}))
+    return path
+
+
+def test_report_gives_mean_std_and_the_seed_paired_difference_a_hand_computation_gives(tmp_path):
+    a = [("part", 0, {"natural": 0.52, "pgd20": 0.30, "worst": 0.26}), ("part", 1, {"natural": 0.55, "pgd20": 0.29, "worst": 0.25})]
+    b = [("at", 0, {"natural": 0.50, "pgd20": 0.31, "worst": 0.27}), ("at", 1, {"natural": 0.51, "pgd20": 0.30, "worst": 0.25})]
+    _report_file(tmp_path / "a.json", a)
+    _report_file(tmp_path / "b.json", b)
+    r = invoke("report", tmp_path / "a.json", tmp_path / "b.json", "--compare", "method=part", "method=at", "--json", tmp_path / "r.json",
+               "--markdown", tmp_path / "r.md", "--csv", tmp_path / "r.csv", "--plot", tmp_path / "tradeoff.png")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads((tmp_path / "r.json").read_text())
+    groups = {g["label"]: g for g in out["groups"]}
+    assert set(groups) == {"method=part", "method=at"} and groups["method=part"]["seeds"] == [0, 1]
+    nat = groups["method=part"]["stats"]["natural"]
+    assert nat["mean"] == pytest.approx(0.535) and nat["std"] == pytest.approx(math.sqrt(2 * 0.015**2)) and nat["n"] == 2
+    d = out["comparison"]["columns"]["natural"]
+    diffs = [0.52 - 0.50, 0.55 - 0.51]
+    mean, sd = sum(diffs) / 2, math.sqrt(sum((v - 0.03) ** 2 for v in diffs))
+    assert d["mean"] == pytest.approx(mean) and d["std"] == pytest.approx(sd)
+    assert d["ci95"] == pytest.approx([mean - 12.706 * sd / math.sqrt(2), mean + 12.706 * sd / math.sqrt(2)])
+    assert d["distinguishable"] is False and "NOT distinguishable from zero" in r.stdout
+    assert "method=part" in (tmp_path / "r.md").read_text() and (tmp_path / "tradeoff.png").stat().st_size > 1000
+    assert "53.50 ± 2.12" in (tmp_path / "r.md").read_text()
+
+
+def test_report_refuses_groups_that_cannot_be_paired(tmp_path):
+    _report_file(tmp_path / "a.json", [("part", 0, {"natural": 0.5, "worst": 0.2})])
+    _report_file(tmp_path / "b.json", [("at", 1, {"natural": 0.5, "worst": 0.2})])
+    r = invoke("report", tmp_path / "a.json", tmp_path / "b.json", "--compare", "method=part", "method=at")
+    assert r.exit_code == 1 and "share no seed" in r.stderr
+    r = invoke("report", tmp_path / "a.json", tmp_path / "b.json", "--compare", "method=mart", "method=at")
+    assert r.exit_code == 1 and "matches 0 groups" in r.stderr
+
+
+def test_report_reads_run_folders_too(smoke_run):
+    r = invoke("report", smoke_run)
+    assert r.exit_code == 0 and "training-time PGD-20" in r.stdout
+
+
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:mobilenet_v3_small"])
+def test_torchvision_models_train_with_part_and_their_batched_cam_equals_a_loop(batch, name):
+    model = part.build_model(name, 10).double().eval()
+    x, y = batch[0][:4].double(), batch[1][:4]
+    together = part.grad_cam(model, x)
+    alone = torch.cat([part.grad_cam(model, x[i:i + 1]) for i in range(4)])
+    assert together.shape == (4, 1, 32, 32) and torch.allclose(together, alone, atol=1e-8) and together.max() > 0
+    model = part.build_model(name, 10).float()
+    cfg = part.TrainConfig(model=name, steps=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss, _ = part.train_step(part.TrainingModules(model, part.MultiInput(model)), optimizer, batch[0][:8], batch[1][:8], cfg,
+                              part.AttackSetup.from_config(cfg), part_phase=True)
+    assert torch.isfinite(loss)
+
+
+def test_the_cam_layer_can_be_chosen_and_a_plain_torchvision_state_dict_loads(batch, tmp_path):
+    x = batch[0][:2]
+    deeper = part.build_model("cnn", 10, cam_layer="body.5").eval()  # the third block: 16 x 16 at 32 px
+    assert part.class_activation(deeper, x).shape == (2, 1, 16, 16)
+    with pytest.raises(part.CliError, match="no such module"):
+        part.build_model("cnn", 10, cam_layer="body.99")
+    import torchvision
+
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18(num_classes=10).eval()
+    torch.save(plain.state_dict(), tmp_path / "tv.pth")
+    ours, meta = part.load_checkpoint(tmp_path / "tv.pth", arch="torchvision:resnet18")
+    mean, std = torch.tensor(part.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(part.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert meta.num_classes == 10 and torch.allclose(ours(x), plain((x - mean) / std), atol=1e-5)
