@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: one NVIDIA GPU, at most 8 minutes, every stage under its own time limit.
-#   1. bench --suite gpu: eager vs compiled vs compiled + bf16, ResNet-18, batch 128
+#   1. bench --suite gpu: eager, compiled, compiled + bf16, + CUDA graphs; ResNet-18, batch 128
 #   2. a 2-epoch PART run on real CIFAR-10 (ResNet-18, PGD-10, compile on, 1 warm-up epoch);
 #      summary.csv gives seconds per epoch and images/s after the first 10 steps (no compilation)
 #   3. the CUDA-only tests (pytest -k cuda)
@@ -21,8 +21,8 @@ $PYTHON -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print
     | tee "$OUT/device.txt" || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$OUT/device.txt" 2>/dev/null
 
-echo "== 1. bench (eager / compiled / compiled + bf16)"
-timeout 270 $PYTHON part.py bench --suite gpu --model resnet18 --batch-size 128 --rounds 10 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+echo "== 1. bench (eager, compiled, compiled + bf16, + CUDA graphs)"
+timeout 270 $PYTHON part.py bench --suite gpu --model resnet18 --batch-size 128 --rounds 5 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 
 echo "== 2. two PART epochs on CIFAR-10"
 rm -rf "$OUT/run"

@@ -17,10 +17,10 @@ conversion is `from_levels()`, applied once when a threat model (`AttackSetup`) 
 names that still hold levels say so (`eps_levels`). The Python API (`grad_cam`, `eps_map`,
 `pgd`, ...) takes budgets in [0, 1] units.
 
-Sections, each using only those above it: specs and units, console, files, config,
-runtime, data, models, CAM, budget maps, attacks, training objective, robustness
-evaluation, checkpoints, export, plots and reports, the training run, comparing runs, CAM
-figures, benchmark, commands.
+Sections, each using only those above it: specs and units, console, files, runtime, data,
+models, CAM, budget maps, losses, attacks, config, training step and evaluation,
+robustness evaluation, checkpoints, export, plots and tables, the training run, comparing
+runs, CAM figures, benchmark, commands.
 """
 from __future__ import annotations
 
@@ -81,6 +81,7 @@ DATASETS = {
 METHODS = ("at", "part")
 GENERATORS = ("pgd", "mma")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 # The training-time evaluation is the standard protocol whatever the training budget.
 EVAL_EPS_LEVELS, EVAL_STEP_LEVELS, EVAL_STEPS = 8.0, 2.0, 20
 
@@ -289,7 +290,7 @@ def pick_device(name: str) -> torch.device:
     """'auto' (CUDA when there is one), 'cpu', 'cuda', 'cuda:N' or 'mps'; anything else is refused."""
     name = str(name).strip().lower()
     if not DEVICE_PATTERN.match(name):
-        raise CliError(f"unknown device {name!r} (choose from auto, cpu, cuda, cuda:N, mps)")
+        raise unknown("device", name, DEVICES)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
@@ -613,11 +614,11 @@ def _torchvision_split(dataset: str, split: str, root: Path) -> Split:
 
     import torchvision.datasets as tvd
 
-    train = split == "train"
+    is_train = split == "train"
     make = {
-        "cifar10": lambda dl: tvd.CIFAR10(str(root), train=train, download=dl),
-        "cifar100": lambda dl: tvd.CIFAR100(str(root), train=train, download=dl),
-        "svhn": lambda dl: tvd.SVHN(str(root), split="train" if train else "test", download=dl),
+        "cifar10": lambda dl: tvd.CIFAR10(str(root), train=is_train, download=dl),
+        "cifar100": lambda dl: tvd.CIFAR100(str(root), train=is_train, download=dl),
+        "svhn": lambda dl: tvd.SVHN(str(root), split=split, download=dl),
     }[dataset]
     try:
         try:
@@ -991,7 +992,7 @@ def build_model(name: str, num_classes: int = 10, cam_layer: Optional[str] = Non
         model = BUILTIN_MODELS[name](num_classes)
         model.cam_layer = cam_layer
     else:
-        raise CliError(f"unknown model {name!r} (choose from {ARCH_HELP})")
+        raise unknown("model", name, [ARCH_HELP])
     if model.cam_layer is not None:
         try:
             model.get_submodule(model.cam_layer)
@@ -1071,9 +1072,9 @@ def activations_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]
 
 def cam_from(acts: Tensor, grads: Tensor, method: str) -> Tensor:
     """L = ReLU(sum_k w_k A_k), min-max normalised per image to [0, 1] (zero stays zero)."""
-    cam = (CAM_WEIGHTS[method](acts, grads) * acts).sum(1, keepdim=True).clamp(min=0)
-    low, high = cam.amin((2, 3), keepdim=True), cam.amax((2, 3), keepdim=True)
-    return (cam - low) / (high - low).clamp(min=1e-12)
+    heat = (CAM_WEIGHTS[method](acts, grads) * acts).sum(1, keepdim=True).clamp(min=0)
+    low, high = heat.amin((2, 3), keepdim=True), heat.amax((2, 3), keepdim=True)
+    return (heat - low) / (high - low).clamp(min=1e-12)
 
 
 def class_activation(model: nn.Module, x: Tensor, method: str = "gradcam", target: Optional[Tensor] = None) -> Tensor:
@@ -1082,7 +1083,7 @@ def class_activation(model: nn.Module, x: Tensor, method: str = "gradcam", targe
     torch.autograd.grad w.r.t. the feature map only, so parameter .grad is never touched.
     Y_c is the logit of `target` (default: the predicted class). Runs in eval mode."""
     if method not in CAM_WEIGHTS:
-        raise ValueError(f"unknown CAM method {method!r} (choose from {', '.join(CAM_WEIGHTS)})")
+        raise unknown("CAM method", method, CAM_WEIGHTS)
     with eval_mode(model):
         acts, logits = activations_and_logits(model, x)
         with torch.enable_grad():
@@ -1192,7 +1193,7 @@ def eps_map(cam: Tensor, eps: float, eps_low: float, rule: str = "zscore",
     """Per-pixel L-inf budget ([0, 1] units) from a CAM [B, 1, h, w] in [0, 1] by one of
     MASK_RULES. `size` is the output (input image) size; default the CAM's own."""
     if rule not in MASK_RULES:
-        raise ValueError(f"unknown mask rule {rule!r} (choose from {', '.join(MASK_RULES)})")
+        raise unknown("mask rule", rule, MASK_RULES)
     return MASK_RULES[rule](cam.float(), eps, eps_low, tuple(size or cam.shape[-2:]), generator)
 
 
@@ -1537,7 +1538,7 @@ def coerce(key: str, value: Any, origin: str) -> Any:
         raise bad
     choices = field.metadata["choices"]
     if choices is not None and value not in choices:
-        raise CliError(f"{origin}: unknown {key.replace('_', '-')} {value!r} (choose from {', '.join(choices)})")
+        raise CliError(f"{origin}: {unknown(key.replace('_', '-'), value, choices)}")
     return value
 
 
@@ -1553,9 +1554,9 @@ def validate_config(cfg: TrainConfig) -> None:
             raise CliError(f"{name.replace('_', '-')} must be {what}, got {value}")
     check_budget_levels(cfg.eps, cfg.eps_low, cfg.step, zero_eps=True)
     if not cfg.model.startswith(TORCHVISION) and cfg.model not in BUILTIN_MODELS:
-        raise CliError(f"unknown model {cfg.model!r} (choose from {ARCH_HELP})")
+        raise unknown("model", cfg.model, [ARCH_HELP])
     if not DEVICE_PATTERN.match(cfg.device):
-        raise CliError(f"unknown device {cfg.device!r} (choose from auto, cpu, cuda, cuda:N, mps)")
+        raise unknown("device", cfg.device, DEVICES)
     if cfg.warmup_epochs > cfg.epochs:
         raise CliError(f"warmup-epochs ({cfg.warmup_epochs}) must be between 0 and epochs ({cfg.epochs})")
     if not all(1 <= m <= 100_000 for m in cfg.lr_milestones):
@@ -1843,30 +1844,30 @@ def worst_of_restarts(model: nn.Module, y: Tensor, restarts: int, attack: Callab
     return best
 
 
-def _natural(model, x, y, s: AttackSetup, spec: AttackSpec, seed: int):
+def _natural(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
     return x, {}
 
 
-def _fgsm(model, x, y, s: AttackSetup, spec: AttackSpec, seed: int):
-    return pgd(model, x, y, s.eps, s.eps, 1, random_start=False), {}
+def _fgsm(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    return pgd(model, x, y, setup.eps, setup.eps, 1, random_start=False), {}
 
 
-def _pgd(model, x, y, s: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, s.eps, s.step, spec.steps, "ce")), {}
+def _pgd(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "ce")), {}
 
 
-def _cw(model, x, y, s: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, s.eps, s.step, spec.steps, "cw")), {}
+def _cw(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "cw")), {}
 
 
-def _mma(model, x, y, s: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(model, y, spec.restarts, lambda: mma(model, x, y, s.eps, s.step, spec.steps, k=3)), {}
+def _mma(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    return worst_of_restarts(model, y, spec.restarts, lambda: mma(model, x, y, setup.eps, setup.step, spec.steps, k=3)), {}
 
 
-def _pgd_part(model, x, y, s: AttackSetup, spec: AttackSpec, seed: int):
+def _pgd_part(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
     """PGD inside the model's own PART budget map of these clean images (for analysis)."""
-    budget = eps_map(class_activation(model, x, s.cam), s.eps, s.eps_low, s.mask_rule, size=x.shape[-2:])
-    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, budget, s.step, spec.steps)), {}
+    budget = eps_map(class_activation(model, x, setup.cam), setup.eps, setup.eps_low, setup.mask_rule, size=x.shape[-2:])
+    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, budget, setup.step, spec.steps)), {}
 
 
 AA_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -1914,9 +1915,9 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int,
     return x_adv, after
 
 
-def _aa(model, x, y, s: AttackSetup, spec: AttackSpec, seed: int):
+def _aa(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
     components = AA_STANDARD if spec.family == "aa" else (spec.family,)
-    return autoattack(model, x, y, s.eps, seed, components)
+    return autoattack(model, x, y, setup.eps, seed, components)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1960,14 +1961,14 @@ def parse_attack(name: str, restarts: int = 1) -> AttackSpec:
         return AttackSpec(text, family, steps, tries)
     if text in ATTACKS and not ATTACKS[text].iterative:
         return AttackSpec(text, text)
-    raise CliError(f"unknown attack {name!r} (choose from {ATTACK_HELP})")
+    raise unknown("attack", name, [ATTACK_HELP])
 
 
 def parse_attacks(text: str, restarts: int = 1) -> list[AttackSpec]:
     """A comma-separated list; natural always first, duplicates (same canonical key) once."""
     specs = [parse_attack(a, restarts) for a in text.split(",") if a.strip()]
     if not specs:
-        raise CliError(f"no attack in {text!r} (choose from {ATTACK_HELP})")
+        raise unknown("attack list", text, [ATTACK_HELP])
     for spec in specs:
         needs = ATTACKS[spec.family].needs
         if needs and importlib.util.find_spec(needs) is None:
@@ -2146,10 +2147,10 @@ def _sync_flags(flags: list[Tensor], dist: Dist) -> None:
 Progress = Callable[[str, int, int, str], None]
 
 
-def _run_attack(spec: AttackSpec, model: nn.Module, x_all: Tensor, y_all: Tensor, clean: Tensor, s: AttackSetup,
+def _run_attack(spec: AttackSpec, model: nn.Module, x_all: Tensor, y_all: Tensor, clean: Tensor, setup: AttackSetup,
                 state: EvalState, prefix: str, dist: Dist, adv: Optional[AdvWriter], progress: Progress) -> dict[str, Tensor]:
     """Per point: is it still classified correctly under `spec`? Only the points the model
-    gets right are attacked, in batches of s.batch_size; batch i is run by process
+    gets right are attacked, in batches of setup.batch_size; batch i is run by process
     i % world with its own seed. Returns the flags of the attack (and of AutoAttack's
     components), as bool tensors."""
     n, device = len(y_all), y_all.device
@@ -2159,24 +2160,24 @@ def _run_attack(spec: AttackSpec, model: nn.Module, x_all: Tensor, y_all: Tensor
     parts = {c: state.get(f"{prefix}{spec.key}/{c}", n, device) for c in names}
     for f in parts.values():
         f[~clean] = 0
-    batches = list(clean.nonzero().squeeze(1).split(s.batch_size))
-    chunker, attack = Chunker(s.batch_size), ATTACKS[spec.family].run
+    batches = list(clean.nonzero().squeeze(1).split(setup.batch_size))
+    chunker, attack = Chunker(setup.batch_size), ATTACKS[spec.family].run
     t0, before = time.perf_counter(), state.seconds.get(f"{prefix}{spec.key}", 0.0)
 
     def one(xs: Tensor, ys: Tensor, seed: int) -> tuple[Tensor, dict]:
         torch.manual_seed(seed)
-        return attack(model, xs, ys, s, spec, seed)
+        return attack(model, xs, ys, setup, spec, seed)
 
     for first in range(0, len(batches), dist.world):
         i = first + dist.rank
         if i < len(batches) and bool((flags[batches[i]] == PENDING).any()):
             idx = batches[i]
             with rng_fork(device):
-                x_adv, extras = chunker(one, x_all[idx], y_all[idx], batch_seed(s.seed, spec.seed_key, i))
-            check_budget(x_adv, x_all[idx], s.eps, spec.name)
+                x_adv, extras = chunker(one, x_all[idx], y_all[idx], batch_seed(setup.seed, spec.seed_key, i))
+            check_budget(x_adv, x_all[idx], setup.eps, spec.name)
             if adv is not None:
                 adv.write(spec.key, i, dist.rank, idx, x_adv)
-            flags[idx] = (predict(model, x_adv, s.batch_size) == y_all[idx]).to(torch.int8)
+            flags[idx] = (predict(model, x_adv, setup.batch_size) == y_all[idx]).to(torch.int8)
             for c, robust in extras.items():
                 parts[c][idx] = robust.to(torch.int8)
         _sync_flags([flags, *parts.values()], dist)
@@ -2201,7 +2202,7 @@ def _component_summary(clean: Tensor, flags: Tensor, parts: dict[str, Tensor]) -
     return " | ".join(text)
 
 
-def evaluate_suite(model: nn.Module, data: Split, attacks: list[str] | list[AttackSpec], s: AttackSetup,
+def evaluate_suite(model: nn.Module, data: Split, attacks: list[str] | list[AttackSpec], setup: AttackSetup,
                    progress: Progress = lambda name, done, total, extra: None, state: Optional[EvalState] = None,
                    prefix: str = "", dist: Dist = Dist(), adv: Optional[AdvWriter] = None) -> dict:
     """Accuracy under every attack on `data` (on the model's device), each attack run on
@@ -2209,18 +2210,18 @@ def evaluate_suite(model: nn.Module, data: Split, attacks: list[str] | list[Atta
     robust only if no attack broke it. Every AE is checked against the budget before it
     counts. Each batch draws its randomness from (seed, attack, batch), so the result does
     not depend on the process count or on interruptions; the global RNG is left alone."""
-    specs = [a if isinstance(a, AttackSpec) else parse_attack(a, s.restarts) for a in attacks]
+    specs = [a if isinstance(a, AttackSpec) else parse_attack(a, setup.restarts) for a in attacks]
     state = state or EvalState(None, {})
     device, x_all = data.y.device, to_float(data.x)
     with eval_mode(model), full_fp32():
-        clean = predict(model, x_all, s.batch_size) == data.y
+        clean = predict(model, x_all, setup.batch_size) == data.y
         correct, seconds = {"natural": clean}, {"natural": 0.0}
         for spec in specs:
             if spec.family == "natural":
                 continue
             t0 = time.perf_counter()
             with rng_fork(device):
-                correct.update(_run_attack(spec, model, x_all, data.y, clean, s, state, prefix, dist, adv, progress))
+                correct.update(_run_attack(spec, model, x_all, data.y, clean, setup, state, prefix, dist, adv, progress))
             if adv is not None and dist.main:
                 adv.finish(spec, x_all, data.y)
             if device.type == "cuda":
@@ -2442,7 +2443,7 @@ def load_checkpoint(path: str | Path, arch: Optional[str] = None, device: str | 
     Returns (model in eval mode, metadata)."""
     path = Path(path)
     if arch is not None and arch not in BUILTIN_MODELS and not arch.startswith(TORCHVISION):
-        raise CliError(f"unknown architecture {arch!r} (choose from {ARCH_HELP})")
+        raise unknown("architecture", arch, [ARCH_HELP])
     if not path.is_file():
         raise CliError(f"checkpoint {path} {'is a folder, not a file' if path.is_dir() else 'not found'}")
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
@@ -2652,10 +2653,10 @@ def robustness_of(report: Path, sha256: str) -> dict:
         rows = json.loads(Path(report).read_text())["checkpoints"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CliError(f"--report {report}: not an `attack --json` report ({first_line(e)})") from None
-    mine = [r for r in rows if isinstance(r, dict) and r.get("sha256") == sha256]
-    if not mine:
+    matching = [r for r in rows if isinstance(r, dict) and r.get("sha256") == sha256]
+    if not matching:
         raise CliError(f"--report {report} has no results for this checkpoint (its sha256 {sha256[:12]}... is not there)")
-    row = mine[-1]
+    row = matching[-1]
     keep = ("accuracy", "n_examples", "eps_levels", "step_levels", "restarts", "seed", "dataset", "selection", "components", "versions", "device")
     return {k: row[k] for k in keep if k in row}
 
@@ -3072,13 +3073,13 @@ def train_epoch(run: Run, epoch: int) -> dict:
                     raise FloatingPointError
                 show(i + 1, t[0] / t[2], t[1] / t[2])
                 steady = steady or (time.perf_counter(), t[2])
-    end, mine = time.perf_counter(), totals[2].item()
+    end, local_images = time.perf_counter(), totals[2].item()
     t = all_sum(totals, dist).tolist()
     if not math.isfinite(t[0]):
         raise FloatingPointError
     phase = "PART" if part_phase else ("warm-up" if cfg.method == "part" else "AT")
     # images/s after the first 10 steps (all processes): what an epoch costs once compiled
-    rate = dist.world * (mine - steady[1]) / (end - steady[0]) if steady and mine > steady[1] else None
+    rate = dist.world * (local_images - steady[1]) / (end - steady[0]) if steady and local_images > steady[1] else None
     return {"epoch": epoch + 1, "phase": phase, "lr": lr, "train_loss": t[0] / t[2], "train_acc": t[1] / t[2],
             "train_seconds": end - t0, "img_per_s": t[2] / (end - t0), "steady_img_per_s": rate}
 
@@ -3439,7 +3440,7 @@ def bench_pieces(net: nn.Module, parts: TrainingModules, cfg: TrainConfig, x: Te
     """The pieces of a PART training step on one batch (the same calls training makes)."""
     setup = AttackSetup.from_config(cfg)
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
-    cam = parts.cam or (lambda model, xs, method: class_activation(model, xs, method))
+    cam_fn = parts.cam or (lambda model, xs, method: class_activation(model, xs, method))
     low_res = class_activation(net, x)
     budget = eps_map(low_res, setup.eps, setup.eps_low, size=x.shape[-2:])
 
@@ -3452,7 +3453,7 @@ def bench_pieces(net: nn.Module, parts: TrainingModules, cfg: TrainConfig, x: Te
             pgd(net, x, y, budget, setup.step, cfg.steps, stepper=parts.stepper)
 
     return {"forward (eval, no grad)": forward,
-            "CAM (gradcam)": lambda: cam(net, x, "gradcam"),
+            "CAM (gradcam)": lambda: cam_fn(net, x, "gradcam"),
             "budget map (zscore)": lambda: eps_map(low_res, setup.eps, setup.eps_low, size=x.shape[-2:]),
             f"PGD-{cfg.steps} attack": attack,
             "AT step": lambda: train_step(parts, optimizer, x, y, cfg, setup, part_phase=False),
@@ -3746,9 +3747,9 @@ def robustness_warnings(specs: list[AttackSpec], result: dict, n: int, sweep_ste
 
 def sweep_curves(specs: list[AttackSpec], acc: dict) -> dict[str, list[tuple[int, int, float]]]:
     curves: dict[str, list] = {}
-    for s in specs:
-        if s.family in ("pgd", "cw") and s.name in acc:
-            curves.setdefault(s.family, []).append((s.steps, s.restarts, acc[s.name]))
+    for spec in specs:
+        if spec.family in ("pgd", "cw") and spec.name in acc:
+            curves.setdefault(spec.family, []).append((spec.steps, spec.restarts, acc[spec.name]))
     return curves
 
 
@@ -4130,34 +4131,36 @@ def cam(
         _cam_figure(target, setup, n_examples, compare_rules, scale, out)
 
 
-def _cam_figure(target: EvalTarget, s: AttackSetup, n: int, compare_rules: bool, scale: int, out: Path) -> None:
+def _cam_figure(target: EvalTarget, setup: AttackSetup, n: int, compare_rules: bool, scale: int, out: Path) -> None:
     points = target.test.first(n).to(next(target.model.parameters()).device)
     x, y, model = to_float(points.x), points.y, target.model
-    torch.manual_seed(s.seed)
-    low_res = class_activation(model, x, s.cam)
-    maps = {r: eps_map(low_res, s.eps, s.eps_low, r, size=x.shape[-2:]) for r in MASK_RULES}
-    x_adv = pgd(model, x, y, maps[s.mask_rule], s.step, s.steps)
+    torch.manual_seed(setup.seed)
+    low_res = class_activation(model, x, setup.cam)
+    maps = {r: eps_map(low_res, setup.eps, setup.eps_low, r, size=x.shape[-2:]) for r in MASK_RULES}
+    x_adv = pgd(model, x, y, maps[setup.mask_rule], setup.step, setup.steps)
     with torch.no_grad():
         pred, adv_pred = model(x).argmax(1), model(x_adv).argmax(1)
     heat = upsample(low_res, x.shape[-2:]).clamp(0, 1)
-    shown = ("zscore", "official", "random") if compare_rules else (s.mask_rule,)
-    columns = [("image", x), (s.cam, overlay(x, heat))]
-    columns += [(f"budget {r}", budget_picture(maps[r], s.eps, s.eps_low, x)) for r in shown]
-    columns += [("PART AE", x_adv), ("delta x eps", perturbation_picture(x_adv, x, s.eps))]
+    shown = ("zscore", "official", "random") if compare_rules else (setup.mask_rule,)
+    columns = [("image", x), (setup.cam, overlay(x, heat))]
+    columns += [(f"budget {r}", budget_picture(maps[r], setup.eps, setup.eps_low, x)) for r in shown]
+    columns += [("PART AE", x_adv), ("delta x eps", perturbation_picture(x_adv, x, setup.eps))]
     names = points.classes
     captions = [f"true {names[int(a)]} | pred {names[int(b)]} | adv {names[int(c)]}" for a, b, c in zip(y, pred, adv_pred)]
     width, height = save_grid(out, columns, captions, scale)
-    table = Table(title=f"budget maps of {n} images ({s.cam}, eps {to_levels(s.eps):g}/255, eps_low {to_levels(s.eps_low):g}/255)")
+    table = Table(title=f"budget maps of {n} images ({setup.cam}, eps {to_levels(setup.eps):g}/255, eps_low {to_levels(setup.eps_low):g}/255)")
     for col in ("rule", "share at eps", "mean budget (/255)"):
         table.add_column(col, justify="left" if col == "rule" else "right")
     for rule, m in maps.items():
-        full = (m == torch.tensor(s.eps, dtype=m.dtype, device=m.device)).float().mean().item()
+        full = (m == torch.tensor(setup.eps, dtype=m.dtype, device=m.device)).float().mean().item()
         table.add_row(rule, f"{100 * full:.1f}%", f"{to_levels(m.mean().item()):.3f}")
     console.print(table)
     console.print(f"wrote {out} ({width}x{height} px)", markup=False)
 
 
-GPU_SUITE = (("eager", False, False), ("compiled", True, False), ("compiled + bf16", True, True))
+# (label, compile, amp, compile mode): is compilation worth it, is bf16, are CUDA graphs on top
+GPU_SUITE = (("eager", False, False, "default"), ("compiled", True, False, "default"), ("compiled + bf16", True, True, "default"),
+             ("compiled + bf16 + CUDA graphs", True, True, "reduce-overhead"))
 
 
 @app.command()
@@ -4172,7 +4175,7 @@ def bench(
     compile_mode: Annotated[Literal[COMPILE_MODES], _opt("torch.compile mode.")] = "default",
     amp: Annotated[bool, _opt("bf16 autocast for the attack and update (CUDA only).", "--amp/--no-amp")] = False,
     peak_tflops: Annotated[Optional[float], _opt("The device's peak TFLOP/s (default: known for H100/H200/A100).")] = None,
-    suite: Annotated[Optional[Literal["gpu"]], _opt("gpu: eager vs compiled vs compiled+bf16 (ignores --compile/--amp).")] = None,
+    suite: Annotated[Optional[Literal["gpu"]], _opt("gpu: eager, compiled, compiled + bf16, + CUDA graphs (ignores --compile/--amp).")] = None,
     json_out: JsonOut = None,
 ):
     """Time each piece of a PART training step on this machine (random data): medians of
@@ -4183,10 +4186,10 @@ def bench(
             raise CliError(f"--peak-tflops must be a positive number, got {peak_tflops}")
         dev = pick_device(device)
         build_model(model, 10)  # an unknown name fails here, before any work
-        configs = GPU_SUITE if suite == "gpu" else (("", compile if compile is not None else dev.type == "cuda", amp),)
+        configs = GPU_SUITE if suite == "gpu" else (("", compile if compile is not None else dev.type == "cuda", amp, compile_mode),)
         runs = []
-        for label, use_compile, use_amp in configs:
-            r = bench_run(model, batch_size, image_size, steps, rounds, dev, use_compile, compile_mode, use_amp, peak_tflops)
+        for label, use_compile, use_amp, mode in configs:
+            r = bench_run(model, batch_size, image_size, steps, rounds, dev, use_compile, mode, use_amp, peak_tflops)
             r["label"] = label
             console.print(bench_table(r))
             ratio = r["part_over_at"]

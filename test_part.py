@@ -635,7 +635,7 @@ def suite_with_aa(smoke_model, test_points):
     pytest.importorskip("pyautoattack")
     setup = part.AttackSetup(eps=8 / 255, step=2 / 255, seed=3, batch_size=64)
     shown = []
-    result = part.evaluate_suite(smoke_model, test_points.first(48), ["natural", "fgsm", "pgd20", "aa"], setup,
+    result = part.evaluate_suite(smoke_model, test_points.first(32), ["natural", "fgsm", "pgd20", "aa"], setup,
                                  lambda name, done, total, extra: shown.append((name, done, total, extra)))
     result["shown"] = shown
     return result
@@ -669,7 +669,7 @@ def test_autoattack_shows_each_component_and_reports_its_robust_accuracy(suite_w
 def test_the_aa_path_gives_exactly_what_pyautoattack_gives_directly(smoke_model, test_points, suite_with_aa):
     from pyautoattack import AutoAttack
 
-    x, y = part.to_float(test_points.x[:48]), test_points.y[:48]
+    x, y = part.to_float(test_points.x[:32]), test_points.y[:32]
     torch.manual_seed(12345)  # whatever the global state, AutoAttack's seed decides
     seed = part.batch_seed(3, "aa", 0)  # the seed of the evaluation's first (and only) batch
     x_adv, _ = AutoAttack(smoke_model, norm="Linf", eps=8 / 255, version="standard", seed=seed, device="cpu").run_standard_evaluation(x, y, batch_size=64)
@@ -724,9 +724,9 @@ def test_evaluation_is_reproducible_for_a_seed_and_leaves_the_global_rng_alone(s
     setup = part.AttackSetup(8 / 255, 2 / 255, seed=11, batch_size=64, restarts=2)
     attacks = ["natural", "pgd20", "cw20", "mma", "pgd20-part"]
     state = torch.get_rng_state()
-    a = part.evaluate_suite(smoke_model, test_points.first(96), attacks, setup)
+    a = part.evaluate_suite(smoke_model, test_points.first(48), attacks, setup)
     assert torch.equal(torch.get_rng_state(), state)
-    b = part.evaluate_suite(smoke_model, test_points.first(96), attacks, setup)
+    b = part.evaluate_suite(smoke_model, test_points.first(48), attacks, setup)
     assert a["accuracy"] == b["accuracy"] and set(a["accuracy"]) == {*attacks, "worst"}
 
 

@@ -17,10 +17,10 @@ conversion is `from_levels()`, applied once when a threat model (`AttackSetup`) 
 names that still hold levels say so (`eps_levels`). The Python API (`grad_cam`, `eps_map`,
 `pgd`, ...) takes budgets in [0, 1] units.
 
-Sections, each using only those above it: specs and units, console, files, config,
-runtime, data, models, CAM, budget maps, attacks, training objective, robustness
-evaluation, checkpoints, export, plots and reports, the training run, comparing runs, CAM
-figures, benchmark, commands.
+Sections, each using only those above it: specs and units, console, files, runtime, data,
+models, CAM, budget maps, losses, attacks, config, training step and evaluation,
+robustness evaluation, checkpoints, export, plots and tables, the training run, comparing
+runs, CAM figures, benchmark, commands.
 """
 from __future__ import annotations
 
@@ -81,6 +81,7 @@ DATASETS = {
 METHODS = ("at", "part")
 GENERATORS = ("pgd", "mma")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 # The training-time evaluation is the standard protocol whatever the training budget.
 EVAL_EPS_LEVELS, EVAL_STEP_LEVELS, EVAL_STEPS = 8.0, 2.0, 20
 
@@ -289,7 +290,7 @@ def pick_device(name: str) -> torch.device:
     """'auto' (CUDA when there is one), 'cpu', 'cuda', 'cuda:N' or 'mps'; anything else is refused."""
     name = str(name).strip().lower()
     if not DEVICE_PATTERN.match(name):
-        raise CliError(f"unknown device {name!r} (choose from auto, cpu, cuda, cuda:N, mps)")
+        raise unknown("device", name, DEVICES)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
@@ -613,11 +614,11 @@ def _torchvision_split(dataset: str, split: str, root: Path) -> Split:
 
     import torchvision.datasets as tvd
 
-    train = split == "train"
+    is_train = split == "train"
     make = {
-        "cifar10": lambda dl: tvd.CIFAR10(str(root), train=train, download=dl),
-        "cifar100": lambda dl: tvd.CIFAR100(str(root), train=train, download=dl),
-        "svhn": lambda dl: tvd.SVHN(str(root), split="train" if train else "test", download=dl),
+        "cifar10": lambda dl: tvd.CIFAR10(str(root), train=is_train, download=dl),
+        "cifar100": lambda dl: tvd.CIFAR100(str(root), train=is_train, download=dl),
+        "svhn": lambda dl: tvd.SVHN(str(root), split=split, download=dl),
     }[dataset]
     try:
         try:
@@ -921,6 +922,7 @@ TORCHVISION_CAM_LAYERS = {"resnet": "layer4", "resnext": "layer4", "wide_resnet"
                           "densenet": "features", "mobilenet": "features", "efficientnet": "features", "convnext": "features",
                           "vgg": "features", "squeezenet": "features", "alexnet": "features", "mnasnet": "layers",
                           "shufflenet": "conv5", "googlenet": "inception5b", "inception": "Mixed_7c"}
+TOKEN_FAMILIES = ("vit", "swin", "maxvit")  # transformers: tokens, not [N, C, H, W] maps; --cam-layer only
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ARCH_HELP = f"{'|'.join(ARCHS)}, or torchvision:NAME (e.g. torchvision:resnet50)"
 
@@ -930,7 +932,7 @@ class TorchvisionNet(nn.Module):
     normalisation of its recipes is the first step of its forward. `cam_layer` names the
     module (inside `net`) whose output the CAM uses."""
 
-    def __init__(self, name: str, num_classes: int, cam_layer: Optional[str] = None):
+    def __init__(self, name: str, num_classes: int, cam_layer: Optional[str] = None, image_size: int = 32):
         super().__init__()
         import torchvision.models as tvm
 
@@ -942,11 +944,34 @@ class TorchvisionNet(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         family = max((f for f in TORCHVISION_CAM_LAYERS if name.startswith(f)), key=len, default=None)
-        layer = cam_layer or (TORCHVISION_CAM_LAYERS[family] if family else None)
-        self.cam_layer = None if layer is None else f"net.{layer}"
+        if cam_layer or name.startswith(TOKEN_FAMILIES):
+            self.cam_layer = f"net.{cam_layer}" if cam_layer else None
+        else:
+            self.cam_layer = self._default_cam_layer(TORCHVISION_CAM_LAYERS.get(family), image_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net((x - self.mean) / self.std)
+
+    def _default_cam_layer(self, preferred: Optional[str], image_size: int) -> Optional[str]:
+        """The family's last stage if its feature map is at least 4 x 4 at this image size
+        (ImageNet models shrink 32 px inputs to 1 x 1 there, a CAM of one value), else the
+        deepest stage (a module one or two levels down) that still is; found by one forward."""
+        shapes: list[tuple[str, tuple]] = []
+        pools = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Identity, nn.Dropout)  # resample or copy, add nothing
+        hooks = [m.register_forward_hook(lambda m, i, o, name=name: shapes.append((name, tuple(o.shape)) if torch.is_tensor(o) else None))
+                 for name, m in self.net.named_modules() if name and name.count(".") <= 1 and not isinstance(m, pools)]
+        try:
+            with torch.no_grad(), eval_mode(self):
+                self(torch.zeros(1, 3, image_size, image_size))
+        except RuntimeError as e:
+            raise CliError(f"this torchvision model cannot take {image_size} px images ({first_line(e)})") from None
+        finally:
+            for h in hooks:
+                h.remove()
+        usable = [name for name, shape in shapes if len(shape) == 4 and min(shape[2:]) >= 4]
+        if preferred in usable:
+            return f"net.{preferred}"
+        return f"net.{usable[-1]}" if usable else None
 
     def adapt_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """A plain torchvision state dict (no `net.` prefix, no normalisation buffers) fits too."""
@@ -955,18 +980,19 @@ class TorchvisionNet(nn.Module):
         return {"mean": self.mean, "std": self.std, **state}
 
 
-def build_model(name: str, num_classes: int = 10, cam_layer: Optional[str] = None) -> nn.Module:
+def build_model(name: str, num_classes: int = 10, cam_layer: Optional[str] = None, image_size: int = 32) -> nn.Module:
     """A fresh model taking images in [0, 1]: a built-in name or torchvision:NAME.
-    `cam_layer` (a module name) moves the CAM of any model to that layer."""
+    `cam_layer` (a module name) moves the CAM of any model to that layer; torchvision
+    models choose theirs for `image_size`."""
     if not isinstance(num_classes, int) or not 1 <= num_classes <= 100_000:
         raise CliError(f"number of classes must be an integer between 1 and 100000, got {num_classes!r}")
     if name.startswith(TORCHVISION):
-        model = TorchvisionNet(name[len(TORCHVISION):], num_classes, cam_layer)
+        model = TorchvisionNet(name[len(TORCHVISION):], num_classes, cam_layer, image_size)
     elif name in BUILTIN_MODELS:
         model = BUILTIN_MODELS[name](num_classes)
         model.cam_layer = cam_layer
     else:
-        raise CliError(f"unknown model {name!r} (choose from {ARCH_HELP})")
+        raise unknown("model", name, [ARCH_HELP])
     if model.cam_layer is not None:
         try:
             model.get_submodule(model.cam_layer)
@@ -1046,9 +1072,9 @@ def activations_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]
 
 def cam_from(acts: Tensor, grads: Tensor, method: str) -> Tensor:
     """L = ReLU(sum_k w_k A_k), min-max normalised per image to [0, 1] (zero stays zero)."""
-    cam = (CAM_WEIGHTS[method](acts, grads) * acts).sum(1, keepdim=True).clamp(min=0)
-    low, high = cam.amin((2, 3), keepdim=True), cam.amax((2, 3), keepdim=True)
-    return (cam - low) / (high - low).clamp(min=1e-12)
+    heat = (CAM_WEIGHTS[method](acts, grads) * acts).sum(1, keepdim=True).clamp(min=0)
+    low, high = heat.amin((2, 3), keepdim=True), heat.amax((2, 3), keepdim=True)
+    return (heat - low) / (high - low).clamp(min=1e-12)
 
 
 def class_activation(model: nn.Module, x: Tensor, method: str = "gradcam", target: Optional[Tensor] = None) -> Tensor:
@@ -1057,7 +1083,7 @@ def class_activation(model: nn.Module, x: Tensor, method: str = "gradcam", targe
     torch.autograd.grad w.r.t. the feature map only, so parameter .grad is never touched.
     Y_c is the logit of `target` (default: the predicted class). Runs in eval mode."""
     if method not in CAM_WEIGHTS:
-        raise ValueError(f"unknown CAM method {method!r} (choose from {', '.join(CAM_WEIGHTS)})")
+        raise unknown("CAM method", method, CAM_WEIGHTS)
     with eval_mode(model):
         acts, logits = activations_and_logits(model, x)
         with torch.enable_grad():
@@ -1167,7 +1193,7 @@ def eps_map(cam: Tensor, eps: float, eps_low: float, rule: str = "zscore",
     """Per-pixel L-inf budget ([0, 1] units) from a CAM [B, 1, h, w] in [0, 1] by one of
     MASK_RULES. `size` is the output (input image) size; default the CAM's own."""
     if rule not in MASK_RULES:
-        raise ValueError(f"unknown mask rule {rule!r} (choose from {', '.join(MASK_RULES)})")
+        raise unknown("mask rule", rule, MASK_RULES)
     return MASK_RULES[rule](cam.float(), eps, eps_low, tuple(size or cam.shape[-2:]), generator)
 
 
@@ -1175,6 +1201,11 @@ def eps_map(cam: Tensor, eps: float, eps_low: float, rule: str = "zscore",
 # Inner (attack) losses take (logits, y, aux) and return a sum to maximise; outer
 # objectives take (natural logits or None, adversarial logits, y, beta). A base method is
 # one LossSpec: which inner loss, which random start, which objective.
+
+
+def upcast(logits: Tensor) -> Tensor:
+    """Logits in at least fp32 (bf16 under autocast becomes fp32; fp64 stays fp64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def cw_margin(logits: Tensor, y: Tensor, kappa: float = 50.0) -> Tensor:
@@ -1185,12 +1216,12 @@ def cw_margin(logits: Tensor, y: Tensor, kappa: float = 50.0) -> Tensor:
 
 
 ATTACK_LOSSES: dict[str, Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]] = {
-    "ce": lambda logits, y, aux: F.cross_entropy(logits.float(), y, reduction="sum"),
-    "cw": lambda logits, y, aux: cw_margin(logits.float(), y).sum(),
+    "ce": lambda logits, y, aux: F.cross_entropy(upcast(logits), y, reduction="sum"),
+    "cw": lambda logits, y, aux: cw_margin(upcast(logits), y).sum(),
     # TRADES: KL(p(x) || p(x')), aux = p(x)
-    "kl": lambda logits, y, aux: F.kl_div(F.log_softmax(logits.float(), 1), aux, reduction="sum"),
+    "kl": lambda logits, y, aux: F.kl_div(F.log_softmax(upcast(logits), 1), aux, reduction="sum"),
     # MMA's targeted margin z_t - z_y capped at 50, aux = the target classes
-    "target-margin": lambda logits, y, aux: (logits.float().gather(1, aux.view(-1, 1)) - logits.float().gather(1, y.view(-1, 1)))
+    "target-margin": lambda logits, y, aux: (upcast(logits).gather(1, aux.view(-1, 1)) - upcast(logits).gather(1, y.view(-1, 1)))
     .clamp(max=50.0).sum(),
 }
 
@@ -1204,18 +1235,18 @@ def attack_loss(name: str, logits: Tensor, y: Tensor, ref: Optional[Tensor] = No
 
 def ce_objective(nat: Optional[Tensor], adv: Tensor, y: Tensor, beta: float) -> Tensor:
     """Madry AT: cross-entropy on the adversarial examples."""
-    return F.cross_entropy(adv.float(), y)
+    return F.cross_entropy(upcast(adv), y)
 
 
 def trades_objective(nat: Tensor, adv: Tensor, y: Tensor, beta: float) -> Tensor:
     """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x'))."""
-    nat, adv = nat.float(), adv.float()
+    nat, adv = upcast(nat), upcast(adv)
     return F.cross_entropy(nat, y) + beta * F.kl_div(F.log_softmax(adv, 1), F.softmax(nat, 1), reduction="batchmean")
 
 
 def mart_objective(nat: Tensor, adv: Tensor, y: Tensor, beta: float) -> Tensor:
     """MART (Wang et al. 2020): boosted CE on x' + beta * KL weighted by (1 - p_y(x))."""
-    nat, adv = nat.float(), adv.float()
+    nat, adv = upcast(nat), upcast(adv)
     adv_probs = F.softmax(adv, 1)
     top2 = adv_probs.argsort(1)[:, -2:]
     runner_up = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
@@ -1359,7 +1390,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, step: float
         ref = None
         if loss == "kl":
             with torch.no_grad():
-                ref = F.softmax(model(x).float(), 1)
+                ref = F.softmax(upcast(model(x)), 1)
         return _ascend(model, start_point(x, eps, random_start, box), y, ref, box, step, steps, loss, stepper)
 
 
@@ -1507,7 +1538,7 @@ def coerce(key: str, value: Any, origin: str) -> Any:
         raise bad
     choices = field.metadata["choices"]
     if choices is not None and value not in choices:
-        raise CliError(f"{origin}: unknown {key.replace('_', '-')} {value!r} (choose from {', '.join(choices)})")
+        raise CliError(f"{origin}: {unknown(key.replace('_', '-'), value, choices)}")
     return value
 
 
@@ -1523,9 +1554,9 @@ def validate_config(cfg: TrainConfig) -> None:
             raise CliError(f"{name.replace('_', '-')} must be {what}, got {value}")
     check_budget_levels(cfg.eps, cfg.eps_low, cfg.step, zero_eps=True)
     if not cfg.model.startswith(TORCHVISION) and cfg.model not in BUILTIN_MODELS:
-        raise CliError(f"unknown model {cfg.model!r} (choose from {ARCH_HELP})")
+        raise unknown("model", cfg.model, [ARCH_HELP])
     if not DEVICE_PATTERN.match(cfg.device):
-        raise CliError(f"unknown device {cfg.device!r} (choose from auto, cpu, cuda, cuda:N, mps)")
+        raise unknown("device", cfg.device, DEVICES)
     if cfg.warmup_epochs > cfg.epochs:
         raise CliError(f"warmup-epochs ({cfg.warmup_epochs}) must be between 0 and epochs ({cfg.epochs})")
     if not all(1 <= m <= 100_000 for m in cfg.lr_milestones):
@@ -1813,30 +1844,30 @@ def worst_of_restarts(model: nn.Module, y: Tensor, restarts: int, attack: Callab
     return best
 
 
-def _natural(model, x, y, s: AttackSetup, spec: AttackSpec, seed: int):
+def _natural(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
     return x, {}
 
 
-def _fgsm(model, x, y, s: AttackSetup, spec: AttackSpec, seed: int):
-    return pgd(model, x, y, s.eps, s.eps, 1, random_start=False), {}
+def _fgsm(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    return pgd(model, x, y, setup.eps, setup.eps, 1, random_start=False), {}
 
 
-def _pgd(model, x, y, s: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, s.eps, s.step, spec.steps, "ce")), {}
+def _pgd(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "ce")), {}
 
 
-def _cw(model, x, y, s: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, s.eps, s.step, spec.steps, "cw")), {}
+def _cw(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "cw")), {}
 
 
-def _mma(model, x, y, s: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(model, y, spec.restarts, lambda: mma(model, x, y, s.eps, s.step, spec.steps, k=3)), {}
+def _mma(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    return worst_of_restarts(model, y, spec.restarts, lambda: mma(model, x, y, setup.eps, setup.step, spec.steps, k=3)), {}
 
 
-def _pgd_part(model, x, y, s: AttackSetup, spec: AttackSpec, seed: int):
+def _pgd_part(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
     """PGD inside the model's own PART budget map of these clean images (for analysis)."""
-    budget = eps_map(class_activation(model, x, s.cam), s.eps, s.eps_low, s.mask_rule, size=x.shape[-2:])
-    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, budget, s.step, spec.steps)), {}
+    budget = eps_map(class_activation(model, x, setup.cam), setup.eps, setup.eps_low, setup.mask_rule, size=x.shape[-2:])
+    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, budget, setup.step, spec.steps)), {}
 
 
 AA_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -1884,9 +1915,9 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int,
     return x_adv, after
 
 
-def _aa(model, x, y, s: AttackSetup, spec: AttackSpec, seed: int):
+def _aa(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
     components = AA_STANDARD if spec.family == "aa" else (spec.family,)
-    return autoattack(model, x, y, s.eps, seed, components)
+    return autoattack(model, x, y, setup.eps, seed, components)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1930,14 +1961,14 @@ def parse_attack(name: str, restarts: int = 1) -> AttackSpec:
         return AttackSpec(text, family, steps, tries)
     if text in ATTACKS and not ATTACKS[text].iterative:
         return AttackSpec(text, text)
-    raise CliError(f"unknown attack {name!r} (choose from {ATTACK_HELP})")
+    raise unknown("attack", name, [ATTACK_HELP])
 
 
 def parse_attacks(text: str, restarts: int = 1) -> list[AttackSpec]:
     """A comma-separated list; natural always first, duplicates (same canonical key) once."""
     specs = [parse_attack(a, restarts) for a in text.split(",") if a.strip()]
     if not specs:
-        raise CliError(f"no attack in {text!r} (choose from {ATTACK_HELP})")
+        raise unknown("attack list", text, [ATTACK_HELP])
     for spec in specs:
         needs = ATTACKS[spec.family].needs
         if needs and importlib.util.find_spec(needs) is None:
@@ -1972,10 +2003,11 @@ OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryErr
 
 class Chunker:
     """Runs an attack on a batch in chunks; a CUDA out-of-memory error halves the chunk
-    (for the rest of the evaluation) and retries, said once, instead of a traceback."""
+    (for the rest of the evaluation) and retries, said once the smaller size works,
+    instead of a traceback."""
 
     def __init__(self, size: int):
-        self.size, self.said = size, False
+        self.size, self.said = size, size
 
     def __call__(self, fn: Callable[[Tensor, Tensor, int], tuple[Tensor, dict]], x: Tensor, y: Tensor, seed: int):
         while True:
@@ -1988,9 +2020,9 @@ class Chunker:
                     raise CliError("out of memory even with one image at a time") from None
                 torch.cuda.empty_cache()
                 self.size = max(1, self.size // 2)
-                if not self.said:
-                    note(f"note: out of memory; attacking {self.size} images at a time from now on")
-                    self.said = True
+        if self.size < self.said:
+            note(f"note: out of memory with larger batches; attacking {self.size} images at a time from now on")
+            self.said = self.size
         extras = {k: torch.cat([p[1][k] for p in pieces]) for k in pieces[0][1]}
         return torch.cat([p[0] for p in pieces]), extras
 
@@ -2023,8 +2055,10 @@ class EvalState:
     interrupted one stopped. Saved atomically at most every few seconds and at the end of
     each attack; refused when it belongs to another evaluation (another signature)."""
 
-    def __init__(self, path: Optional[Path], signature: dict, writer: bool = True, every_s: float = 2.0):
-        self.path, self.signature, self.writer, self.every_s = path, signature, writer, every_s
+    SAVE_EVERY_S = 2.0  # at most one write every 2 s: a kill loses at most that much work
+
+    def __init__(self, path: Optional[Path], signature: dict, writer: bool = True):
+        self.path, self.signature, self.writer = path, signature, writer
         self.flags: dict[str, Tensor] = {}
         self.seconds: dict[str, float] = {}
         self.saved_at = time.monotonic()
@@ -2056,7 +2090,7 @@ class EvalState:
         self.flags[key] = flags.to("cpu", torch.int8)
         if seconds is not None:
             self.seconds[key] = seconds
-        if self.path is not None and self.writer and (force or time.monotonic() - self.saved_at >= self.every_s):
+        if self.path is not None and self.writer and (force or time.monotonic() - self.saved_at >= self.SAVE_EVERY_S):
             meta = {"format": "part/1-eval", "signature": json.dumps(self.signature), "seconds": json.dumps(self.seconds)}
             save_tensors(Path(self.path), {k: v.contiguous() for k, v in self.flags.items()}, meta)
             self.saved_at = time.monotonic()
@@ -2113,10 +2147,10 @@ def _sync_flags(flags: list[Tensor], dist: Dist) -> None:
 Progress = Callable[[str, int, int, str], None]
 
 
-def _run_attack(spec: AttackSpec, model: nn.Module, x_all: Tensor, y_all: Tensor, clean: Tensor, s: AttackSetup,
+def _run_attack(spec: AttackSpec, model: nn.Module, x_all: Tensor, y_all: Tensor, clean: Tensor, setup: AttackSetup,
                 state: EvalState, prefix: str, dist: Dist, adv: Optional[AdvWriter], progress: Progress) -> dict[str, Tensor]:
     """Per point: is it still classified correctly under `spec`? Only the points the model
-    gets right are attacked, in batches of s.batch_size; batch i is run by process
+    gets right are attacked, in batches of setup.batch_size; batch i is run by process
     i % world with its own seed. Returns the flags of the attack (and of AutoAttack's
     components), as bool tensors."""
     n, device = len(y_all), y_all.device
@@ -2126,24 +2160,24 @@ def _run_attack(spec: AttackSpec, model: nn.Module, x_all: Tensor, y_all: Tensor
     parts = {c: state.get(f"{prefix}{spec.key}/{c}", n, device) for c in names}
     for f in parts.values():
         f[~clean] = 0
-    batches = list(clean.nonzero().squeeze(1).split(s.batch_size))
-    chunker, attack = Chunker(s.batch_size), ATTACKS[spec.family].run
+    batches = list(clean.nonzero().squeeze(1).split(setup.batch_size))
+    chunker, attack = Chunker(setup.batch_size), ATTACKS[spec.family].run
     t0, before = time.perf_counter(), state.seconds.get(f"{prefix}{spec.key}", 0.0)
 
     def one(xs: Tensor, ys: Tensor, seed: int) -> tuple[Tensor, dict]:
         torch.manual_seed(seed)
-        return attack(model, xs, ys, s, spec, seed)
+        return attack(model, xs, ys, setup, spec, seed)
 
     for first in range(0, len(batches), dist.world):
         i = first + dist.rank
         if i < len(batches) and bool((flags[batches[i]] == PENDING).any()):
             idx = batches[i]
             with rng_fork(device):
-                x_adv, extras = chunker(one, x_all[idx], y_all[idx], batch_seed(s.seed, spec.seed_key, i))
-            check_budget(x_adv, x_all[idx], s.eps, spec.name)
+                x_adv, extras = chunker(one, x_all[idx], y_all[idx], batch_seed(setup.seed, spec.seed_key, i))
+            check_budget(x_adv, x_all[idx], setup.eps, spec.name)
             if adv is not None:
                 adv.write(spec.key, i, dist.rank, idx, x_adv)
-            flags[idx] = (predict(model, x_adv, s.batch_size) == y_all[idx]).to(torch.int8)
+            flags[idx] = (predict(model, x_adv, setup.batch_size) == y_all[idx]).to(torch.int8)
             for c, robust in extras.items():
                 parts[c][idx] = robust.to(torch.int8)
         _sync_flags([flags, *parts.values()], dist)
@@ -2168,7 +2202,7 @@ def _component_summary(clean: Tensor, flags: Tensor, parts: dict[str, Tensor]) -
     return " | ".join(text)
 
 
-def evaluate_suite(model: nn.Module, data: Split, attacks: list[str] | list[AttackSpec], s: AttackSetup,
+def evaluate_suite(model: nn.Module, data: Split, attacks: list[str] | list[AttackSpec], setup: AttackSetup,
                    progress: Progress = lambda name, done, total, extra: None, state: Optional[EvalState] = None,
                    prefix: str = "", dist: Dist = Dist(), adv: Optional[AdvWriter] = None) -> dict:
     """Accuracy under every attack on `data` (on the model's device), each attack run on
@@ -2176,18 +2210,18 @@ def evaluate_suite(model: nn.Module, data: Split, attacks: list[str] | list[Atta
     robust only if no attack broke it. Every AE is checked against the budget before it
     counts. Each batch draws its randomness from (seed, attack, batch), so the result does
     not depend on the process count or on interruptions; the global RNG is left alone."""
-    specs = [a if isinstance(a, AttackSpec) else parse_attack(a, s.restarts) for a in attacks]
+    specs = [a if isinstance(a, AttackSpec) else parse_attack(a, setup.restarts) for a in attacks]
     state = state or EvalState(None, {})
     device, x_all = data.y.device, to_float(data.x)
     with eval_mode(model), full_fp32():
-        clean = predict(model, x_all, s.batch_size) == data.y
+        clean = predict(model, x_all, setup.batch_size) == data.y
         correct, seconds = {"natural": clean}, {"natural": 0.0}
         for spec in specs:
             if spec.family == "natural":
                 continue
             t0 = time.perf_counter()
             with rng_fork(device):
-                correct.update(_run_attack(spec, model, x_all, data.y, clean, s, state, prefix, dist, adv, progress))
+                correct.update(_run_attack(spec, model, x_all, data.y, clean, setup, state, prefix, dist, adv, progress))
             if adv is not None and dist.main:
                 adv.finish(spec, x_all, data.y)
             if device.type == "cuda":
@@ -2409,7 +2443,7 @@ def load_checkpoint(path: str | Path, arch: Optional[str] = None, device: str | 
     Returns (model in eval mode, metadata)."""
     path = Path(path)
     if arch is not None and arch not in BUILTIN_MODELS and not arch.startswith(TORCHVISION):
-        raise CliError(f"unknown architecture {arch!r} (choose from {ARCH_HELP})")
+        raise unknown("architecture", arch, [ARCH_HELP])
     if not path.is_file():
         raise CliError(f"checkpoint {path} {'is a folder, not a file' if path.is_dir() else 'not found'}")
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
@@ -2434,7 +2468,7 @@ def load_checkpoint(path: str | Path, arch: Optional[str] = None, device: str | 
             raise CliError(f"{path} does not match architecture {arch}: no classifier weight found")
         meta = CheckpointMeta(arch=arch, num_classes=num_classes, format="foreign", source=str(path))
     meta.cam_layer = cam_layer or meta.cam_layer
-    model = build_model(meta.arch, meta.num_classes, meta.cam_layer)
+    model = build_model(meta.arch, meta.num_classes, meta.cam_layer, meta.image_size or 32)
     load_state_into(model, state, meta.arch, path)
     return model.to(device).eval(), meta
 
@@ -2619,10 +2653,10 @@ def robustness_of(report: Path, sha256: str) -> dict:
         rows = json.loads(Path(report).read_text())["checkpoints"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CliError(f"--report {report}: not an `attack --json` report ({first_line(e)})") from None
-    mine = [r for r in rows if isinstance(r, dict) and r.get("sha256") == sha256]
-    if not mine:
+    matching = [r for r in rows if isinstance(r, dict) and r.get("sha256") == sha256]
+    if not matching:
         raise CliError(f"--report {report} has no results for this checkpoint (its sha256 {sha256[:12]}... is not there)")
-    row = mine[-1]
+    row = matching[-1]
     keep = ("accuracy", "n_examples", "eps_levels", "step_levels", "restarts", "seed", "dataset", "selection", "components", "versions", "device")
     return {k: row[k] for k in keep if k in row}
 
@@ -2773,7 +2807,8 @@ def stop_signals_deferred():
             raise KeyboardInterrupt
 
 
-SUMMARY_COLUMNS = ("epoch", "phase", "lr", "train_loss", "train_acc", "natural", "pgd20", "eval_on", "seconds", "img_per_s")
+SUMMARY_COLUMNS = ("epoch", "phase", "lr", "train_loss", "train_acc", "natural", "pgd20", "eval_on", "seconds", "img_per_s",
+                   "steady_img_per_s")
 
 
 class Reporter:
@@ -2934,7 +2969,7 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
              f"the first {len(evaluation.y)} test images (--val-size 0: no validation split)")
     report.print(f"natural / PGD-20 each epoch and `best` on {where}")
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
-    model = channels_last(build_model(cfg.model, len(train.classes), cfg.cam_layer).to(device))
+    model = channels_last(build_model(cfg.model, len(train.classes), cfg.cam_layer, int(train.x.shape[-1])).to(device))
     if cfg.sync_bn and dist.world > 1:
         if device.type != "cuda":
             raise CliError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
@@ -3025,6 +3060,7 @@ def train_epoch(run: Run, epoch: int) -> dict:
     aug = torch.Generator(device).manual_seed(derived_seed(cfg.seed, epoch, dist.rank, 1))
     batches = epoch_batches(len(run.train.y), cfg.batch_size, dist, shuffle)
     totals = torch.zeros(3, device=device)  # loss sum, correct, count (this rank)
+    steady = None  # (time, images) after the first 10 steps: compilation and warm-up are over by then
     with run.report.epoch(epoch + 1, len(batches)) as show:
         for i, index in enumerate(batches):
             x = to_float(augment(run.train.x[index], DATASETS[cfg.dataset].flip, aug))
@@ -3036,13 +3072,16 @@ def train_epoch(run: Run, epoch: int) -> dict:
                 if dist.world == 1 and not math.isfinite(t[0]):
                     raise FloatingPointError
                 show(i + 1, t[0] / t[2], t[1] / t[2])
+                steady = steady or (time.perf_counter(), t[2])
+    end, local_images = time.perf_counter(), totals[2].item()
     t = all_sum(totals, dist).tolist()
     if not math.isfinite(t[0]):
         raise FloatingPointError
-    seconds = time.perf_counter() - t0
     phase = "PART" if part_phase else ("warm-up" if cfg.method == "part" else "AT")
+    # images/s after the first 10 steps (all processes): what an epoch costs once compiled
+    rate = dist.world * (local_images - steady[1]) / (end - steady[0]) if steady and local_images > steady[1] else None
     return {"epoch": epoch + 1, "phase": phase, "lr": lr, "train_loss": t[0] / t[2], "train_acc": t[1] / t[2],
-            "train_seconds": seconds, "img_per_s": t[2] / seconds}
+            "train_seconds": end - t0, "img_per_s": t[2] / (end - t0), "steady_img_per_s": rate}
 
 
 def finish_epoch(run: Run, metrics: dict) -> dict:
@@ -3401,7 +3440,7 @@ def bench_pieces(net: nn.Module, parts: TrainingModules, cfg: TrainConfig, x: Te
     """The pieces of a PART training step on one batch (the same calls training makes)."""
     setup = AttackSetup.from_config(cfg)
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
-    cam = parts.cam or (lambda model, xs, method: class_activation(model, xs, method))
+    cam_fn = parts.cam or (lambda model, xs, method: class_activation(model, xs, method))
     low_res = class_activation(net, x)
     budget = eps_map(low_res, setup.eps, setup.eps_low, size=x.shape[-2:])
 
@@ -3414,7 +3453,7 @@ def bench_pieces(net: nn.Module, parts: TrainingModules, cfg: TrainConfig, x: Te
             pgd(net, x, y, budget, setup.step, cfg.steps, stepper=parts.stepper)
 
     return {"forward (eval, no grad)": forward,
-            "CAM (gradcam)": lambda: cam(net, x, "gradcam"),
+            "CAM (gradcam)": lambda: cam_fn(net, x, "gradcam"),
             "budget map (zscore)": lambda: eps_map(low_res, setup.eps, setup.eps_low, size=x.shape[-2:]),
             f"PGD-{cfg.steps} attack": attack,
             "AT step": lambda: train_step(parts, optimizer, x, y, cfg, setup, part_phase=False),
@@ -3425,7 +3464,7 @@ def bench_run(model: str, batch_size: int, image_size: int, steps: int, rounds: 
               use_compile: bool, mode: str, amp: bool, peak_tflops: Optional[float]) -> dict:
     """Every piece timed interleaved over `rounds` rounds after one first (compiling) call."""
     torch.manual_seed(0)
-    net = channels_last(build_model(model, 10).to(device))
+    net = channels_last(build_model(model, 10, image_size=image_size).to(device))
     x = torch.rand(batch_size, 3, image_size, image_size, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     cfg = TrainConfig(model=model, steps=steps, amp=amp, compile=use_compile, compile_mode=mode, batch_size=batch_size)
@@ -3708,9 +3747,9 @@ def robustness_warnings(specs: list[AttackSpec], result: dict, n: int, sweep_ste
 
 def sweep_curves(specs: list[AttackSpec], acc: dict) -> dict[str, list[tuple[int, int, float]]]:
     curves: dict[str, list] = {}
-    for s in specs:
-        if s.family in ("pgd", "cw") and s.name in acc:
-            curves.setdefault(s.family, []).append((s.steps, s.restarts, acc[s.name]))
+    for spec in specs:
+        if spec.family in ("pgd", "cw") and spec.name in acc:
+            curves.setdefault(spec.family, []).append((spec.steps, spec.restarts, acc[spec.name]))
     return curves
 
 
@@ -4092,34 +4131,36 @@ def cam(
         _cam_figure(target, setup, n_examples, compare_rules, scale, out)
 
 
-def _cam_figure(target: EvalTarget, s: AttackSetup, n: int, compare_rules: bool, scale: int, out: Path) -> None:
+def _cam_figure(target: EvalTarget, setup: AttackSetup, n: int, compare_rules: bool, scale: int, out: Path) -> None:
     points = target.test.first(n).to(next(target.model.parameters()).device)
     x, y, model = to_float(points.x), points.y, target.model
-    torch.manual_seed(s.seed)
-    low_res = class_activation(model, x, s.cam)
-    maps = {r: eps_map(low_res, s.eps, s.eps_low, r, size=x.shape[-2:]) for r in MASK_RULES}
-    x_adv = pgd(model, x, y, maps[s.mask_rule], s.step, s.steps)
+    torch.manual_seed(setup.seed)
+    low_res = class_activation(model, x, setup.cam)
+    maps = {r: eps_map(low_res, setup.eps, setup.eps_low, r, size=x.shape[-2:]) for r in MASK_RULES}
+    x_adv = pgd(model, x, y, maps[setup.mask_rule], setup.step, setup.steps)
     with torch.no_grad():
         pred, adv_pred = model(x).argmax(1), model(x_adv).argmax(1)
     heat = upsample(low_res, x.shape[-2:]).clamp(0, 1)
-    shown = ("zscore", "official", "random") if compare_rules else (s.mask_rule,)
-    columns = [("image", x), (s.cam, overlay(x, heat))]
-    columns += [(f"budget {r}", budget_picture(maps[r], s.eps, s.eps_low, x)) for r in shown]
-    columns += [("PART AE", x_adv), ("delta x eps", perturbation_picture(x_adv, x, s.eps))]
+    shown = ("zscore", "official", "random") if compare_rules else (setup.mask_rule,)
+    columns = [("image", x), (setup.cam, overlay(x, heat))]
+    columns += [(f"budget {r}", budget_picture(maps[r], setup.eps, setup.eps_low, x)) for r in shown]
+    columns += [("PART AE", x_adv), ("delta x eps", perturbation_picture(x_adv, x, setup.eps))]
     names = points.classes
     captions = [f"true {names[int(a)]} | pred {names[int(b)]} | adv {names[int(c)]}" for a, b, c in zip(y, pred, adv_pred)]
     width, height = save_grid(out, columns, captions, scale)
-    table = Table(title=f"budget maps of {n} images ({s.cam}, eps {to_levels(s.eps):g}/255, eps_low {to_levels(s.eps_low):g}/255)")
+    table = Table(title=f"budget maps of {n} images ({setup.cam}, eps {to_levels(setup.eps):g}/255, eps_low {to_levels(setup.eps_low):g}/255)")
     for col in ("rule", "share at eps", "mean budget (/255)"):
         table.add_column(col, justify="left" if col == "rule" else "right")
     for rule, m in maps.items():
-        full = (m == torch.tensor(s.eps, dtype=m.dtype, device=m.device)).float().mean().item()
+        full = (m == torch.tensor(setup.eps, dtype=m.dtype, device=m.device)).float().mean().item()
         table.add_row(rule, f"{100 * full:.1f}%", f"{to_levels(m.mean().item()):.3f}")
     console.print(table)
     console.print(f"wrote {out} ({width}x{height} px)", markup=False)
 
 
-GPU_SUITE = (("eager", False, False), ("compiled", True, False), ("compiled + bf16", True, True))
+# (label, compile, amp, compile mode): is compilation worth it, is bf16, are CUDA graphs on top
+GPU_SUITE = (("eager", False, False, "default"), ("compiled", True, False, "default"), ("compiled + bf16", True, True, "default"),
+             ("compiled + bf16 + CUDA graphs", True, True, "reduce-overhead"))
 
 
 @app.command()
@@ -4134,7 +4175,7 @@ def bench(
     compile_mode: Annotated[Literal[COMPILE_MODES], _opt("torch.compile mode.")] = "default",
     amp: Annotated[bool, _opt("bf16 autocast for the attack and update (CUDA only).", "--amp/--no-amp")] = False,
     peak_tflops: Annotated[Optional[float], _opt("The device's peak TFLOP/s (default: known for H100/H200/A100).")] = None,
-    suite: Annotated[Optional[Literal["gpu"]], _opt("gpu: eager vs compiled vs compiled+bf16 (ignores --compile/--amp).")] = None,
+    suite: Annotated[Optional[Literal["gpu"]], _opt("gpu: eager, compiled, compiled + bf16, + CUDA graphs (ignores --compile/--amp).")] = None,
     json_out: JsonOut = None,
 ):
     """Time each piece of a PART training step on this machine (random data): medians of
@@ -4145,10 +4186,10 @@ def bench(
             raise CliError(f"--peak-tflops must be a positive number, got {peak_tflops}")
         dev = pick_device(device)
         build_model(model, 10)  # an unknown name fails here, before any work
-        configs = GPU_SUITE if suite == "gpu" else (("", compile if compile is not None else dev.type == "cuda", amp),)
+        configs = GPU_SUITE if suite == "gpu" else (("", compile if compile is not None else dev.type == "cuda", amp, compile_mode),)
         runs = []
-        for label, use_compile, use_amp in configs:
-            r = bench_run(model, batch_size, image_size, steps, rounds, dev, use_compile, compile_mode, use_amp, peak_tflops)
+        for label, use_compile, use_amp, mode in configs:
+            r = bench_run(model, batch_size, image_size, steps, rounds, dev, use_compile, mode, use_amp, peak_tflops)
             r["label"] = label
             console.print(bench_table(r))
             ratio = r["part_over_at"]
