@@ -2625,8 +2625,12 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int, card:
 
 
 def export_pt2(model: nn.Module, example: Tensor, path: Path) -> None:
+    import io
+
     program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    atomic_write(path, lambda tmp: torch.export.save(program, str(tmp)))
+    buffer = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer, not our temporary name
+    torch.export.save(program, buffer)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 
 EXPORTERS = {"torchscript": lambda model, x, path, opset, card: export_torchscript(model, x, path),
@@ -4221,7 +4225,12 @@ def report(
         groups = group_observations(read_observations(paths))
         columns = list(dict.fromkeys(k for g in groups for k in g["stats"]))
         headers = ["group", "n", "seeds", *columns, "evaluation"]
-        cell = lambda g, k: f"{100 * g['stats'][k]['mean']:.2f} ± {100 * g['stats'][k]['std']:.2f}" if k in g["stats"] else "-"  # noqa: E731
+        def cell(g: dict, k: str) -> str:
+            if k not in g["stats"]:
+                return "-"
+            st = g["stats"][k]
+            return f"{100 * st['mean']:.2f} ± {100 * st['std']:.2f}" if st["n"] > 1 else f"{100 * st['mean']:.2f}"
+
         rows = [[g["label"], str(len(g["members"])), ",".join(map(str, sorted(g["seeds"]))), *[cell(g, k) for k in columns],
                  g["evaluation"]] for g in groups]
         table = Table(title="accuracy (%), mean ± std over seeds")

@@ -939,14 +939,12 @@ def test_epoch_shards_are_disjoint_and_cover_the_epoch():
             assert torch.equal(torch.cat([s[step] for s in shards]), global_batch)
 
 
-class NoBatchStats(nn.Module):
-    """A model without batch statistics, so that a split batch computes the same thing."""
+class TwoConvs(nn.Module):
+    """Two strided convolutions (the CAM layer), global average pooling, a linear head."""
 
-    def __init__(self):
+    def __init__(self, *body: nn.Module, width: int):
         super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU())
-        self.linear = nn.Linear(32, 10)
+        self.body, self.linear = nn.Sequential(*body), nn.Linear(width, 10)
 
     def features(self, x):
         return self.body(x)
@@ -956,6 +954,12 @@ class NoBatchStats(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
+
+
+def NoBatchStats():
+    """A model without batch statistics, so that a split batch computes the same thing."""
+    torch.manual_seed(0)
+    return TwoConvs(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(), width=32)
 
 
 def _one_step(model, update_model, x, y, loss):
@@ -1076,8 +1080,13 @@ def test_the_version_is_printed_and_stored_in_checkpoints_and_reports(smoke_run,
 
 def test_pip_install_gives_a_part_command_that_finds_its_presets(tmp_path):
     pytest.importorskip("setuptools")
-    prefix = tmp_path / "prefix"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--prefix", str(prefix), str(ROOT)],
+    import shutil
+
+    source, prefix = tmp_path / "source", tmp_path / "prefix"  # a copy: setuptools builds inside the source folder
+    source.mkdir()
+    for name in ("part.py", "pyproject.toml", "README.md", "configs.toml"):
+        shutil.copy(ROOT / name, source / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--prefix", str(prefix), str(source)],
                        capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     site = next(prefix.glob("lib/python*/site-packages"))
@@ -1429,23 +1438,10 @@ def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the compiled path (inductor on this CPU; CUDA below)
 
 
-class Tiny(nn.Module):
+def Tiny():
     """The smallest model with a CAM layer and BatchNorm: compiles in seconds."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
-        self.linear = nn.Linear(16, 10)
-
-    def features(self, x):
-        return self.body(x)
-
-    def head(self, a):
-        return self.linear(a.mean((2, 3)))
-
-    def forward(self, x):
-        return self.head(self.features(x))
+    torch.manual_seed(0)
+    return TwoConvs(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(), width=16)
 
 
 @pytest.mark.parametrize("loss", ["ce", "cw", "kl"])
