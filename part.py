@@ -3773,9 +3773,9 @@ def _write_reports(rows: list[dict], names: list[str], json_out, csv_out, markdo
     headers = ["checkpoint", "sha256", "arch", "dataset", "n", "eps (/255)", *names, "worst"]
     values = [[r["path"], r["sha256"][:12], r["arch"], r["dataset"], r["n_examples"], f"{r['eps_levels']:g}",
                *[fmt_pct(r["accuracy"].get(a)) for a in names], fmt_pct(r["accuracy"]["worst"])] for r in rows]
-    if csv_out is not None:
-        write_text(csv_out, csv_text(headers, [[*v[:6], *[r["accuracy"].get(a) for a in names], r["accuracy"]["worst"]]
-                                               for v, r in zip(values, rows)]))
+    if csv_out is not None:  # full hashes and fractions, for programs
+        write_text(csv_out, csv_text(headers, [[r["path"], r["sha256"], *v[2:6], *[r["accuracy"].get(a) for a in names],
+                                                r["accuracy"]["worst"]] for v, r in zip(values, rows)]))
     if markdown_out is not None:
         first = rows[0]
         footer = (f"\nAccuracy (%) on the first {first['n_examples']} {first['dataset']} test images (canonical order) at "
@@ -3936,7 +3936,8 @@ def _attack_checkpoints(paths: list[Path], specs: list[AttackSpec], o: AttackOpt
             raise CliError(f"--n-examples {n} is more than the {len(t.test.y)} test images of {t.dataset} in {o.data_dir}")
     if o.adv_from is not None:
         return [_transfer_row(t, o, dev) for t in targets]
-    signature = {"checkpoints": [t.sha256 for t in targets], "attacks": [s.key for s in specs], "n": n, "eps": eps_levels,
+    signature = {"checkpoints": [t.sha256 for t in targets], "points": [fingerprint(t.test.first(n)) for t in targets],
+                 "attacks": [s.key for s in specs], "n": n, "eps": eps_levels,
                  "step": step_levels, "eps_low": o.eps_low, "seed": o.seed, "batch_size": o.batch_size,
                  "save_adv": str(o.save_adv) if o.save_adv else None}
     state = EvalState(o.state, signature, writer=dist.main)

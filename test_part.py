@@ -1698,7 +1698,7 @@ def test_csv_and_markdown_reports_carry_what_a_reader_needs(smoke_run, tmp_path)
     import csv
 
     (line,) = list(csv.DictReader((tmp_path / "r.csv").read_text().splitlines()))
-    assert float(line["pgd5"]) == row["accuracy"]["pgd5"] and line["sha256"] == row["sha256"][:12]
+    assert float(line["pgd5"]) == row["accuracy"]["pgd5"] and line["sha256"] == row["sha256"]
     text = (tmp_path / "r.md").read_text()
     assert "| checkpoint |" in text and fmt(row["accuracy"]["worst"]) in text and "first 32" in text and torch.__version__ in text
 
