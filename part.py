@@ -2192,13 +2192,13 @@ def _run_attack(spec: AttackSpec, model: nn.Module, x_all: Tensor, y_all: Tensor
 
 
 def _component_summary(clean: Tensor, flags: Tensor, parts: dict[str, Tensor]) -> str:
-    """AutoAttack's log line, so far: robust accuracy after each component over the points done."""
+    """AutoAttack's log line, so far: robust accuracy after each component over all points,
+    the points not attacked yet counted as robust (as AutoAttack counts them)."""
     if not parts:
         return ""
-    done = flags != PENDING
-    total = max(int(done.sum()), 1)
-    text = [f"clean {100 * int((clean & done).sum()) / total:.1f}%"]
-    text += [f"{c.upper()} {100 * int((f[done] == 1).sum()) / total:.1f}%" for c, f in parts.items()]
+    n = max(len(flags), 1)
+    text = [f"clean {100 * int(clean.sum()) / n:.1f}%"]
+    text += [f"{c.upper()} {100 * int((f != 0).sum()) / n:.1f}%" for c, f in parts.items()]
     return " | ".join(text)
 
 
@@ -2724,22 +2724,22 @@ def plot_curves(path: Path, rows: list[dict], warmup_epochs: int, milestones: li
     return True
 
 
-def plot_sweep(path: Path, curves: dict[str, list[tuple[int, int, float]]], n: int, eps_levels: float) -> bool:
-    """Accuracy against attack steps (log axis), one line per family; restarts as labels."""
+def plot_sweep(path: Path, curves: dict[str, list[tuple[int, int, float]]], n: int, eps_levels: float, title: str = "") -> bool:
+    """Accuracy against attack steps (log axis), one line per family; restarts as crosses."""
     plt = pyplot()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for family, points in curves.items():
         single = sorted((k, acc) for k, r, acc in points if r == 1)
-        if single:
-            ax.plot([k for k, _ in single], [100 * a for _, a in single], marker="o", label=family)
-        for k, r, acc in points:
-            if r > 1:
-                ax.scatter([k], [100 * acc], marker="x", color="black")
-                ax.annotate(f"{family} x{r}", (k, 100 * acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        line = ax.plot([k for k, _ in single], [100 * a for _, a in single], marker="o", label=f"{family}, 1 restart")
+        for i, (k, r, acc) in enumerate(sorted(p for p in points if p[1] > 1)):
+            ax.scatter([k], [100 * acc], marker="x", color=line[0].get_color())
+            ax.annotate(f"{r} restarts: {100 * acc:.2f}", (k, 100 * acc), textcoords="offset points", xytext=(-90, 8 + 11 * i), fontsize=8)
+    steps = sorted({k for points in curves.values() for k, _, _ in points})
     ax.set_xscale("log")
-    ax.set(xlabel="attack steps", ylabel="robust accuracy (%)", title=f"attack strength, eps {eps_levels:g}/255, {n} points")
+    ax.set_xticks(steps, [str(k) for k in steps])
+    ax.set(xlabel="attack steps", ylabel="robust accuracy (%)", title=f"{title}attack strength, eps {eps_levels:g}/255, {n} points")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     save_figure_png(fig, path)
@@ -3916,7 +3916,7 @@ def attack(
                 console.print(f"{row['path']}: sweep " + "; ".join(
                     f"{f}: " + ", ".join(f"{k}{'x' + str(r) if r > 1 else ''} {fmt_pct(a)}" for k, r, a in sorted(pts)) for f, pts in curves.items()),
                     markup=False)
-            if plot_sweep(plot_path, sweep_curves(specs, rows[0]["accuracy"]), rows[0]["n_examples"], eps_levels):
+            if plot_sweep(plot_path, sweep_curves(specs, rows[0]["accuracy"]), rows[0]["n_examples"], eps_levels, f"{rows[0]['path']}\n"):
                 console.print(f"sweep plot ({rows[0]['path']}): {plot_path}", markup=False)
         for row in rows:
             for warning in row["warnings"]:
