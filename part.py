@@ -3244,7 +3244,8 @@ def group_observations(observations: list[Observation]) -> list[dict]:
     for o in observations:
         groups.setdefault((o.setting(), o.evaluation.split(", epoch")[0]), []).append(o)
     settings = [dict(key[0]) for key in groups]
-    differing = sorted({k for s in settings for k in s if any(t.get(k) != s.get(k) for t in settings)})
+    keys = {k for s in settings for k in s if any(t.get(k) != s.get(k) for t in settings)}
+    differing = [k for k in CONFIG_FIELDS if k in keys] + sorted(keys - set(CONFIG_FIELDS))  # in the config's order
     result = []
     for (setting, evaluation), members in groups.items():
         config = {k: json.loads(v) for k, v in setting}
