@@ -1493,6 +1493,8 @@ CONFIG_TYPES = typing.get_type_hints(TrainConfig)
 # Settings that say where or how fast a run computes, not what: they may differ between
 # seeds of one experiment (and between a run and its resume).
 NOT_THE_EXPERIMENT = {"data_dir", "cache_dir", "out", "device", "compile", "compile_mode", "eval_every", "tensorboard", "seed"}
+# Settings that only the PART phase reads: an AT run computes the same whatever they hold.
+PART_ONLY = {"cam", "cam_layer", "mask_rule", "eps_low", "warmup_epochs"}
 
 
 def _base_type(kind: Any) -> tuple[Any, bool]:
@@ -1824,6 +1826,11 @@ class AttackSpec:
         if not ATTACKS[self.family].iterative:
             return self.family
         return f"pgd{self.steps}-part" if self.family == "pgd-part" else f"{self.family}{self.steps}"
+
+
+def fraction(flags: Tensor) -> float:
+    """The share of True flags, exact in Python (0.414, not float32's 0.41400000453)."""
+    return flags.sum().item() / flags.numel()
 
 
 def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
@@ -2231,15 +2238,14 @@ def evaluate_suite(model: nn.Module, data: Split, attacks: list[str] | list[Atta
     keys = {spec.name: spec.key for spec in specs}
     main = {name: correct[keys.get(name, name)] for name in names}
     worst = torch.stack(list(main.values())).all(0)
-    accuracy = {k: v.float().mean().item() for k, v in main.items()}
-    accuracy["worst"] = worst.float().mean().item()
-    components = {spec.name: {c: correct[f"{spec.key}/{c}"].float().mean().item() for c in AA_STANDARD}
-                  for spec in specs if spec.family == "aa"}
+    accuracy = {k: fraction(v) for k, v in main.items()}
+    accuracy["worst"] = fraction(worst)
+    components = {spec.name: {c: fraction(correct[f"{spec.key}/{c}"]) for c in AA_STANDARD} for spec in specs if spec.family == "aa"}
     per_class = {}
     for c, name in enumerate(data.classes):
         members = data.y == c
         if members.any():
-            per_class[name] = {k: v[members].float().mean().item() for k, v in {**main, "worst": worst}.items()}
+            per_class[name] = {k: fraction(v[members]) for k, v in {**main, "worst": worst}.items()}
     return {"accuracy": accuracy, "seconds": seconds, "per_class": per_class, **({"components": components} if components else {})}
 
 
@@ -3191,7 +3197,10 @@ class Observation:
         return int(self.config.get("seed", 0))
 
     def setting(self) -> tuple:
-        return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in NOT_THE_EXPERIMENT))
+        """What was computed: the config without seed, paths and speed settings (and, for AT,
+        without the settings that only PART reads, so that AT runs group whatever they hold)."""
+        ignored = NOT_THE_EXPERIMENT | (PART_ONLY if self.config.get("method") == "at" else set())
+        return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in ignored))
 
 
 def _from_run_folder(folder: Path) -> Observation:
@@ -3244,12 +3253,13 @@ def group_observations(observations: list[Observation]) -> list[dict]:
     for o in observations:
         groups.setdefault((o.setting(), o.evaluation.split(", epoch")[0]), []).append(o)
     settings = [dict(key[0]) for key in groups]
-    keys = {k for s in settings for k in s if any(t.get(k) != s.get(k) for t in settings)}
+    # A setting differs when two groups that have it hold different values (AT groups lack the PART-only ones).
+    keys = {k for s in settings for k in s if any(k in t and t[k] != s[k] for t in settings)}
     differing = [k for k in CONFIG_FIELDS if k in keys] + sorted(keys - set(CONFIG_FIELDS))  # in the config's order
     result = []
     for (setting, evaluation), members in groups.items():
         config = {k: json.loads(v) for k, v in setting}
-        label = ", ".join(f"{k}={config.get(k)}" for k in differing) or "all runs"
+        label = ", ".join(f"{k}={config[k]}" for k in differing if k in config) or "all runs"
         if any(g["label"] == label for g in result):
             label += f" [{evaluation}]"
         seeds = [o.seed for o in members]
@@ -3723,7 +3733,8 @@ def expand_sweep(specs: list[AttackSpec], steps: list[int], restarts: list[int])
     unique = {s.key: s for s in specs}
     for s in extra:
         unique.setdefault(s.key, s)
-    return list(unique.values())
+    swept = sorted((s for s in unique.values() if s.family in families), key=lambda s: (families.index(s.family), s.steps, s.restarts))
+    return [s for s in unique.values() if s.family not in families] + swept  # the curve's columns in order
 
 
 def robustness_warnings(specs: list[AttackSpec], result: dict, n: int, sweep_steps: list[int]) -> list[str]:
@@ -3992,8 +4003,8 @@ def _transfer_row(t: EvalTarget, o: AttackOptions, dev: torch.device) -> dict:
         points = test.select(index.to(test.y.device))
         clean = predict(t.model, to_float(points.x), o.batch_size) == points.y
     main = {"natural": clean, **flags}
-    accuracy = {k: v.float().mean().item() for k, v in main.items()}
-    accuracy["worst"] = torch.stack(list(main.values())).all(0).float().mean().item()
+    accuracy = {k: fraction(v) for k, v in main.items()}
+    accuracy["worst"] = fraction(torch.stack(list(main.values())).all(0))
     setup = AttackSetup(eps=from_levels(max(eps_seen)), step=from_levels(DEFAULT_STEP_LEVELS), seed=o.seed)
     row = _attack_row(t, len(index), setup, {"accuracy": accuracy, "seconds": {}}, [], dev, [], max(eps_seen), 0.0)
     row["adv_from"] = [str(f) for f in files]
@@ -4241,18 +4252,20 @@ def report(
         for r in rows:
             table.add_row(*r)
         console.print(table)
-        shared = {k: v for k, v in groups[0]["config"].items() if k not in groups[0]["differing"]}
+        shared = {k: v for g in groups for k, v in g["config"].items() if k not in g["differing"]}  # AT groups lack PART-only keys
+        shared = dict(sorted(shared.items(), key=lambda kv: list(CONFIG_FIELDS).index(kv[0]) if kv[0] in CONFIG_FIELDS else len(CONFIG_FIELDS)))
         console.print("shared settings: " + " ".join(f"{k}={v}" for k, v in shared.items()), markup=False)
         comparison, lines = None, []
         if compare is not None:
             comparison = paired_difference(pick_group(groups, compare[0]), pick_group(groups, compare[1]))
-            lines = [f"{comparison['a']}  minus  {comparison['b']}, paired by seed {comparison['seeds']}:"]
+            lines = [f"{comparison['a']} minus {comparison['b']}, paired by seed {comparison['seeds']}:"]
             lines += [difference_sentence(k, d) for k, d in comparison["columns"].items()]
             for line in lines:
                 console.print(line, markup=False)
         if markdown_out is not None:
             text = markdown_table(headers, rows) + "\nShared settings: " + ", ".join(f"`{k}={v}`" for k, v in shared.items()) + "\n"
-            write_text(markdown_out, text + ("\n" + "\n".join(f"- {l}" for l in lines) + "\n" if lines else ""))
+            comparison_text = "\n" + lines[0] + "\n\n" + "\n".join(f"- {line}" for line in lines[1:]) + "\n" if lines else ""
+            write_text(markdown_out, text + comparison_text)
         if csv_out is not None:
             values = [[g["label"], len(g["members"]), " ".join(map(str, sorted(g["seeds"]))),
                        *[v for k in columns for v in ((g["stats"][k]["mean"], g["stats"][k]["std"]) if k in g["stats"] else ("", ""))]]

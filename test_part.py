@@ -1777,10 +1777,11 @@ def test_tensorboard_is_used_when_installed_and_otherwise_said(tmp_path):
         assert any((tmp_path / "run" / "tensorboard").iterdir())
 
 
-def _report_file(path, rows):
+def _report_file(path, rows, **settings):
     """An `attack --json` report as `attack` writes it, with made-up figures."""
     checkpoints = [{"path": f"runs/{method}-s{seed}/last.safetensors", "n_examples": 1000, "dataset": "cifar10", "eps_levels": 8.0,
-                    "seed": 0, "accuracy": accuracy, "config": dataclasses.asdict(part.TrainConfig(method=method, seed=seed, out=f"runs/{method}-s{seed}"))}
+                    "seed": 0, "accuracy": accuracy,
+                    "config": dataclasses.asdict(part.TrainConfig(method=method, seed=seed, out=f"runs/{method}-s{seed}", **settings))}
                    for method, seed, accuracy in rows]
     path.write_text(json.dumps({"checkpoints": checkpoints}))
     return path
@@ -1807,6 +1808,22 @@ def test_report_gives_mean_std_and_the_seed_paired_difference_a_hand_computation
     assert d["distinguishable"] is False and "NOT distinguishable from zero" in r.stdout
     assert "method=part" in (tmp_path / "r.md").read_text() and (tmp_path / "tradeoff.png").stat().st_size > 1000
     assert "53.50 ± 2.12" in (tmp_path / "r.md").read_text()
+
+
+def test_a_sweep_lists_its_attacks_in_the_order_of_the_curve():
+    specs = part.expand_sweep(part.parse_attacks("pgd10,fgsm,cw20"), [5, 10, 20], [1, 2])
+    assert [s.name for s in specs] == ["natural", "fgsm", "pgd5", "pgd10", "pgd20", "pgd20x2", "cw5", "cw10", "cw20", "cw20x2"]
+
+
+def test_report_groups_at_runs_whatever_their_part_only_settings_hold(tmp_path):
+    figures = {"natural": 0.5, "worst": 0.2}
+    _report_file(tmp_path / "zscore.json", [("part", 0, figures), ("at", 0, figures)], mask_rule="zscore")
+    _report_file(tmp_path / "uniform.json", [("part", 0, figures), ("at", 1, figures)], mask_rule="uniform", cam="layercam")
+    r = invoke("report", tmp_path / "zscore.json", tmp_path / "uniform.json", "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.stderr
+    groups = {g["label"]: g["seeds"] for g in json.loads((tmp_path / "r.json").read_text())["groups"]}
+    assert groups == {"method=part, cam=gradcam, mask_rule=zscore": [0], "method=at": [0, 1],
+                      "method=part, cam=layercam, mask_rule=uniform": [0]}
 
 
 def test_report_refuses_groups_that_cannot_be_paired(tmp_path):
