@@ -519,7 +519,7 @@ def test_smoke_training_writes_a_loadable_checkpoint_and_learns(smoke_run):
     rows = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5, 6, 7]
     assert [row["phase"] for row in rows] == ["warm-up"] * 2 + ["PART"] * 5
-    assert rows[-1]["natural"] > 0.45 and rows[-1]["pgd20"] > 0.15  # chance: 0.1 (seeds 0-3 give 0.62-0.90 and 0.24-0.28)
+    assert rows[-1]["natural"] > 0.45 and rows[-1]["pgd20"] > 0.15  # chance: 0.1 (seeds 0-1 give 0.81-0.95 and 0.24)
     model, meta = part.load_checkpoint(smoke_run / "last.safetensors")
     assert meta.arch == "cnn" and meta.epoch == 7 and meta.classes == list(part.SYNTHETIC_CLASSES)
     assert meta.config.eps == 8 and meta.metrics["natural"] == rows[-1]["natural"]
@@ -530,7 +530,7 @@ def test_smoke_training_writes_a_loadable_checkpoint_and_learns(smoke_run):
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
-    args = ["train", *SMALL, "--epochs", 4, "--warmup-epochs", 2]
+    args = ["train", *SMALL, "--epochs", 3, "--warmup-epochs", 1]
     assert cli(*args, "--out", tmp_path / "full").returncode == 0
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, str(ROOT / "part.py"), *map(str, args), "--out", str(cut)],
@@ -542,13 +542,13 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
-    assert part.load_checkpoint(cut / "last.safetensors")[1].epoch < 4
+    assert part.load_checkpoint(cut / "last.safetensors")[1].epoch < 3
     r = cli("train", "--out", cut, "--resume")
     assert r.returncode == 0, r.stderr
     full, resumed = load_file(str(tmp_path / "full" / "last.safetensors")), load_file(str(cut / "last.safetensors"))
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
-    assert [json.loads(line)["epoch"] for line in (cut / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert [json.loads(line)["epoch"] for line in (cut / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -635,7 +635,7 @@ def suite_with_aa(smoke_model, test_points):
     pytest.importorskip("pyautoattack")
     setup = part.AttackSetup(eps=8 / 255, step=2 / 255, seed=3, batch_size=64)
     shown = []
-    result = part.evaluate_suite(smoke_model, test_points.first(32), ["natural", "fgsm", "pgd20", "aa"], setup,
+    result = part.evaluate_suite(smoke_model, test_points.first(16), ["natural", "fgsm", "pgd20", "aa"], setup,
                                  lambda name, done, total, extra: shown.append((name, done, total, extra)))
     result["shown"] = shown
     return result
@@ -669,7 +669,7 @@ def test_autoattack_shows_each_component_and_reports_its_robust_accuracy(suite_w
 def test_the_aa_path_gives_exactly_what_pyautoattack_gives_directly(smoke_model, test_points, suite_with_aa):
     from pyautoattack import AutoAttack
 
-    x, y = part.to_float(test_points.x[:32]), test_points.y[:32]
+    x, y = part.to_float(test_points.x[:16]), test_points.y[:16]
     torch.manual_seed(12345)  # whatever the global state, AutoAttack's seed decides
     seed = part.batch_seed(3, "aa", 0)  # the seed of the evaluation's first (and only) batch
     x_adv, _ = AutoAttack(smoke_model, norm="Linf", eps=8 / 255, version="standard", seed=seed, device="cpu").run_standard_evaluation(x, y, batch_size=64)
@@ -681,7 +681,7 @@ def test_the_aa_path_gives_exactly_what_pyautoattack_gives_directly(smoke_model,
 def test_an_undefended_model_falls_to_about_zero_under_pgd20(tmp_path, test_points):
     out = tmp_path / "natural"
     r = cli("train", "--preset", "smoke", "--method", "at", "--eps", 0, "--eps-low", 0, "--steps", 1, "--epochs", 4,
-            "--warmup-epochs", 0, "--train-subset", 5000, "--lr-milestones", 3, "--eval-subset", 64, "--out", out)
+            "--warmup-epochs", 0, "--train-subset", 2560, "--lr-milestones", 3, "--eval-subset", 64, "--out", out)
     assert r.returncode == 0, r.stderr
     model = part.load_checkpoint(out / "last.safetensors")[0]
     acc = part.evaluate_suite(model, test_points, ["natural", "pgd20"], part.AttackSetup(8 / 255, 2 / 255, batch_size=128))["accuracy"]
@@ -1223,7 +1223,7 @@ def tiny_reference(tmp_path_factory):
 
 
 # os.replace calls of a TINY run: 1 config.json; epoch 1: 2 state, 3 last, 4 best, 5 metrics, 6 summary, 7 curves; epoch 2: 8 state, 9 last, ...
-@pytest.mark.parametrize("at, when", [(2, "before"), (2, "after"), (4, "before"), (8, "after"), (9, "after")])
+@pytest.mark.parametrize("at, when", [(2, "before"), (2, "after"), (4, "before"), (9, "after")])
 def test_a_kill_at_any_instant_resumes_to_the_uninterrupted_result(tiny_reference, tmp_path, at, when):
     out = tmp_path / "run"
     env = {**os.environ, "KILL_AT": str(at), "KILL_WHEN": when}
