@@ -1297,7 +1297,8 @@ def test_resume_keeps_the_runs_own_settings_and_data(tiny_reference, tmp_path):
 
 def test_ctrl_c_before_the_first_epoch_ends_says_what_works_and_it_does(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "part.py"), "train", *map(str, TINY), "--out", str(out)],
+    # 1,024 images: an epoch of a few seconds, so that the signal surely lands inside the first one
+    proc = subprocess.Popen([sys.executable, str(ROOT / "part.py"), "train", *map(str, TINY), "--train-subset", "1024", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / "config.json").exists() and time.time() < deadline:
