@@ -41,7 +41,7 @@ import time
 import tomllib
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Optional
+from typing import Annotated, Any, Callable, Iterable, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -2047,7 +2047,7 @@ def sanity_warnings(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
     x_ = x.clone().requires_grad_(True)
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(F.cross_entropy(model(x_).float(), y, reduction="sum"), x_, allow_unused=True)
-    zero = 1.0 if grad is None else (grad.flatten(1).abs().amax(1) == 0).float().mean().item()
+    zero = 1.0 if grad is None else fraction(grad.flatten(1).abs().amax(1) == 0)
     if zero > 0:
         found.append(f"{zero:.0%} of the inputs have an all-zero input gradient (gradient masking?): "
                      "gradient-based accuracy may be overstated")
@@ -3246,6 +3246,12 @@ def read_observations(paths: list[Path]) -> list[Observation]:
     return [o for o in found if o.evaluation.startswith("attack") or str(Path(o.source).resolve()) not in attacked]
 
 
+def in_config_order(keys: Iterable[str]) -> list[str]:
+    """Setting names in TrainConfig's order (as `train --help` and config.json list them), others after."""
+    keys = set(keys)
+    return [k for k in CONFIG_FIELDS if k in keys] + sorted(keys - set(CONFIG_FIELDS))
+
+
 def group_observations(observations: list[Observation]) -> list[dict]:
     """Groups of one setting and one kind of evaluation; labelled by the settings that
     differ between groups (the rest is shared)."""
@@ -3254,8 +3260,7 @@ def group_observations(observations: list[Observation]) -> list[dict]:
         groups.setdefault((o.setting(), o.evaluation.split(", epoch")[0]), []).append(o)
     settings = [dict(key[0]) for key in groups]
     # A setting differs when two groups that have it hold different values (AT groups lack the PART-only ones).
-    keys = {k for s in settings for k in s if any(k in t and t[k] != s[k] for t in settings)}
-    differing = [k for k in CONFIG_FIELDS if k in keys] + sorted(keys - set(CONFIG_FIELDS))  # in the config's order
+    differing = in_config_order({k for s in settings for k in s if any(k in t and t[k] != s[k] for t in settings)})
     result = []
     for (setting, evaluation), members in groups.items():
         config = {k: json.loads(v) for k, v in setting}
@@ -4169,7 +4174,7 @@ def _cam_figure(target: EvalTarget, setup: AttackSetup, n: int, compare_rules: b
     for col in ("rule", "share at eps", "mean budget (/255)"):
         table.add_column(col, justify="left" if col == "rule" else "right")
     for rule, m in maps.items():
-        full = (m == torch.tensor(setup.eps, dtype=m.dtype, device=m.device)).float().mean().item()
+        full = fraction(m == torch.tensor(setup.eps, dtype=m.dtype, device=m.device))
         table.add_row(rule, f"{100 * full:.1f}%", f"{to_levels(m.mean().item()):.3f}")
     console.print(table)
     console.print(f"wrote {out} ({width}x{height} px)", markup=False)
@@ -4252,8 +4257,8 @@ def report(
         for r in rows:
             table.add_row(*r)
         console.print(table)
-        shared = {k: v for g in groups for k, v in g["config"].items() if k not in g["differing"]}  # AT groups lack PART-only keys
-        shared = dict(sorted(shared.items(), key=lambda kv: list(CONFIG_FIELDS).index(kv[0]) if kv[0] in CONFIG_FIELDS else len(CONFIG_FIELDS)))
+        values = {k: v for g in groups for k, v in g["config"].items() if k not in g["differing"]}  # AT groups lack PART-only keys
+        shared = {k: values[k] for k in in_config_order(values)}
         console.print("shared settings: " + " ".join(f"{k}={v}" for k, v in shared.items()), markup=False)
         comparison, lines = None, []
         if compare is not None:
