@@ -352,7 +352,7 @@ def full_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Dist:
     """The process group as seen by this process (world 1: plain single process)."""
 
@@ -365,11 +365,14 @@ class Dist:
         return self.rank == 0
 
 
+ONE_PROCESS = Dist()
+
+
 def dist_from_env() -> Dist:
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
-            return Dist()
+            return ONE_PROCESS
         return Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
     except ValueError:
         raise CliError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (set by torchrun)") from None
@@ -499,7 +502,7 @@ def _class_folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
     """root/<class>/* with classes sorted = labels, class-interleaved."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     per_class = [_list_images(root / c) for c in classes]
-    empty = [c for c, files in zip(classes, per_class) if not files]
+    empty = [c for c, files in zip(classes, per_class, strict=True) if not files]
     if empty and len(empty) < len(classes):
         note(f"warning: {len(empty)} class folder(s) of {root} hold no images ({', '.join(empty[:5])}); "
              "they stay classes of the model but are never seen")
@@ -782,7 +785,7 @@ class PreActBlock(nn.Module):
 
 def _stages(block: type, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)) -> list[nn.Sequential]:
     stages, cin = [], 64
-    for i, (w, n) in enumerate(zip(widths, blocks)):
+    for i, (w, n) in enumerate(zip(widths, blocks, strict=True)):
         layers = []
         for j in range(n):
             layers.append(block(cin, w, 2 if (i > 0 and j == 0) else 1))
@@ -1779,7 +1782,7 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
 
 
-def evaluate(model: nn.Module, data: Split, setup: AttackSetup, dist: Dist = Dist()) -> dict[str, float]:
+def evaluate(model: nn.Module, data: Split, setup: AttackSetup, dist: Dist = ONE_PROCESS) -> dict[str, float]:
     """Natural and PGD-`setup.steps` accuracy on `data` (on the model's device), fp32, eval
     mode, random start; sharded across processes, counts summed. The PGD result is named
     by its steps (pgd20 for the standard protocol)."""
@@ -2020,7 +2023,7 @@ class Chunker:
         while True:
             try:
                 pieces = [fn(xs, ys, seed if len(x) <= self.size else derived_seed(seed, k))
-                          for k, (xs, ys) in enumerate(zip(x.split(self.size), y.split(self.size)))]
+                          for k, (xs, ys) in enumerate(zip(x.split(self.size), y.split(self.size), strict=True))]
                 break
             except OOM_ERRORS:
                 if self.size == 1:
@@ -2151,11 +2154,11 @@ def _sync_flags(flags: list[Tensor], dist: Dist) -> None:
         f.copy_(merged.to(torch.int8))
 
 
-Progress = Callable[[str, int, int, str], None]
+ProgressFn = Callable[[str, int, int, str], None]  # (attack, points done, total, extra text)
 
 
 def _run_attack(spec: AttackSpec, model: nn.Module, x_all: Tensor, y_all: Tensor, clean: Tensor, setup: AttackSetup,
-                state: EvalState, prefix: str, dist: Dist, adv: Optional[AdvWriter], progress: Progress) -> dict[str, Tensor]:
+                state: EvalState, prefix: str, dist: Dist, adv: Optional[AdvWriter], progress: ProgressFn) -> dict[str, Tensor]:
     """Per point: is it still classified correctly under `spec`? Only the points the model
     gets right are attacked, in batches of setup.batch_size; batch i is run by process
     i % world with its own seed. Returns the flags of the attack (and of AutoAttack's
@@ -2210,8 +2213,8 @@ def _component_summary(clean: Tensor, flags: Tensor, parts: dict[str, Tensor]) -
 
 
 def evaluate_suite(model: nn.Module, data: Split, attacks: list[str] | list[AttackSpec], setup: AttackSetup,
-                   progress: Progress = lambda name, done, total, extra: None, state: Optional[EvalState] = None,
-                   prefix: str = "", dist: Dist = Dist(), adv: Optional[AdvWriter] = None) -> dict:
+                   progress: ProgressFn = lambda name, done, total, extra: None, state: Optional[EvalState] = None,
+                   prefix: str = "", dist: Dist = ONE_PROCESS, adv: Optional[AdvWriter] = None) -> dict:
     """Accuracy under every attack on `data` (on the model's device), each attack run on
     the points the model classifies correctly, fp32, eval mode; `worst` counts a point
     robust only if no attack broke it. Every AE is checked against the budget before it
@@ -2716,7 +2719,7 @@ def plot_curves(path: Path, rows: list[dict], warmup_epochs: int, milestones: li
     for key, label, colour in (("train_acc", "training AEs", "tab:gray"), ("natural", "natural", "tab:blue"), ("pgd20", "PGD-20", "tab:red")):
         points = [(r["epoch"], 100 * r[key]) for r in rows if r.get(key) is not None]
         if points:
-            right.plot(*zip(*points), marker=".", label=label, color=colour)
+            right.plot(*zip(*points, strict=True), marker=".", label=label, color=colour)
     where = rows[-1].get("eval_on", "test")
     right.set(xlabel="epoch", ylabel="accuracy (%)", title=f"accuracy (natural, PGD-20 on {where} images)")
     for ax in (left, right):
@@ -2857,7 +2860,7 @@ class Reporter:
     def row(self, m: dict) -> None:
         values = (f"{m['epoch']}", m["phase"], f"{m['lr']:.2e}", f"{m['train_loss']:.4f}", fmt_pct(m["train_acc"]),
                   fmt_pct(m.get("natural")), fmt_pct(m.get("pgd20")), f"{m['seconds']:.1f}", f"{m['img_per_s']:.0f}")
-        self.print("  ".join(v.rjust(width) for v, (_, width) in zip(values, self.COLUMNS)))
+        self.print("  ".join(v.rjust(width) for v, (_, width) in zip(values, self.COLUMNS, strict=True)))
         console.file.flush()  # a row per epoch also reaches logs and pipes at once
 
 
@@ -3128,7 +3131,7 @@ def finish_epoch(run: Run, metrics: dict) -> dict:
     return metrics
 
 
-def run_training(cfg: TrainConfig, preset: str, out: Path, resume: bool, dist: Dist = Dist()) -> dict:
+def run_training(cfg: TrainConfig, preset: str, out: Path, resume: bool, dist: Dist = ONE_PROCESS) -> dict:
     """The whole run: data, model, warm-up + PART epochs, evaluation, checkpoints.
     Returns the last epoch's metrics."""
     run = prepare_run(cfg, preset, RunFiles(out), resume, dist)
@@ -3488,8 +3491,8 @@ def bench_run(model: str, batch_size: int, image_size: int, steps: int, rounds: 
     x = torch.rand(batch_size, 3, image_size, image_size, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     cfg = TrainConfig(model=model, steps=steps, amp=amp, compile=use_compile, compile_mode=mode, batch_size=batch_size)
-    parts = wrap_for_training(net, cfg, Dist(), device)
-    eager = bench_pieces(net, wrap_for_training(net, dataclasses.replace(cfg, compile=False), Dist(), device), cfg, x, y)
+    parts = wrap_for_training(net, cfg, ONE_PROCESS, device)
+    eager = bench_pieces(net, wrap_for_training(net, dataclasses.replace(cfg, compile=False), ONE_PROCESS, device), cfg, x, y)
     pieces = bench_pieces(net, parts, cfg, x, y)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     memory = PeakMemory(device)
@@ -3518,7 +3521,7 @@ def bench_run(model: str, batch_size: int, image_size: int, steps: int, rounds: 
                           "first_call_ms": 1000 * first[label], "peak_memory_mb": max(peaks[label]) / 2**20,
                           "gflop_per_image": flops[label] / batch_size / 1e9, "tflops": tflops,
                           "share_of_peak": tflops / peak if peak else None}
-    ratios = [p / a for p, a in zip(times["PART step"], times["AT step"])]
+    ratios = [p / a for p, a in zip(times["PART step"], times["AT step"], strict=True)]
     r1, r_median, r3 = quartiles(ratios)
     return {"model": model, "batch_size": batch_size, "image_size": image_size, "steps": steps, "rounds": rounds,
             "device": name, "compile": use_compile, "compile_mode": mode if use_compile else None, "amp": amp,
@@ -3580,7 +3583,7 @@ def _show_version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: Annotated[bool, typer.Option("--version", help="Print the versions and exit.", callback=_show_version,
+def cli_root(version: Annotated[bool, typer.Option("--version", help="Print the versions and exit.", callback=_show_version,
                                                is_eager=True)] = False):
     """PART: pixel-reweighted adversarial training, evaluation and export. Budgets in 1/255 levels."""
 
@@ -3648,7 +3651,7 @@ def _config_option(name: str, field: dataclasses.Field) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[cli_type], option])
 
 
-def train(preset: Optional[str] = None, config: Optional[Path] = None, resume: bool = False, **settings):
+def train_command(preset: Optional[str] = None, config: Optional[Path] = None, resume: bool = False, **settings):
     """Train a PART (or plain AT) model; writes checkpoints, metrics, summary.csv and curves.png.
 
     Settings come from the preset (configs.toml), then the options given here. Launch with
@@ -3661,7 +3664,7 @@ def train(preset: Optional[str] = None, config: Optional[Path] = None, resume: b
         signal.signal(signal.SIGTERM, previous)
 
 
-train.__signature__ = inspect.Signature([
+train_command.__signature__ = inspect.Signature([
     inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[str], _opt(
         "Preset in the config file (default: the dataset's name, else cifar10).", rich_help_panel="Presets")]),
     inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[Path], _opt(
@@ -3671,8 +3674,8 @@ train.__signature__ = inspect.Signature([
         rich_help_panel="Presets")]),
     *(_config_option(name, field) for name, field in CONFIG_FIELDS.items()),
 ])
-train.__annotations__ = {p.name: p.annotation for p in train.__signature__.parameters.values()}
-app.command()(train)
+train_command.__annotations__ = {p.name: p.annotation for p in train_command.__signature__.parameters.values()}
+app.command("train")(train_command)
 
 
 def _train(overrides: dict, preset: Optional[str], config: Optional[Path], resume: bool) -> None:
@@ -3792,7 +3795,7 @@ def _write_reports(rows: list[dict], names: list[str], json_out, csv_out, markdo
                *[fmt_pct(r["accuracy"].get(a)) for a in names], fmt_pct(r["accuracy"]["worst"])] for r in rows]
     if csv_out is not None:  # full hashes and fractions, for programs
         write_text(csv_out, csv_text(headers, [[r["path"], r["sha256"], *v[2:6], *[r["accuracy"].get(a) for a in names],
-                                                r["accuracy"]["worst"]] for v, r in zip(values, rows)]))
+                                                r["accuracy"]["worst"]] for v, r in zip(values, rows, strict=True)]))
     if markdown_out is not None:
         first = rows[0]
         footer = (f"\nAccuracy (%) on the first {first['n_examples']} {first['dataset']} test images (canonical order) at "
@@ -3866,8 +3869,8 @@ class AttackOptions:
     sweep_steps: list[int]
 
 
-@app.command()
-def attack(
+@app.command("attack")
+def attack_command(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints: ours (.safetensors) or foreign state dicts with --arch.", show_default=False)],
     attacks: Annotated[str, _opt(f"Comma-separated: {ATTACK_HELP}. natural always runs.")] = "natural,fgsm,pgd20,cw20,mma",
     dataset: DatasetOpt = None,
@@ -3911,7 +3914,7 @@ def attack(
             specs = expand_sweep(specs, steps_list, _int_list(sweep_restarts, "--sweep-restarts"))
         reports = [json_out, csv_out, markdown_out]
         plot_path = sweep_plot or (next((p.with_name(p.stem + "-sweep.png") for p in reports if p), Path("sweep.png")) if sweep else None)
-        for path, option in zip([*reports, plot_path, state], ["--json", "--csv", "--markdown", "--sweep-plot", "--state"]):
+        for path, option in zip([*reports, plot_path, state], ["--json", "--csv", "--markdown", "--sweep-plot", "--state"], strict=True):
             check_output_file(path, option)
         if n_examples is not None and n_examples < 1:
             raise CliError(f"--n-examples must be at least 1, got {n_examples}")
@@ -4040,8 +4043,8 @@ def parse_formats(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-@app.command()
-def export(
+@app.command("export")
+def export_command(
     checkpoint: Checkpoint,
     format: Annotated[str, _opt("torchscript|onnx|pt2|all (or a comma-separated list).")] = "all",
     out: Annotated[Path, _opt("Output folder.")] = Path("export"),
@@ -4109,8 +4112,8 @@ def check_exports(model: nn.Module, files: dict[str, Path], batch: int, size: in
         raise CliError(f"export check failed for {', '.join(failed)}")
 
 
-@app.command()
-def cam(
+@app.command("cam")
+def cam_command(
     checkpoint: Checkpoint,
     dataset: DatasetOpt = None,
     data_dir: DataDir = "data",
@@ -4168,7 +4171,7 @@ def _cam_figure(target: EvalTarget, setup: AttackSetup, n: int, compare_rules: b
     columns += [(f"budget {r}", budget_picture(maps[r], setup.eps, setup.eps_low, x)) for r in shown]
     columns += [("PART AE", x_adv), ("delta x eps", perturbation_picture(x_adv, x, setup.eps))]
     names = points.classes
-    captions = [f"true {names[int(a)]} | pred {names[int(b)]} | adv {names[int(c)]}" for a, b, c in zip(y, pred, adv_pred)]
+    captions = [f"true {names[int(a)]} | pred {names[int(b)]} | adv {names[int(c)]}" for a, b, c in zip(y, pred, adv_pred, strict=True)]
     width, height = save_grid(out, columns, captions, scale)
     table = Table(title=f"budget maps of {n} images ({setup.cam}, eps {to_levels(setup.eps):g}/255, eps_low {to_levels(setup.eps_low):g}/255)")
     for col in ("rule", "share at eps", "mean budget (/255)"):
@@ -4185,8 +4188,8 @@ GPU_SUITE = (("eager", False, False, "default"), ("compiled", True, False, "defa
              ("compiled + bf16 + CUDA graphs", True, True, "reduce-overhead"))
 
 
-@app.command()
-def bench(
+@app.command("bench")
+def bench_command(
     model: Annotated[str, _opt(f"Architecture: {ARCH_HELP}.")] = "resnet18",
     batch_size: Annotated[int, _opt("Batch size.", min=2, max=65_536)] = 128,
     image_size: Annotated[int, _opt("Input side.", min=8, max=MAX_IMAGE_SIZE)] = 32,
@@ -4226,8 +4229,8 @@ def bench(
             write_json(json_out, runs[0] if len(runs) == 1 else {"suite": suite, "runs": runs})
 
 
-@app.command()
-def report(
+@app.command("report")
+def report_command(
     paths: Annotated[list[Path], typer.Argument(help="Run folders and/or `attack --json` reports.", show_default=False)],
     compare: Annotated[Optional[tuple[str, str]], _opt("Two groups, A B (labels or key=value), compared paired by seed.")] = None,
     markdown_out: Annotated[Optional[Path], _opt("Write the table (and the comparison) as markdown here.", "--markdown")] = None,

@@ -442,7 +442,7 @@ def test_tinyimagenet_layout_reads_train_and_the_annotated_val_split(tmp_path):
         for i in range(2):
             Image.new("RGB", (64, 64), (10 * i, 0, 0)).save(root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG")
     (root / "val" / "images").mkdir(parents=True)
-    for i, wnid in enumerate(("n02", "n01", "n02")):
+    for i in range(3):
         Image.new("L", (64, 64), 100 + i).save(root / "val" / "images" / f"val_{i}.JPEG")  # greyscale becomes RGB
     (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\t0\t0\t1\t1\nval_1.JPEG\tn01\t0\t0\t1\t1\nval_2.JPEG\tn02\t0\t0\t1\t1\n")
     train = part.load_split("tinyimagenet", "train", tmp_path, tmp_path / "cache")
@@ -477,7 +477,7 @@ def test_every_loss_generator_and_rule_makes_a_finite_update(batch, loss, genera
     parts = part.TrainingModules(model, part.MultiInput(model))
     loss_value, correct = part.train_step(parts, optimizer, *batch, cfg, part.AttackSetup.from_config(cfg), part_phase=True)
     assert torch.isfinite(loss_value) and 0 <= correct <= len(batch[1])
-    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_mart_and_trades_objectives_match_their_reference_formulas():
@@ -1844,7 +1844,7 @@ def test_report_reads_run_folders_too(smoke_run):
 @pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:mobilenet_v3_small"])
 def test_torchvision_models_train_with_part_and_their_batched_cam_equals_a_loop(batch, name):
     model = part.build_model(name, 10).double().eval()
-    x, y = batch[0][:4].double(), batch[1][:4]
+    x = batch[0][:4].double()
     together = part.grad_cam(model, x)
     alone = torch.cat([part.grad_cam(model, x[i:i + 1]) for i in range(4)])
     assert together.shape == (4, 1, 32, 32) and torch.allclose(together, alone, atol=1e-8) and together.max() > 0
