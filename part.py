@@ -31,6 +31,7 @@ import gc
 import hashlib
 import importlib.util
 import inspect
+import itertools
 import json
 import math
 import os
@@ -48,11 +49,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 import typer
 from rich.console import Console
+from rich.markup import escape as escape_markup
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 Tensor = torch.Tensor
 __version__ = "0.4.0"
+# The Python API (budgets in [0, 1] units; images as uint8 or floats in [0, 1]). Everything
+# else is internal and may change.
+__all__ = [
+    # data
+    "Split", "as_split", "load_split", "synthetic_split", "to_float", "DATASETS",
+    # models and checkpoints
+    "build_model", "load_checkpoint", "save_checkpoint", "CheckpointMeta",
+    # CAM and budget maps
+    "class_activation", "grad_cam", "eps_map", "CAM_METHODS", "MASK_RULES",
+    # attacks and evaluation
+    "pgd", "mma", "compiled_ascent_step", "AttackSetup", "evaluate", "evaluate_suite",
+    # training and export
+    "TrainConfig", "fit", "TrainedRun", "export_checkpoint",
+    # the command line
+    "app", "CliError", "__version__",
+]
 
 # ============================================================================ specs and units
 
@@ -168,6 +186,19 @@ def note(message: str) -> None:
     err_console.print(message, markup=False)
 
 
+@contextlib.contextmanager
+def live_progress(enabled: bool = True):
+    """The one progress display: rich bars with elapsed time and ETA on a terminal (each
+    task has an `extra` text field), None elsewhere (logs and pipes get lines instead)."""
+    if not (enabled and console.is_terminal):
+        yield None
+        return
+    columns = (TextColumn("{task.description:>11}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[extra]}", markup=False))
+    with Progress(*columns, console=console, transient=True) as bars:
+        yield bars
+
+
 def fmt_pct(v: Optional[float]) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
@@ -175,6 +206,31 @@ def fmt_pct(v: Optional[float]) -> str:
 def versions() -> dict[str, str]:
     """Stored in every checkpoint and report."""
     return {"part": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def set_threads(threads: int) -> None:
+    """PyTorch's CPU threads (0 keeps its default, one per core). On a machine shared with
+    other jobs one thread is often much faster than one per core."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def machine() -> dict[str, Any]:
+    """Where a result was computed, stored beside the versions: the CPU and PyTorch's thread
+    count (CPU results are bit-exact only at the same count)."""
+    return {"cpu": cpu_model(), "threads": torch.get_num_threads(), "cores": os.cpu_count()}
 
 
 # ============================================================================ files
@@ -310,6 +366,13 @@ def device_name(device: torch.device) -> str:
     return f"{device.type.upper()}, {torch.get_num_threads()} threads"
 
 
+def model_device(model: nn.Module) -> Optional[torch.device]:
+    """Where a model's weights are (None for a model without any)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return None
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on CUDA; a no-op context elsewhere."""
     if enabled and device.type == "cuda":
@@ -416,13 +479,64 @@ def all_sum(t: Tensor, dist: Dist) -> Tensor:
 # ============================================================================ data
 
 
+def check_images(x: Any, what: str = "images") -> None:
+    """The API's guard on an image batch: a tensor [N, C, H, W], not channels-last."""
+    if not torch.is_tensor(x):
+        raise ValueError(f"{what} must be a torch.Tensor [N, C, H, W], got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{what} must be a batch [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+        raise ValueError(f"{what} of shape {tuple(x.shape)} look channels-last [N, H, W, C]: pass x.permute(0, 3, 1, 2)")
+
+
+def check_unit_images(x: Any, what: str = "images") -> None:
+    """Images as the models and attacks take them: floating point in [0, 1]. uint8 (0..255)
+    and floats of 0..255 are refused, never rescaled by a guess. One reduction (a sync on
+    a GPU) per call."""
+    check_images(x, what)
+    if not x.is_floating_point():
+        raise ValueError(f"{what} must be floating point in [0, 1], got {x.dtype} (part.to_float(x) converts uint8)")
+    if x.numel():
+        low, high = (float(v) for v in torch.aminmax(x.detach()))
+        if not (0 <= low and high <= 1):  # written so that NaN fails too
+            hint = " (0..255 values: divide by 255, or pass uint8 to part.to_float)" if high > 1.5 else ""
+            raise ValueError(f"{what} must be in [0, 1], these range over [{low:g}, {high:g}]{hint}")
+
+
+def check_labels(y: Any, n: int, device: torch.device, what: str = "labels") -> None:
+    """Labels [N] of integer class indices, beside their images."""
+    if not torch.is_tensor(y) or y.dim() != 1 or y.dtype in (torch.bool, torch.uint8) or y.is_floating_point() or y.is_complex():
+        shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+        raise ValueError(f"{what} must be a 1-D tensor of integer class indices, got {getattr(y, 'dtype', '')} {shape}")
+    if len(y) != n:
+        raise ValueError(f"{what}: {len(y)} labels for {n} images")
+    if y.device != device:
+        raise ValueError(f"{what} are on {y.device}, the images on {device}: put them on one device")
+
+
 @dataclasses.dataclass
 class Split:
-    """One split decoded once: uint8 images [N, 3, H, W] and int64 labels [N]."""
+    """One split: images [N, C, H, W] as uint8 (0..255, as decoded and cached) or floating
+    point in [0, 1] (what torchvision's ToTensor and RobustBench give), int64 labels [N],
+    class names (default "0", "1", ...). Checked when made: a split never holds input it
+    would misread."""
 
     x: Tensor
     y: Tensor
-    classes: list[str]
+    classes: Optional[list[str]] = None
+
+    def __post_init__(self):
+        self.x, self.y = torch.as_tensor(self.x), torch.as_tensor(self.y)
+        if self.x.dtype != torch.uint8:
+            check_unit_images(self.x, "Split images")
+        check_images(self.x, "Split images")
+        check_labels(self.y, len(self.x), self.x.device, "Split labels")
+        self.y = self.y.long()
+        if self.classes is None:
+            self.classes = [str(c) for c in range(int(self.y.max()) + 1 if len(self.y) else 0)]
+        if len(self.y) and not 0 <= int(self.y.min()) <= int(self.y.max()) < len(self.classes):
+            raise ValueError(f"Split labels range over [{int(self.y.min())}, {int(self.y.max())}], "
+                             f"outside the {len(self.classes)} classes")
 
     def first(self, n: int) -> "Split":
         """The first n images (all of them if there are fewer)."""
@@ -432,11 +546,21 @@ class Split:
         """The first `limit` images; a limit of 0 means no limit (as train-subset / eval-subset)."""
         return self.first(limit) if limit else self
 
-    def to(self, device: torch.device) -> "Split":
+    def to(self, device: torch.device | str) -> "Split":
         return Split(self.x.to(device), self.y.to(device), self.classes)
 
     def select(self, index: Tensor) -> "Split":
         return Split(self.x[index], self.y[index], self.classes)
+
+
+def as_split(data: Any) -> Split:
+    """What a notebook passes as data: a Split, or an (images, labels) pair of tensors or
+    arrays (uint8 0..255 or floating point in [0, 1], RobustBench's convention)."""
+    if isinstance(data, Split):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return Split(torch.as_tensor(data[0]), torch.as_tensor(data[1]))
+    raise ValueError(f"data must be a part.Split or an (images, labels) pair, got {type(data).__name__}")
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -530,13 +654,20 @@ def _decode_image(path: Path, size: int) -> Tensor:
 
 
 def _decode_files(files: list[Path], size: int) -> Tensor:
-    """Decode image files to uint8 [N, 3, size, size]; a file that fails stops with its name."""
+    """Decode image files to uint8 [N, 3, size, size]; a file that fails stops with its name.
+    Large folders say so (and show a bar with an ETA on a terminal): 50,000 JPEGs take minutes."""
     out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
-    for i, path in enumerate(files):
-        try:
-            out[i] = _decode_image(path, size)
-        except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-            raise CliError(f"cannot decode image {path}: {first_line(e)}") from None
+    if len(files) >= 1000:
+        note(f"decoding {len(files):,} images of {files[0].parent.parent} (once: they are cached)")
+    with live_progress(len(files) >= 1000) as bars:
+        task = bars.add_task("decoding", total=len(files), extra="") if bars else None
+        for i, path in enumerate(files):
+            try:
+                out[i] = _decode_image(path, size)
+            except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+                raise CliError(f"cannot decode image {path}: {first_line(e)}") from None
+            if bars is not None and ((i + 1) % 100 == 0 or i + 1 == len(files)):
+                bars.update(task, completed=i + 1)
     return out
 
 
@@ -737,8 +868,14 @@ def augment(x: Tensor, flip: bool, generator: torch.Generator, pad: int = 4) -> 
     return out
 
 
-def to_float(x_u8: Tensor) -> Tensor:
-    return x_u8.float().div_(255)
+def to_float(images: Tensor) -> Tensor:
+    """Images as the models take them, floating point in [0, 1]: uint8 is divided by 255;
+    floating point is checked to lie in [0, 1] (and returned as it is, float32 at least),
+    never divided again."""
+    if torch.is_tensor(images) and images.dtype == torch.uint8:
+        return images.float().div_(255)
+    check_unit_images(images)
+    return images if images.dtype in (torch.float32, torch.float64) else images.float()
 
 
 # ============================================================================ models
@@ -1087,6 +1224,7 @@ def class_activation(model: nn.Module, x: Tensor, method: str = "gradcam", targe
     Y_c is the logit of `target` (default: the predicted class). Runs in eval mode."""
     if method not in CAM_WEIGHTS:
         raise unknown("CAM method", method, CAM_WEIGHTS)
+    check_attack_inputs(model, x, target)
     with eval_mode(model):
         acts, logits = activations_and_logits(model, x)
         with torch.enable_grad():
@@ -1197,6 +1335,12 @@ def eps_map(cam: Tensor, eps: float, eps_low: float, rule: str = "zscore",
     MASK_RULES. `size` is the output (input image) size; default the CAM's own."""
     if rule not in MASK_RULES:
         raise unknown("mask rule", rule, MASK_RULES)
+    check_unit_images(cam, "cam")
+    for name, value in (("eps", eps), ("eps_low", eps_low)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # NaN fails too
+            raise ValueError(f"{name} must be a number in [0, 1] ({UNITS_HINT}), got {value!r}")
+    if eps_low > eps:
+        raise ValueError(f"eps_low ({eps_low:g}) must not exceed eps ({eps:g})")
     return MASK_RULES[rule](cam.float(), eps, eps_low, tuple(size or cam.shape[-2:]), generator)
 
 
@@ -1307,17 +1451,41 @@ def budget_box(x: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
     return lowest, highest
 
 
+UNITS_HINT = "budgets are in [0, 1] units here: 8/255, not 8"
+
+
 def check_attack_arguments(eps: float | Tensor, step: float, steps: int) -> None:
-    """The API's guard: a NaN, infinite or negative budget or step would invent a number."""
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0:
-        raise ValueError(f"step must be a finite positive number ([0, 1] units), got {step!r}")
+    """The API's guard: a NaN, infinite, negative or > 1 budget or step would invent a number
+    (a budget of 8 in [0, 1] units is no budget at all)."""
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or not 0 < step <= 1:
+        raise ValueError(f"step must be a finite number in (0, 1] ({UNITS_HINT}), got {step!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
     if torch.is_tensor(eps):
-        if not eps.is_floating_point() or not bool(torch.isfinite(eps).all()) or bool((eps < 0).any()):
-            raise ValueError("eps must hold finite, non-negative budgets ([0, 1] units)")
-    elif isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite, non-negative budget ([0, 1] units), got {eps!r}")
+        if not eps.is_floating_point() or not bool(((eps >= 0) & (eps <= 1)).all()):  # NaN fails too
+            raise ValueError(f"eps must hold finite budgets in [0, 1] ({UNITS_HINT})")
+    elif isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0 <= eps <= 1:
+        raise ValueError(f"eps must be a finite budget in [0, 1] ({UNITS_HINT}), got {eps!r}")
+
+
+def check_attack_inputs(model: nn.Module, x: Tensor, y: Optional[Tensor], eps: float | Tensor = 0.0) -> None:
+    """What an attack or CAM is given from the API: images in [0, 1] on the model's device,
+    labels beside them, a budget tensor that fits the images."""
+    check_unit_images(x)
+    device = model_device(model)
+    if device is not None and device != x.device:
+        raise ValueError(f"the model is on {device}, the images on {x.device}: move one of them (x.to(...) or model.to(...))")
+    if y is not None:
+        check_labels(y, len(x), x.device)
+    if torch.is_tensor(eps) and eps.dim():
+        if eps.device != x.device:
+            raise ValueError(f"the budget map is on {eps.device}, the images on {x.device}")
+        try:
+            fits = torch.broadcast_shapes(eps.shape, x.shape) == x.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"a budget map of shape {tuple(eps.shape)} does not fit images of shape {tuple(x.shape)}")
 
 
 def ascent_step(model: nn.Module, x_adv: Tensor, y: Tensor, aux: Optional[Tensor], lowest: Tensor, highest: Tensor,
@@ -1388,6 +1556,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, step: float
     torch.compile'd step (default: eager). Runs the model in eval mode, restores it; the
     input is never modified; no per-example Python."""
     check_attack_arguments(eps, step, steps)
+    check_attack_inputs(model, x, y, eps)
     box = budget_box(x, eps)
     with eval_mode(model):
         ref = None
@@ -1411,6 +1580,7 @@ def mma(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, step: float
     prediction, run as one batch of k*B; per example the candidate with the smallest true
     margin z_y - max_{j != y} z_j is kept (so if any target succeeds, the result fails)."""
     check_attack_arguments(eps, step, steps)
+    check_attack_inputs(model, x, y, eps)
     b = x.shape[0]
     with eval_mode(model):
         with torch.no_grad():
@@ -1481,7 +1651,7 @@ class TrainConfig:
     lr_gamma: float = setting(0.1, "LR decay factor at each milestone.", SCHEDULE, bounds=(1e-12, math.inf))
     eval_subset: int = setting(1000, "Evaluate on the first N test images (0: all).", EVALUATION, bounds=(0, 10**8))
     eval_every: int = setting(1, "Evaluate every N epochs (and after the last).", EVALUATION, bounds=(1, 100_000), on_resume=True)
-    out: str = setting("", "Run folder (default runs/<preset>-<method>-<timestamp>).", RUN, on_resume=True)
+    out: str = setting("", "Run folder.", RUN, on_resume=True)
     seed: int = setting(0, "Random seed.", RUN, bounds=(0, MAX_SEED))
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps.", RUN, on_resume=True)
     compile: Optional[bool] = setting(None, "torch.compile the attack step, CAM and update (default: on with CUDA).", RUN, on_resume=True)
@@ -1489,13 +1659,17 @@ class TrainConfig:
     amp: bool = setting(False, "bf16 autocast for the training attack and update (CUDA only).", RUN)
     sync_bn: bool = setting(False, "SyncBatchNorm across processes (torchrun, CUDA).", RUN)
     tensorboard: bool = setting(False, "Also log to TensorBoard (runs/X/tensorboard; needs the tensorboard package).", RUN, on_resume=True)
+    threads: int = setting(0, "CPU threads for PyTorch (0: its default, one per core; 1 is often fastest on a machine "
+                              "shared with other jobs). A resume is bit-exact only at the same count.", RUN,
+                           bounds=(0, 4096), on_resume=True)
 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 CONFIG_TYPES = typing.get_type_hints(TrainConfig)
 # Settings that say where or how fast a run computes, not what: they may differ between
 # seeds of one experiment (and between a run and its resume).
-NOT_THE_EXPERIMENT = {"data_dir", "cache_dir", "out", "device", "compile", "compile_mode", "eval_every", "tensorboard", "seed"}
+NOT_THE_EXPERIMENT = {"data_dir", "cache_dir", "out", "device", "compile", "compile_mode", "eval_every", "tensorboard", "seed",
+                      "threads"}
 # Settings that only the PART phase reads: an AT run computes the same whatever they hold.
 PART_ONLY = {"cam", "cam_layer", "mask_rule", "eps_low", "warmup_epochs"}
 
@@ -1600,17 +1774,22 @@ def preset_values(presets: dict[str, dict], name: str, path: Path, seen: tuple =
     return values
 
 
-def resolve_config(overrides: dict[str, Any], preset: Optional[str], config_path: Optional[Path]) -> tuple[TrainConfig, str]:
-    """Code defaults < preset (configs.toml) < command line. Returns the config and the preset name."""
+def preset_settings(preset: Optional[str], config_path: Optional[Path], dataset: Optional[str]) -> tuple[dict, Optional[str]]:
+    """(the preset's values, its name): from configs.toml or the given file; without --preset
+    the dataset's own preset when there is one."""
     path = config_path or next((p for p in config_paths() if p.is_file()), config_paths()[0])
     presets = read_presets(path) if (config_path or path.is_file()) else {}
-    given = {k: coerce(k, v, "command line") for k, v in overrides.items() if v is not None}
-    if preset is None:  # the dataset's own preset when there is one
-        name = given.get("dataset", "cifar10")
+    if preset is None:
+        name = dataset or "cifar10"
         preset = name if name in presets else None
-    values = preset_values(presets, preset, path) if preset else {}
-    values.update(given)
-    cfg = TrainConfig(**values)
+    return (preset_values(presets, preset, path) if preset else {}), preset
+
+
+def resolve_config(overrides: dict[str, Any], preset: Optional[str], config_path: Optional[Path]) -> tuple[TrainConfig, str]:
+    """Code defaults < preset (configs.toml) < command line. Returns the config and the preset name."""
+    given = {k: coerce(k, v, "command line") for k, v in overrides.items() if v is not None}
+    values, preset = preset_settings(preset, config_path, given.get("dataset"))
+    cfg = TrainConfig(**{**values, **given})
     validate_config(cfg)
     return cfg, preset or cfg.dataset
 
@@ -1782,10 +1961,27 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
 
 
-def evaluate(model: nn.Module, data: Split, setup: AttackSetup, dist: Dist = ONE_PROCESS) -> dict[str, float]:
-    """Natural and PGD-`setup.steps` accuracy on `data` (on the model's device), fp32, eval
-    mode, random start; sharded across processes, counts summed. The PGD result is named
-    by its steps (pgd20 for the standard protocol)."""
+def on_model_device(model: nn.Module, data: Split | tuple) -> Split:
+    """Evaluation data (a Split or an (images, labels) pair) on the model's device, its
+    labels checked against the model's outputs."""
+    data = as_split(data)
+    device = model_device(model)
+    data = data if device is None or data.y.device == device else data.to(device)
+    if len(data.y):
+        with torch.no_grad(), eval_mode(model):
+            outputs = model(to_float(data.x[:1])).shape[-1]
+        if int(data.y.max()) >= outputs:
+            raise ValueError(f"labels go up to {int(data.y.max())}, but the model has {outputs} outputs (another data set?)")
+    return data
+
+
+def evaluate(model: nn.Module, data: Split | tuple, setup: Optional[AttackSetup] = None,
+             dist: Dist = ONE_PROCESS) -> dict[str, float]:
+    """Natural and PGD-`setup.steps` accuracy on `data` (a Split or (images, labels); moved
+    to the model's device), fp32, eval mode, random start; sharded across processes,
+    counts summed. The PGD result is named by its steps (pgd20 for the standard protocol,
+    the default setup)."""
+    data, setup = on_model_device(model, data), setup or eval_setup(256)
     n = len(data.y)
     shard = torch.arange(dist.rank, n, dist.world, device=data.y.device)
     counts = torch.zeros(3, device=data.y.device)
@@ -1952,7 +2148,9 @@ ATTACKS: dict[str, AttackFamily] = {
     "fab-t": AttackFamily(_aa, needs="pyautoattack"),
     "square": AttackFamily(_aa, white_box=False, needs="pyautoattack"),
 }
-SUITE = ("natural", "fgsm", "pgd20", "cw20", "mma", "aa", "pgd20-part", "apgd-ce", "apgd-t", "fab-t", "square")
+# What shell completion offers for --attacks (any K steps and xR restarts work too).
+ATTACK_NAMES = ("natural", "fgsm", "pgd20", "pgd50", "pgd100", "cw20", "cw50", "mma", "pgd20-part", "aa", "apgd-ce", "apgd-t",
+                "fab-t", "square")
 ATTACK_HELP = "natural, fgsm, pgdK, cwK, mmaK, pgdK-part (K steps, e.g. pgd50; add xR for R restarts: pgd50x5), aa, apgd-ce, apgd-t, fab-t, square"
 _ITERATIVE_NAME = re.compile(r"^(?P<family>pgd|cw|mma)(?P<steps>\d*)(?P<part>-part)?(?:x(?P<restarts>\d+))?$")
 
@@ -2212,15 +2410,21 @@ def _component_summary(clean: Tensor, flags: Tensor, parts: dict[str, Tensor]) -
     return " | ".join(text)
 
 
-def evaluate_suite(model: nn.Module, data: Split, attacks: list[str] | list[AttackSpec], setup: AttackSetup,
-                   progress: ProgressFn = lambda name, done, total, extra: None, state: Optional[EvalState] = None,
-                   prefix: str = "", dist: Dist = ONE_PROCESS, adv: Optional[AdvWriter] = None) -> dict:
-    """Accuracy under every attack on `data` (on the model's device), each attack run on
-    the points the model classifies correctly, fp32, eval mode; `worst` counts a point
-    robust only if no attack broke it. Every AE is checked against the budget before it
-    counts. Each batch draws its randomness from (seed, attack, batch), so the result does
-    not depend on the process count or on interruptions; the global RNG is left alone."""
-    specs = [a if isinstance(a, AttackSpec) else parse_attack(a, setup.restarts) for a in attacks]
+def evaluate_suite(model: nn.Module, data: Split | tuple, attacks: str | list[str] | list[AttackSpec],
+                   setup: Optional[AttackSetup] = None, progress: ProgressFn = lambda name, done, total, extra: None,
+                   state: Optional[EvalState] = None, prefix: str = "", dist: Dist = ONE_PROCESS,
+                   adv: Optional[AdvWriter] = None) -> dict:
+    """Accuracy under every attack on `data` (a Split or (images, labels), uint8 or float in
+    [0, 1]; moved to the model's device), each attack run on the points the model
+    classifies correctly, fp32, eval mode; `worst` counts a point robust only if no attack
+    broke it. `attacks`: names ("natural,pgd20,aa" or a list); `setup`: the threat model
+    (default eps 8/255, step 2/255, seed 0). Every AE is checked against the budget before
+    it counts. Each batch draws its randomness from (seed, attack, batch), so the result
+    does not depend on the process count or on interruptions; the global RNG is left alone."""
+    data, setup = on_model_device(model, data), setup or AttackSetup(eps=from_levels(EVAL_EPS_LEVELS), step=from_levels(EVAL_STEP_LEVELS))
+    if isinstance(attacks, str):
+        attacks = attacks.split(",")
+    specs = [a if isinstance(a, AttackSpec) else parse_attack(a.strip(), setup.restarts) for a in attacks]
     state = state or EvalState(None, {})
     device, x_all = data.y.device, to_float(data.x)
     with eval_mode(model), full_fp32():
@@ -2319,6 +2523,7 @@ class CheckpointMeta:
     data_fingerprint: Optional[str] = None
     source: Optional[str] = None
     versions: dict = dataclasses.field(default_factory=dict)
+    machine: dict = dataclasses.field(default_factory=dict)  # machine(): CPU, threads
 
     def to_metadata(self) -> dict[str, str]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -2337,7 +2542,8 @@ class CheckpointMeta:
                   "dataset": lambda v: v is None or v in DATASETS, "image_size": lambda v: v is None or (isinstance(v, int) and 8 <= v <= MAX_IMAGE_SIZE),
                   "cam_layer": lambda v: v is None or isinstance(v, str), "epoch": lambda v: v is None or isinstance(v, int),
                   "metrics": lambda v: v is None or isinstance(v, dict), "best": lambda v: v is None or isinstance(v, dict),
-                  "config": lambda v: v is None or isinstance(v, dict), "versions": lambda v: isinstance(v, dict)}
+                  "config": lambda v: v is None or isinstance(v, dict), "versions": lambda v: isinstance(v, dict),
+                  "machine": lambda v: isinstance(v, dict)}
         for key in ("arch", "num_classes"):
             if key not in values:
                 raise CliError(f"{path}: its metadata lacks {key!r}; not a usable checkpoint")
@@ -2832,7 +3038,6 @@ class Reporter:
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        self.live = enabled and console.is_terminal
 
     def print(self, *args, **kwargs) -> None:
         if self.enabled:
@@ -2848,14 +3053,12 @@ class Reporter:
 
     @contextlib.contextmanager
     def epoch(self, epoch: int, total: int):
-        if not self.live:
-            yield lambda done, loss, acc: None
-            return
-        progress = Progress(TextColumn(f"epoch {epoch}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
-        with progress:
-            task = progress.add_task("", total=total, stats="")
-            yield lambda done, loss, acc: progress.update(task, completed=done, stats=f"loss {loss:.4f} acc {100 * acc:.1f}%")
+        with live_progress(self.enabled) as bars:
+            if bars is None:
+                yield lambda done, loss, acc: None
+                return
+            task = bars.add_task(f"epoch {epoch}", total=total, extra="")
+            yield lambda done, loss, acc: bars.update(task, completed=done, extra=f"loss {loss:.4f} acc {100 * acc:.1f}%")
 
     def row(self, m: dict) -> None:
         values = (f"{m['epoch']}", m["phase"], f"{m['lr']:.2e}", f"{m['train_loss']:.4f}", fmt_pct(m["train_acc"]),
@@ -2900,10 +3103,9 @@ def check_out_dir(files: RunFiles, resume: bool) -> None:
         raise CliError(f"{out} already holds a run ({files.present()[0].name}); pass --resume to continue it, or choose another --out")
 
 
-def resume_config(files: RunFiles, overrides: dict[str, Any]) -> tuple[TrainConfig, str]:
-    """The run's own config (from its resume state, or config.json when no epoch finished);
-    only settings that do not change what is computed (device, data location, more epochs,
-    ...) may be given again."""
+def stored_config(files: RunFiles) -> tuple[TrainConfig, str]:
+    """A run's own config and preset: from its resume state, or config.json when no epoch
+    finished."""
     if files.state.is_file():
         _, metadata = read_safetensors(files.state)
         try:
@@ -2912,26 +3114,43 @@ def resume_config(files: RunFiles, overrides: dict[str, Any]) -> tuple[TrainConf
             raise CliError(f"{files.state}: not a resume state of this version of part ({first_line(e)})") from None
         if meta.config is None:
             raise CliError(f"{files.state} holds no config; the run cannot resume")
-        cfg, preset = meta.config, meta.preset or meta.config.dataset
-    else:
-        try:
-            stored = json.loads(files.config.read_text())
-            cfg, preset = config_from_dict(stored["config"], str(files.config)), str(stored.get("preset") or "")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CliError(f"{files.config} is damaged ({first_line(e)}); the run cannot resume") from None
+        return meta.config, meta.preset or meta.config.dataset
+    try:
+        stored = json.loads(files.config.read_text())
+        cfg = config_from_dict(stored["config"], str(files.config))
+        return cfg, str(stored.get("preset") or "") or cfg.dataset
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CliError(f"{files.config} is damaged ({first_line(e)}); the run cannot resume") from None
+
+
+def resume_config(files: RunFiles, overrides: dict[str, Any], preset: Optional[str] = None,
+                  config_path: Optional[Path] = None) -> tuple[TrainConfig, str]:
+    """The run's own config. The command that started it may be given again (a pre-empted
+    job reruns its own command line): a setting or preset it repeats must equal the run's;
+    only a different value is refused, by name. Settings that do not change what is
+    computed (device, data location, threads, more epochs, ...) may change."""
+    cfg, run_preset = stored_config(files)
     values = dataclasses.asdict(cfg)
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        value = coerce(key, value, "command line")
+    given = {k: coerce(k, v, "command line") for k, v in overrides.items() if v is not None}
+    said = dict(given)  # what this command line says about each setting
+    if preset is not None or config_path is not None:
+        from_preset, asked_preset = preset_settings(preset, config_path, given.get("dataset", cfg.dataset))
+        if preset is not None and asked_preset != run_preset:
+            raise CliError(f"--preset {preset}: this run was started from preset {run_preset!r}; "
+                           f"resume it with --preset {run_preset} or without --preset")
+        said = {**from_preset, **given}
+    for key, value in said.items():
         if CONFIG_FIELDS[key].metadata["on_resume"]:
-            values[key] = value
+            if key in given:
+                values[key] = value
         elif value != values.get(key):
-            raise CliError(f"--{key.replace('_', '-')} cannot change on --resume (the run used {values.get(key)!r})")
+            origin = "" if key in given else f" (from preset {preset or run_preset})"
+            raise CliError(f"--{key.replace('_', '-')} {value!r}{origin} differs from the run's own {values.get(key)!r}: "
+                           "a resumed run keeps its settings (drop the option, or start a new --out)")
     values["out"] = str(files.folder)
     cfg = TrainConfig(**values)
     validate_config(cfg)
-    return cfg, preset or cfg.dataset
+    return cfg, run_preset
 
 
 @dataclasses.dataclass
@@ -2953,6 +3172,7 @@ class Run:
     best: dict = dataclasses.field(default_factory=lambda: {"pgd20": None, "epoch": None})
     start: int = 0
     tensorboard: Any = None
+    estimated: bool = False  # the CPU time estimate has been said
 
 
 def load_run_data(cfg: TrainConfig) -> tuple[Split, Split, str, str]:
@@ -2974,7 +3194,9 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
     """Data, model, optimizer and wrappers; on --resume the state of the last finished epoch."""
     device = process_device(cfg.device, dist)
     report = Reporter(enabled=dist.main)
-    report.config(cfg, preset, files.folder, device, f" processes={dist.world}" if dist.world > 1 else "")
+    extra = (f" threads={torch.get_num_threads()}" if device.type == "cpu" else "") + \
+        (f" processes={dist.world}" if dist.world > 1 else "")
+    report.config(cfg, preset, files.folder, device, extra)
     if cfg.amp and device.type != "cuda":
         report.print("note: --amp is CUDA-only; training in fp32")
     train, evaluation, eval_on, data_hash = load_run_data(cfg)
@@ -2990,7 +3212,7 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     meta = CheckpointMeta(arch=cfg.model, num_classes=len(train.classes), classes=train.classes, dataset=cfg.dataset,
                           image_size=int(train.x.shape[-1]), cam_layer=cfg.cam_layer, config=cfg, preset=preset,
-                          data_fingerprint=data_hash, versions=versions())
+                          data_fingerprint=data_hash, versions=versions(), machine=machine())
     run = Run(cfg, files, dist, device, train.to(device), evaluation.to(device), wrap_for_training(model, cfg, dist, device),
               optimizer, AttackSetup.from_config(cfg), meta, report)
     if resume and files.state.is_file():
@@ -2999,12 +3221,17 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
             raise CliError(f"the training data in {cfg.data_dir} differ from the data this run was trained on "
                            f"(classes or fingerprint {saved.data_fingerprint} vs {data_hash}); give the run's own --data-dir")
         run.start, run.best = saved.epoch or 0, saved.best or run.best
+        before, now = saved.machine.get("threads"), torch.get_num_threads()
+        if dist.main and device.type == "cpu" and before not in (None, now):
+            note(f"note: the run used {before} CPU threads, this resume {now}: it continues exactly, but floating-point "
+                 f"sums may round differently, so the weights will not be bit-identical to an uninterrupted run "
+                 f"(--threads {before} keeps them so)")
         run.history = [r for r in run.history if r["epoch"] <= run.start]
         if dist.main:
             repair_run_files(run, saved)
     if dist.main:
         write_json(files.config, {"config": dataclasses.asdict(cfg), "preset": preset, "data_fingerprint": data_hash,
-                                  "eval_on": eval_on, "versions": versions(), "command": sys.argv[1:]})
+                                  "eval_on": eval_on, "versions": versions(), "machine": machine(), "command": sys.argv[1:]})
         run.tensorboard = open_tensorboard(cfg, files)
     return run
 
@@ -3058,6 +3285,27 @@ def write_history(run: Run) -> None:
         note(f"note: curves.png not drawn ({first_line(e)})")
 
 
+def fmt_duration(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
+    return f"{max(1, round(seconds / 60))} min"
+
+
+def say_cpu_estimate(run: Run, epoch: int, epoch_seconds: float) -> None:
+    """On a CPU, once per run, after the first steps: what an epoch and the rest of the run
+    will take, when that is long (a GPU recipe started on a CPU)."""
+    if epoch_seconds < 300:
+        return
+    left = run.cfg.epochs - epoch
+    text = (f"note: on this CPU ({torch.get_num_threads()} threads) an epoch takes about {fmt_duration(epoch_seconds)} "
+            f"(estimated from its first steps); the {left} epoch(s) to go, about {fmt_duration(left * epoch_seconds)}")
+    if run.cfg.model != "cnn":
+        text += f". {run.cfg.model} is a GPU recipe: on a CPU, --preset cifar10-cpu trains a small CNN"
+    run.report.print(text)
+
+
 def train_epoch(run: Run, epoch: int) -> dict:
     """One pass over the training split; returns the epoch's training figures."""
     cfg, dist, device = run.cfg, run.dist, run.device
@@ -3085,7 +3333,11 @@ def train_epoch(run: Run, epoch: int) -> dict:
                 if dist.world == 1 and not math.isfinite(t[0]):
                     raise FloatingPointError
                 show(i + 1, t[0] / t[2], t[1] / t[2])
-                steady = steady or (time.perf_counter(), t[2])
+                if steady is None:
+                    steady = (time.perf_counter(), t[2])
+                    if device.type == "cpu" and i + 1 < len(batches) and not run.estimated:
+                        run.estimated = True
+                        say_cpu_estimate(run, epoch, (steady[0] - t0) / (i + 1) * len(batches))
     end, local_images = time.perf_counter(), totals[2].item()
     t = all_sum(totals, dist).tolist()
     if not math.isfinite(t[0]):
@@ -3158,6 +3410,71 @@ def run_training(cfg: TrainConfig, preset: str, out: Path, resume: bool, dist: D
         run.report.print(f"done: {run.files.last}; best PGD-20 {fmt_pct(run.best['pgd20'])}% ({run.best.get('eval_on', 'test')}) "
                          f"at epoch {run.best['epoch']} ({run.files.best})")
     return metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """What `fit` returns: the run folder, the config it ran with, the last epoch's figures;
+    `.last` and `.best` are its checkpoints."""
+
+    folder: Path
+    config: TrainConfig
+    metrics: dict
+
+    last = property(lambda self: RunFiles(self.folder).last)
+    best = property(lambda self: RunFiles(self.folder).best)
+
+
+def fit(config: TrainConfig | dict | None = None, *, preset: Optional[str] = None, out: str | Path | None = None,
+        resume: bool | str = False, config_file: str | Path | None = None, **settings: Any) -> TrainedRun:
+    """Train from Python exactly as `python part.py train` does (same run folder, files,
+    lock, checks and output). Settings: a TrainConfig (taken as it is), a dict, and/or
+    keywords (epochs=10, eps=8, method="at", ...; budgets in 1/255 levels, as in
+    configs.toml), on top of `preset` (default: the dataset's own) from configs.toml or
+    `config_file`. `out`: the run folder, made if missing (default
+    runs/<preset>-<method>-<timestamp>). `resume=True` continues the run in `out` (an
+    error if there is none); `resume="auto"` starts it, or continues it when `out` already
+    holds one, so that the same call works again after an interruption. Bad settings
+    raise ValueError with the message the command line prints."""
+    values = dataclasses.asdict(config) if isinstance(config, TrainConfig) else dict(config or {})
+    values.update(settings)
+    if out is not None:
+        values["out"] = str(out)
+    for key in values:
+        if key not in CONFIG_FIELDS:
+            raise unknown("setting", key, CONFIG_FIELDS)
+    if resume not in (True, False, "auto"):
+        raise CliError(f"resume must be True, False or 'auto', got {resume!r}")
+    dist = dist_from_env()
+    if resume and not values.get("out"):
+        raise CliError("--resume needs --out DIR, the run folder to continue")
+    if resume == "auto":
+        files = RunFiles(Path(values["out"]))
+        resume = files.state.is_file() or files.config.is_file()
+    config_path = Path(config_file) if config_file is not None else None
+    if resume:
+        cfg, preset_name = resume_config(RunFiles(Path(values["out"])), values, preset, config_path)
+    else:
+        cfg, preset_name = resolve_config(values, preset, config_path)
+    set_threads(cfg.threads)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    files = RunFiles(Path(cfg.out or f"runs/{preset_name}-{cfg.method}-{stamp}"))
+    cfg.out = str(files.folder)
+    if cfg.batch_size < 2 * dist.world:
+        raise CliError(f"--batch-size {cfg.batch_size} is too small for {dist.world} processes (at least 2 each)")
+    lock = contextlib.nullcontext()
+    if dist.main:
+        if files.folder.exists() and not files.folder.is_dir():
+            raise CliError(f"--out {files.folder} is a file, not a folder")
+        files.folder.mkdir(parents=True, exist_ok=True)
+        lock = folder_lock(files.folder, "a training run")
+    with lock:
+        if dist.main:
+            check_out_dir(files, resume)
+            remove_stale_temporaries(files.folder)
+        with process_group(dist, process_device(cfg.device, dist)):
+            metrics = run_training(cfg, preset_name, files.folder, resume, dist)
+    return TrainedRun(files.folder, cfg, metrics)
 
 
 # ============================================================================ comparing runs
@@ -3235,16 +3552,37 @@ def _from_attack_report(path: Path) -> list[Observation]:
         raise CliError(f"{path}: not an `attack --json` report ({first_line(e)})") from None
 
 
+def _is_attack_report(path: Path) -> bool:
+    """A JSON file with the `checkpoints` of an `attack --json` report (a damaged JSON file
+    counts, so that its error is said; report's own JSON and other files do not)."""
+    if path.suffix.lower() != ".json":
+        return False
+    try:
+        return "checkpoints" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return True
+
+
 def read_observations(paths: list[Path]) -> list[Observation]:
-    """Run folders and attack reports; a run evaluated by `attack` counts once, with the attack figures."""
+    """Run folders and attack reports; a run evaluated by `attack` counts once, with the
+    attack figures. Other paths (a glob also picks up report.md, plots, exports) are
+    skipped with one note."""
     found: list[Observation] = []
+    skipped = []
     for path in paths:
-        if path.is_dir():
+        if path.is_dir() and (RunFiles(path).config.exists() or RunFiles(path).metrics.exists()):
             found.append(_from_run_folder(path))
-        elif path.is_file():
+        elif path.is_file() and _is_attack_report(path):
             found.extend(_from_attack_report(path))
+        elif path.exists():
+            skipped.append(str(path))
         else:
             raise CliError(f"{path} not found")
+    if skipped:
+        note(f"note: skipped {len(skipped)} path(s) that are neither run folders nor `attack --json` reports: "
+             + ", ".join(skipped))
+    if not found:
+        raise CliError("no run folder or `attack --json` report among the paths given")
     attacked = {str(Path(o.source).parent.resolve()) for o in found if o.evaluation.startswith("attack")}
     return [o for o in found if o.evaluation.startswith("attack") or str(Path(o.source).resolve()) not in attacked]
 
@@ -3525,7 +3863,7 @@ def bench_run(model: str, batch_size: int, image_size: int, steps: int, rounds: 
     r1, r_median, r3 = quartiles(ratios)
     return {"model": model, "batch_size": batch_size, "image_size": image_size, "steps": steps, "rounds": rounds,
             "device": name, "compile": use_compile, "compile_mode": mode if use_compile else None, "amp": amp,
-            "peak_tflops": peak, "versions": versions(), "results": results,
+            "peak_tflops": peak, "versions": versions(), "machine": machine(), "results": results,
             "part_over_at": {"median": r_median, "q1": r1, "q3": r3, "per_round": ratios}}
 
 
@@ -3572,7 +3910,7 @@ class OneLineErrors(typer.core.TyperGroup):
         return code
 
 
-app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="markdown",
+app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
                   help="PART: pixel-reweighted adversarial training, evaluation and export. Budgets in 1/255 levels.")
 
 
@@ -3615,7 +3953,9 @@ def cli_errors():
 
 
 def _opt(help: str, *names: str, **kw):
-    return typer.Option(*names, help=help, **kw)
+    """An option whose help is shown as written: typer's rich mode would read `[default: x]`
+    or `[tag]` in it as markup and drop it."""
+    return typer.Option(*names, help=escape_markup(help), **kw)
 
 
 # Options shared by several commands, declared once.
@@ -3625,16 +3965,28 @@ CacheDir = Annotated[str, _opt("Cache of decoded image folders.")]
 DatasetOpt = Annotated[Optional[Literal[tuple(DATASETS)]], _opt("Dataset (default: the checkpoint's, else cifar10).")]
 Arch = Annotated[Optional[str], _opt(f"Architecture of a foreign state dict: {ARCH_HELP}.")]
 CamLayer = Annotated[Optional[str], _opt("Module whose output the CAM uses (default: the model's).")]
-Checkpoint = Annotated[Path, typer.Argument(help="Our .safetensors checkpoint, or a foreign state dict with --arch.", show_default=False)]
+Checkpoint = Annotated[Path, typer.Argument(help=escape_markup("Our .safetensors checkpoint, or a foreign state dict with --arch."), show_default=False)]
 Levels = Annotated[Optional[str], _opt("1/255 levels, e.g. 8 or 8/255.")]
 Seed = Annotated[int, _opt("Random seed.")]
+Threads = Annotated[int, _opt("CPU threads for PyTorch (0: its default, one per core; 1 is often fastest on a machine "
+                              "shared with other jobs).", min=0, max=4096)]
 JsonOut = Annotated[Optional[Path], _opt("Write the figures as JSON here.", "--json")]
 NExamples = Annotated[Optional[int], _opt("The first N test images in canonical order (default: all).", "--n-examples", "--n")]
 
 
+def shown_value(value: Any) -> Optional[str]:
+    """A setting as the command line writes it (None: nothing to show)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _config_option(name: str, field: dataclasses.Field) -> inspect.Parameter:
     """The `train` option of one TrainConfig field: its type for the command line, choices
-    as a Literal (shown by --help, offered by shell completion), its help and panel."""
+    as a Literal (shown by --help, offered by shell completion), its help and panel. The
+    default shown is set per call by TrainCommand (the preset's value where one applies)."""
     meta = field.metadata
     base, _ = _base_type(CONFIG_TYPES[name])
     if meta["levels"] or typing.get_origin(base) is list:
@@ -3645,13 +3997,65 @@ def _config_option(name: str, field: dataclasses.Field) -> inspect.Parameter:
         cli_type = base
     flag = "--" + name.replace("_", "-")
     decls = (f"{flag}/--no-{flag[2:]}",) if base is bool else (flag,)
-    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-    shown = ",".join(map(str, default)) if isinstance(default, list) else default
-    option = typer.Option(*decls, help=f"{meta['help']} [default: {shown}]", rich_help_panel=meta["panel"], show_default=False)
+    option = _opt(meta["help"], *decls, rich_help_panel=meta["panel"], show_default=False)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[cli_type], option])
 
 
-def train_command(preset: Optional[str] = None, config: Optional[Path] = None, resume: bool = False, **settings):
+def preset_names(config_file: Optional[Path] = None) -> list[str]:
+    """The presets of configs.toml (or of the given file); none when it cannot be read."""
+    path = config_file or next((p for p in config_paths() if p.is_file()), config_paths()[0])
+    try:
+        return [k for k, v in read_presets(path).items() if isinstance(v, dict)]
+    except CliError:
+        return []
+
+
+def complete_preset(incomplete: str) -> list[str]:
+    return [name for name in preset_names() if name.startswith(incomplete)]
+
+
+def complete_attacks(incomplete: str) -> list[str]:
+    """--attacks is a comma-separated list: complete its last name."""
+    done, _, last = incomplete.rpartition(",")
+    return [f"{done}," * bool(done) + name for name in ATTACK_NAMES if name.startswith(last)]
+
+
+class TrainCommand(typer.core.TyperCommand):
+    """`train --help` lists the presets and shows, for every setting, the value that applies:
+    the preset's (the one given with --preset, else the dataset's own) or the built-in one."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        given = {}
+        for i, arg in enumerate(args):
+            for flag in ("--preset", "--config", "--dataset"):
+                if arg == flag and i + 1 < len(args):
+                    given[flag] = args[i + 1]
+                elif arg.startswith(flag + "="):
+                    given[flag] = arg.split("=", 1)[1]
+        config_file = Path(given["--config"]) if "--config" in given else None
+        try:
+            values, preset = preset_settings(given.get("--preset"), config_file, given.get("--dataset"))
+        except CliError:  # an unknown preset is said when the command runs
+            values, preset = {}, None
+        for param in self.params:
+            if param.name == "preset":
+                names = preset_names(config_file)
+                param.help = escape_markup(f"Preset: {', '.join(names) or 'none found'} (default: the dataset's own, else cifar10).")
+            elif param.name in CONFIG_FIELDS:
+                field = CONFIG_FIELDS[param.name]
+                default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+                text = shown_value(values.get(param.name, default))
+                if param.name in values and text is not None:
+                    text += f" from preset {preset}"
+                if param.name == "out":
+                    text = "runs/<preset>-<method>-<timestamp>"
+                shown = f" [default: {text}]" if text is not None else ""
+                param.help = escape_markup(field.metadata["help"] + shown)
+        return super().parse_args(ctx, args)
+
+
+def train_command(preset: Optional[str] = None, config: Optional[Path] = None, resume: bool = False,
+                  auto_resume: bool = False, **settings):
     """Train a PART (or plain AT) model; writes checkpoints, metrics, summary.csv and curves.png.
 
     Settings come from the preset (configs.toml), then the options given here. Launch with
@@ -3659,54 +4063,30 @@ def train_command(preset: Optional[str] = None, config: Optional[Path] = None, r
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop is handled like Ctrl-C
     try:
         with cli_errors():
-            _train(settings, preset, config, resume)
+            if resume and auto_resume:
+                raise CliError("give --resume (continue a run) or --auto-resume (start or continue), not both")
+            fit(None, preset=preset, config_file=config, resume="auto" if auto_resume else resume, **settings)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
 train_command.__signature__ = inspect.Signature([
     inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[str], _opt(
-        "Preset in the config file (default: the dataset's name, else cifar10).", rich_help_panel="Presets")]),
+        "Preset in the config file (default: the dataset's own, else cifar10).", rich_help_panel="Presets",
+        autocompletion=complete_preset)]),
     inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[Path], _opt(
         "Preset file (default: configs.toml beside part.py).", rich_help_panel="Presets")]),
     inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, _opt(
-        "Continue the run in --out exactly where it stopped (its own settings; only where/how fast may change).",
+        "Continue the run in --out exactly where it stopped. Its settings stay its own: options and a --preset that "
+        "repeat them are accepted, a different value is refused (where/how fast, --epochs and --threads may change).",
         rich_help_panel="Presets")]),
+    inspect.Parameter("auto_resume", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, _opt(
+        "Start the run in --out, or continue it if --out already holds one: one command line for a job that is "
+        "pre-empted and rerun.", rich_help_panel="Presets")]),
     *(_config_option(name, field) for name, field in CONFIG_FIELDS.items()),
 ])
 train_command.__annotations__ = {p.name: p.annotation for p in train_command.__signature__.parameters.values()}
-app.command("train")(train_command)
-
-
-def _train(overrides: dict, preset: Optional[str], config: Optional[Path], resume: bool) -> None:
-    """The train command once its options are collected: config, run folder, lock, process group."""
-    dist = dist_from_env()
-    out = overrides.get("out")
-    if resume:
-        if not out:
-            raise CliError("--resume needs --out DIR, the run folder to continue")
-        if preset is not None or config is not None:
-            raise CliError("--preset and --config cannot be used with --resume: the run keeps its own settings")
-        cfg, preset_name = resume_config(RunFiles(Path(out)), overrides)
-    else:
-        cfg, preset_name = resolve_config(overrides, preset, config)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    files = RunFiles(Path(cfg.out or f"runs/{preset_name}-{cfg.method}-{stamp}"))
-    cfg.out = str(files.folder)
-    if cfg.batch_size < 2 * dist.world:
-        raise CliError(f"--batch-size {cfg.batch_size} is too small for {dist.world} processes (at least 2 each)")
-    lock = contextlib.nullcontext()
-    if dist.main:
-        if files.folder.exists() and not files.folder.is_dir():
-            raise CliError(f"--out {files.folder} is a file, not a folder")
-        files.folder.mkdir(parents=True, exist_ok=True)
-        lock = folder_lock(files.folder, "a training run")
-    with lock:
-        if dist.main:
-            check_out_dir(files, resume)
-            remove_stale_temporaries(files.folder)
-        with process_group(dist, process_device(cfg.device, dist)):
-            run_training(cfg, preset_name, files.folder, resume, dist)
+app.command("train", cls=TrainCommand)(train_command)
 
 
 @contextlib.contextmanager
@@ -3716,18 +4096,16 @@ def attack_progress(enabled: bool):
     if not enabled:
         yield lambda name, done, total, extra: None
         return
-    if not console.is_terminal:
-        yield lambda name, done, total, extra: console.print(f"{name}: {done}/{total} points | {extra}", markup=False) if extra else None
-        return
-    columns = (TextColumn("{task.description:>11}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[extra]}"))
-    with Progress(*columns, console=console, transient=True) as progress:
+    with live_progress() as bars:
+        if bars is None:
+            yield lambda name, done, total, extra: console.print(f"{name}: {done}/{total} points | {extra}", markup=False) if extra else None
+            return
         tasks: dict[str, Any] = {}
 
         def show(name: str, done: int, total: int, extra: str) -> None:
             if name not in tasks:
-                tasks[name] = progress.add_task(name, total=total, extra="")
-            progress.update(tasks[name], completed=done, extra=extra)
+                tasks[name] = bars.add_task(name, total=total, extra="")
+            bars.update(tasks[name], completed=done, extra=extra)
 
         yield show
 
@@ -3783,13 +4161,13 @@ def _attack_row(target: EvalTarget, n: int, setup: AttackSetup, result: dict, sp
     return {"path": str(target.path), "sha256": target.sha256, "arch": meta.arch, "dataset": target.dataset, "n_examples": n,
             "eps": setup.eps, "eps_levels": eps_levels, "step_levels": step_levels, "restarts": setup.restarts, "seed": setup.seed,
             "selection": {"split": "test", "first": n, "order": "canonical (file order; class-interleaved for image folders)"},
-            "attacks": {s.name: s.key for s in specs}, "device": device_name(device), "versions": versions(),
+            "attacks": {s.name: s.key for s in specs}, "device": device_name(device), "versions": versions(), "machine": machine(),
             "config": dataclasses.asdict(meta.config) if meta.config else None, "warnings": warnings_found, **result}
 
 
 def _write_reports(rows: list[dict], names: list[str], json_out, csv_out, markdown_out) -> None:
     if json_out is not None:
-        write_json(json_out, {"checkpoints": rows, "versions": versions()})
+        write_json(json_out, {"checkpoints": rows, "versions": versions(), "machine": machine()})
     headers = ["checkpoint", "sha256", "arch", "dataset", "n", "eps (/255)", *names, "worst"]
     values = [[r["path"], r["sha256"][:12], r["arch"], r["dataset"], r["n_examples"], f"{r['eps_levels']:g}",
                *[fmt_pct(r["accuracy"].get(a)) for a in names], fmt_pct(r["accuracy"]["worst"])] for r in rows]
@@ -3871,8 +4249,9 @@ class AttackOptions:
 
 @app.command("attack")
 def attack_command(
-    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints: ours (.safetensors) or foreign state dicts with --arch.", show_default=False)],
-    attacks: Annotated[str, _opt(f"Comma-separated: {ATTACK_HELP}. natural always runs.")] = "natural,fgsm,pgd20,cw20,mma",
+    checkpoints: Annotated[list[Path], typer.Argument(help=escape_markup("Checkpoints: ours (.safetensors) or foreign state dicts with --arch."), show_default=False)],
+    attacks: Annotated[str, _opt(f"Comma-separated: {ATTACK_HELP}. natural always runs.",
+                                 autocompletion=complete_attacks)] = "natural,fgsm,pgd20,cw20,mma",
     dataset: DatasetOpt = None,
     data_dir: DataDir = "data",
     cache_dir: CacheDir = DEFAULT_CACHE,
@@ -3898,6 +4277,7 @@ def attack_command(
     sweep_plot: Annotated[Optional[Path], _opt("PNG of the sweep (default: beside the first report, else sweep.png).")] = None,
     seed: Seed = 0,
     device: Device = "auto",
+    threads: Threads = 0,
 ):
     """Robust accuracy of checkpoints on the first N test images: a table, optionally JSON/CSV/markdown.
 
@@ -3905,6 +4285,7 @@ def attack_command(
     model gets right; `worst` counts a point robust only if no attack broke it. Interrupted,
     the same command continues where it stopped. Under torchrun the points are shared out."""
     with cli_errors():
+        set_threads(threads)
         dist = dist_from_env()
         eps_levels, step_levels = parse_levels(eps, "eps"), parse_levels(step, "step")
         check_budget_levels(eps_levels, 0.0, step_levels)
@@ -4046,7 +4427,7 @@ def parse_formats(text: str) -> list[str]:
 @app.command("export")
 def export_command(
     checkpoint: Checkpoint,
-    format: Annotated[str, _opt("torchscript|onnx|pt2|all (or a comma-separated list).")] = "all",
+    formats: Annotated[str, _opt("torchscript|onnx|pt2|all (or a comma-separated list).", "--format")] = "all",
     out: Annotated[Path, _opt("Output folder.")] = Path("export"),
     batch_size: Annotated[int, _opt("Batch size of the example input (the batch dimension stays dynamic).", min=2, max=4096)] = 2,
     opset: Annotated[int, _opt("ONNX opset.", min=18, max=30)] = 18,
@@ -4058,33 +4439,45 @@ def export_command(
     """Export a checkpoint for deployment: TorchScript, ONNX and/or torch.export (.pt2),
     with <name>.json beside them (input contract, classes, training config, robustness)."""
     with cli_errors():
-        formats = parse_formats(format)
-        if out.exists() and not out.is_dir():
-            raise CliError(f"--out {out} is a file, not a folder")
-        model, meta = load_checkpoint(checkpoint, arch, "cpu")
-        robustness = robustness_of(report, file_hash(checkpoint)) if report is not None else None
-        size = image_size or meta.image_size or 32
-        card = model_card(meta, size, robustness)
-        example = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
-        name = checkpoint.name.split(".")[0]
-        out.mkdir(parents=True, exist_ok=True)
-        files: dict[str, Path] = {}
-        for fmt in formats:
-            path = out / f"{name}{SUFFIX[fmt]}"
-            try:
-                EXPORTERS[fmt](model, example, path, opset, card)
-            except Exception as e:  # exporters fail in many ways; each is reported in one line
-                if fmt == "torchscript":
-                    note(f"torchscript: skipped, this PyTorch refuses it ({first_line(e)})")
-                    continue
-                raise CliError(f"{fmt} export failed: {first_line(e)}") from None
-            files[fmt] = path
-            console.print(f"{fmt}: {path} ({path.stat().st_size / 2**20:.1f} MiB)", markup=False)
-        card["files"] = {fmt: p.name for fmt, p in files.items()}
-        write_json(out / f"{name}.json", card)
-        console.print(f"model card: {out / f'{name}.json'}", markup=False)
-        if verify and files:
-            check_exports(model, files, batch_size + 3, size)
+        export_checkpoint(checkpoint, out, formats, arch=arch, image_size=image_size, batch_size=batch_size, opset=opset,
+                          verify=verify, report=report)
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path = "export", formats: str | list[str] = "all", *,
+                      arch: Optional[str] = None, image_size: Optional[int] = None, batch_size: int = 2, opset: int = 18,
+                      verify: bool = True, report: str | Path | None = None) -> dict[str, Path]:
+    """What `export` does, from Python: the checkpoint as TorchScript / ONNX / torch.export
+    files in `out` with the model card <name>.json; `verify` runs each file on a batch of
+    another size against PyTorch. Returns {format: path, ..., "card": path}."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    chosen = parse_formats(formats if isinstance(formats, str) else ",".join(formats))
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file, not a folder")
+    model, meta = load_checkpoint(checkpoint, arch, "cpu")
+    robustness = robustness_of(Path(report), file_hash(checkpoint)) if report is not None else None
+    size = image_size or meta.image_size or 32
+    card = model_card(meta, size, robustness)
+    example = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+    name = checkpoint.name.split(".")[0]
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    for fmt in chosen:
+        path = out / f"{name}{SUFFIX[fmt]}"
+        try:
+            EXPORTERS[fmt](model, example, path, opset, card)
+        except Exception as e:  # exporters fail in many ways; each is reported in one line
+            if fmt == "torchscript":
+                note(f"torchscript: skipped, this PyTorch refuses it ({first_line(e)})")
+                continue
+            raise CliError(f"{fmt} export failed: {first_line(e)}") from None
+        files[fmt] = path
+        console.print(f"{fmt}: {path} ({path.stat().st_size / 2**20:.1f} MiB)", markup=False)
+    card["files"] = {fmt: p.name for fmt, p in files.items()}
+    write_json(out / f"{name}.json", card)
+    console.print(f"model card: {out / f'{name}.json'}", markup=False)
+    if verify and files:
+        check_exports(model, files, batch_size + 3, size)
+    return {**files, "card": out / f"{name}.json"}
 
 
 def check_exports(model: nn.Module, files: dict[str, Path], batch: int, size: int, tolerance: float = 1e-4) -> None:
@@ -4132,9 +4525,11 @@ def cam_command(
     out: Annotated[Path, _opt("PNG to write.")] = Path("cams.png"),
     seed: Seed = 0,
     device: Device = "auto",
+    threads: Threads = 0,
 ):
     """What PART protects: image, CAM, budget map and a PART adversarial example per row."""
     with cli_errors():
+        set_threads(threads)
         from PIL import Image
 
         if out.is_dir() or out.suffix.lower() not in Image.registered_extensions():
@@ -4202,10 +4597,12 @@ def bench_command(
     peak_tflops: Annotated[Optional[float], _opt("The device's peak TFLOP/s (default: known for H100/H200/A100).")] = None,
     suite: Annotated[Optional[Literal["gpu"]], _opt("gpu: eager, compiled, compiled + bf16, + CUDA graphs (ignores --compile/--amp).")] = None,
     json_out: JsonOut = None,
+    threads: Threads = 0,
 ):
     """Time each piece of a PART training step on this machine (random data): medians of
     interleaved rounds, the PART/AT step ratio, compile time, peak memory, FLOP/s."""
     with cli_errors():
+        set_threads(threads)
         check_output_file(json_out, "--json")
         if peak_tflops is not None and not (math.isfinite(peak_tflops) and peak_tflops > 0):
             raise CliError(f"--peak-tflops must be a positive number, got {peak_tflops}")
@@ -4231,7 +4628,7 @@ def bench_command(
 
 @app.command("report")
 def report_command(
-    paths: Annotated[list[Path], typer.Argument(help="Run folders and/or `attack --json` reports.", show_default=False)],
+    paths: Annotated[list[Path], typer.Argument(help=escape_markup("Run folders and/or `attack --json` reports (other paths are skipped)."), show_default=False)],
     compare: Annotated[Optional[tuple[str, str]], _opt("Two groups, A B (labels or key=value), compared paired by seed.")] = None,
     markdown_out: Annotated[Optional[Path], _opt("Write the table (and the comparison) as markdown here.", "--markdown")] = None,
     csv_out: Annotated[Optional[Path], _opt("Write the table as CSV here.", "--csv")] = None,

@@ -2,11 +2,15 @@
 
 Run: python -m pytest -q test_part.py
 """
+import ast
 import dataclasses
 import importlib.util
 import json
 import math
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +22,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import typer
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -31,6 +36,51 @@ def cli(*args, timeout=600):
     """Run the real command line in a fresh process."""
     return subprocess.run([sys.executable, str(ROOT / "part.py"), *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=timeout)
+
+
+def in_terminal(*args, cwd=ROOT, timeout=600, command=None):
+    """Run the real command line as a person does, in a pseudo-terminal: rich draws its live
+    progress bars only there. Returns (exit code, everything the terminal showed)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160 x 40 window
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM", "COLUMNS", "LINES")}
+    env["TERM"] = "xterm-256color"
+    argv = command or [sys.executable, str(ROOT / "part.py"), *map(str, args)]
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env, close_fds=True,
+                            start_new_session=True)
+    os.close(slave)
+    shown, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 1 << 16)
+            except OSError:  # EIO: the terminal closed with the process
+                break
+            if not data:
+                break
+            shown.append(data)
+    finally:
+        if proc.poll() is None and time.monotonic() >= deadline:
+            proc.kill()
+        proc.wait()
+        os.close(master)
+    return proc.returncode, b"".join(shown).decode(errors="replace")
+
+
+def drew_a_bar(screen: str) -> bool:
+    """rich's live bar: its bar characters and the cursor moves that redraw it in place."""
+    return "━" in screen and "\x1b[" in screen
 
 
 def invoke(*args):
@@ -1871,3 +1921,235 @@ def test_the_cam_layer_can_be_chosen_and_a_plain_torchvision_state_dict_loads(ba
     mean, std = torch.tensor(part.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(part.IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         assert meta.num_classes == 10 and torch.allclose(ours(x), plain((x - mean) / std), atol=1e-5)
+
+
+# ---------------------------------------------------------------- as people use it: a terminal, a notebook, a second run
+
+QUICK = ["--preset", "smoke", "--train-subset", 256, "--eval-subset", 64, "--epochs", 2, "--warmup-epochs", 1]
+
+
+def test_train_in_a_terminal_draws_its_bars_and_finishes(tmp_path):
+    code, screen = in_terminal("train", *QUICK, "--out", tmp_path / "run")
+    assert code == 0, screen[-2000:]
+    assert drew_a_bar(screen) and "epoch 2" in screen and "done:" in screen
+    assert (tmp_path / "run" / "last.safetensors").is_file() and (tmp_path / "run" / "summary.csv").is_file()
+
+
+@pytest.mark.slow
+def test_attack_cam_export_and_report_in_a_terminal(fake_ckpt, tmp_path):
+    attacks = "natural,pgd5,aa" if importlib.util.find_spec("pyautoattack") else "natural,pgd5,cw5"
+    code, screen = in_terminal("attack", fake_ckpt, "--attacks", attacks, "--n-examples", 48, "--json", tmp_path / "r.json")
+    assert code == 0 and drew_a_bar(screen), screen[-2000:]
+    assert json.loads((tmp_path / "r.json").read_text())["checkpoints"][0]["n_examples"] == 48
+    code, screen = in_terminal("cam", fake_ckpt, "--n-examples", 4, "--out", tmp_path / "cams.png")
+    assert code == 0 and (tmp_path / "cams.png").stat().st_size > 0, screen[-2000:]
+    code, screen = in_terminal("export", fake_ckpt, "--format", "onnx", "--out", tmp_path / "export")
+    assert code == 0 and (tmp_path / "export" / "fake.onnx").is_file() and "ok" in screen, screen[-2000:]
+    code, screen = in_terminal("report", tmp_path / "r.json", tmp_path / "export")  # the folder is skipped, said once
+    assert code == 0 and "skipped 1 path" in screen and "natural" in screen, screen[-2000:]
+
+
+@pytest.fixture(scope="session")
+def fake_ckpt(tmp_path_factory):
+    """An untrained smoke-preset model written by the real checkpoint writer: for the tests
+    whose property does not depend on learning."""
+    path = tmp_path_factory.mktemp("fake") / "fake.safetensors"
+    cfg, preset = part.resolve_config({}, "smoke", None)
+    torch.manual_seed(0)
+    model = part.build_model(cfg.model, 10)
+    meta = part.CheckpointMeta(arch=cfg.model, num_classes=10, classes=list(part.SYNTHETIC_CLASSES), dataset="synthetic",
+                               image_size=32, config=cfg, preset=preset, epoch=1, versions=part.versions(), machine=part.machine())
+    part.save_checkpoint(path, model, meta)
+    return path
+
+
+def readme_block(after: str) -> str:
+    """The first ``` block of the README after the line that contains `after`."""
+    text = (ROOT / "README.md").read_text()
+    rest = text[text.index(after):]
+    start = rest.index("```", 0) + len(rest[rest.index("```"):].split("\n", 1)[0]) + 1
+    return rest[start:rest.index("```", start)]
+
+
+def readme_commands(block: str) -> list[str]:
+    """The command lines of a bash block (continuations joined)."""
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")]
+
+
+@pytest.mark.slow
+def test_the_readme_tour_runs_as_written_in_a_terminal_and_again(tmp_path):
+    commands = readme_commands(readme_block("A tour of the other commands"))
+    assert commands[0].startswith("python part.py train") and len(commands) >= 5
+    shutil.copy(ROOT / "part.py", tmp_path)
+    shutil.copy(ROOT / "configs.toml", tmp_path)
+    for round_ in (1, 2):
+        for command in commands:
+            argv = [sys.executable if w == "python" else w for w in shlex.split(command)]
+            code, screen = in_terminal(command=argv, cwd=tmp_path)
+            assert code == 0, f"round {round_}: {command}\n{screen[-3000:]}"
+            if round_ == 1 and (" train " in command or " attack " in command):
+                assert drew_a_bar(screen), command
+    tour = tmp_path / "runs" / "tour"
+    assert (tour / "best.safetensors").is_file() and (tour / "report.json").is_file() and (tour / "cams.png").is_file()
+    assert (tour / "export" / "best.onnx").is_file() and json.loads((tour / "export" / "best.json").read_text())["robustness"]
+
+
+@pytest.mark.slow
+def test_the_readme_api_round_trip_runs_as_written_and_again(tmp_path):
+    code = readme_block("## Python API")
+    assert "part.fit(" in code and "part.evaluate_suite(" in code and "part.export_checkpoint(" in code
+    script = tmp_path / "snippet.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for _ in range(2):  # the second time it continues the finished run: nothing to do
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "runs" / "api" / "export" / "best.onnx").is_file()
+    assert "'natural'" in r.stdout and "worst" in r.stdout
+
+
+def test_api_calls_take_float_images_and_pairs_and_refuse_what_they_would_misread():
+    torch.manual_seed(0)
+    model = part.build_model("cnn").eval()
+    test = part.load_split("synthetic", "test", "unused").first(32)
+    setup = part.AttackSetup(8 / 255, 2 / 255, seed=1)
+    as_uint8 = part.evaluate_suite(model, test, ["natural", "pgd3"], setup)["accuracy"]
+    x, y = part.to_float(test.x), test.y
+    assert part.evaluate_suite(model, (x, y), "natural,pgd3", setup)["accuracy"] == as_uint8
+    assert part.evaluate_suite(model, part.Split(x, y, test.classes), ["natural", "pgd3"], setup)["accuracy"] == as_uint8
+    assert part.evaluate_suite(model, (x.numpy(), y.numpy()), ["natural", "pgd3"], setup)["accuracy"] == as_uint8
+    assert torch.equal(part.to_float(x), x)  # floats in [0, 1] are never divided again
+    bad = [((x * 255, y), "in [0, 1]"), ((test.x.long(), y), "in [0, 1]"), ((x.permute(0, 2, 3, 1), y), "channels-last"),
+           ((x, y.float()), "integer class indices"), ((x, y[:5]), "5 labels for 32 images"), ((x[0], y), "[N, C, H, W]"),
+           ((x, y + 10), "the model has 10 outputs"), ((x.clone().fill_(math.nan), y), "in [0, 1]"), (x, "(images, labels) pair")]
+    for data, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            part.evaluate_suite(model, data, ["natural"], setup)
+    with pytest.raises(ValueError, match="outside the 10 classes"):
+        part.Split(x, y + 10, test.classes)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        part.to_float(x * 255)
+    with pytest.raises(ValueError, match="8/255, not 8"):
+        part.pgd(model, x, y, 8, 2 / 255, 3)
+    with pytest.raises(ValueError, match="floating point"):
+        part.pgd(model, test.x, y, 8 / 255, 2 / 255, 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        part.pgd(model, x, y, torch.full((3, 3, 32, 32), 8 / 255), 2 / 255, 3)
+    with pytest.raises(ValueError, match="8/255, not 8"):
+        part.eps_map(part.class_activation(model, x), 8, 7)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        part.grad_cam(model, x * 255)
+    assert set(part.__all__) <= set(dir(part)) and {"fit", "evaluate_suite", "export_checkpoint", "Split"} <= set(part.__all__)
+
+
+def test_fit_makes_its_folder_and_auto_resume_starts_then_continues(tmp_path):
+    out = tmp_path / "deep" / "run"
+    run = part.fit(preset="smoke", out=out, resume="auto", train_subset=128, eval_subset=32, epochs=1, warmup_epochs=0)
+    assert run.last.is_file() and run.metrics["epoch"] == 1 and run.config.epochs == 1
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["machine"]["threads"] == torch.get_num_threads() and stored["machine"]["cpu"]
+    assert part.load_checkpoint(run.last)[1].machine["threads"] == torch.get_num_threads()
+    again = part.fit(preset="smoke", out=out, resume="auto", train_subset=128, eval_subset=32, epochs=2, warmup_epochs=0)
+    assert again.metrics["epoch"] == 2
+    with pytest.raises(ValueError, match="unknown setting 'epoch'"):
+        part.fit(preset="smoke", out=tmp_path / "x", epoch=3)
+    with pytest.raises(ValueError, match="differs from the run's own"):
+        part.fit(preset="smoke", out=out, resume=True, lr=0.5)
+
+
+def test_the_same_command_again_with_resume_continues_and_only_a_different_value_is_refused(tmp_path):
+    out = tmp_path / "run"
+    assert cli("train", *QUICK, "--out", out).returncode == 0
+    r = cli("train", *QUICK, "--epochs", 3, "--out", out, "--resume")  # the job script's own line, plus --resume
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    r = cli("train", *QUICK, "--lr", 0.2, "--out", out, "--resume")
+    assert r.returncode == 1 and "--lr 0.2 differs from the run's own 0.05" in r.stderr
+    r = cli("train", "--preset", "cifar10-cpu", "--out", out, "--resume")
+    assert r.returncode == 1 and "--preset cifar10-cpu: this run was started from preset 'smoke'" in r.stderr
+    r = cli("train", *QUICK, "--epochs", 3, "--out", out, "--auto-resume")
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stderr
+    r = cli("train", *QUICK, "--out", out, "--resume", "--auto-resume")
+    assert r.returncode == 1 and "not both" in r.stderr
+
+
+def test_a_resume_at_another_thread_count_says_it_is_not_bit_exact(tmp_path):
+    out = tmp_path / "run"
+    assert cli("train", *QUICK, "--epochs", 1, "--threads", 1, "--out", out).returncode == 0
+    assert json.loads((out / "config.json").read_text())["machine"]["threads"] == 1
+    r = cli("train", *QUICK, "--out", out, "--resume", "--threads", 2)
+    assert r.returncode == 0 and "the run used 1 CPU threads, this resume 2" in r.stderr and "threads=2" in r.stdout
+
+
+def test_report_skips_what_is_not_a_run_or_an_attack_report_with_one_note(tmp_path):
+    for seed in (0, 1):
+        folder = tmp_path / f"at-s{seed}"
+        folder.mkdir()
+        cfg = dataclasses.asdict(part.TrainConfig(seed=seed, method="at"))
+        (folder / "config.json").write_text(json.dumps({"config": cfg}))
+        (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "natural": 0.5 + seed / 10, "pgd20": 0.2}) + "\n")
+    (tmp_path / "report.md").write_text("| a |")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "summary.json").write_text(json.dumps({"groups": []}))
+    paths = sorted(tmp_path.iterdir())
+    for _ in range(2):  # the second time its own report.md/json sit in the glob too
+        r = invoke("report", *paths, "--markdown", tmp_path / "report.md", "--json", tmp_path / "summary.json")
+        assert r.exit_code == 0, r.output
+        assert "skipped 3 path(s)" in r.output and "55.00 ± 7.07" in r.output
+    assert invoke("report", tmp_path / "report.md").exit_code == 1
+
+
+def test_every_help_text_is_shown_as_written():
+    """typer's rich mode reads [x] in help as markup and drops it (it ate `<preset>` and
+    `[default: ...]` once): every help text must render to itself."""
+    from rich.text import Text
+
+    for command in part.app.registered_commands:
+        click_command = typer.main.get_command(part.app).commands[command.name]
+        texts = [click_command.help or ""] + [p.help or "" for p in click_command.params if getattr(p, "help", None)]
+        for text in texts:
+            assert Text.from_markup(text).plain.replace("\\[", "[") == text.replace("\\[", "[").replace("\\\\", "\\"), text
+    r = subprocess.run([sys.executable, str(ROOT / "part.py"), "train", "--preset", "smoke", "--help"], capture_output=True,
+                       text=True, env={**os.environ, "COLUMNS": "250"})
+    assert "runs/<preset>-<method>-<timestamp>" in r.stdout and "smoke, " not in r.stdout.split("--preset")[0]
+    assert "[default: 0.05 from preset smoke]" in r.stdout and "[default: 8]" in r.stdout  # lr from the preset; eps built in
+    assert all(name in r.stdout for name in ("cifar10-cpu", "cifar10-study", "tinyimagenet"))  # the presets are listed
+
+
+def test_shell_completion_offers_presets_and_attack_names():
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "_PART.PY_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()))}
+        r = subprocess.run([sys.executable, str(ROOT / "part.py")], capture_output=True, text=True, env=env, cwd=ROOT)
+        return r.stdout.split()
+
+    assert {"smoke", "cifar10", "cifar10-study"} <= set(complete("part.py train --preset "))
+    assert part.complete_attacks("natural,pg") == ["natural,pgd20", "natural,pgd50", "natural,pgd100", "natural,pgd20-part"]
+    assert "apgd-ce" in part.complete_attacks("apgd")
+
+
+def test_no_module_level_name_is_bound_twice_and_commands_are_named_apart():
+    tree = ast.parse((ROOT / "part.py").read_text())
+    bound = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            bound.append(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound += [(a.asname or a.name).split(".")[0] for a in node.names]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            bound += [t.id for t in targets if isinstance(t, ast.Name)]
+    twice = {n for n in bound if bound.count(n) > 1}
+    assert not twice, f"module-level names bound twice: {twice}"
+    commands = {c.callback.__name__ for c in part.app.registered_commands}
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    used |= {a.arg for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.Lambda)) for a in n.args.args + n.args.kwonlyargs}
+    options = {p.name for c in part.app.registered_commands for p in typer.main.get_command(part.app).commands[c.name].params}
+    assert not commands & (used | options | set(sys.modules)), commands & (used | options | set(sys.modules))
+    assert {c.name for c in part.app.registered_commands} == {"train", "attack", "export", "cam", "bench", "report"}
+
+
+def test_the_linter_finds_nothing():
+    if not shutil.which("ruff") and not importlib.util.find_spec("ruff"):
+        pytest.skip("ruff is not installed (pip install -r requirements.txt)")
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "part.py", "test_part.py"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
