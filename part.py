@@ -1968,7 +1968,7 @@ def on_model_device(model: nn.Module, data: Split | tuple) -> Split:
     device = model_device(model)
     data = data if device is None or data.y.device == device else data.to(device)
     if len(data.y):
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), eval_mode(model), full_fp32():
             outputs = model(to_float(data.x[:1])).shape[-1]
         if int(data.y.max()) >= outputs:
             raise ValueError(f"labels go up to {int(data.y.max())}, but the model has {outputs} outputs (another data set?)")
