@@ -1217,14 +1217,17 @@ def cam_from(acts: Tensor, grads: Tensor, method: str) -> Tensor:
     return (heat - low) / (high - low).clamp(min=1e-12)
 
 
-def class_activation(model: nn.Module, x: Tensor, method: str = "gradcam", target: Optional[Tensor] = None) -> Tensor:
+def class_activation(model: nn.Module, x: Tensor, method: str = "gradcam", target: Optional[Tensor] = None, *,
+                     check: bool = True) -> Tensor:
     """Batched CAM at the model's CAM layer, at feature resolution: [B, 1, h, w] in [0, 1].
     One forward and one backward for the whole batch; the gradient is taken with
     torch.autograd.grad w.r.t. the feature map only, so parameter .grad is never touched.
-    Y_c is the logit of `target` (default: the predicted class). Runs in eval mode."""
+    Y_c is the logit of `target` (default: the predicted class). Runs in eval mode.
+    check=False skips the input checks (each costs a GPU sync) for callers that made x."""
     if method not in CAM_WEIGHTS:
         raise unknown("CAM method", method, CAM_WEIGHTS)
-    check_attack_inputs(model, x, target)
+    if check:
+        check_attack_inputs(model, x, target)
     with eval_mode(model):
         acts, logits = activations_and_logits(model, x)
         with torch.enable_grad():
@@ -1329,13 +1332,14 @@ MASK_RULES: dict[str, Callable[..., Tensor]] = {
     "zscore": zscore_rule, "official": official_rule, "random": random_rule, "uniform": uniform_rule}
 
 
-def eps_map(cam: Tensor, eps: float, eps_low: float, rule: str = "zscore",
-            size: Optional[tuple[int, int]] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+def eps_map(cam: Tensor, eps: float, eps_low: float, rule: str = "zscore", size: Optional[tuple[int, int]] = None,
+            generator: Optional[torch.Generator] = None, *, check: bool = True) -> Tensor:
     """Per-pixel L-inf budget ([0, 1] units) from a CAM [B, 1, h, w] in [0, 1] by one of
     MASK_RULES. `size` is the output (input image) size; default the CAM's own."""
     if rule not in MASK_RULES:
         raise unknown("mask rule", rule, MASK_RULES)
-    check_unit_images(cam, "cam")
+    if check:
+        check_unit_images(cam, "cam")
     for name, value in (("eps", eps), ("eps_low", eps_low)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # NaN fails too
             raise ValueError(f"{name} must be a number in [0, 1] ({UNITS_HINT}), got {value!r}")
@@ -1546,17 +1550,19 @@ def start_point(x: Tensor, eps: float | Tensor, start: bool | float, box: tuple[
     return torch.clamp(x0, *box)
 
 
-def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, step: float, steps: int,
-        loss: str = "ce", random_start: bool | float = True, stepper: Optional[Stepper] = None) -> Tensor:
+def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, step: float, steps: int, loss: str = "ce",
+        random_start: bool | float = True, stepper: Optional[Stepper] = None, *, check: bool = True) -> Tensor:
     """L-inf PGD inside a per-pixel budget; returns x' with |x' - x| <= eps element-wise and
     x' in [0, 1]. `eps` is a float or a tensor broadcastable to x ([0, 1] units).
     random_start: True = uniform in the per-pixel budget; a float s = N(0, s^2) noise (the
     TRADES/MART start, e.g. 0.001); False = start at x. loss: ce, cw or kl (TRADES' inner
     KL against the model's clean prediction). `stepper`: compiled_ascent_step() for the
     torch.compile'd step (default: eager). Runs the model in eval mode, restores it; the
-    input is never modified; no per-example Python."""
-    check_attack_arguments(eps, step, steps)
-    check_attack_inputs(model, x, y, eps)
+    input is never modified; no per-example Python. check=False skips the checks of x, y
+    and a budget map (GPU syncs) for the training and evaluation loops, which made them."""
+    check_attack_arguments(eps if check else 0.0, step, steps)
+    if check:
+        check_attack_inputs(model, x, y, eps)
     box = budget_box(x, eps)
     with eval_mode(model):
         ref = None
@@ -1573,14 +1579,15 @@ def _tile(eps: float | Tensor, x: Tensor, k: int) -> float | Tensor:
     return eps.expand_as(x).repeat(k, 1, 1, 1) if eps.dim() == 4 else eps
 
 
-def mma(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, step: float, steps: int = 20,
-        k: int = 3, random_start: bool = True, stepper: Optional[Stepper] = None) -> Tensor:
+def mma(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, step: float, steps: int = 20, k: int = 3,
+        random_start: bool = True, stepper: Optional[Stepper] = None, *, check: bool = True) -> Tensor:
     """Minimum-margin attack (as in the PART paper): a targeted PGD on the CW-type margin
     z_t - z_y (capped at 50) for each of the k highest wrong classes of the clean
     prediction, run as one batch of k*B; per example the candidate with the smallest true
     margin z_y - max_{j != y} z_j is kept (so if any target succeeds, the result fails)."""
-    check_attack_arguments(eps, step, steps)
-    check_attack_inputs(model, x, y, eps)
+    check_attack_arguments(eps if check else 0.0, step, steps)
+    if check:
+        check_attack_inputs(model, x, y, eps)
     b = x.shape[0]
     with eval_mode(model):
         with torch.no_grad():
@@ -1914,17 +1921,17 @@ def budget_for(model: nn.Module, x: Tensor, setup: AttackSetup, part_phase: bool
     """The per-pixel budget of this exact (augmented) batch: CAM -> eps map in PART epochs."""
     if not part_phase:
         return setup.eps
-    low_res = cam(model, x, setup.cam) if cam else class_activation(model, x, setup.cam)
-    return eps_map(low_res, setup.eps, setup.eps_low, setup.mask_rule, size=x.shape[-2:])
+    low_res = cam(model, x, setup.cam) if cam else class_activation(model, x, setup.cam, check=False)
+    return eps_map(low_res, setup.eps, setup.eps_low, setup.mask_rule, size=x.shape[-2:], check=False)
 
 
 def make_adversarial(model: nn.Module, x: Tensor, y: Tensor, budget: float | Tensor, setup: AttackSetup,
                      loss: str, generator: str, stepper: Optional[Stepper] = None) -> Tensor:
     """Training AEs: PGD with the base loss's inner loss and start, or MMA."""
     if generator == "mma":
-        return mma(model, x, y, budget, setup.step, setup.steps, stepper=stepper)
+        return mma(model, x, y, budget, setup.step, setup.steps, stepper=stepper, check=False)
     spec = LOSSES[loss]
-    return pgd(model, x, y, budget, setup.step, setup.steps, spec.inner, spec.start, stepper)
+    return pgd(model, x, y, budget, setup.step, setup.steps, spec.inner, spec.start, stepper, check=False)
 
 
 def train_step(parts: TrainingModules, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, cfg: TrainConfig,
@@ -1990,7 +1997,7 @@ def evaluate(model: nn.Module, data: Split | tuple, setup: Optional[AttackSetup]
             x, y = to_float(data.x[chunk]), data.y[chunk]
             with torch.no_grad():
                 counts[0] += (model(x).argmax(1) == y).sum()
-            x_adv = pgd(model, x, y, setup.eps, setup.step, setup.steps)
+            x_adv = pgd(model, x, y, setup.eps, setup.step, setup.steps, check=False)
             with torch.no_grad():
                 counts[1] += (model(x_adv).argmax(1) == y).sum()
             counts[2] += len(y)
@@ -2055,25 +2062,26 @@ def _natural(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
 
 
 def _fgsm(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    return pgd(model, x, y, setup.eps, setup.eps, 1, random_start=False), {}
+    return pgd(model, x, y, setup.eps, setup.eps, 1, random_start=False, check=False), {}
 
 
 def _pgd(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "ce")), {}
+    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "ce", check=False)), {}
 
 
 def _cw(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "cw")), {}
+    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "cw", check=False)), {}
 
 
 def _mma(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(model, y, spec.restarts, lambda: mma(model, x, y, setup.eps, setup.step, spec.steps, k=3)), {}
+    return worst_of_restarts(model, y, spec.restarts, lambda: mma(model, x, y, setup.eps, setup.step, spec.steps, k=3, check=False)), {}
 
 
 def _pgd_part(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
     """PGD inside the model's own PART budget map of these clean images (for analysis)."""
-    budget = eps_map(class_activation(model, x, setup.cam), setup.eps, setup.eps_low, setup.mask_rule, size=x.shape[-2:])
-    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, budget, setup.step, spec.steps)), {}
+    low_res = class_activation(model, x, setup.cam, check=False)
+    budget = eps_map(low_res, setup.eps, setup.eps_low, setup.mask_rule, size=x.shape[-2:], check=False)
+    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, budget, setup.step, spec.steps, check=False)), {}
 
 
 AA_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -3801,7 +3809,7 @@ def bench_pieces(net: nn.Module, parts: TrainingModules, cfg: TrainConfig, x: Te
     """The pieces of a PART training step on one batch (the same calls training makes)."""
     setup = AttackSetup.from_config(cfg)
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
-    cam_fn = parts.cam or (lambda model, xs, method: class_activation(model, xs, method))
+    cam_fn = parts.cam or (lambda model, xs, method: class_activation(model, xs, method, check=False))
     low_res = class_activation(net, x)
     budget = eps_map(low_res, setup.eps, setup.eps_low, size=x.shape[-2:])
 
@@ -3811,11 +3819,11 @@ def bench_pieces(net: nn.Module, parts: TrainingModules, cfg: TrainConfig, x: Te
 
     def attack():
         with autocast(x.device, cfg.amp):
-            pgd(net, x, y, budget, setup.step, cfg.steps, stepper=parts.stepper)
+            pgd(net, x, y, budget, setup.step, cfg.steps, stepper=parts.stepper, check=False)
 
     return {"forward (eval, no grad)": forward,
             "CAM (gradcam)": lambda: cam_fn(net, x, "gradcam"),
-            "budget map (zscore)": lambda: eps_map(low_res, setup.eps, setup.eps_low, size=x.shape[-2:]),
+            "budget map (zscore)": lambda: eps_map(low_res, setup.eps, setup.eps_low, size=x.shape[-2:], check=False),
             f"PGD-{cfg.steps} attack": attack,
             "AT step": lambda: train_step(parts, optimizer, x, y, cfg, setup, part_phase=False),
             "PART step": lambda: train_step(parts, optimizer, x, y, cfg, setup, part_phase=True)}
