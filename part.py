@@ -31,6 +31,7 @@ import gc
 import hashlib
 import importlib.util
 import inspect
+import io
 import itertools
 import json
 import math
@@ -177,8 +178,10 @@ def check_budget_levels(eps_levels: float, eps_low_levels: float, step_levels: f
 # ============================================================================ console
 # Tables keep their columns in logs and pipes too (rich would assume 80 columns there).
 
-console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# markup=False: what we print holds user text (paths, class names, group labels) that rich
+# would read as markup ("runs/[x]/best" lost its "[x]", "[/]" raised MarkupError).
+console = Console(highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 def note(message: str) -> None:
@@ -249,6 +252,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` fills a temporary file; it replaces `path` once it is safely on disk."""
     path = Path(path)
     tmp = _tmp_name(path)
+    tmp.unlink(missing_ok=True)  # never write through a link planted at the temporary name
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -275,10 +279,17 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+def write_bytes(path: Path, data: bytes) -> None:
+    """Every binary file (safetensors, TorchScript, ONNX, pt2) is serialised in memory and
+    written here by Python: a full disk is an OSError with a message, not a C++ abort or a
+    library's own exception type."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save
+
+    write_bytes(path, save(tensors, metadata=metadata))
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -300,8 +311,42 @@ def check_output_file(path: Optional[Path], option: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CliError(f"{option} {path}: cannot create its folder ({e.strerror or first_line(e)})") from None
-    if not os.access(path.parent, os.W_OK):
+    if not writable(path.parent):
         raise CliError(f"{option} {path}: the folder {path.parent} is not writable")
+
+
+def writable(folder: Path) -> bool:
+    """Whether a file can be made in `folder`, tried for real: os.access says yes to root even
+    where the write then fails (a read-only mount, an immutable folder)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def require_file(path: Path, what: str) -> None:
+    """An input that must be a regular file: a FIFO or a device would hang the read."""
+    path = Path(path)
+    if not path.exists():
+        raise CliError(f"{what} {path} not found")
+    if not path.is_file():
+        raise CliError(f"{what} {path} is not a regular file")
+
+
+def check_output_folder(folder: Path, option: str) -> None:
+    """Before any work: an output folder that can be made and written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CliError(f"{option} {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"{option} {folder}: cannot create it ({e.strerror or first_line(e)})") from None
+    if not writable(folder):
+        raise CliError(f"{option} {folder} is not writable")
 
 
 def file_hash(path: Path) -> str:
@@ -314,22 +359,27 @@ def file_hash(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path, what: str):
-    """An exclusive lock on a folder for the life of a process (released by the OS even
-    after kill -9), so that two runs never write the same files."""
+def file_lock(lock: Path, what: str, used: str):
+    """An exclusive lock for the life of a process (released by the OS even after kill -9),
+    so that two runs never write the same files. `used` names what is locked in the message."""
     try:
         import fcntl
     except ImportError:  # no flock on this platform: run unlocked
         yield
         return
-    handle = open(folder / ".lock", "a+")
+    try:  # O_NOFOLLOW: a lock file that is a link to elsewhere is refused, never written through
+        handle = os.fdopen(os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644), "r+")
+    except OSError:
+        if Path(lock).is_symlink():
+            raise CliError(f"{lock} is a symbolic link; part never writes through one: remove it") from None
+        raise
     try:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise CliError(f"{folder} is in use by {holder}; wait for it to finish or choose another folder") from None
+            raise CliError(f"{used} is in use by {holder}; wait for it to finish or choose another") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{what} (pid {os.getpid()})")
@@ -337,6 +387,11 @@ def folder_lock(folder: Path, what: str):
         yield
     finally:
         handle.close()
+
+
+def folder_lock(folder: Path, what: str):
+    """The lock of a folder that one process writes (a run folder, a --save-adv folder)."""
+    return file_lock(Path(folder) / ".lock", what, str(folder))
 
 
 # ============================================================================ runtime
@@ -564,6 +619,7 @@ def as_split(data: Any) -> Split:
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+MAX_DECODE_PIXELS = 40_000_000  # a 40 MP photo decodes to 120 MB; a 12000 x 12000 PNG of 140 KB would take 1.3 GB
 MAX_IMAGE_SIZE = 1024  # the largest --image-size; a 1024 px split of 50k images is already 150 GB of uint8
 
 
@@ -640,7 +696,10 @@ def _decode_image(path: Path, size: int) -> Tensor:
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(path) as im:  # opening reads the header only: the size is known before decoding
+        if im.width * im.height > MAX_DECODE_PIXELS:
+            raise ValueError(f"{im.width}x{im.height} pixels is more than part decodes ({MAX_DECODE_PIXELS / 1e6:.0f} M); "
+                             "resize the image")
         if im.mode.startswith("I;16"):
             grey = np.asarray(im).astype(np.float64) / 257.0  # 65535 -> 255
             im = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8), mode="L")
@@ -1124,8 +1183,8 @@ def build_model(name: str, num_classes: int = 10, cam_layer: Optional[str] = Non
     """A fresh model taking images in [0, 1]: a built-in name or torchvision:NAME.
     `cam_layer` (a module name) moves the CAM of any model to that layer; torchvision
     models choose theirs for `image_size`."""
-    if not isinstance(num_classes, int) or not 1 <= num_classes <= 100_000:
-        raise CliError(f"number of classes must be an integer between 1 and 100000, got {num_classes!r}")
+    if not isinstance(num_classes, int) or not 2 <= num_classes <= 100_000:
+        raise CliError(f"a classifier needs between 2 and 100000 classes, got {num_classes!r}")
     if name.startswith(TORCHVISION):
         model = TorchvisionNet(name[len(TORCHVISION):], num_classes, cam_layer, image_size)
     elif name in BUILTIN_MODELS:
@@ -1636,7 +1695,8 @@ class TrainConfig:
     val_size: int = setting(0, "Hold out N training images (class-balanced, chosen by the seed) to pick `best`; "
                                "0: pick it on the first --eval-subset test images.", DATA, bounds=(0, 10**7))
     model: str = setting("resnet18", f"Architecture: {ARCH_HELP}.", MODEL)
-    cam_layer: Optional[str] = setting(None, "Module whose output the CAM uses (default: the architecture's last block).", MODEL)
+    cam_layer: Optional[str] = setting(None, "Module whose output the CAM uses (default: the architecture's last block).", MODEL,
+                                       on_resume=True)
     method: str = setting("part", "at: uniform budget; part: pixel-reweighted after the warm-up.", METHOD, choices=METHODS)
     loss: str = setting("ce", "Base loss: ce (AT/PART), trades (PART-T), mart (PART-M).", METHOD, choices=tuple(LOSSES))
     beta: float = setting(6.0, "TRADES/MART regulariser weight.", METHOD, bounds=(0, 1e6))
@@ -1760,7 +1820,7 @@ def read_presets(path: Path) -> dict[str, dict]:
         raise CliError(f"config file {path} not found")
     try:
         return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except (RecursionError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise CliError(f"config file {path} is not valid TOML: {e}") from None
 
 
@@ -1805,8 +1865,12 @@ def config_from_dict(values: dict, origin: str) -> TrainConfig:
     """A stored config (checkpoint metadata, config.json), every value checked again."""
     if not isinstance(values, dict):
         raise CliError(f"{origin}: the stored config is not a table of settings")
-    cfg = TrainConfig(**{k: coerce(k, v, origin) for k, v in values.items() if k in CONFIG_FIELDS})
-    validate_config(cfg)
+    try:
+        cfg = TrainConfig(**{k: coerce(k, v, origin) for k, v in values.items() if k in CONFIG_FIELDS})
+        validate_config(cfg)
+    except CliError as e:  # the stored value is wrong, not an option the user gave: say where it is
+        text = str(e).replace("--", "")
+        raise CliError(text if text.startswith(origin) else f"{origin}: a stored setting is invalid: {text}") from None
     return cfg
 
 
@@ -2040,9 +2104,16 @@ def fraction(flags: Tensor) -> float:
 
 
 def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
-    """Predicted classes of x, batch by batch, without a graph."""
+    """Predicted classes of x, batch by batch, without a graph. Outputs that are not finite
+    stop the evaluation: the argmax of NaN is a made-up class, not a prediction."""
+    found = []
     with torch.no_grad():
-        return torch.cat([model(chunk).argmax(1) for chunk in x.split(batch_size)]) if len(x) else x.new_zeros(0, dtype=torch.long)
+        for chunk in x.split(batch_size):
+            logits = model(chunk)
+            if not bool(torch.isfinite(logits).all()):
+                raise CliError("the model's outputs are NaN or inf on some inputs: no accuracy is reported")
+            found.append(logits.argmax(1))
+    return torch.cat(found) if found else x.new_zeros(0, dtype=torch.long)
 
 
 def worst_of_restarts(model: nn.Module, y: Tensor, restarts: int, attack: Callable[[], Tensor]) -> Tensor:
@@ -2130,8 +2201,11 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int,
 
 
 def _aa(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    components = AA_STANDARD if spec.family == "aa" else (spec.family,)
-    return autoattack(model, x, y, setup.eps, seed, components)
+    """aa: the four components in order, with the robust flags after each (for its log);
+    a component asked for alone (apgd-ce, ..., square): that one, its flags are the attack's."""
+    if spec.family != "aa":
+        return autoattack(model, x, y, setup.eps, seed, (spec.family,))[0], {}
+    return autoattack(model, x, y, setup.eps, seed, AA_STANDARD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2159,7 +2233,9 @@ ATTACKS: dict[str, AttackFamily] = {
 # What shell completion offers for --attacks (any K steps and xR restarts work too).
 ATTACK_NAMES = ("natural", "fgsm", "pgd20", "pgd50", "pgd100", "cw20", "cw50", "mma", "pgd20-part", "aa", "apgd-ce", "apgd-t",
                 "fab-t", "square")
+DEFAULT_ATTACKS = "natural,fgsm,pgd20,cw20,mma"
 ATTACK_HELP = "natural, fgsm, pgdK, cwK, mmaK, pgdK-part (K steps, e.g. pgd50; add xR for R restarts: pgd50x5), aa, apgd-ce, apgd-t, fab-t, square"
+MAX_ATTACK_STEPS, MAX_RESTARTS = 100_000, 10_000
 _ITERATIVE_NAME = re.compile(r"^(?P<family>pgd|cw|mma)(?P<steps>\d*)(?P<part>-part)?(?:x(?P<restarts>\d+))?$")
 
 
@@ -2172,8 +2248,8 @@ def parse_attack(name: str, restarts: int = 1) -> AttackSpec:
         family = "pgd-part" if m["part"] else m["family"]
         steps = int(m["steps"]) if m["steps"] else ATTACKS[family].default_steps
         tries = int(m["restarts"]) if m["restarts"] else restarts
-        if not (1 <= steps <= 100_000 and 1 <= tries <= 10_000):
-            raise CliError(f"attack {name!r}: steps must be 1-100000 and restarts 1-10000")
+        if not (1 <= steps <= MAX_ATTACK_STEPS and 1 <= tries <= MAX_RESTARTS):
+            raise CliError(f"attack {name!r}: steps must be 1-{MAX_ATTACK_STEPS} and restarts 1-{MAX_RESTARTS}")
         return AttackSpec(text, family, steps, tries)
     if text in ATTACKS and not ATTACKS[text].iterative:
         return AttackSpec(text, text)
@@ -2294,8 +2370,24 @@ class EvalState:
         if signature != json.loads(json.dumps(self.signature)):
             raise CliError(f"{path} holds the state of another evaluation (other checkpoints, points or settings); "
                            "delete it, or give another --state")
-        self.flags, self.seconds = {k: v.to(torch.int8) for k, v in tensors.items()}, seconds
+        n = self.signature.get("n")
+        for key, flags in tensors.items():  # only what part writes: int8 flags of n points, each -1, 0 or 1
+            if flags.dtype != torch.int8 or flags.dim() != 1 or (n is not None and len(flags) != n) \
+                    or not bool(((flags >= PENDING) & (flags <= 1)).all()):
+                raise CliError(f"the evaluation state {path} holds flags part never writes ({key}: {flags.dtype}, "
+                               f"{tuple(flags.shape)}); delete it to start again")
+        if meta.get("checksum") != self._checksum(tensors):
+            raise CliError(f"the evaluation state {path} does not match its checksum (changed after it was written); "
+                           "delete it to start again")
+        self.flags, self.seconds = dict(tensors), seconds
         note(f"resuming the evaluation from {path}")
+
+    @staticmethod
+    def _checksum(flags: dict[str, Tensor]) -> str:
+        h = hashlib.sha256()
+        for key in sorted(flags):
+            h.update(key.encode() + b"\0" + flags[key].to(torch.int8).contiguous().numpy().tobytes() + b"\0")
+        return h.hexdigest()
 
     def get(self, key: str, n: int, device: torch.device) -> Tensor:
         if key not in self.flags:
@@ -2307,7 +2399,8 @@ class EvalState:
         if seconds is not None:
             self.seconds[key] = seconds
         if self.path is not None and self.writer and (force or time.monotonic() - self.saved_at >= self.SAVE_EVERY_S):
-            meta = {"format": "part/1-eval", "signature": json.dumps(self.signature), "seconds": json.dumps(self.seconds)}
+            meta = {"format": "part/1-eval", "signature": json.dumps(self.signature), "seconds": json.dumps(self.seconds),
+                    "checksum": self._checksum(self.flags)}
             save_tensors(Path(self.path), {k: v.contiguous() for k, v in self.flags.items()}, meta)
             self.saved_at = time.monotonic()
 
@@ -2319,34 +2412,75 @@ class EvalState:
 class AdvWriter:
     """--save-adv: the adversarial examples of one checkpoint, float32 (uint8 rounding would
     change results), one safetensors file per attack with the test indices, labels, eps,
-    attack, seed and the checkpoint's sha256. Batches land in .parts/ as they finish (so a
-    resumed evaluation keeps them) and are merged when the attack is done."""
+    step, attack, seed, the checkpoint's sha256 and the id of the evaluation (a hash of
+    everything that decides the examples). Batches land in .parts/ as they finish, named by
+    that id, so a resumed evaluation keeps its own and never merges another's; a batch the
+    state calls done but whose examples are missing is attacked again (same seed, same
+    result). The folder is locked for the run by the caller."""
 
-    def __init__(self, folder: Path, info: dict):
+    def __init__(self, folder: Path, info: dict, evaluation: dict):
         self.folder, self.info = Path(folder), info
-        (self.folder / ".parts").mkdir(parents=True, exist_ok=True)
+        self.id = hashlib.sha256(json.dumps(evaluation, sort_keys=True).encode()).hexdigest()[:16]
+        parts = self.folder / ".parts"
+        parts.mkdir(parents=True, exist_ok=True)
+        for stale in [p for p in parts.glob("*.safetensors") if not p.name.startswith(self.id)]:
+            stale.unlink(missing_ok=True)  # left by a killed evaluation of other settings: never ours to merge
+        for done in self.folder.glob("*.safetensors"):
+            if _safetensors_metadata(done).get("evaluation") != json.dumps(self.id):
+                raise CliError(f"--save-adv {self.folder} already holds examples of another evaluation ({done.name}); "
+                               "choose another folder or remove it")
 
-    def _part(self, key: str, batch: int, rank: int) -> Path:
-        return self.folder / ".parts" / f"{key}-{batch:06d}-{rank}.safetensors"
+    def _part(self, key: str, batch: int) -> Path:
+        return self.folder / ".parts" / f"{self.id}-{key}-{batch:06d}.safetensors"
 
-    def write(self, key: str, batch: int, rank: int, index: Tensor, x_adv: Tensor) -> None:
-        save_tensors(self._part(key, batch, rank), {"x_adv": x_adv.detach().float().cpu().contiguous(),
-                                                    "indices": index.cpu().contiguous()}, {})
+    def _complete(self, key: str) -> bool:
+        """The attack's file of this very evaluation is already written (its parts are gone)."""
+        return _safetensors_metadata(self.folder / f"{key}.safetensors").get("evaluation") == json.dumps(self.id)
 
-    def finish(self, spec: AttackSpec, x_all: Tensor, y_all: Tensor) -> Path:
+    def has(self, key: str, batch: int) -> bool:
+        return self._part(key, batch).is_file() or self._complete(key)
+
+    def write(self, key: str, batch: int, index: Tensor, x_adv: Tensor) -> None:
+        save_tensors(self._part(key, batch), {"x_adv": x_adv.detach().float().cpu().contiguous(),
+                                              "indices": index.cpu().contiguous()}, {})
+
+    def finish(self, spec: AttackSpec, x_all: Tensor, y_all: Tensor, attacked: Tensor) -> Path:
+        """One file of the attack: saved examples where the points were attacked, the clean
+        image where the model was already wrong (no attack needed). Every attacked point
+        must have its example."""
         from safetensors.torch import load_file
 
-        x_adv = x_all.detach().float().cpu().clone()  # points not attacked (misclassified) keep x
-        parts = sorted((self.folder / ".parts").glob(f"{spec.key}-*.safetensors"))
+        path = self.folder / f"{spec.key}.safetensors"
+        parts = sorted((self.folder / ".parts").glob(f"{self.id}-{spec.key}-*.safetensors"))
+        if not parts and self._complete(spec.key):  # written before an interruption: nothing left to add
+            return path
+        x_adv = x_all.detach().float().cpu().clone()
+        covered = torch.zeros(len(y_all), dtype=torch.bool)
         for part in parts:
             t = load_file(str(part))
             x_adv[t["indices"]] = t["x_adv"]
-        path = self.folder / f"{spec.key}.safetensors"
-        meta = {**{k: json.dumps(v) for k, v in self.info.items()}, "format": "part/1-adv", "attack": json.dumps(spec.key)}
+            covered[t["indices"]] = True
+        missing = int((attacked.cpu() & ~covered).sum())
+        if missing:
+            raise CliError(f"--save-adv: the examples of {missing} attacked points of {spec.name} are missing from "
+                           f"{self.folder / '.parts'}; run the same command again to attack them again")
+        meta = {**{k: json.dumps(v) for k, v in self.info.items()}, "format": "part/1-adv", "attack": json.dumps(spec.key),
+                "evaluation": json.dumps(self.id)}
         save_tensors(path, {"x_adv": x_adv.contiguous(), "indices": torch.arange(len(y_all)), "labels": y_all.cpu()}, meta)
         for part in parts:
             part.unlink(missing_ok=True)
         return path
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata ({} when it is not readable as one)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except Exception:  # not a safetensors file, damaged, unreadable: no metadata
+        return {}
 
 
 def _sync_flags(flags: list[Tensor], dist: Dist) -> None:
@@ -2386,13 +2520,14 @@ def _run_attack(spec: AttackSpec, model: nn.Module, x_all: Tensor, y_all: Tensor
 
     for first in range(0, len(batches), dist.world):
         i = first + dist.rank
-        if i < len(batches) and bool((flags[batches[i]] == PENDING).any()):
+        redo = adv is not None and i < len(batches) and not adv.has(spec.key, i)  # done, but its examples are gone
+        if i < len(batches) and (redo or bool((flags[batches[i]] == PENDING).any())):
             idx = batches[i]
             with rng_fork(device):
                 x_adv, extras = chunker(one, x_all[idx], y_all[idx], batch_seed(setup.seed, spec.seed_key, i))
             check_budget(x_adv, x_all[idx], setup.eps, spec.name)
             if adv is not None:
-                adv.write(spec.key, i, dist.rank, idx, x_adv)
+                adv.write(spec.key, i, idx, x_adv)
             flags[idx] = (predict(model, x_adv, setup.batch_size) == y_all[idx]).to(torch.int8)
             for c, robust in extras.items():
                 parts[c][idx] = robust.to(torch.int8)
@@ -2445,7 +2580,7 @@ def evaluate_suite(model: nn.Module, data: Split | tuple, attacks: str | list[st
             with rng_fork(device):
                 correct.update(_run_attack(spec, model, x_all, data.y, clean, setup, state, prefix, dist, adv, progress))
             if adv is not None and dist.main:
-                adv.finish(spec, x_all, data.y)
+                adv.finish(spec, x_all, data.y, clean)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds[spec.name] = state.seconds.get(f"{prefix}{spec.key}", time.perf_counter() - t0)
@@ -2456,31 +2591,55 @@ def evaluate_suite(model: nn.Module, data: Split | tuple, attacks: str | list[st
     accuracy = {k: fraction(v) for k, v in main.items()}
     accuracy["worst"] = fraction(worst)
     components = {spec.name: {c: fraction(correct[f"{spec.key}/{c}"]) for c in AA_STANDARD} for spec in specs if spec.family == "aa"}
-    per_class = {}
-    for c, name in enumerate(data.classes):
-        members = data.y == c
-        if members.any():
-            per_class[name] = {k: fraction(v[members]) for k, v in {**main, "worst": worst}.items()}
+    per_class = per_class_accuracy(data, {**main, "worst": worst})
     return {"accuracy": accuracy, "seconds": seconds, "per_class": per_class, **({"components": components} if components else {})}
 
 
-def load_adversarial(path: Path) -> tuple[Tensor, Tensor, Tensor, dict]:
-    """A --save-adv file: (x_adv, test indices, labels, metadata)."""
-    from safetensors.torch import load_file, safe_open
+def per_class_accuracy(data: Split, flags: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+    """Accuracy per class (of the classes present) under each set of flags."""
+    found = {}
+    for c, name in enumerate(data.classes):
+        members = data.y == c
+        if members.any():
+            found[name] = {k: fraction(v[members]) for k, v in flags.items()}
+    return found
 
+
+ADV_METADATA = {"eps": (int, float), "eps_levels": (int, float), "seed": int, "attack": str, "checkpoint_sha256": str,
+                "n": int, "evaluation": str}
+
+
+def load_adversarial(path: Path) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """A --save-adv file: (x_adv, test indices, labels, metadata), every part of its claim
+    checked: the metadata part writes with the types it writes, eps and eps_levels that
+    agree, float32 examples, int64 indices that are the first N test points in order."""
+    from safetensors.torch import load_file
+
+    require_file(path, "--adv-from")
     try:
-        with safe_open(str(path), "pt") as f:
-            raw = f.metadata() or {}
-        t = load_file(str(path))
-        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+        raw = _safetensors_metadata(path)
         if raw.get("format") != "part/1-adv":
             raise ValueError("not a file written by part attack --save-adv")
-        x_adv, index, labels = t["x_adv"], t["indices"].long(), t["labels"].long()
-        eps = float(meta["eps"])
+        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+        t = load_file(str(path))
+        x_adv, index, labels = t["x_adv"], t["indices"], t["labels"]
     except Exception as e:
         raise CliError(f"{path}: not a readable file of adversarial examples ({first_line(e)})") from None
-    if x_adv.dim() != 4 or len(x_adv) != len(index) or len(index) != len(labels) or not math.isfinite(eps) or eps < 0:
+    wrong = [f"{k} {meta.get(k)!r}" for k, kind in ADV_METADATA.items()
+             if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), kind)]
+    if wrong:
+        raise CliError(f"{path}: its metadata is not what part writes ({', '.join(wrong)})")
+    eps, levels = float(meta["eps"]), float(meta["eps_levels"])
+    if not (math.isfinite(eps) and 0 <= eps <= 1 and math.isclose(eps, from_levels(levels), rel_tol=1e-9, abs_tol=1e-12)):
+        raise CliError(f"{path}: its eps ({eps!r}) and eps_levels ({levels:g}/255) disagree; not a file part wrote")
+    if x_adv.dtype != torch.float32 or index.dtype != torch.int64 or labels.dtype != torch.int64:
+        raise CliError(f"{path}: x_adv {x_adv.dtype}, indices {index.dtype}, labels {labels.dtype}; "
+                       "part writes float32 examples and int64 indices and labels")
+    if x_adv.dim() != 4 or len(x_adv) != len(index) or len(index) != len(labels) or not len(index):
         raise CliError(f"{path}: inconsistent adversarial examples ({tuple(x_adv.shape)}, {len(index)} indices, {len(labels)} labels)")
+    if meta["n"] != len(index) or not torch.equal(index, torch.arange(len(index))):
+        raise CliError(f"{path}: its indices are not the first {len(index)} test points in order (repeated, reordered or "
+                       "picked); part saves the first N, and a replay must score those")
     meta["eps"] = eps
     return x_adv, index, labels, meta
 
@@ -2543,9 +2702,9 @@ class CheckpointMeta:
         """Our metadata, every field checked: a damaged file gives one line, not a traceback."""
         try:
             values = {k: json.loads(v) for k, v in raw.items() if k != "format" and k in CHECKPOINT_FIELDS}
-        except (json.JSONDecodeError, TypeError) as e:
+        except (RecursionError, json.JSONDecodeError, TypeError) as e:
             raise CliError(f"{path}: its metadata is damaged (not JSON: {first_line(e)})") from None
-        checks = {"arch": lambda v: isinstance(v, str), "num_classes": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        checks = {"arch": lambda v: isinstance(v, str), "num_classes": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2,
                   "classes": lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
                   "dataset": lambda v: v is None or v in DATASETS, "image_size": lambda v: v is None or (isinstance(v, int) and 8 <= v <= MAX_IMAGE_SIZE),
                   "cam_layer": lambda v: v is None or isinstance(v, str), "epoch": lambda v: v is None or isinstance(v, int),
@@ -2693,6 +2852,11 @@ def load_checkpoint(path: str | Path, arch: Optional[str] = None, device: str | 
     meta.cam_layer = cam_layer or meta.cam_layer
     model = build_model(meta.arch, meta.num_classes, meta.cam_layer, meta.image_size or 32)
     load_state_into(model, state, meta.arch, path)
+    broken = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+              if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise CliError(f"{path}: {len(broken)} weight tensor(s) hold NaN or inf ({', '.join(broken[:3])}); "
+                       "a model that computes NaN cannot be scored")
     return model.to(device).eval(), meta
 
 
@@ -2732,12 +2896,12 @@ def load_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optim
             optim_state.setdefault(int(idx), {})[name] = value
         weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         history = list(info["history"])
-    except (KeyError, ValueError, TypeError, AttributeError) as e:
+    except (RecursionError, KeyError, ValueError, TypeError, AttributeError) as e:
         raise CliError(f"{path}: a damaged resume state ({first_line(e)})") from None
     load_state_into(model, weights, meta.arch, path)
     try:
         optimizer.load_state_dict({"state": optim_state, "param_groups": info["param_groups"]})
-    except (ValueError, KeyError, TypeError) as e:
+    except (RecursionError, ValueError, KeyError, TypeError) as e:
         raise CliError(f"{path} does not fit this model's optimizer ({first_line(e)})") from None
     return meta, history
 
@@ -2829,7 +2993,9 @@ def torchscript_warnings(say: bool):
 def export_torchscript(model: nn.Module, example: Tensor, path: Path) -> None:
     with torchscript_warnings(say=True):
         traced = torch.jit.trace(model, (example,), check_trace=False)
-        atomic_write(path, lambda tmp: traced.save(str(tmp)))
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int, card: dict) -> None:
@@ -2844,16 +3010,14 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int, card:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     onnx.checker.check_model(proto)
-    atomic_write(path, lambda tmp: onnx.save_model(proto, str(tmp)))
+    write_bytes(path, proto.SerializeToString())
 
 
 def export_pt2(model: nn.Module, example: Tensor, path: Path) -> None:
-    import io
-
     program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     buffer = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer, not our temporary name
     torch.export.save(program, buffer)
-    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+    write_bytes(path, buffer.getvalue())
 
 
 EXPORTERS = {"torchscript": lambda model, x, path, opset, card: export_torchscript(model, x, path),
@@ -2876,9 +3040,10 @@ def run_exported(fmt: str, path: Path, x: Tensor) -> Tensor:
 
 def robustness_of(report: Path, sha256: str) -> dict:
     """This checkpoint's row of an `attack --json` report, found by its sha256."""
+    require_file(report, "--report")
     try:
         rows = json.loads(Path(report).read_text())["checkpoints"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (RecursionError, OSError, ValueError, KeyError, TypeError) as e:
         raise CliError(f"--report {report}: not an `attack --json` report ({first_line(e)})") from None
     matching = [r for r in rows if isinstance(r, dict) and r.get("sha256") == sha256]
     if not matching:
@@ -3111,15 +3276,37 @@ def check_out_dir(files: RunFiles, resume: bool) -> None:
         raise CliError(f"{out} already holds a run ({files.present()[0].name}); pass --resume to continue it, or choose another --out")
 
 
-def stored_config(files: RunFiles) -> tuple[TrainConfig, str]:
-    """A run's own config and preset: from its resume state, or config.json when no epoch
-    finished."""
+def with_way_forward(files: RunFiles, problem: str) -> str:
+    """A lost or damaged resume state, and the way on when last.safetensors is intact."""
+    done = _epoch_of(files.last)
+    if not done:
+        return problem
+    return (f"{problem}; {files.last.name} holds epoch {done}: `{command_name()} train --out {files.folder} --resume "
+            "--from-last` continues from its weights (not bit-identical: the optimizer's momentum starts again)")
+
+
+def last_checkpoint_meta(files: RunFiles) -> CheckpointMeta:
+    """The metadata of a run's last.safetensors (for --from-last)."""
+    _, metadata = read_safetensors(files.last)
+    meta = CheckpointMeta.from_metadata(metadata, files.last)
+    if meta.config is None or not meta.epoch:
+        raise CliError(f"{files.last} holds no finished epoch of a run; nothing to continue from")
+    return meta
+
+
+def stored_config(files: RunFiles, from_last: bool = False) -> tuple[TrainConfig, str]:
+    """A run's own config and preset: from its resume state (or from last.safetensors with
+    --from-last), or config.json when no epoch finished."""
+    if from_last:
+        meta = last_checkpoint_meta(files)
+        return meta.config, meta.preset or meta.config.dataset
     if files.state.is_file():
-        _, metadata = read_safetensors(files.state)
         try:
+            _, metadata = read_safetensors(files.state)
             meta = CheckpointMeta.from_metadata(json.loads(metadata["checkpoint"]), files.state)
-        except (KeyError, ValueError, TypeError) as e:
-            raise CliError(f"{files.state}: not a resume state of this version of part ({first_line(e)})") from None
+        except (RecursionError, KeyError, ValueError, TypeError) as e:  # CliError too: it is a ValueError
+            text = str(e) if isinstance(e, CliError) else f"{files.state}: not a resume state of this version of part ({first_line(e)})"
+            raise CliError(with_way_forward(files, text)) from None
         if meta.config is None:
             raise CliError(f"{files.state} holds no config; the run cannot resume")
         return meta.config, meta.preset or meta.config.dataset
@@ -3127,17 +3314,17 @@ def stored_config(files: RunFiles) -> tuple[TrainConfig, str]:
         stored = json.loads(files.config.read_text())
         cfg = config_from_dict(stored["config"], str(files.config))
         return cfg, str(stored.get("preset") or "") or cfg.dataset
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (RecursionError, OSError, ValueError, KeyError, TypeError) as e:
         raise CliError(f"{files.config} is damaged ({first_line(e)}); the run cannot resume") from None
 
 
 def resume_config(files: RunFiles, overrides: dict[str, Any], preset: Optional[str] = None,
-                  config_path: Optional[Path] = None) -> tuple[TrainConfig, str]:
+                  config_path: Optional[Path] = None, from_last: bool = False) -> tuple[TrainConfig, str]:
     """The run's own config. The command that started it may be given again (a pre-empted
     job reruns its own command line): a setting or preset it repeats must equal the run's;
     only a different value is refused, by name. Settings that do not change what is
     computed (device, data location, threads, more epochs, ...) may change."""
-    cfg, run_preset = stored_config(files)
+    cfg, run_preset = stored_config(files, from_last)
     values = dataclasses.asdict(cfg)
     given = {k: coerce(k, v, "command line") for k, v in overrides.items() if v is not None}
     said = dict(given)  # what this command line says about each setting
@@ -3217,14 +3404,29 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
         if device.type != "cuda":
             raise CliError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.method == "part":
+        check_cam_layer(model, to_float(train.x[:2]).to(device), cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     meta = CheckpointMeta(arch=cfg.model, num_classes=len(train.classes), classes=train.classes, dataset=cfg.dataset,
                           image_size=int(train.x.shape[-1]), cam_layer=cfg.cam_layer, config=cfg, preset=preset,
                           data_fingerprint=data_hash, versions=versions(), machine=machine())
     run = Run(cfg, files, dist, device, train.to(device), evaluation.to(device), wrap_for_training(model, cfg, dist, device),
               optimizer, AttackSetup.from_config(cfg), meta, report)
-    if resume and files.state.is_file():
-        saved, run.history = load_resume_state(files.state, model, optimizer)
+    done = _epoch_of(files.last) if resume is True and not files.state.is_file() else None
+    if done:  # a run without its resume state would start again at epoch 1 and overwrite later epochs
+        raise CliError(with_way_forward(files, f"{files.state} is missing: the run cannot continue exactly (its optimizer "
+                                               "state is gone)"))
+    saved = None
+    if resume == "last":
+        saved, run.history = continue_from_last(files, model)
+    elif resume and files.state.is_file():
+        try:
+            saved, run.history = load_resume_state(files.state, model, optimizer)
+        except CliError as e:
+            raise CliError(with_way_forward(files, str(e))) from None
+    if saved is not None:
+        if cfg.epochs < (saved.epoch or 0):
+            raise CliError(f"--epochs {cfg.epochs}: this run has already finished {saved.epoch} epochs")
         if saved.classes != meta.classes or saved.data_fingerprint != data_hash:
             raise CliError(f"the training data in {cfg.data_dir} differ from the data this run was trained on "
                            f"(classes or fingerprint {saved.data_fingerprint} vs {data_hash}); give the run's own --data-dir")
@@ -3242,6 +3444,36 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
                                   "eval_on": eval_on, "versions": versions(), "machine": machine(), "command": sys.argv[1:]})
         run.tensorboard = open_tensorboard(cfg, files)
     return run
+
+
+def continue_from_last(files: RunFiles, model: nn.Module) -> tuple[CheckpointMeta, list[dict]]:
+    """--from-last: the weights, epoch, best and history of last.safetensors when the resume
+    state is missing or damaged. The optimizer's momentum starts again, so the run is close
+    to, not identical with, an uninterrupted one (said)."""
+    meta = last_checkpoint_meta(files)
+    state, _ = read_safetensors(files.last)
+    load_state_into(model, state, meta.arch, files.last)
+    try:
+        rows = [json.loads(line) for line in files.metrics.read_text().splitlines() if line.strip()]
+        history = [r for r in rows if isinstance(r, dict) and isinstance(r.get("epoch"), int) and r["epoch"] <= meta.epoch]
+    except (RecursionError, OSError, ValueError):
+        history = []
+    if [r["epoch"] for r in history] != list(range(1, meta.epoch + 1)):
+        history = [meta.metrics] if meta.metrics else []
+    note(f"note: continuing from {files.last} (epoch {meta.epoch}) without the resume state: the optimizer's momentum "
+         "starts again, so the weights will be close to, not identical with, an uninterrupted run's")
+    return meta, history
+
+
+def check_cam_layer(model: nn.Module, x: Tensor, cfg: TrainConfig) -> None:
+    """Before the first epoch, not after the warm-up: the CAM layer gives a feature map with
+    more than one position (a 1 x 1 map gives every pixel the same budget: PART would be
+    plain AT at eps_low)."""
+    low_res = class_activation(model, x, cfg.cam, check=False)
+    if low_res.shape[-2] * low_res.shape[-1] < 2:
+        layer = cfg.cam_layer or "the default CAM layer"
+        raise CliError(f"{layer} gives a 1x1 map at {x.shape[-1]} px: PART would give every pixel the same budget; "
+                       "choose an earlier layer with --cam-layer (--resume may change it)")
 
 
 def open_tensorboard(cfg: TrainConfig, files: RunFiles) -> Any:
@@ -3442,8 +3674,9 @@ def fit(config: TrainConfig | dict | None = None, *, preset: Optional[str] = Non
     `config_file`. `out`: the run folder, made if missing (default
     runs/<preset>-<method>-<timestamp>). `resume=True` continues the run in `out` (an
     error if there is none); `resume="auto"` starts it, or continues it when `out` already
-    holds one, so that the same call works again after an interruption. Bad settings
-    raise ValueError with the message the command line prints."""
+    holds one, so that the same call works again after an interruption; `resume="last"`
+    continues from last.safetensors when the resume state is lost (not bit-exact). Bad
+    settings raise ValueError with the message the command line prints."""
     values = dataclasses.asdict(config) if isinstance(config, TrainConfig) else dict(config or {})
     values.update(settings)
     if out is not None:
@@ -3451,8 +3684,8 @@ def fit(config: TrainConfig | dict | None = None, *, preset: Optional[str] = Non
     for key in values:
         if key not in CONFIG_FIELDS:
             raise unknown("setting", key, CONFIG_FIELDS)
-    if resume not in (True, False, "auto"):
-        raise CliError(f"resume must be True, False or 'auto', got {resume!r}")
+    if resume not in (True, False, "auto", "last"):
+        raise CliError(f"resume must be True, False, 'auto' or 'last', got {resume!r}")
     dist = dist_from_env()
     if resume and not values.get("out"):
         raise CliError("--resume needs --out DIR, the run folder to continue")
@@ -3461,7 +3694,7 @@ def fit(config: TrainConfig | dict | None = None, *, preset: Optional[str] = Non
         resume = files.state.is_file() or files.config.is_file()
     config_path = Path(config_file) if config_file is not None else None
     if resume:
-        cfg, preset_name = resume_config(RunFiles(Path(values["out"])), values, preset, config_path)
+        cfg, preset_name = resume_config(RunFiles(Path(values["out"])), values, preset, config_path, resume == "last")
     else:
         cfg, preset_name = resolve_config(values, preset, config_path)
     set_threads(cfg.threads)
@@ -3531,17 +3764,37 @@ class Observation:
         return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in ignored))
 
 
-def _from_run_folder(folder: Path) -> Observation:
+def checked_observation(config: Any, figures: Any, source: str, evaluation: str, where: str = "") -> Observation:
+    """An observation only with what part writes: a config with an integer seed, and
+    accuracies that are fractions in [0, 1] (NaN, 5.0 or a string would be averaged)."""
+    source, shown = str(source), where or str(source)
+    if not isinstance(config, dict):
+        raise CliError(f"{shown}: its config is not a table of settings")
+    seed = config.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CliError(f"{shown}: its seed {seed!r} is not an integer")
+    if not isinstance(figures, dict) or not figures:
+        raise CliError(f"{shown}: holds no accuracy figures")
+    bad = [f"{k}={v!r}" for k, v in figures.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1]
+    if bad:
+        raise CliError(f"{shown}: accuracies must be fractions in [0, 1], found {', '.join(bad[:3])}")
+    return Observation(config, dict(figures), source, evaluation)
+
+
+def _from_run_folder(folder: Path) -> Optional[Observation]:
+    """The training-time figures of a finished run; None (left out) for an unfinished one."""
     files = RunFiles(folder)
     try:
         stored = json.loads(files.config.read_text())
         rows = [json.loads(line) for line in files.metrics.read_text().splitlines() if line.strip()]
         last = rows[-1]
         figures = {k: last[k] for k in ("natural", "pgd20") if last.get(k) is not None}
-        where = last.get("eval_on", "test")
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        where, epoch, epochs = last.get("eval_on", "test"), last["epoch"], stored["config"]["epochs"]
+    except (RecursionError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise CliError(f"{folder}: not a finished run folder ({first_line(e)})") from None
-    return Observation(stored["config"], figures, str(folder), f"training-time PGD-20 on {where} images, epoch {last['epoch']}")
+    if epoch != epochs:
+        return None
+    return checked_observation(stored["config"], figures, str(folder), f"training-time PGD-20 on {where} images, epoch {epoch}")
 
 
 def _from_attack_report(path: Path) -> list[Observation]:
@@ -3551,12 +3804,15 @@ def _from_attack_report(path: Path) -> list[Observation]:
         for row in rows:
             if row.get("config") is None:
                 raise CliError(f"{path}: {row['path']} has no training config (a foreign checkpoint); report compares our runs")
-            evaluation = f"attack on {row['n_examples']} {row['dataset']} test points at eps {row['eps_levels']:g}/255, seed {row['seed']}"
-            found.append(Observation(row["config"], dict(row["accuracy"]), row["path"], evaluation))
+            # what was computed: the attacks, the points, the budget, the attack seed (only like is compared with like)
+            attacks = ",".join(k for k in row["accuracy"] if k != "worst")
+            evaluation = (f"attack on {row['n_examples']} {row['dataset']} test points at eps {row['eps_levels']:g}/255, "
+                          f"seed {row['seed']}: {attacks}")
+            found.append(checked_observation(row["config"], row["accuracy"], row["path"], evaluation, f"{path} ({row['path']})"))
         return found
     except CliError:
         raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (RecursionError, OSError, ValueError, KeyError, TypeError) as e:
         raise CliError(f"{path}: not an `attack --json` report ({first_line(e)})") from None
 
 
@@ -3567,7 +3823,7 @@ def _is_attack_report(path: Path) -> bool:
         return False
     try:
         return "checkpoints" in json.loads(path.read_text())
-    except (OSError, ValueError, TypeError):
+    except (RecursionError, OSError, ValueError, TypeError):
         return True
 
 
@@ -3576,12 +3832,15 @@ def read_observations(paths: list[Path]) -> list[Observation]:
     attack figures. Other paths (a glob also picks up report.md, plots, exports) are
     skipped with one note."""
     found: list[Observation] = []
-    skipped = []
+    skipped, unfinished, empty = [], [], []
     for path in paths:
         if path.is_dir() and (RunFiles(path).config.exists() or RunFiles(path).metrics.exists()):
-            found.append(_from_run_folder(path))
+            observation = _from_run_folder(path)
+            (found if observation else unfinished).append(observation or str(path))
         elif path.is_file() and _is_attack_report(path):
-            found.extend(_from_attack_report(path))
+            observations = _from_attack_report(path)
+            found.extend(observations)
+            empty += [] if observations else [str(path)]
         elif path.exists():
             skipped.append(str(path))
         else:
@@ -3589,6 +3848,10 @@ def read_observations(paths: list[Path]) -> list[Observation]:
     if skipped:
         note(f"note: skipped {len(skipped)} path(s) that are neither run folders nor `attack --json` reports: "
              + ", ".join(skipped))
+    if unfinished:
+        note(f"note: left out {len(unfinished)} unfinished run(s) (fewer epochs than their config): " + ", ".join(unfinished))
+    if empty:
+        note(f"note: left out {len(empty)} report(s) that evaluated no checkpoint: " + ", ".join(empty))
     if not found:
         raise CliError("no run folder or `attack --json` report among the paths given")
     attacked = {str(Path(o.source).parent.resolve()) for o in found if o.evaluation.startswith("attack")}
@@ -3638,6 +3901,8 @@ def pick_group(groups: list[dict], selector: str) -> dict:
 
 def paired_difference(a: dict, b: dict) -> dict:
     """A - B per column over the seeds both groups have, with a 95% t interval."""
+    if a is b:
+        raise CliError(f"--compare names the group {a['label']} twice; compare two different groups")
     by_seed = lambda g: {o.seed: o.figures for o in g["members"]}  # noqa: E731
     fa, fb = by_seed(a), by_seed(b)
     seeds = sorted(set(fa) & set(fb))
@@ -4063,7 +4328,7 @@ class TrainCommand(typer.core.TyperCommand):
 
 
 def train_command(preset: Optional[str] = None, config: Optional[Path] = None, resume: bool = False,
-                  auto_resume: bool = False, **settings):
+                  auto_resume: bool = False, from_last: bool = False, **settings):
     """Train a PART (or plain AT) model; writes checkpoints, metrics, summary.csv and curves.png.
 
     Settings come from the preset (configs.toml), then the options given here. Launch with
@@ -4073,7 +4338,10 @@ def train_command(preset: Optional[str] = None, config: Optional[Path] = None, r
         with cli_errors():
             if resume and auto_resume:
                 raise CliError("give --resume (continue a run) or --auto-resume (start or continue), not both")
-            fit(None, preset=preset, config_file=config, resume="auto" if auto_resume else resume, **settings)
+            if from_last and not resume:
+                raise CliError("--from-last goes with --resume")
+            mode = "auto" if auto_resume else "last" if from_last else resume
+            fit(None, preset=preset, config_file=config, resume=mode, **settings)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -4091,6 +4359,9 @@ train_command.__signature__ = inspect.Signature([
     inspect.Parameter("auto_resume", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, _opt(
         "Start the run in --out, or continue it if --out already holds one: one command line for a job that is "
         "pre-empted and rerun.", rich_help_panel="Presets")]),
+    inspect.Parameter("from_last", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, _opt(
+        "With --resume, when the resume state is missing or damaged: continue from last.safetensors (its weights, "
+        "epoch and history; the optimizer's momentum starts again, so not bit-identical).", rich_help_panel="Presets")]),
     *(_config_option(name, field) for name, field in CONFIG_FIELDS.items()),
 ])
 train_command.__annotations__ = {p.name: p.annotation for p in train_command.__signature__.parameters.values()}
@@ -4224,13 +4495,14 @@ def _eps_low_for(target: EvalTarget, eps_low: Optional[str], eps_levels: float, 
     return low
 
 
-def _int_list(text: str, option: str) -> list[int]:
+def _int_list(text: str, option: str, high: int) -> list[int]:
+    """A comma-separated list of integers in [1, high] (the bounds pgdK and xR have)."""
     try:
         values = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
         raise CliError(f"{option}: expected integers like 10,20,50, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise CliError(f"{option}: expected positive integers, got {text!r}")
+    if not values or min(values) < 1 or max(values) > high:
+        raise CliError(f"{option}: expected integers from 1 to {high}, got {text!r}")
     return sorted(set(values))
 
 
@@ -4258,8 +4530,8 @@ class AttackOptions:
 @app.command("attack")
 def attack_command(
     checkpoints: Annotated[list[Path], typer.Argument(help=escape_markup("Checkpoints: ours (.safetensors) or foreign state dicts with --arch."), show_default=False)],
-    attacks: Annotated[str, _opt(f"Comma-separated: {ATTACK_HELP}. natural always runs.",
-                                 autocompletion=complete_attacks)] = "natural,fgsm,pgd20,cw20,mma",
+    attacks: Annotated[Optional[str], _opt(f"Comma-separated: {ATTACK_HELP}. natural always runs. [default: {DEFAULT_ATTACKS}]",
+                                           autocompletion=complete_attacks)] = None,
     dataset: DatasetOpt = None,
     data_dir: DataDir = "data",
     cache_dir: CacheDir = DEFAULT_CACHE,
@@ -4267,9 +4539,10 @@ def attack_command(
     cam_layer: CamLayer = None,
     n_examples: NExamples = None,
     batch_size: Annotated[int, _opt("Batch size (halved automatically on CUDA out-of-memory).")] = 256,
-    eps: Annotated[str, _opt("L-inf budget, 1/255 levels (8 or 8/255).")] = "8",
-    step: Annotated[str, _opt("Step of the PGD-type attacks, 1/255 levels.")] = "2",
-    restarts: Annotated[int, _opt("Random restarts of every iterative attack without its own xR (worst case kept).")] = 1,
+    eps: Annotated[Optional[str], _opt("L-inf budget, 1/255 levels (8 or 8/255). [default: 8]")] = None,
+    step: Annotated[Optional[str], _opt("Step of the PGD-type attacks, 1/255 levels. [default: 2]")] = None,
+    restarts: Annotated[Optional[int], _opt("Random restarts of every iterative attack without its own xR (worst case "
+                                            "kept). [default: 1]")] = None,
     eps_low: Levels = None,
     per_class: Annotated[bool, _opt("Also report accuracy per class.")] = False,
     json_out: JsonOut = None,
@@ -4295,12 +4568,19 @@ def attack_command(
     with cli_errors():
         set_threads(threads)
         dist = dist_from_env()
-        eps_levels, step_levels = parse_levels(eps, "eps"), parse_levels(step, "step")
+        if adv_from is not None:  # the saved files fix the attack, budget and points; a given value would mislabel them
+            given = [name for name, value in (("--attacks", attacks), ("--eps", eps), ("--step", step), ("--restarts", restarts),
+                                              ("--n-examples", n_examples), ("--eps-low", eps_low), ("--save-adv", save_adv),
+                                              ("--sweep", sweep or None), ("--state", state)) if value is not None]
+            if given:
+                raise CliError(f"{', '.join(given)} cannot be given with --adv-from: the saved examples fix the attack, "
+                               "the budget and the points")
+        eps_levels, step_levels = parse_levels(eps or DEFAULT_EPS_LEVELS, "eps"), parse_levels(step or DEFAULT_STEP_LEVELS, "step")
         check_budget_levels(eps_levels, 0.0, step_levels)
-        specs = parse_attacks(attacks, restarts)
-        steps_list = _int_list(sweep_steps, "--sweep-steps") if sweep else []
+        specs = parse_attacks(attacks or DEFAULT_ATTACKS, restarts or 1)
+        steps_list = _int_list(sweep_steps, "--sweep-steps", MAX_ATTACK_STEPS) if sweep else []
         if sweep:
-            specs = expand_sweep(specs, steps_list, _int_list(sweep_restarts, "--sweep-restarts"))
+            specs = expand_sweep(specs, steps_list, _int_list(sweep_restarts, "--sweep-restarts", MAX_RESTARTS))
         reports = [json_out, csv_out, markdown_out]
         plot_path = sweep_plot or (next((p.with_name(p.stem + "-sweep.png") for p in reports if p), Path("sweep.png")) if sweep else None)
         for path, option in zip([*reports, plot_path, state], ["--json", "--csv", "--markdown", "--sweep-plot", "--state"], strict=True):
@@ -4309,7 +4589,7 @@ def attack_command(
             raise CliError(f"--n-examples must be at least 1, got {n_examples}")
         if not 0 <= seed <= MAX_SEED:
             raise CliError(f"--seed must be between 0 and {MAX_SEED}")
-        options = AttackOptions(arch, cam_layer, dataset, data_dir, cache_dir, n_examples, batch_size, restarts, eps_low, seed,
+        options = AttackOptions(arch, cam_layer, dataset, data_dir, cache_dir, n_examples, batch_size, restarts or 1, eps_low, seed,
                                 per_class, _eval_state_path(state, reports), save_adv, adv_from, steps_list)
         dev = process_device(device, dist)
         with process_group(dist, dev):
@@ -4349,6 +4629,18 @@ def _attack_checkpoints(paths: list[Path], specs: list[AttackSpec], o: AttackOpt
                  "attacks": [s.key for s in specs], "n": n, "eps": eps_levels,
                  "step": step_levels, "eps_low": o.eps_low, "seed": o.seed, "batch_size": o.batch_size,
                  "save_adv": str(o.save_adv) if o.save_adv else None}
+    with contextlib.ExitStack() as locks:  # one evaluation at a time writes a state file or a --save-adv folder
+        if dist.main and o.state is not None:
+            o.state.parent.mkdir(parents=True, exist_ok=True)
+            locks.enter_context(file_lock(o.state.with_name(f".{o.state.name}.lock"), "an evaluation", str(o.state)))
+        if dist.main and o.save_adv is not None:
+            check_output_folder(o.save_adv, "--save-adv")
+            locks.enter_context(folder_lock(o.save_adv, "an evaluation"))
+        return _evaluate_targets(targets, n, specs, o, signature, eps_levels, step_levels, dev, dist)
+
+
+def _evaluate_targets(targets: list[EvalTarget], n: int, specs: list[AttackSpec], o: AttackOptions, signature: dict,
+                      eps_levels: float, step_levels: float, dev: torch.device, dist: Dist) -> list[dict]:
     state = EvalState(o.state, signature, writer=dist.main)
     rows = []
     for t in targets:
@@ -4364,8 +4656,9 @@ def _attack_checkpoints(paths: list[Path], specs: list[AttackSpec], o: AttackOpt
         adv = None
         if o.save_adv is not None:
             adv = AdvWriter(o.save_adv / f"{t.path.stem.split('.')[0]}-{t.sha256[:8]}",
-                            {"eps": setup.eps, "eps_levels": eps_levels, "seed": o.seed, "checkpoint": str(t.path),
-                             "checkpoint_sha256": t.sha256, "dataset": t.dataset, "n": n, "versions": versions()})
+                            {"eps": setup.eps, "eps_levels": eps_levels, "step_levels": step_levels, "seed": o.seed,
+                             "checkpoint": str(t.path), "checkpoint_sha256": t.sha256, "dataset": t.dataset, "n": n,
+                             "versions": versions()}, {**signature, "checkpoint": t.sha256})
         with attack_progress(dist.main) as show:
             result = evaluate_suite(t.model, points, specs, setup, show, state, f"{t.sha256[:16]}/", dist, adv)
         if not o.per_class:
@@ -4383,28 +4676,45 @@ def _attack_checkpoints(paths: list[Path], specs: list[AttackSpec], o: AttackOpt
 
 
 def _transfer_row(t: EvalTarget, o: AttackOptions, dev: torch.device) -> dict:
-    """--adv-from: the checkpoint on every saved file (a folder of them, or one file)."""
+    """--adv-from: the checkpoint on every saved file (a folder of them, or one file). The
+    row says where each file came from; a file made on this very checkpoint is a replay and
+    gives exactly the accuracy its evaluation reported."""
     source = Path(o.adv_from)
-    files = sorted(p for p in source.rglob("*.safetensors") if ".parts" not in p.parts) if source.is_dir() else [source]
+    if not source.is_dir():
+        require_file(source, "--adv-from")
+    files = sorted(p for p in source.rglob("*.safetensors") if ".parts" not in p.parts and p.is_file()) if source.is_dir() else [source]
     if not files:
         raise CliError(f"--adv-from {source}: no saved adversarial examples there")
     test = t.test.to(dev)
-    flags, index, eps_seen = {}, None, set()
+    flags, origins, n, eps_levels = {}, [], None, None
     for f in files:
         idx, robust, meta = transfer_flags(t.model, test, f, o.batch_size)
-        if index is not None and not torch.equal(idx.cpu(), index.cpu()):
-            raise CliError(f"{f}: holds other test points than {files[0]}; evaluate them separately")
-        index, eps_seen = idx, eps_seen | {meta["eps_levels"] if "eps_levels" in meta else to_levels(meta["eps"])}
-        flags[f"adv:{f.parent.name}/{f.stem}" if source.is_dir() else f"adv:{f.stem}"] = robust
+        if n is not None and len(idx) != n:
+            raise CliError(f"{f}: holds {len(idx)} test points, {files[0]} {n}; evaluate them separately")
+        if eps_levels is not None and meta["eps_levels"] != eps_levels:
+            raise CliError(f"{f}: made at eps {meta['eps_levels']:g}/255, {files[0]} at {eps_levels:g}/255; evaluate them separately")
+        n, eps_levels = len(idx), meta["eps_levels"]
+        name = f"adv:{f.parent.name}/{f.stem}" if source.is_dir() else f"adv:{f.stem}"
+        flags[name] = robust
+        origins.append({"file": str(f), "column": name, "attack": meta["attack"], "eps_levels": eps_levels,
+                        "seed": meta["seed"], "checkpoint": meta.get("checkpoint"), "checkpoint_sha256": meta["checkpoint_sha256"],
+                        "replay": meta["checkpoint_sha256"] == t.sha256})
+    points = test.first(n)
     with eval_mode(t.model), full_fp32():
-        points = test.select(index.to(test.y.device))
         clean = predict(t.model, to_float(points.x), o.batch_size) == points.y
     main = {"natural": clean, **flags}
-    accuracy = {k: fraction(v) for k, v in main.items()}
-    accuracy["worst"] = fraction(torch.stack(list(main.values())).all(0))
-    setup = AttackSetup(eps=from_levels(max(eps_seen)), step=from_levels(DEFAULT_STEP_LEVELS), seed=o.seed)
-    row = _attack_row(t, len(index), setup, {"accuracy": accuracy, "seconds": {}}, [], dev, [], max(eps_seen), 0.0)
-    row["adv_from"] = [str(f) for f in files]
+    result = {"accuracy": {k: fraction(v) for k, v in main.items()}, "seconds": {}}
+    worst = torch.stack(list(main.values())).all(0)
+    result["accuracy"]["worst"] = fraction(worst)
+    if o.per_class:
+        result["per_class"] = per_class_accuracy(points, {**main, "worst": worst})
+    setup = AttackSetup(eps=from_levels(eps_levels), step=from_levels(DEFAULT_STEP_LEVELS), seed=o.seed)
+    row = _attack_row(t, n, setup, result, [], dev, [], eps_levels, 0.0)
+    row["adv_from"] = origins
+    for origin in origins:
+        kind = "a replay on the checkpoint that made them" if origin["replay"] else \
+            f"transferred from {origin['checkpoint']} (sha256 {origin['checkpoint_sha256'][:12]})"
+        console.print(f"{t.path}: {origin['column']}: {kind}")
     return row
 
 
@@ -4459,8 +4769,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path = "export", format
     another size against PyTorch. Returns {format: path, ..., "card": path}."""
     checkpoint, out = Path(checkpoint), Path(out)
     chosen = parse_formats(formats if isinstance(formats, str) else ",".join(formats))
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} is a file, not a folder")
+    check_output_folder(out, "--out")
     model, meta = load_checkpoint(checkpoint, arch, "cpu")
     robustness = robustness_of(Path(report), file_hash(checkpoint)) if report is not None else None
     size = image_size or meta.image_size or 32
@@ -4473,6 +4782,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path = "export", format
         path = out / f"{name}{SUFFIX[fmt]}"
         try:
             EXPORTERS[fmt](model, example, path, opset, card)
+        except OSError:  # a full disk or a folder that cannot be written: not the exporter's fault
+            raise
         except Exception as e:  # exporters fail in many ways; each is reported in one line
             if fmt == "torchscript":
                 note(f"torchscript: skipped, this PyTorch refuses it ({first_line(e)})")
@@ -4616,6 +4927,8 @@ def bench_command(
             raise CliError(f"--peak-tflops must be a positive number, got {peak_tflops}")
         dev = pick_device(device)
         build_model(model, 10)  # an unknown name fails here, before any work
+        if suite == "gpu" and dev.type != "cuda":
+            raise CliError(f"--suite gpu compares compiled, bf16 and CUDA-graph steps: it needs a CUDA device, not {dev.type}")
         configs = GPU_SUITE if suite == "gpu" else (("", compile if compile is not None else dev.type == "cuda", amp, compile_mode),)
         runs = []
         for label, use_compile, use_amp, mode in configs:

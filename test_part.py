@@ -1126,7 +1126,7 @@ def test_every_training_setting_is_a_train_option_with_its_choices():
 
     command = typer.main.get_command(part.app).commands["train"]
     options = {p.name for p in command.params} - {"help"}
-    assert options == set(part.CONFIG_FIELDS) | {"preset", "config", "resume", "auto_resume"}
+    assert options == set(part.CONFIG_FIELDS) | {"preset", "config", "resume", "auto_resume", "from_last"}
     text = invoke("train", "--help").output
     for choice in (*part.CAM_WEIGHTS, *part.MASK_RULES, *part.LOSSES):
         assert choice in text
@@ -2204,3 +2204,265 @@ def test_the_linter_finds_nothing():
         pytest.skip("ruff is not installed (pip install -r requirements.txt)")
     r = subprocess.run([sys.executable, "-m", "ruff", "check", "part.py", "test_part.py"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------- the new surface never invents a number or loses work
+
+
+def _adv_file(tmp_path, fake_ckpt, name="adv"):
+    """An attack with --save-adv on the untrained model; returns (its saved file, the report's accuracies)."""
+    r = invoke("attack", fake_ckpt, "--attacks", "pgd3", "--n-examples", 24, "--save-adv", tmp_path / name,
+               "--json", tmp_path / f"{name}.json")
+    assert r.exit_code == 0, r.stderr
+    (folder,) = [p for p in (tmp_path / name).iterdir() if p.is_dir()]
+    return folder / "pgd3.safetensors", _accuracies(tmp_path / f"{name}.json")[0][1]
+
+
+def _rewrite(src, dst, tensors=None, **metadata):
+    """A copy of a saved file with some tensors or metadata changed (a forgery)."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as f:
+        meta = {**f.metadata(), **{k: json.dumps(v) for k, v in metadata.items()}}
+    save_file({**load_file(str(src)), **(tensors or {})}, str(dst), metadata=meta)
+    return dst
+
+
+def test_saved_examples_are_a_claim_and_every_part_of_it_is_checked(fake_ckpt, tmp_path):
+    saved, report = _adv_file(tmp_path, fake_ckpt)
+    r = invoke("attack", fake_ckpt, "--adv-from", saved, "--per-class", "--json", tmp_path / "t.json")
+    assert r.exit_code == 0 and "a replay on the checkpoint that made them" in r.stdout, r.stderr
+    row = json.loads((tmp_path / "t.json").read_text())["checkpoints"][0]
+    assert row["accuracy"]["adv:pgd3"] == report["pgd3"] and row["per_class"] and row["adv_from"][0]["replay"] is True
+    assert row["adv_from"][0]["checkpoint_sha256"] == part.file_hash(fake_ckpt) and row["selection"]["first"] == 24
+    t = load_file(str(saved))
+    forged = {
+        "repeated": ({"indices": torch.zeros(24, dtype=torch.int64)}, {}, "not the first 24 test points in order"),
+        "picked": ({"indices": torch.arange(24) + 3}, {}, "not the first 24 test points in order"),
+        "eps": ({}, {"eps": 1.0}, "disagree"),
+        "float indices": ({"indices": torch.arange(24).double()}, {}, "int64"),
+        "float64": ({"x_adv": t["x_adv"].double()}, {}, "float32"),
+        "empty": ({"x_adv": t["x_adv"][:0], "indices": t["indices"][:0], "labels": t["labels"][:0]}, {"n": 0}, "inconsistent"),
+        "string eps": ({}, {"eps": "0.03"}, "not what part writes"),
+    }
+    for name, (tensors, metadata, message) in forged.items():
+        bad = _rewrite(saved, tmp_path / f"{name}.safetensors", tensors, **metadata)
+        r = invoke("attack", fake_ckpt, "--adv-from", bad)
+        assert r.exit_code == 1 and message in r.stderr and "unexpected" not in r.stderr, (name, r.stderr)
+    for option in (["--eps", 4], ["--n-examples", 8], ["--attacks", "pgd20"]):
+        r = invoke("attack", fake_ckpt, "--adv-from", saved, *option)
+        assert r.exit_code == 1 and f"{option[0]} cannot be given with --adv-from" in r.stderr
+
+
+def test_saved_examples_of_another_evaluation_are_never_mixed_in(fake_ckpt, tmp_path):
+    _adv_file(tmp_path, fake_ckpt)
+    r = invoke("attack", fake_ckpt, "--attacks", "pgd3", "--eps", 4, "--n-examples", 24, "--save-adv", tmp_path / "adv")
+    assert r.exit_code == 1 and "holds examples of another evaluation" in r.stderr
+    model = part.load_checkpoint(fake_ckpt)[0]
+    points = part.load_split("synthetic", "test", "unused").first(24)
+    with torch.no_grad(), part.eval_mode(model):  # labels it gets right: every point is attacked
+        points = part.Split(points.x, model(part.to_float(points.x)).argmax(1), points.classes)
+    setup = part.AttackSetup(8 / 255, 2 / 255, seed=0, batch_size=8)
+    folder = tmp_path / "w"
+    stale = part.AdvWriter(folder, {}, {"eps": 4})  # a killed run of other settings left its parts
+    stale.write("pgd3", 0, torch.arange(8), torch.zeros(8, 3, 32, 32))
+    signature = {"eps": 8}
+    state = part.EvalState(tmp_path / "s.safetensors", signature)
+    info = {"eps": setup.eps, "eps_levels": 8.0, "seed": 0, "checkpoint_sha256": "0" * 64, "n": 24}
+    first = part.evaluate_suite(model, points, ["pgd3"], setup, state=state, adv=part.AdvWriter(folder, info, signature))
+    assert not any(p.name.startswith(stale.id) for p in (folder / ".parts").iterdir())
+    # the final file and the parts are lost, the state says every batch is done: the batches are attacked again
+    (folder / "pgd3.safetensors").unlink()
+    state = part.EvalState(tmp_path / "s.safetensors", signature)
+    again = part.evaluate_suite(model, points, ["pgd3"], setup, state=state, adv=part.AdvWriter(folder, info, signature))
+    x_adv = load_file(str(folder / "pgd3.safetensors"))["x_adv"]
+    replay = (model(x_adv).argmax(1) == points.y).float().mean().item()
+    assert first["accuracy"] == again["accuracy"] and replay == pytest.approx(again["accuracy"]["pgd3"])
+    assert not torch.equal(x_adv, part.to_float(points.x))
+
+
+def test_a_running_evaluation_locks_its_state_and_its_saved_examples(fake_ckpt, tmp_path):
+    (tmp_path / "adv").mkdir()
+    with part.folder_lock(tmp_path / "adv", "another evaluation"):
+        r = invoke("attack", fake_ckpt, "--attacks", "fgsm", "--n-examples", 8, "--save-adv", tmp_path / "adv")
+    assert r.exit_code == 1 and "in use by another evaluation" in r.stderr
+    state = tmp_path / "r.json.state.safetensors"
+    with part.file_lock(tmp_path / f".{state.name}.lock", "another evaluation", str(state)):
+        r = invoke("attack", fake_ckpt, "--attacks", "fgsm", "--n-examples", 8, "--json", tmp_path / "r.json")
+    assert r.exit_code == 1 and "in use by another evaluation" in r.stderr
+
+
+def test_a_forged_evaluation_state_is_refused(tmp_path):
+    path, signature = tmp_path / "s.safetensors", {"n": 8}
+    state = part.EvalState(path, signature)
+    state.put("pgd20", torch.tensor([1, 0, 1, 1, -1, -1, 0, 1], dtype=torch.int8), 1.0, force=True)
+    assert part.EvalState(path, signature).flags["pgd20"].tolist() == [1, 0, 1, 1, -1, -1, 0, 1]
+    forgeries = {"value 7": torch.full((8,), 7, dtype=torch.int8), "all ones": torch.ones(8, dtype=torch.int8),
+                 "length": torch.ones(5, dtype=torch.int8), "dtype": torch.ones(8, dtype=torch.float32)}
+    for name, flags in forgeries.items():
+        _rewrite(path, tmp_path / f"{name}.safetensors", {"pgd20": flags})
+        with pytest.raises(part.CliError, match="delete it to start again"):
+            part.EvalState(tmp_path / f"{name}.safetensors", signature)
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("pyautoattack"), reason="needs pyautoattack")
+@pytest.mark.parametrize("component", part.AA_STANDARD)
+def test_every_autoattack_component_runs_alone(fake_ckpt, component):
+    r = invoke("attack", fake_ckpt, "--attacks", component, "--n-examples", 16)
+    assert r.exit_code == 0 and component in r.stdout, r.stderr
+
+
+def test_sweeps_keep_the_bounds_of_the_attack_names(fake_ckpt):
+    for option, value in (("--sweep-steps", "99999999999999999999"), ("--sweep-restarts", "99999")):
+        r = invoke("attack", fake_ckpt, "--attacks", "pgd5", "--sweep", option, value, "--n-examples", 8)
+        assert r.exit_code == 1 and "expected integers from 1 to" in r.stderr
+
+
+def _report_file(path, rows):
+    path.write_text(json.dumps({"checkpoints": rows}))
+    return path
+
+
+def _row(seed, accuracy, **config):
+    return {"path": f"runs/s{seed}/last.safetensors", "n_examples": 100, "dataset": "cifar10", "eps_levels": 8, "seed": 0,
+            "accuracy": accuracy, "config": dataclasses.asdict(part.TrainConfig(seed=seed, **config))}
+
+
+def test_report_compares_only_what_is_comparable(tmp_path):
+    a = _report_file(tmp_path / "a.json", [_row(0, {"natural": 0.5, "pgd20": 0.2, "worst": 0.2}),
+                                           _row(1, {"natural": 0.6, "pgd20": 0.3, "worst": 0.3})])
+    b = _report_file(tmp_path / "b.json", [_row(2, {"natural": 0.5, "pgd50": 0.1, "worst": 0.1})])
+    r = invoke("report", a, b, "--json", tmp_path / "out.json")
+    assert r.exit_code == 0, r.stderr
+    groups = json.loads((tmp_path / "out.json").read_text())["groups"]
+    assert sorted(len(g["seeds"]) for g in groups) == [1, 2]  # other attacks: another group, never pooled
+    for name, accuracy, seed in (("nan", {"natural": math.nan, "worst": 0.1}, 0), ("500", {"natural": 5.0, "worst": 0.1}, 0),
+                                 ("seed", {"natural": 0.5, "worst": 0.1}, "1")):
+        row = _row(0, accuracy)
+        row["config"]["seed"] = seed
+        r = invoke("report", _report_file(tmp_path / f"{name}.json", [row]))
+        assert r.exit_code == 1 and ("fractions in [0, 1]" in r.stderr or "not an integer" in r.stderr), (name, r.stderr)
+    r = invoke("report", a, _report_file(tmp_path / "empty.json", []))
+    assert r.exit_code == 0 and "evaluated no checkpoint" in r.stderr
+    r = invoke("report", a, "--compare", "method=part", "method=part")
+    assert r.exit_code == 1 and "twice" in r.stderr
+    for seed, epochs_done in ((0, 4), (1, 1)):  # a run killed after epoch 1 of 4 is left out, and said
+        folder = tmp_path / f"run{seed}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"config": dataclasses.asdict(part.TrainConfig(seed=seed, epochs=4))}))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e + 1, "natural": 0.5, "pgd20": 0.2}) + "\n"
+                                                      for e in range(epochs_done)))
+    r = invoke("report", tmp_path / "run0", tmp_path / "run1")
+    assert r.exit_code == 0 and "left out 1 unfinished run" in r.stderr and "run1" in r.stderr
+
+
+def test_runs_that_would_strand_or_lose_work_are_refused_before_they_do(tmp_path):
+    r = invoke("train", *QUICK, "--cam-layer", "linear", "--out", tmp_path / "a")
+    assert r.exit_code == 1 and "not a [N, C, H, W] feature map" in r.stderr
+    assert not (tmp_path / "a" / "last.safetensors").exists()
+    r = invoke("train", *QUICK, "--model", "torchvision:resnet18", "--cam-layer", "avgpool", "--out", tmp_path / "b")
+    assert r.exit_code == 1 and "1x1 map" in r.stderr
+    out = tmp_path / "run"
+    assert invoke("train", *QUICK, "--epochs", 1, "--warmup-epochs", 0, "--out", out).exit_code == 0
+    r = invoke("train", "--out", out, "--resume", "--epochs", 2)
+    assert r.exit_code == 0, r.stderr
+    config = (out / "config.json").read_text()
+    r = invoke("train", "--out", out, "--resume", "--epochs", 1)
+    assert r.exit_code == 1 and "already finished 2 epochs" in r.stderr and (out / "config.json").read_text() == config
+    (out / "last.state.safetensors").unlink()
+    before = (out / "last.safetensors").read_bytes()
+    r = invoke("train", "--out", out, "--resume", "--epochs", 3)
+    assert r.exit_code == 1 and "is missing" in r.stderr and "last.safetensors holds epoch 2" in r.stderr and "--from-last" in r.stderr
+    assert (out / "last.safetensors").read_bytes() == before
+    r = invoke("train", "--out", out, "--resume", "--from-last", "--epochs", 3)  # the way forward, said to be inexact
+    assert r.exit_code == 0 and "momentum starts again" in r.stderr, r.stderr
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    (out / "last.state.safetensors").write_bytes((out / "last.state.safetensors").read_bytes()[:1000])  # truncated
+    r = invoke("train", "--out", out, "--resume", "--epochs", 4)
+    assert r.exit_code == 1 and "--from-last" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_files_are_never_written_through_links_and_inputs_must_be_regular_files(fake_ckpt, tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(target)
+    r = invoke("train", *QUICK, "--out", tmp_path / "run")
+    assert r.exit_code == 1 and "symbolic link" in r.stderr and target.read_text() == "keep me"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = invoke("attack", fake_ckpt, "--adv-from", fifo)
+    assert r.exit_code == 1 and "not a regular file" in r.stderr
+    r = invoke("export", fake_ckpt, "--format", "onnx", "--out", tmp_path / "e", "--report", fifo)
+    assert r.exit_code == 1 and "not a regular file" in r.stderr
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    r = invoke("export", fake_ckpt, "--out", blocked / "sub")
+    assert r.exit_code == 1 and "cannot create" in r.stderr
+
+
+def test_a_full_disk_while_exporting_is_one_line_and_leaves_no_temporary(fake_ckpt, tmp_path, monkeypatch):
+    import errno
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    r = invoke("export", fake_ckpt, "--format", "torchscript", "--out", tmp_path / "e")
+    assert r.exit_code == 1 and "No space left on device" in r.stderr and "unexpected" not in r.stderr
+    assert not [p for p in (tmp_path / "e").iterdir()]
+
+
+def test_user_text_in_brackets_is_printed_as_text(fake_ckpt, tmp_path):
+    odd = tmp_path / "runs[" / "]odd[bold]" / "model.safetensors"  # the path holds "[/]" and "[bold]"
+    odd.parent.mkdir(parents=True)
+    shutil.copy(fake_ckpt, odd)
+    r = cli("attack", odd, "--attacks", "fgsm", "--n-examples", 8, "--json", tmp_path / "r.json")
+    assert r.returncode == 0 and "runs[/]odd[bold]/model.safetensors" in r.stdout, r.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["checkpoints"][0]["path"] == str(odd)
+
+
+def test_a_model_whose_outputs_are_not_finite_is_not_scored(fake_ckpt, tmp_path):
+    tensors = load_file(str(fake_ckpt))
+    key = next(k for k in tensors if k.endswith("weight"))
+    tensors[key].view(-1)[0] = math.nan
+    from safetensors import safe_open
+
+    with safe_open(str(fake_ckpt), "pt") as f:
+        save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=f.metadata())
+    r = invoke("attack", tmp_path / "nan.safetensors", "--attacks", "pgd3", "--n-examples", 8)
+    assert r.exit_code == 1 and "NaN or inf" in r.stderr
+    model = part.build_model("cnn")
+    with torch.no_grad():
+        [m for m in model.modules() if isinstance(m, nn.Linear)][-1].bias.fill_(math.inf)
+    with pytest.raises(part.CliError, match="NaN or inf"):
+        part.evaluate_suite(model, part.load_split("synthetic", "test", "unused").first(8), "natural")
+
+
+def test_odd_inputs_give_one_clear_line(fake_ckpt, tmp_path):
+    with pytest.raises(part.CliError, match="between 2 and"):
+        part.build_model("cnn", 1)
+    from PIL import Image
+
+    big = tmp_path / "folder" / "train" / "a"
+    big.mkdir(parents=True)
+    Image.new("L", (12000, 12000)).save(big / "big.png")  # about 140 KB on disk, 144 M pixels decoded
+    with pytest.raises(part.CliError, match="more than part decodes"):
+        part.load_split("imagefolder", "train", tmp_path / "folder", tmp_path / "cache")
+    deep = "[" * 100_000 + "]" * 100_000
+    from safetensors import safe_open
+
+    with safe_open(str(fake_ckpt), "pt") as f:
+        meta = {**f.metadata(), "metrics": deep}
+    save_file(load_file(str(fake_ckpt)), str(tmp_path / "deep.safetensors"), metadata=meta)
+    r = invoke("attack", tmp_path / "deep.safetensors", "--attacks", "fgsm", "--n-examples", 4)
+    assert r.exit_code == 1 and "unexpected" not in r.stderr, r.stderr
+    with safe_open(str(fake_ckpt), "pt") as f:
+        meta = f.metadata()
+    config = json.loads(meta["config"])
+    config["eps"] = math.nan
+    save_file(load_file(str(fake_ckpt)), str(tmp_path / "nanconfig.safetensors"), metadata={**meta, "config": json.dumps(config)})
+    r = invoke("attack", tmp_path / "nanconfig.safetensors", "--attacks", "fgsm", "--n-examples", 4)
+    assert r.exit_code == 1 and "stored" in r.stderr and "--eps" not in r.stderr, r.stderr
+    r = invoke("bench", "--suite", "gpu", "--device", "cpu")
+    assert r.exit_code == 1 and "needs a CUDA device" in r.stderr
