@@ -42,6 +42,7 @@ import sys
 import time
 import tomllib
 import typing
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, Optional
 
@@ -696,7 +697,10 @@ def _decode_image(path: Path, size: int) -> Tensor:
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as im:  # opening reads the header only: the size is known before decoding
+    with warnings.catch_warnings():  # PIL warns of a bomb at open; the size check below says it in one line
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = Image.open(path)  # reads the header only: the size is known before decoding
+    with opened as im:
         if im.width * im.height > MAX_DECODE_PIXELS:
             raise ValueError(f"{im.width}x{im.height} pixels is more than part decodes ({MAX_DECODE_PIXELS / 1e6:.0f} M); "
                              "resize the image")
@@ -2805,7 +2809,6 @@ def load_state_into(model: nn.Module, state: dict[str, Tensor], arch: str, path:
 def _read_pickle(path: Path) -> dict[str, Tensor]:
     """A foreign .pt/.pth state dict, opened with weights_only=True and nothing else."""
     import pickle
-    import warnings
 
     try:
         with warnings.catch_warnings():  # torch's notes on pickle protocols; failures raise below
@@ -2976,8 +2979,6 @@ def model_card(meta: CheckpointMeta, image_size: int, robustness: Optional[dict]
 def torchscript_warnings(say: bool):
     """TorchScript is deprecated in recent PyTorch: its deprecation warnings become one note
     (when `say`); every other warning (a tracer warning, say) is still shown, one line each."""
-    import warnings
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
@@ -4769,9 +4770,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path = "export", format
     another size against PyTorch. Returns {format: path, ..., "card": path}."""
     checkpoint, out = Path(checkpoint), Path(out)
     chosen = parse_formats(formats if isinstance(formats, str) else ",".join(formats))
-    check_output_folder(out, "--out")
     model, meta = load_checkpoint(checkpoint, arch, "cpu")
     robustness = robustness_of(Path(report), file_hash(checkpoint)) if report is not None else None
+    check_output_folder(out, "--out")  # before the exports, the slow part
     size = image_size or meta.image_size or 32
     card = model_card(meta, size, robustness)
     example = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
