@@ -199,7 +199,8 @@ def live_progress(enabled: bool = True):
         return
     columns = (TextColumn("{task.description:>11}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[extra]}", markup=False))
-    with Progress(*columns, console=console, transient=True) as bars:
+    # ETA from the last 10 minutes of progress: one step of a GPU recipe on a CPU takes half a minute
+    with Progress(*columns, console=console, transient=True, speed_estimate_period=600) as bars:
         yield bars
 
 
@@ -3229,10 +3230,15 @@ class Reporter:
     def epoch(self, epoch: int, total: int):
         with live_progress(self.enabled) as bars:
             if bars is None:
-                yield lambda done, loss, acc: None
+                yield lambda done, loss=None, acc=None: None
                 return
             task = bars.add_task(f"epoch {epoch}", total=total, extra="")
-            yield lambda done, loss, acc: bars.update(task, completed=done, extra=f"loss {loss:.4f} acc {100 * acc:.1f}%")
+
+            def update(done: int, loss: Optional[float] = None, acc: Optional[float] = None) -> None:
+                stats = {} if loss is None else {"extra": f"loss {loss:.4f} acc {100 * acc:.1f}%"}
+                bars.update(task, completed=done, **stats)
+
+            yield update
 
     def row(self, m: dict) -> None:
         values = (f"{m['epoch']}", m["phase"], f"{m['lr']:.2e}", f"{m['train_loss']:.4f}", fmt_pct(m["train_acc"]),
@@ -3541,7 +3547,7 @@ def say_cpu_estimate(run: Run, epoch: int, epoch_seconds: float) -> None:
         return
     left = run.cfg.epochs - epoch
     text = (f"note: on this CPU ({torch.get_num_threads()} threads) an epoch takes about {fmt_duration(epoch_seconds)} "
-            f"(estimated from its first steps); the {left} epoch(s) to go, about {fmt_duration(left * epoch_seconds)}")
+            f"(estimated from its first steps); {left} epoch{'s' * (left != 1)} to go: about {fmt_duration(left * epoch_seconds)}")
     if run.cfg.model != "cnn":
         text += f". {run.cfg.model} is a GPU recipe: on a CPU, --preset cifar10-cpu trains a small CNN"
     run.report.print(text)
@@ -3569,6 +3575,7 @@ def train_epoch(run: Run, epoch: int) -> dict:
             y = run.train.y[index]
             loss, correct = train_step(run.parts, run.optimizer, x, y, cfg, run.setup, part_phase)
             totals += torch.stack([loss * len(y), correct, torch.tensor(len(y), device=device)])
+            show(i + 1)  # the count only (no device sync): the bar's ETA needs every step
             if (i + 1) % 10 == 0 or i + 1 == len(batches):
                 t = totals.tolist()  # a device sync: only every 10 steps
                 if dist.world == 1 and not math.isfinite(t[0]):
@@ -5000,7 +5007,8 @@ def report_command(
             write_text(csv_out, csv_text(["group", "n", "seeds", *[f"{k}_{m}" for k in columns for m in ("mean", "std")]], values))
         if json_out is not None:
             write_json(json_out, {"groups": [{k: v for k, v in g.items() if k != "members"} | {"sources": [o.source for o in g["members"]]}
-                                             for g in groups], "comparison": comparison, "versions": versions()})
+                                             for g in groups], "comparison": comparison, "versions": versions(),
+                                  "machine": machine()})
         if plot is not None:
             robust = "worst" if "worst" in columns else "pgd20"
             if plot_tradeoff(plot, groups, robust):
