@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import gc
 import hashlib
 import importlib.util
@@ -2329,6 +2330,8 @@ def sanity_warnings(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
     found = []
     with torch.no_grad():
         a, b = model(x), model(x)
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):  # NaN != NaN: not a randomised defence
+        raise CliError("the model's outputs are NaN or inf on some inputs: no accuracy is reported")
     if not torch.equal(a, b):
         found.append("the model gives different outputs for the same input (a randomised defence?): "
                      "these attacks do not average over its randomness, robustness may be overstated")
@@ -4220,7 +4223,8 @@ def cli_errors():
         raise typer.Exit(130) from None
     except OSError as e:  # a folder that is a file, no permission, a full disk: writes are atomic, nothing is lost
         where = f": {e.filename}" if e.filename else ""
-        err_console.print(f"error: {e.strerror or first_line(e)}{where}", markup=False)
+        then = "; free some space, then run the same command again (finished work is kept)" if e.errno == errno.ENOSPC else ""
+        err_console.print(f"error: {e.strerror or first_line(e)}{where}{then}", markup=False)
         raise typer.Exit(1) from None
     except (MemoryError, *OOM_ERRORS) as e:
         err_console.print(f"error: out of memory ({first_line(e, 120)}); try a smaller --batch-size or image size", markup=False)

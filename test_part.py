@@ -946,6 +946,7 @@ def np_logits(path, x):
     return torch.from_numpy(session.run(["logits"], {"image": x.numpy()})[0])
 
 
+@pytest.mark.slow
 def test_a_foreign_state_dict_exports_to_every_format(tmp_path):
     model = seeded("cnn", num_classes=4)
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "foreign.pth")
@@ -1722,7 +1723,7 @@ def attack_reference(smoke_run, tmp_path_factory):
 @pytest.mark.slow
 def test_a_killed_attack_continues_to_the_uninterrupted_report(smoke_run, attack_reference, tmp_path, at):
     args = ["attack", smoke_run / "best.safetensors", smoke_run / "last.safetensors", "--attacks", "pgd20,cw20",
-            "--n-examples", 64, "--batch-size", 16, "--seed", 4, "--json", tmp_path / "r.json"]
+            "--n-examples", 64, "--batch-size", 16, "--seed", 4, "--save-adv", tmp_path / "adv", "--json", tmp_path / "r.json"]
     killed = subprocess.run([sys.executable, "-c", ATTACKER, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "KILL_AT": str(at)}, timeout=600)
     assert killed.returncode == -signal.SIGKILL and (tmp_path / "r.json.state.safetensors").is_file()
@@ -1730,7 +1731,13 @@ def test_a_killed_attack_continues_to_the_uninterrupted_report(smoke_run, attack
     assert r.returncode == 0 and "resuming the evaluation" in r.stderr, r.stderr
     assert _accuracies(tmp_path / "r.json") == _accuracies(attack_reference)
     assert not (tmp_path / "r.json.state.safetensors").exists()  # done: the report holds everything
-    r = cli(*args[:-1], tmp_path / "r.json", "--seed", 5)  # a state of another evaluation is never mixed in
+    # the examples saved across the kill are the attack's: replayed, they give exactly the report's figures
+    r = cli("attack", *args[1:3], "--adv-from", tmp_path / "adv", "--json", tmp_path / "t.json")
+    assert r.returncode == 0, r.stderr
+    reported = dict(_accuracies(tmp_path / "r.json"))
+    replays = [(row, o) for row in json.loads((tmp_path / "t.json").read_text())["checkpoints"] for o in row["adv_from"] if o["replay"]]
+    assert len(replays) == 4 and all(row["accuracy"][o["column"]] == reported[row["path"]][o["attack"]] for row, o in replays)
+    r = cli(*args[:-4], "--json", tmp_path / "r.json", "--seed", 5)  # a state of another evaluation is never mixed in
     assert r.returncode == 0
 
 
@@ -1746,7 +1753,7 @@ def test_saved_adversarial_examples_reproduce_the_attack_and_are_checked(smoke_r
     ckpt = smoke_run / "best.safetensors"
     r = invoke("attack", ckpt, "--attacks", "pgd20", "--n-examples", 48, "--save-adv", tmp_path / "adv", "--json", tmp_path / "a.json")
     assert r.exit_code == 0, r.stderr
-    (folder,) = (tmp_path / "adv").iterdir()
+    (folder,) = [p for p in (tmp_path / "adv").iterdir() if p.is_dir()]  # beside it: the folder's .lock
     x_adv, index, labels, meta = part.load_adversarial(folder / "pgd20.safetensors")
     assert x_adv.dtype == torch.float32 and x_adv.shape == (48, 3, 32, 32) and torch.equal(index, torch.arange(48))
     assert meta["attack"] == "pgd20" and meta["checkpoint_sha256"] == part.file_hash(ckpt) and meta["eps"] == pytest.approx(8 / 255)
@@ -2426,8 +2433,8 @@ def test_user_text_in_brackets_is_printed_as_text(fake_ckpt, tmp_path):
     odd = tmp_path / "runs[" / "]odd[bold]" / "model.safetensors"  # the path holds "[/]" and "[bold]"
     odd.parent.mkdir(parents=True)
     shutil.copy(fake_ckpt, odd)
-    r = cli("attack", odd, "--attacks", "fgsm", "--n-examples", 8, "--json", tmp_path / "r.json")
-    assert r.returncode == 0 and "runs[/]odd[bold]/model.safetensors" in r.stdout, r.stderr
+    r = invoke("attack", odd, "--attacks", "fgsm", "--n-examples", 8, "--json", tmp_path / "r.json")
+    assert r.exit_code == 0 and "runs[/]odd[bold]/model.safetensors" in r.stdout, r.stderr
     assert json.loads((tmp_path / "r.json").read_text())["checkpoints"][0]["path"] == str(odd)
 
 
