@@ -413,6 +413,7 @@ def test_foreign_state_dicts_load_with_wrappers_and_prefixes(batch, tmp_path):
             assert torch.equal(loaded(batch[0][:2]), model(batch[0][:2]))
 
 
+@pytest.mark.slow
 def test_a_trades_style_wrn_state_dict_with_module_prefix_and_spare_block_loads(batch):
     ref = seeded("wrn-34-10")
     state = {f"module.{k}": v for k, v in ref.state_dict().items()}
@@ -960,6 +961,7 @@ def test_a_foreign_state_dict_exports_to_every_format(tmp_path):
     assert json.loads((tmp_path / "exp" / "foreign.json").read_text())["classes"] == ["0", "1", "2", "3"]
 
 
+@pytest.mark.slow
 def test_a_failed_export_check_exits_nonzero_and_names_the_format(tmp_path, monkeypatch):
     _our_checkpoint(tmp_path / "m.safetensors", "cnn")
     real = part.run_exported
@@ -1889,6 +1891,7 @@ def test_every_run_explains_itself(smoke_run):
         assert im.size[0] > 600 and im.size[1] > 200
 
 
+@pytest.mark.slow
 def test_tensorboard_is_used_when_installed_and_otherwise_said(tmp_path):
     r = invoke("train", *TINY, "--epochs", 1, "--warmup-epochs", 0, "--tensorboard", "--out", tmp_path / "run")
     assert r.exit_code == 0, r.stderr
