@@ -3272,8 +3272,14 @@ class RunFiles:
 
 
 def command_name() -> str:
-    """How the user started us, for messages that tell what to run next."""
-    return "python part.py" if Path(sys.argv[0]).name == "part.py" else "part"
+    """How the user started us, for messages that tell what to run next (--nproc says so to
+    the processes it starts)."""
+    return os.environ.get("PART_COMMAND") or ("python part.py" if Path(sys.argv[0]).name == "part.py" else "part")
+
+
+def resume_command(folder: Path) -> str:
+    nproc = os.environ.get("PART_NPROC")
+    return f"{command_name()} train --out {folder} --resume" + (f" --nproc {nproc}" if nproc else "")
 
 
 def check_out_dir(files: RunFiles, resume: bool) -> None:
@@ -3291,7 +3297,7 @@ def with_way_forward(files: RunFiles, problem: str) -> str:
     done = _epoch_of(files.last)
     if not done:
         return problem
-    return (f"{problem}; {files.last.name} holds epoch {done}: `{command_name()} train --out {files.folder} --resume "
+    return (f"{problem}; {files.last.name} holds epoch {done}: `{resume_command(files.folder)} "
             "--from-last` continues from its weights (not bit-identical: the optimizer's momentum starts again)")
 
 
@@ -3624,7 +3630,7 @@ def finish_epoch(run: Run, metrics: dict) -> dict:
                 write_history(run)
             except OSError as e:
                 raise CliError(f"cannot write {e.filename or run.files.folder} ({e.strerror or first_line(e)}); the run keeps its "
-                               f"last complete epoch: free the space, then `{command_name()} train --out {run.files.folder} --resume`") from None
+                               f"last complete epoch: free the space, then `{resume_command(run.files.folder)}`") from None
         if run.tensorboard is not None:
             for key in ("train_loss", "train_acc", "natural", "pgd20", "lr", "img_per_s"):
                 if metrics.get(key) is not None:
@@ -3649,7 +3655,7 @@ def run_training(cfg: TrainConfig, preset: str, out: Path, resume: bool, dist: D
     except KeyboardInterrupt:
         done = len(run.history)
         kept = f"{run.files.last} holds epoch {done}" if done else "no epoch had finished"
-        raise CliError(f"interrupted in epoch {epoch + 1} ({kept}). Continue with: {command_name()} train --out {out} --resume",
+        raise CliError(f"interrupted in epoch {epoch + 1} ({kept}). Continue with: {resume_command(out)}",
                        code=130) from None
     except FloatingPointError:
         kept = f"{run.files.last} keeps epoch {len(run.history)}" if run.history else "no checkpoint was written"
@@ -4256,6 +4262,109 @@ Seed = Annotated[int, _opt("Random seed.")]
 Threads = Annotated[int, _opt("CPU threads for PyTorch (0: its default, one per core; 1 is often fastest on a machine "
                               "shared with other jobs).", min=0, max=4096)]
 JsonOut = Annotated[Optional[Path], _opt("Write the figures as JSON here.", "--json")]
+NProc = Annotated[int, _opt("Run as N processes on this machine (one per GPU on CUDA; gloo on a CPU), as torchrun "
+                            "would, with one line per error and no launcher traceback.", min=1, max=1024)]
+
+
+class KeepsArgs(typer.core.TyperCommand):
+    """Keeps the command line as typed, so that --nproc can start the same command N times."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        ctx.meta["part.args"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def without_option(args: list[str], flag: str) -> list[str]:
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            kept.append(arg)
+    return kept
+
+
+def run_processes(nproc: int, device: str) -> int:
+    """--nproc N: this same command as N processes with torch.distributed's environment (as
+    torchrun sets it). Errors are relayed once (every rank finds the same bad input), a rank
+    that fails stops the others after a grace period, and the first failure's exit code is
+    returned: no launcher traceback after our one line, as torchrun prints."""
+    import socket
+    import subprocess
+    import threading
+
+    if dist_from_env().world > 1:
+        raise CliError("--nproc cannot be given under torchrun: torchrun has started the processes already")
+    dev = pick_device(device)
+    if dev.type == "cuda" and nproc > torch.cuda.device_count():
+        raise CliError(f"--nproc {nproc} is more than the {torch.cuda.device_count()} CUDA devices here")
+    ctx = importlib.import_module(_click.__name__ + ".globals").get_current_context()
+    command = [sys.executable, str(Path(__file__).resolve()), ctx.info_name, *without_option(ctx.meta["part.args"], "--nproc")]
+    with socket.socket() as s:  # a free port for the rendezvous on this machine
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
+           "LOCAL_WORLD_SIZE": str(nproc), "PYTHONUNBUFFERED": "1", "PART_COMMAND": command_name(), "PART_NPROC": str(nproc)}
+    if dev.type == "cpu" and "OMP_NUM_THREADS" not in env:  # N processes share the cores instead of each taking all
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    # Their own process group: a terminal's Ctrl-C reaches this launcher only, which passes it on once.
+    procs = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE,
+                              text=True, errors="replace", process_group=0) for r in range(nproc)]
+    said: dict[str, int] = {}  # line -> the rank that said it first
+    stopped: set[int] = set()
+    lock = threading.Lock()
+
+    def relay(rank: int, stream) -> None:
+        for line in stream:
+            with lock:
+                if rank not in stopped and said.setdefault(line, rank) == rank:
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+
+    relays = [threading.Thread(target=relay, args=(r, p.stderr), daemon=True) for r, p in enumerate(procs)]
+    for t in relays:
+        t.start()
+
+    def pass_on(signum, frame) -> None:  # each process stops and saves on its own, as it would alone
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = signal.signal(signal.SIGINT, pass_on), signal.signal(signal.SIGTERM, pass_on)
+    failures: list[int] = []
+    try:
+        deadline = math.inf
+        while None in [p.poll() for p in procs]:  # every one polled: any() would stop at the first still running
+            failures += [r for r, p in enumerate(procs) if p.returncode not in (None, 0) and r not in failures + list(stopped)]
+            if failures and deadline == math.inf:
+                deadline = time.monotonic() + 20  # the others fail too, or wait for ever on a dead peer
+            for r, p in enumerate(procs):
+                if time.monotonic() > deadline and p.poll() is None:
+                    if r not in stopped:
+                        with lock:
+                            stopped.add(r)
+                        p.terminate()
+                    elif time.monotonic() > deadline + 20:
+                        p.kill()
+            time.sleep(0.1)
+        for t in relays:
+            t.join(timeout=5)
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+    failures += [r for r, p in enumerate(procs) if p.returncode != 0 and r not in failures and r not in stopped]
+    if not failures:
+        return 0
+    cause = next((r for r in failures if procs[r].returncode < 0), failures[0])  # a killed one takes its peers down
+    code = procs[cause].returncode
+    if code < 0:  # killed by a signal: it could not say so itself
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        err_console.print(f"error: process {cause} of {nproc} was killed by {name}", markup=False)
+        return 128 - code
+    return code
+
 NExamples = Annotated[Optional[int], _opt("The first N test images in canonical order (default: all).", "--n-examples", "--n")]
 
 
@@ -4305,7 +4414,7 @@ def complete_attacks(incomplete: str) -> list[str]:
     return [f"{done}," * bool(done) + name for name in ATTACK_NAMES if name.startswith(last)]
 
 
-class TrainCommand(typer.core.TyperCommand):
+class TrainCommand(KeepsArgs):
     """`train --help` lists the presets and shows, for every setting, the value that applies:
     the preset's (the one given with --preset, else the dataset's own) or the built-in one."""
 
@@ -4340,11 +4449,15 @@ class TrainCommand(typer.core.TyperCommand):
 
 
 def train_command(preset: Optional[str] = None, config: Optional[Path] = None, resume: bool = False,
-                  auto_resume: bool = False, from_last: bool = False, **settings):
+                  auto_resume: bool = False, from_last: bool = False, nproc: int = 1, **settings):
     """Train a PART (or plain AT) model; writes checkpoints, metrics, summary.csv and curves.png.
 
     Settings come from the preset (configs.toml), then the options given here. Launch with
-    torchrun for several GPUs/processes: --batch-size stays the global batch."""
+    --nproc N (or torchrun) for several GPUs/processes: --batch-size stays the global batch."""
+    if nproc > 1:
+        with cli_errors():
+            code = run_processes(nproc, settings.get("device") or "auto")
+        raise typer.Exit(code)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop is handled like Ctrl-C
     try:
         with cli_errors():
@@ -4374,6 +4487,7 @@ train_command.__signature__ = inspect.Signature([
     inspect.Parameter("from_last", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, _opt(
         "With --resume, when the resume state is missing or damaged: continue from last.safetensors (its weights, "
         "epoch and history; the optimizer's momentum starts again, so not bit-identical).", rich_help_panel="Presets")]),
+    inspect.Parameter("nproc", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=NProc),
     *(_config_option(name, field) for name, field in CONFIG_FIELDS.items()),
 ])
 train_command.__annotations__ = {p.name: p.annotation for p in train_command.__signature__.parameters.values()}
@@ -4539,7 +4653,7 @@ class AttackOptions:
     sweep_steps: list[int]
 
 
-@app.command("attack")
+@app.command("attack", cls=KeepsArgs)
 def attack_command(
     checkpoints: Annotated[list[Path], typer.Argument(help=escape_markup("Checkpoints: ours (.safetensors) or foreign state dicts with --arch."), show_default=False)],
     attacks: Annotated[Optional[str], _opt(f"Comma-separated: {ATTACK_HELP}. natural always runs. [default: {DEFAULT_ATTACKS}]",
@@ -4571,12 +4685,17 @@ def attack_command(
     seed: Seed = 0,
     device: Device = "auto",
     threads: Threads = 0,
+    nproc: NProc = 1,
 ):
     """Robust accuracy of checkpoints on the first N test images: a table, optionally JSON/CSV/markdown.
 
     Standard protocol: inputs in [0, 1], eval mode, fp32; each attack runs on the points the
     model gets right; `worst` counts a point robust only if no attack broke it. Interrupted,
-    the same command continues where it stopped. Under torchrun the points are shared out."""
+    the same command continues where it stopped. With --nproc N (or torchrun) the points are shared out."""
+    if nproc > 1:
+        with cli_errors():
+            code = run_processes(nproc, device)
+        raise typer.Exit(code)
     with cli_errors():
         set_threads(threads)
         dist = dist_from_env()

@@ -1121,6 +1121,50 @@ def test_torchrun_with_two_cpu_processes_writes_one_run_and_resumes(tmp_path):
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_nproc_says_an_error_once_and_no_launcher_traceback(monkeypatch):
+    r = cli("attack", "missing.safetensors", "--nproc", 2)  # both processes find the same bad input
+    assert r.returncode == 1 and r.stderr == "error: checkpoint missing.safetensors not found\n", r.stderr
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = invoke("train", "--preset", "smoke", "--nproc", 2)
+    assert r.exit_code == 1 and "--nproc cannot be given under torchrun" in r.stderr
+    assert part.without_option(["--out", "x", "--nproc", "2", "--nproc=3", "--lr", "1"], "--nproc") == ["--out", "x", "--lr", "1"]
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes started by `pid`, each with its RANK."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            found[int(child)] = next((e[5:].decode() for e in environ if e.startswith(b"RANK=")), "")
+    return found
+
+
+@pytest.mark.slow
+def test_nproc_interrupted_says_how_to_go_on_and_a_killed_process_is_named(tmp_path):
+    out, args = tmp_path / "run", [*map(str, TINY), "--train-subset", "1024", "--nproc", "2"]
+    launch = [sys.executable, str(ROOT / "part.py"), "train", *args, "--out", str(out)]
+    proc = subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while not (out / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # passed on once to each process, which stops as it would alone
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert err == f"error: interrupted in epoch 1 (no epoch had finished). Continue with: python part.py train --out {out} --resume --nproc 2\n"
+    # the way on works, and a process killed from outside is named by the launcher
+    proc = subprocess.Popen([*launch, "--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while len(_children(proc.pid)) < 2 and proc.poll() is None:
+        time.sleep(0.1)
+    os.kill(next(pid for pid, rank in _children(proc.pid).items() if rank == "1"), signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 137 and "error: process 1 of 2 was killed by SIGKILL" in err and "Traceback" not in err, err
+    r = cli("train", "--out", out, "--resume", "--nproc", 2)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert part.load_checkpoint(out / "last.safetensors")[1].epoch == 2
+
+
 # ---------------------------------------------------------------- the code's shape: one list of settings, registries
 
 
@@ -1129,7 +1173,7 @@ def test_every_training_setting_is_a_train_option_with_its_choices():
 
     command = typer.main.get_command(part.app).commands["train"]
     options = {p.name for p in command.params} - {"help"}
-    assert options == set(part.CONFIG_FIELDS) | {"preset", "config", "resume", "auto_resume", "from_last"}
+    assert options == set(part.CONFIG_FIELDS) | {"preset", "config", "resume", "auto_resume", "from_last", "nproc"}
     text = invoke("train", "--help").output
     for choice in (*part.CAM_WEIGHTS, *part.MASK_RULES, *part.LOSSES):
         assert choice in text
