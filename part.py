@@ -17,10 +17,13 @@ conversion is `from_levels()`, applied once when a threat model (`AttackSetup`) 
 names that still hold levels say so (`eps_levels`). The Python API (`grad_cam`, `eps_map`,
 `pgd`, ...) takes budgets in [0, 1] units.
 
-Sections, each using only those above it: specs and units, console, files, runtime, data,
-models, CAM, budget maps, losses, attacks, config, training step and evaluation,
-robustness evaluation, checkpoints, export, plots and tables, the training run, comparing
-runs, CAM figures, benchmark, commands.
+Contents. Part I tells the method in the order it runs and ends with its three commands:
+  specs and units, console, files, runtime, data, models, CAM, budget maps, losses,
+  attacks, config, training step and evaluation (train_step, train_epoch), checkpoints,
+  plots and tables, the training run (fit), robustness evaluation (evaluate_suite), export,
+  commands (train, attack, export).
+Part II holds the tools; nothing in Part I calls them: comparing runs (report), CAM
+  figures (cam), benchmark (bench).
 """
 from __future__ import annotations
 
@@ -1357,40 +1360,31 @@ def _zscore_hot(v: Tensor) -> Tensor:
     return (v - mean) / std.clamp(min=1e-12) > 1
 
 
-def _budgets(cam: Tensor, eps: float, eps_low: float) -> tuple[Tensor, Tensor]:
-    as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=cam.device)  # noqa: E731
-    return as_tensor(eps), as_tensor(eps_low)
-
-
 def zscore_rule(cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None) -> Tensor:
     """The paper's rule: standardise the upsampled CAM per image; z > 1 keeps `eps` on all
     channels, the rest get `eps_low`. -> [B, 1, H, W]"""
-    full, low = _budgets(cam, eps, eps_low)
-    return torch.where(_zscore_hot(upsample(cam, size)), full, low)
+    return torch.where(_zscore_hot(upsample(cam, size)), eps, eps_low)
 
 
 def official_rule(cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None) -> Tensor:
     """The authors' code re-created: Pillow bicubic upsampling, squared, coloured with jet,
     standardised over all H x W x 3 values, > 1 gets `eps`. -> [B, 3, H, W]"""
-    full, low = _budgets(cam, eps, eps_low)
     heat = pil_bicubic(cam, size)  # Pillow's float images are not clipped; matplotlib clips below
     rgb = (jet(heat.square()) * 255).floor()  # torchcam's uint8 overlay
-    return torch.where(_zscore_hot(rgb), full, low)
+    return torch.where(_zscore_hot(rgb), eps, eps_low)
 
 
 def random_rule(cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None) -> Tensor:
     """As many `eps` pixels per image as zscore gives, at random positions. -> [B, 1, H, W]"""
-    full, low = _budgets(cam, eps, eps_low)
     b, n = cam.shape[0], size[0] * size[1]
     count = _zscore_hot(upsample(cam, size)).flatten(1).sum(1, keepdim=True)
     rank = torch.rand(b, n, device=cam.device, generator=generator).argsort(1).argsort(1)
-    return torch.where((rank < count).view(b, 1, *size), full, low)
+    return torch.where((rank < count).view(b, 1, *size), eps, eps_low)
 
 
 def uniform_rule(cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None) -> Tensor:
     """Every pixel at the per-image mean budget zscore gives (plain AT at PART's budget). -> [B, 1, 1, 1]"""
-    full, low = _budgets(cam, eps, eps_low)
-    return low + (full - low) * _zscore_hot(upsample(cam, size)).float().mean((1, 2, 3), keepdim=True)
+    return eps_low + (eps - eps_low) * _zscore_hot(upsample(cam, size)).float().mean((1, 2, 3), keepdim=True)
 
 
 MASK_RULES: dict[str, Callable[..., Tensor]] = {
@@ -1440,13 +1434,6 @@ ATTACK_LOSSES: dict[str, Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]] =
     "target-margin": lambda logits, y, aux: (upcast(logits).gather(1, aux.view(-1, 1)) - upcast(logits).gather(1, y.view(-1, 1)))
     .clamp(max=50.0).sum(),
 }
-
-
-def attack_loss(name: str, logits: Tensor, y: Tensor, ref: Optional[Tensor] = None) -> Tensor:
-    """Summed inner-maximisation loss by name (ce, cw, kl against `ref`, target-margin)."""
-    if name not in ATTACK_LOSSES:
-        raise ValueError(f"unknown attack loss {name!r}")
-    return ATTACK_LOSSES[name](logits, y, ref)
 
 
 def ce_objective(nat: Optional[Tensor], adv: Tensor, y: Tensor, beta: float) -> Tensor:
@@ -2038,6 +2025,50 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
 
 
+def train_epoch(run: Run, epoch: int) -> dict:
+    """One pass over the training split; returns the epoch's training figures."""
+    cfg, dist, device = run.cfg, run.dist, run.device
+    t0 = time.perf_counter()
+    part_phase = cfg.method == "part" and epoch >= cfg.warmup_epochs
+    lr = lr_at(cfg, epoch)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    # Every random stream of an epoch is a function of (seed, epoch[, rank]): a resumed run
+    # replays exactly what the uninterrupted one would have done.
+    torch.manual_seed(derived_seed(cfg.seed, epoch, dist.rank))
+    shuffle = torch.Generator(device).manual_seed(derived_seed(cfg.seed, epoch, -1))  # the same on every rank
+    aug = torch.Generator(device).manual_seed(derived_seed(cfg.seed, epoch, dist.rank, 1))
+    batches = epoch_batches(len(run.train.y), cfg.batch_size, dist, shuffle)
+    totals = torch.zeros(3, device=device)  # loss sum, correct, count (this rank)
+    steady = None  # (time, images) after the first 10 steps: compilation and warm-up are over by then
+    with run.report.epoch(epoch + 1, len(batches)) as show:
+        for i, index in enumerate(batches):
+            x = to_float(augment(run.train.x[index], DATASETS[cfg.dataset].flip, aug))
+            y = run.train.y[index]
+            loss, correct = train_step(run.parts, run.optimizer, x, y, cfg, run.setup, part_phase)
+            totals += torch.stack([loss * len(y), correct, torch.tensor(len(y), device=device)])
+            show(i + 1)  # the count only (no device sync): the bar's ETA needs every step
+            if (i + 1) % 10 == 0 or i + 1 == len(batches):
+                t = totals.tolist()  # a device sync: only every 10 steps
+                if dist.world == 1 and not math.isfinite(t[0]):
+                    raise FloatingPointError
+                show(i + 1, t[0] / t[2], t[1] / t[2])
+                if steady is None:
+                    steady = (time.perf_counter(), t[2])
+                    if device.type == "cpu" and i + 1 < len(batches) and not run.estimated:
+                        run.estimated = True
+                        say_cpu_estimate(run, epoch, (steady[0] - t0) / (i + 1) * len(batches))
+    end, local_images = time.perf_counter(), totals[2].item()
+    t = all_sum(totals, dist).tolist()
+    if not math.isfinite(t[0]):
+        raise FloatingPointError
+    phase = "PART" if part_phase else ("warm-up" if cfg.method == "part" else "AT")
+    # images/s after the first 10 steps (all processes): what an epoch costs once compiled
+    rate = dist.world * (local_images - steady[1]) / (end - steady[0]) if steady and local_images > steady[1] else None
+    return {"epoch": epoch + 1, "phase": phase, "lr": lr, "train_loss": t[0] / t[2], "train_acc": t[1] / t[2],
+            "train_seconds": end - t0, "img_per_s": t[2] / (end - t0), "steady_img_per_s": rate}
+
+
 def on_model_device(model: nn.Module, data: Split | tuple) -> Split:
     """Evaluation data (a Split or an (images, labels) pair) on the model's device, its
     labels checked against the model's outputs."""
@@ -2073,603 +2104,6 @@ def evaluate(model: nn.Module, data: Split | tuple, setup: Optional[AttackSetup]
             counts[2] += len(y)
     counts = all_sum(counts, dist).tolist()
     return {"natural": counts[0] / max(counts[2], 1), f"pgd{setup.steps}": counts[1] / max(counts[2], 1)}
-
-
-# ============================================================================ robustness evaluation
-# Attack names: natural, fgsm, pgdK, cwK, mmaK, pgdK-part (K steps; an `xR` suffix asks for
-# R random restarts, worst case kept), aa (the reference AutoAttack) and its components
-# apgd-ce, apgd-t, fab-t, square. A new attack is one function (model, x, y, setup, spec,
-# seed) -> (x_adv, extras) and one line in ATTACKS.
-
-
-@dataclasses.dataclass(frozen=True)
-class AttackSpec:
-    """One attack as asked for: `name` as written, `key` its canonical form."""
-
-    name: str
-    family: str
-    steps: int = 0
-    restarts: int = 1
-
-    @property
-    def key(self) -> str:
-        return self.seed_key + (f"x{self.restarts}" if self.restarts > 1 else "")
-
-    @property
-    def seed_key(self) -> str:
-        """The key without the restarts: R restarts begin with the very run of one restart,
-        so more restarts can only find more (a tested property)."""
-        if not ATTACKS[self.family].iterative:
-            return self.family
-        return f"pgd{self.steps}-part" if self.family == "pgd-part" else f"{self.family}{self.steps}"
-
-
-def fraction(flags: Tensor) -> float:
-    """The share of True flags, exact in Python (0.414, not float32's 0.41400000453)."""
-    return flags.sum().item() / flags.numel()
-
-
-def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
-    """Predicted classes of x, batch by batch, without a graph. Outputs that are not finite
-    stop the evaluation: the argmax of NaN is a made-up class, not a prediction."""
-    found = []
-    with torch.no_grad():
-        for chunk in x.split(batch_size):
-            logits = model(chunk)
-            if not bool(torch.isfinite(logits).all()):
-                raise CliError("the model's outputs are NaN or inf on some inputs: no accuracy is reported")
-            found.append(logits.argmax(1))
-    return torch.cat(found) if found else x.new_zeros(0, dtype=torch.long)
-
-
-def worst_of_restarts(model: nn.Module, y: Tensor, restarts: int, attack: Callable[[], Tensor]) -> Tensor:
-    """Run `attack` up to `restarts` times, keeping per example an AE that fools the model."""
-    best = attack()
-    for _ in range(restarts - 1):
-        with torch.no_grad():
-            holding = model(best).argmax(1) == y
-        if not holding.any():
-            break
-        best = torch.where(holding.view(-1, 1, 1, 1), attack(), best)
-    return best
-
-
-def _natural(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    return x, {}
-
-
-def _fgsm(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    return pgd(model, x, y, setup.eps, setup.eps, 1, random_start=False, check=False), {}
-
-
-def _pgd(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "ce", check=False)), {}
-
-
-def _cw(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "cw", check=False)), {}
-
-
-def _mma(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(model, y, spec.restarts, lambda: mma(model, x, y, setup.eps, setup.step, spec.steps, k=3, check=False)), {}
-
-
-def _pgd_part(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    """PGD inside the model's own PART budget map of these clean images (for analysis)."""
-    low_res = class_activation(model, x, setup.cam, check=False)
-    budget = eps_map(low_res, setup.eps, setup.eps_low, setup.mask_rule, size=x.shape[-2:], check=False)
-    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, budget, setup.step, spec.steps, check=False)), {}
-
-
-AA_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
-
-
-def _aa_component(adversary: Any, name: str, x: Tensor, y: Tensor, seed: int) -> Tensor:
-    """One AutoAttack component, set up exactly as pyautoattack's run_standard_evaluation does."""
-    if name == "apgd-ce":
-        adversary.apgd.loss, adversary.apgd.seed = "ce", seed
-        return adversary.apgd.perturb(x, y)
-    if name == "apgd-t":
-        adversary.apgd_targeted.seed = seed
-        return adversary.apgd_targeted.perturb(x, y)
-    if name == "fab-t":
-        adversary.fab.targeted, adversary.fab.n_restarts, adversary.fab.seed = True, 1, seed
-        return adversary.fab.perturb(x, y)
-    adversary.square.seed = seed
-    return adversary.square.perturb(x, y)
-
-
-def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int,
-               components: tuple[str, ...] = AA_STANDARD) -> tuple[Tensor, dict[str, Tensor]]:
-    """The reference AutoAttack, standard version, from pyautoattack: its components run one
-    after the other on the points still robust, each seeded as in run_standard_evaluation,
-    so the result is what that gives (a test checks). Returns the AEs and, per component,
-    which points were still robust after it. The global RNG is left as it was."""
-    try:
-        from pyautoattack import AutoAttack
-    except ImportError:
-        raise CliError("AutoAttack needs the optional package pyautoattack: pip install pyautoattack") from None
-    with rng_fork(x.device), torch.no_grad():
-        adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=x.device)
-        num_classes = model(x[:1]).shape[1]
-        if num_classes < 10:  # the standard version targets 9 classes; fewer exist here
-            adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = num_classes - 1
-        x_adv, robust, after = x.clone(), model(x).argmax(1) == y, {}
-        for name in components:
-            idx = robust.nonzero().squeeze(1)
-            if len(idx):
-                adv = _aa_component(adversary, name, x[idx], y[idx], seed)
-                fooled = model(adv).argmax(1) != y[idx]
-                x_adv[idx[fooled]] = adv[fooled].to(x_adv.dtype)
-                robust[idx[fooled]] = False
-            after[name] = robust.clone()
-    return x_adv, after
-
-
-def _aa(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    """aa: the four components in order, with the robust flags after each (for its log);
-    a component asked for alone (apgd-ce, ..., square): that one, its flags are the attack's."""
-    if spec.family != "aa":
-        return autoattack(model, x, y, setup.eps, seed, (spec.family,))[0], {}
-    return autoattack(model, x, y, setup.eps, seed, AA_STANDARD)
-
-
-@dataclasses.dataclass(frozen=True)
-class AttackFamily:
-    run: Callable[..., tuple[Tensor, dict[str, Tensor]]]
-    iterative: bool = False  # takes K steps (pgdK) and R restarts (xR)
-    default_steps: int = 0
-    white_box: bool = True
-    needs: Optional[str] = None  # an optional package
-
-
-ATTACKS: dict[str, AttackFamily] = {
-    "natural": AttackFamily(_natural),
-    "fgsm": AttackFamily(_fgsm),
-    "pgd": AttackFamily(_pgd, iterative=True, default_steps=20),
-    "cw": AttackFamily(_cw, iterative=True, default_steps=20),
-    "mma": AttackFamily(_mma, iterative=True, default_steps=20),
-    "pgd-part": AttackFamily(_pgd_part, iterative=True, default_steps=20),
-    "aa": AttackFamily(_aa, needs="pyautoattack"),
-    "apgd-ce": AttackFamily(_aa, needs="pyautoattack"),
-    "apgd-t": AttackFamily(_aa, needs="pyautoattack"),
-    "fab-t": AttackFamily(_aa, needs="pyautoattack"),
-    "square": AttackFamily(_aa, white_box=False, needs="pyautoattack"),
-}
-# What shell completion offers for --attacks (any K steps and xR restarts work too).
-ATTACK_NAMES = ("natural", "fgsm", "pgd20", "pgd50", "pgd100", "cw20", "cw50", "mma", "pgd20-part", "aa", "apgd-ce", "apgd-t",
-                "fab-t", "square")
-DEFAULT_ATTACKS = "natural,fgsm,pgd20,cw20,mma"
-ATTACK_HELP = "natural, fgsm, pgdK, cwK, mmaK, pgdK-part (K steps, e.g. pgd50; add xR for R restarts: pgd50x5), aa, apgd-ce, apgd-t, fab-t, square"
-MAX_ATTACK_STEPS, MAX_RESTARTS = 100_000, 10_000
-_ITERATIVE_NAME = re.compile(r"^(?P<family>pgd|cw|mma)(?P<steps>\d*)(?P<part>-part)?(?:x(?P<restarts>\d+))?$")
-
-
-def parse_attack(name: str, restarts: int = 1) -> AttackSpec:
-    """'pgd50' -> PGD, 50 steps; 'pgd50x5' -> 5 restarts; 'aa' -> AutoAttack; ...
-    `restarts` applies to iterative attacks that do not name their own."""
-    text = name.strip().lower()
-    m = _ITERATIVE_NAME.match(text)
-    if m and not (m["part"] and m["family"] != "pgd"):
-        family = "pgd-part" if m["part"] else m["family"]
-        steps = int(m["steps"]) if m["steps"] else ATTACKS[family].default_steps
-        tries = int(m["restarts"]) if m["restarts"] else restarts
-        if not (1 <= steps <= MAX_ATTACK_STEPS and 1 <= tries <= MAX_RESTARTS):
-            raise CliError(f"attack {name!r}: steps must be 1-{MAX_ATTACK_STEPS} and restarts 1-{MAX_RESTARTS}")
-        return AttackSpec(text, family, steps, tries)
-    if text in ATTACKS and not ATTACKS[text].iterative:
-        return AttackSpec(text, text)
-    raise unknown("attack", name, [ATTACK_HELP])
-
-
-def parse_attacks(text: str, restarts: int = 1) -> list[AttackSpec]:
-    """A comma-separated list; natural always first, duplicates (same canonical key) once."""
-    specs = [parse_attack(a, restarts) for a in text.split(",") if a.strip()]
-    if not specs:
-        raise unknown("attack list", text, [ATTACK_HELP])
-    for spec in specs:
-        needs = ATTACKS[spec.family].needs
-        if needs and importlib.util.find_spec(needs) is None:
-            raise CliError(f"the {spec.name} attack needs the optional package {needs}: pip install {needs}")
-    unique = {"natural": AttackSpec("natural", "natural")}
-    for spec in specs:
-        unique.setdefault(spec.key, spec)
-    return list(unique.values())
-
-
-def batch_seed(seed: int, attack_key: str, batch: int) -> int:
-    """The seed of one batch of one attack: results do not depend on which process runs the
-    batch, or on whether the evaluation was interrupted and resumed."""
-    return derived_seed(seed, attack_key, batch)
-
-
-def check_budget(x_adv: Tensor, x: Tensor, eps: float | Tensor, name: str, tolerance: float = 1e-6) -> None:
-    """Every AE inside the eps ball and [0, 1], finite: written so that NaN fails (a
-    comparison with NaN is false). The tolerance admits float32 rounding of foreign attacks
-    (AutoAttack's projection); ours hold the budget exactly."""
-    if not len(x):
-        return
-    inside = (x_adv - x).abs() <= torch.as_tensor(eps, dtype=x.dtype, device=x.device) + tolerance
-    in_range = (x_adv >= 0) & (x_adv <= 1)
-    if not bool((inside & in_range & torch.isfinite(x_adv)).all()):
-        excess = ((x_adv - x).abs() - torch.as_tensor(eps, dtype=x.dtype, device=x.device)).nan_to_num(math.inf).max().item()
-        raise CliError(f"{name} produced inputs outside the eps ball or [0, 1] (by {excess:.2e}) or not finite; no accuracy reported")
-
-
-OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
-
-
-class Chunker:
-    """Runs an attack on a batch in chunks; a CUDA out-of-memory error halves the chunk
-    (for the rest of the evaluation) and retries, said once the smaller size works,
-    instead of a traceback."""
-
-    def __init__(self, size: int):
-        self.size, self.said = size, size
-
-    def __call__(self, fn: Callable[[Tensor, Tensor, int], tuple[Tensor, dict]], x: Tensor, y: Tensor, seed: int):
-        while True:
-            try:
-                pieces = [fn(xs, ys, seed if len(x) <= self.size else derived_seed(seed, k))
-                          for k, (xs, ys) in enumerate(zip(x.split(self.size), y.split(self.size), strict=True))]
-                break
-            except OOM_ERRORS:
-                if self.size == 1:
-                    raise CliError("out of memory even with one image at a time") from None
-                torch.cuda.empty_cache()
-                self.size = max(1, self.size // 2)
-        if self.size < self.said:
-            note(f"note: out of memory with larger batches; attacking {self.size} images at a time from now on")
-            self.said = self.size
-        extras = {k: torch.cat([p[1][k] for p in pieces]) for k in pieces[0][1]}
-        return torch.cat([p[0] for p in pieces]), extras
-
-
-def sanity_warnings(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
-    """AutoAttack-style checks that a gradient-based evaluation means something here."""
-    found = []
-    with torch.no_grad():
-        a, b = model(x), model(x)
-    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):  # NaN != NaN: not a randomised defence
-        raise CliError("the model's outputs are NaN or inf on some inputs: no accuracy is reported")
-    if not torch.equal(a, b):
-        found.append("the model gives different outputs for the same input (a randomised defence?): "
-                     "these attacks do not average over its randomness, robustness may be overstated")
-    if (a >= 0).all() and torch.allclose(a.sum(1), torch.ones_like(a[:, 0]), atol=1e-4):
-        found.append("the outputs look like probabilities (non-negative, rows sum to 1): the attacks expect logits")
-    x_ = x.clone().requires_grad_(True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_).float(), y, reduction="sum"), x_, allow_unused=True)
-    zero = 1.0 if grad is None else fraction(grad.flatten(1).abs().amax(1) == 0)
-    if zero > 0:
-        found.append(f"{zero:.0%} of the inputs have an all-zero input gradient (gradient masking?): "
-                     "gradient-based accuracy may be overstated")
-    return found
-
-
-PENDING = -1  # a point's flag before its batch is done; then 0 (broken) or 1 (robust)
-
-
-class EvalState:
-    """An evaluation's per-point flags on disk, so that the same command continues where an
-    interrupted one stopped. Saved atomically at most every few seconds and at the end of
-    each attack; refused when it belongs to another evaluation (another signature)."""
-
-    SAVE_EVERY_S = 2.0  # at most one write every 2 s: a kill loses at most that much work
-
-    def __init__(self, path: Optional[Path], signature: dict, writer: bool = True):
-        self.path, self.signature, self.writer = path, signature, writer
-        self.flags: dict[str, Tensor] = {}
-        self.seconds: dict[str, float] = {}
-        self.saved_at = time.monotonic()
-        if path is not None and Path(path).is_file():
-            self._load(Path(path))
-
-    def _load(self, path: Path) -> None:
-        from safetensors.torch import load_file, safe_open
-
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-            signature, seconds = json.loads(meta["signature"]), json.loads(meta.get("seconds", "{}"))
-        except Exception as e:
-            raise CliError(f"the evaluation state {path} is damaged ({first_line(e)}); delete it to start again") from None
-        if signature != json.loads(json.dumps(self.signature)):
-            raise CliError(f"{path} holds the state of another evaluation (other checkpoints, points or settings); "
-                           "delete it, or give another --state")
-        n = self.signature.get("n")
-        for key, flags in tensors.items():  # only what part writes: int8 flags of n points, each -1, 0 or 1
-            if flags.dtype != torch.int8 or flags.dim() != 1 or (n is not None and len(flags) != n) \
-                    or not bool(((flags >= PENDING) & (flags <= 1)).all()):
-                raise CliError(f"the evaluation state {path} holds flags part never writes ({key}: {flags.dtype}, "
-                               f"{tuple(flags.shape)}); delete it to start again")
-        if meta.get("checksum") != self._checksum(tensors):
-            raise CliError(f"the evaluation state {path} does not match its checksum (changed after it was written); "
-                           "delete it to start again")
-        self.flags, self.seconds = dict(tensors), seconds
-        note(f"resuming the evaluation from {path}")
-
-    @staticmethod
-    def _checksum(flags: dict[str, Tensor]) -> str:
-        h = hashlib.sha256()
-        for key in sorted(flags):
-            h.update(key.encode() + b"\0" + flags[key].to(torch.int8).contiguous().numpy().tobytes() + b"\0")
-        return h.hexdigest()
-
-    def get(self, key: str, n: int, device: torch.device) -> Tensor:
-        if key not in self.flags:
-            self.flags[key] = torch.full((n,), PENDING, dtype=torch.int8)
-        return self.flags[key].to(device)
-
-    def put(self, key: str, flags: Tensor, seconds: Optional[float] = None, force: bool = False) -> None:
-        self.flags[key] = flags.to("cpu", torch.int8)
-        if seconds is not None:
-            self.seconds[key] = seconds
-        if self.path is not None and self.writer and (force or time.monotonic() - self.saved_at >= self.SAVE_EVERY_S):
-            meta = {"format": "part/1-eval", "signature": json.dumps(self.signature), "seconds": json.dumps(self.seconds),
-                    "checksum": self._checksum(self.flags)}
-            save_tensors(Path(self.path), {k: v.contiguous() for k, v in self.flags.items()}, meta)
-            self.saved_at = time.monotonic()
-
-    def remove(self) -> None:
-        if self.path is not None and self.writer:
-            Path(self.path).unlink(missing_ok=True)
-
-
-class AdvWriter:
-    """--save-adv: the adversarial examples of one checkpoint, float32 (uint8 rounding would
-    change results), one safetensors file per attack with the test indices, labels, eps,
-    step, attack, seed, the checkpoint's sha256 and the id of the evaluation (a hash of
-    everything that decides the examples). Batches land in .parts/ as they finish, named by
-    that id, so a resumed evaluation keeps its own and never merges another's; a batch the
-    state calls done but whose examples are missing is attacked again (same seed, same
-    result). The folder is locked for the run by the caller."""
-
-    def __init__(self, folder: Path, info: dict, evaluation: dict):
-        self.folder, self.info = Path(folder), info
-        self.id = hashlib.sha256(json.dumps(evaluation, sort_keys=True).encode()).hexdigest()[:16]
-        parts = self.folder / ".parts"
-        parts.mkdir(parents=True, exist_ok=True)
-        for stale in [p for p in parts.glob("*.safetensors") if not p.name.startswith(self.id)]:
-            stale.unlink(missing_ok=True)  # left by a killed evaluation of other settings: never ours to merge
-        for done in self.folder.glob("*.safetensors"):
-            if _safetensors_metadata(done).get("evaluation") != json.dumps(self.id):
-                raise CliError(f"--save-adv {self.folder} already holds examples of another evaluation ({done.name}); "
-                               "choose another folder or remove it")
-
-    def _part(self, key: str, batch: int) -> Path:
-        return self.folder / ".parts" / f"{self.id}-{key}-{batch:06d}.safetensors"
-
-    def _complete(self, key: str) -> bool:
-        """The attack's file of this very evaluation is already written (its parts are gone)."""
-        return _safetensors_metadata(self.folder / f"{key}.safetensors").get("evaluation") == json.dumps(self.id)
-
-    def has(self, key: str, batch: int) -> bool:
-        return self._part(key, batch).is_file() or self._complete(key)
-
-    def write(self, key: str, batch: int, index: Tensor, x_adv: Tensor) -> None:
-        save_tensors(self._part(key, batch), {"x_adv": x_adv.detach().float().cpu().contiguous(),
-                                              "indices": index.cpu().contiguous()}, {})
-
-    def finish(self, spec: AttackSpec, x_all: Tensor, y_all: Tensor, attacked: Tensor) -> Path:
-        """One file of the attack: saved examples where the points were attacked, the clean
-        image where the model was already wrong (no attack needed). Every attacked point
-        must have its example."""
-        from safetensors.torch import load_file
-
-        path = self.folder / f"{spec.key}.safetensors"
-        parts = sorted((self.folder / ".parts").glob(f"{self.id}-{spec.key}-*.safetensors"))
-        if not parts and self._complete(spec.key):  # written before an interruption: nothing left to add
-            return path
-        x_adv = x_all.detach().float().cpu().clone()
-        covered = torch.zeros(len(y_all), dtype=torch.bool)
-        for part in parts:
-            t = load_file(str(part))
-            x_adv[t["indices"]] = t["x_adv"]
-            covered[t["indices"]] = True
-        missing = int((attacked.cpu() & ~covered).sum())
-        if missing:
-            raise CliError(f"--save-adv: the examples of {missing} attacked points of {spec.name} are missing from "
-                           f"{self.folder / '.parts'}; run the same command again to attack them again")
-        meta = {**{k: json.dumps(v) for k, v in self.info.items()}, "format": "part/1-adv", "attack": json.dumps(spec.key),
-                "evaluation": json.dumps(self.id)}
-        save_tensors(path, {"x_adv": x_adv.contiguous(), "indices": torch.arange(len(y_all)), "labels": y_all.cpu()}, meta)
-        for part in parts:
-            part.unlink(missing_ok=True)
-        return path
-
-
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    """A safetensors file's metadata ({} when it is not readable as one)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return f.metadata() or {}
-    except Exception:  # not a safetensors file, damaged, unreadable: no metadata
-        return {}
-
-
-def _sync_flags(flags: list[Tensor], dist: Dist) -> None:
-    """Every process ends a round with every process's results: each batch was done by one
-    process, the others hold PENDING (-1) there, so an element-wise max merges them."""
-    if dist.world == 1:
-        return
-    for f in flags:
-        merged = f.to(torch.int32)
-        torch.distributed.all_reduce(merged, op=torch.distributed.ReduceOp.MAX)
-        f.copy_(merged.to(torch.int8))
-
-
-ProgressFn = Callable[[str, int, int, str], None]  # (attack, points done, total, extra text)
-
-
-def _run_attack(spec: AttackSpec, model: nn.Module, x_all: Tensor, y_all: Tensor, clean: Tensor, setup: AttackSetup,
-                state: EvalState, prefix: str, dist: Dist, adv: Optional[AdvWriter], progress: ProgressFn) -> dict[str, Tensor]:
-    """Per point: is it still classified correctly under `spec`? Only the points the model
-    gets right are attacked, in batches of setup.batch_size; batch i is run by process
-    i % world with its own seed. Returns the flags of the attack (and of AutoAttack's
-    components), as bool tensors."""
-    n, device = len(y_all), y_all.device
-    flags = state.get(f"{prefix}{spec.key}", n, device)
-    flags[~clean] = 0
-    names = list(AA_STANDARD) if spec.family == "aa" else []
-    parts = {c: state.get(f"{prefix}{spec.key}/{c}", n, device) for c in names}
-    for f in parts.values():
-        f[~clean] = 0
-    batches = list(clean.nonzero().squeeze(1).split(setup.batch_size))
-    chunker, attack = Chunker(setup.batch_size), ATTACKS[spec.family].run
-    t0, before = time.perf_counter(), state.seconds.get(f"{prefix}{spec.key}", 0.0)
-
-    def one(xs: Tensor, ys: Tensor, seed: int) -> tuple[Tensor, dict]:
-        torch.manual_seed(seed)
-        return attack(model, xs, ys, setup, spec, seed)
-
-    for first in range(0, len(batches), dist.world):
-        i = first + dist.rank
-        redo = adv is not None and i < len(batches) and not adv.has(spec.key, i)  # done, but its examples are gone
-        if i < len(batches) and (redo or bool((flags[batches[i]] == PENDING).any())):
-            idx = batches[i]
-            with rng_fork(device):
-                x_adv, extras = chunker(one, x_all[idx], y_all[idx], batch_seed(setup.seed, spec.seed_key, i))
-            check_budget(x_adv, x_all[idx], setup.eps, spec.name)
-            if adv is not None:
-                adv.write(spec.key, i, idx, x_adv)
-            flags[idx] = (predict(model, x_adv, setup.batch_size) == y_all[idx]).to(torch.int8)
-            for c, robust in extras.items():
-                parts[c][idx] = robust.to(torch.int8)
-        _sync_flags([flags, *parts.values()], dist)
-        last = first + dist.world >= len(batches)
-        seconds = before + time.perf_counter() - t0
-        state.put(f"{prefix}{spec.key}", flags, seconds, force=last)
-        for c, f in parts.items():
-            state.put(f"{prefix}{spec.key}/{c}", f, force=last)
-        done = int((flags[clean] != PENDING).sum())
-        progress(spec.name, done, int(clean.sum()), _component_summary(clean, flags, parts))
-    return {spec.key: flags == 1, **{f"{spec.key}/{c}": f == 1 for c, f in parts.items()}}
-
-
-def _component_summary(clean: Tensor, flags: Tensor, parts: dict[str, Tensor]) -> str:
-    """AutoAttack's log line, so far: robust accuracy after each component over all points,
-    the points not attacked yet counted as robust (as AutoAttack counts them)."""
-    if not parts:
-        return ""
-    n = max(len(flags), 1)
-    text = [f"clean {100 * int(clean.sum()) / n:.1f}%"]
-    text += [f"{c.upper()} {100 * int((f != 0).sum()) / n:.1f}%" for c, f in parts.items()]
-    return " | ".join(text)
-
-
-def evaluate_suite(model: nn.Module, data: Split | tuple, attacks: str | list[str] | list[AttackSpec],
-                   setup: Optional[AttackSetup] = None, progress: ProgressFn = lambda name, done, total, extra: None,
-                   state: Optional[EvalState] = None, prefix: str = "", dist: Dist = ONE_PROCESS,
-                   adv: Optional[AdvWriter] = None) -> dict:
-    """Accuracy under every attack on `data` (a Split or (images, labels), uint8 or float in
-    [0, 1]; moved to the model's device), each attack run on the points the model
-    classifies correctly, fp32, eval mode; `worst` counts a point robust only if no attack
-    broke it. `attacks`: names ("natural,pgd20,aa" or a list); `setup`: the threat model
-    (default eps 8/255, step 2/255, seed 0). Every AE is checked against the budget before
-    it counts. Each batch draws its randomness from (seed, attack, batch), so the result
-    does not depend on the process count or on interruptions; the global RNG is left alone."""
-    data, setup = on_model_device(model, data), setup or AttackSetup(eps=from_levels(EVAL_EPS_LEVELS), step=from_levels(EVAL_STEP_LEVELS))
-    if isinstance(attacks, str):
-        attacks = attacks.split(",")
-    specs = [a if isinstance(a, AttackSpec) else parse_attack(a.strip(), setup.restarts) for a in attacks]
-    state = state or EvalState(None, {})
-    device, x_all = data.y.device, to_float(data.x)
-    with eval_mode(model), full_fp32():
-        clean = predict(model, x_all, setup.batch_size) == data.y
-        correct, seconds = {"natural": clean}, {"natural": 0.0}
-        for spec in specs:
-            if spec.family == "natural":
-                continue
-            t0 = time.perf_counter()
-            with rng_fork(device):
-                correct.update(_run_attack(spec, model, x_all, data.y, clean, setup, state, prefix, dist, adv, progress))
-            if adv is not None and dist.main:
-                adv.finish(spec, x_all, data.y, clean)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds[spec.name] = state.seconds.get(f"{prefix}{spec.key}", time.perf_counter() - t0)
-    names = ["natural"] + [spec.name for spec in specs if spec.family != "natural"]
-    keys = {spec.name: spec.key for spec in specs}
-    main = {name: correct[keys.get(name, name)] for name in names}
-    worst = torch.stack(list(main.values())).all(0)
-    accuracy = {k: fraction(v) for k, v in main.items()}
-    accuracy["worst"] = fraction(worst)
-    components = {spec.name: {c: fraction(correct[f"{spec.key}/{c}"]) for c in AA_STANDARD} for spec in specs if spec.family == "aa"}
-    per_class = per_class_accuracy(data, {**main, "worst": worst})
-    return {"accuracy": accuracy, "seconds": seconds, "per_class": per_class, **({"components": components} if components else {})}
-
-
-def per_class_accuracy(data: Split, flags: dict[str, Tensor]) -> dict[str, dict[str, float]]:
-    """Accuracy per class (of the classes present) under each set of flags."""
-    found = {}
-    for c, name in enumerate(data.classes):
-        members = data.y == c
-        if members.any():
-            found[name] = {k: fraction(v[members]) for k, v in flags.items()}
-    return found
-
-
-ADV_METADATA = {"eps": (int, float), "eps_levels": (int, float), "seed": int, "attack": str, "checkpoint_sha256": str,
-                "n": int, "evaluation": str}
-
-
-def load_adversarial(path: Path) -> tuple[Tensor, Tensor, Tensor, dict]:
-    """A --save-adv file: (x_adv, test indices, labels, metadata), every part of its claim
-    checked: the metadata part writes with the types it writes, eps and eps_levels that
-    agree, float32 examples, int64 indices that are the first N test points in order."""
-    from safetensors.torch import load_file
-
-    require_file(path, "--adv-from")
-    try:
-        raw = _safetensors_metadata(path)
-        if raw.get("format") != "part/1-adv":
-            raise ValueError("not a file written by part attack --save-adv")
-        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
-        t = load_file(str(path))
-        x_adv, index, labels = t["x_adv"], t["indices"], t["labels"]
-    except Exception as e:
-        raise CliError(f"{path}: not a readable file of adversarial examples ({first_line(e)})") from None
-    wrong = [f"{k} {meta.get(k)!r}" for k, kind in ADV_METADATA.items()
-             if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), kind)]
-    if wrong:
-        raise CliError(f"{path}: its metadata is not what part writes ({', '.join(wrong)})")
-    eps, levels = float(meta["eps"]), float(meta["eps_levels"])
-    if not (math.isfinite(eps) and 0 <= eps <= 1 and math.isclose(eps, from_levels(levels), rel_tol=1e-9, abs_tol=1e-12)):
-        raise CliError(f"{path}: its eps ({eps!r}) and eps_levels ({levels:g}/255) disagree; not a file part wrote")
-    if x_adv.dtype != torch.float32 or index.dtype != torch.int64 or labels.dtype != torch.int64:
-        raise CliError(f"{path}: x_adv {x_adv.dtype}, indices {index.dtype}, labels {labels.dtype}; "
-                       "part writes float32 examples and int64 indices and labels")
-    if x_adv.dim() != 4 or len(x_adv) != len(index) or len(index) != len(labels) or not len(index):
-        raise CliError(f"{path}: inconsistent adversarial examples ({tuple(x_adv.shape)}, {len(index)} indices, {len(labels)} labels)")
-    if meta["n"] != len(index) or not torch.equal(index, torch.arange(len(index))):
-        raise CliError(f"{path}: its indices are not the first {len(index)} test points in order (repeated, reordered or "
-                       "picked); part saves the first N, and a replay must score those")
-    meta["eps"] = eps
-    return x_adv, index, labels, meta
-
-
-def transfer_flags(model: nn.Module, test: Split, path: Path, batch_size: int) -> tuple[Tensor, Tensor, dict]:
-    """The model's results on saved adversarial examples (transfer / black-box studies), after
-    checking that each lies inside the budget of the test point it claims.
-    Returns (test indices, robust flags, metadata)."""
-    x_adv, index, labels, meta = load_adversarial(path)
-    if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(test.y)):
-        raise CliError(f"{path}: indices beyond the {len(test.y)} test images")
-    points = test.select(index.to(test.y.device))
-    if not torch.equal(labels.to(points.y.device), points.y):
-        raise CliError(f"{path}: its labels differ from those of the test points it names (another data set?)")
-    x = to_float(points.x)
-    x_adv = x_adv.to(x.device)
-    if x_adv.shape != x.shape:
-        raise CliError(f"{path}: examples of shape {tuple(x_adv.shape[1:])}, test images of {tuple(x.shape[1:])}")
-    check_budget(x_adv, x, meta["eps"], f"{path.name} (saved examples)")
-    with eval_mode(model), full_fp32():
-        robust = (predict(model, x, batch_size) == points.y) & (predict(model, x_adv, batch_size) == points.y)
-    return index, robust, meta
 
 
 # ============================================================================ checkpoints
@@ -2956,106 +2390,6 @@ def load_for_eval(path: Path, arch: Optional[str], device: torch.device, dataset
     if tuple(splits[key].x.shape[-2:]) != (key[1], key[1]):
         raise CliError(f"the model was trained on {key[1]} px images, the test images of {key[0]} are {splits[key].x.shape[-1]} px")
     return EvalTarget(Path(path), model, meta, key[0], splits[key], file_hash(Path(path)))
-
-
-# ============================================================================ export
-
-EXPORT_FORMATS = ("torchscript", "onnx", "pt2")
-SUFFIX = {"torchscript": ".ts.pt", "onnx": ".onnx", "pt2": ".pt2"}
-
-
-def model_card(meta: CheckpointMeta, image_size: int, robustness: Optional[dict] = None) -> dict:
-    """What a deployment needs to know, stored beside the exported files and inside the ONNX.
-    `robustness`: the `attack` results of this checkpoint (export --report)."""
-    return {
-        "input": {"name": "image", "dtype": "float32", "shape": ["N", 3, image_size, image_size], "layout": "NCHW, RGB",
-                  "range": [0.0, 1.0], "normalisation": "none: feed RGB values in [0, 1]; the model normalises inside"},
-        "output": {"name": "logits", "dtype": "float32", "shape": ["N", meta.num_classes]},
-        "classes": meta.classes or [str(i) for i in range(meta.num_classes)],
-        "arch": meta.arch, "dataset": meta.dataset, "epoch": meta.epoch,
-        "config": dataclasses.asdict(meta.config) if meta.config else None,
-        "training_metrics": meta.metrics, "best": meta.best, "robustness": robustness,
-        "source": meta.source, "exported_with": {**versions(), "format": FORMAT},
-    }
-
-
-@contextlib.contextmanager
-def torchscript_warnings(say: bool):
-    """TorchScript is deprecated in recent PyTorch: its deprecation warnings become one note
-    (when `say`); every other warning (a tracer warning, say) is still shown, one line each."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    deprecated = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning)) and "deprecated" in str(w.message)]
-    if deprecated and say:
-        note(f"note: TorchScript is deprecated in torch {torch.__version__}; the .ts.pt file is for older "
-             "deployments, .pt2 and .onnx are the lasting formats")
-    for w in caught:
-        if w not in deprecated:
-            note(f"warning: {w.category.__name__}: {first_line(w.message)}")
-
-
-def export_torchscript(model: nn.Module, example: Tensor, path: Path) -> None:
-    with torchscript_warnings(say=True):
-        traced = torch.jit.trace(model, (example,), check_trace=False)
-        buffer = io.BytesIO()
-        torch.jit.save(traced, buffer)
-    write_bytes(path, buffer.getvalue())
-
-
-def export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int, card: dict) -> None:
-    """Dynamo exporter, weights inside the file, dynamic batch; the model card as metadata_props."""
-    import onnx
-
-    batch = torch.export.Dim("batch", min=1)
-    program = torch.onnx.export(model, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
-                                opset_version=opset, dynamic_shapes=({0: batch},), external_data=False, verbose=False)
-    proto = program.model_proto
-    for key, value in card.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-    onnx.checker.check_model(proto)
-    write_bytes(path, proto.SerializeToString())
-
-
-def export_pt2(model: nn.Module, example: Tensor, path: Path) -> None:
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    buffer = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer, not our temporary name
-    torch.export.save(program, buffer)
-    write_bytes(path, buffer.getvalue())
-
-
-EXPORTERS = {"torchscript": lambda model, x, path, opset, card: export_torchscript(model, x, path),
-             "onnx": export_onnx,
-             "pt2": lambda model, x, path, opset, card: export_pt2(model, x, path)}
-
-
-def run_exported(fmt: str, path: Path, x: Tensor) -> Tensor:
-    """Logits of an exported file, run the way a deployment would run it."""
-    if fmt == "torchscript":
-        with torchscript_warnings(say=False):
-            return torch.jit.load(str(path), map_location="cpu")(x)
-    if fmt == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return torch.from_numpy(session.run(["logits"], {"image": x.numpy()})[0])
-    return torch.export.load(str(path)).module()(x)
-
-
-def robustness_of(report: Path, sha256: str) -> dict:
-    """This checkpoint's row of an `attack --json` report, found by its sha256."""
-    require_file(report, "--report")
-    try:
-        rows = json.loads(Path(report).read_text())["checkpoints"]
-    except (RecursionError, OSError, ValueError, KeyError, TypeError) as e:
-        raise CliError(f"--report {report}: not an `attack --json` report ({first_line(e)})") from None
-    matching = [r for r in rows if isinstance(r, dict) and r.get("sha256") == sha256]
-    if not matching:
-        raise CliError(f"--report {report} has no results for this checkpoint (its sha256 {sha256[:12]}... is not there)")
-    row = matching[-1]
-    keep = ("accuracy", "n_examples", "eps_levels", "step_levels", "restarts", "seed", "dataset", "selection", "components", "versions", "device")
-    return {k: row[k] for k in keep if k in row}
 
 
 # ============================================================================ plots and tables
@@ -3562,50 +2896,6 @@ def say_cpu_estimate(run: Run, epoch: int, epoch_seconds: float) -> None:
     run.report.print(text)
 
 
-def train_epoch(run: Run, epoch: int) -> dict:
-    """One pass over the training split; returns the epoch's training figures."""
-    cfg, dist, device = run.cfg, run.dist, run.device
-    t0 = time.perf_counter()
-    part_phase = cfg.method == "part" and epoch >= cfg.warmup_epochs
-    lr = lr_at(cfg, epoch)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    # Every random stream of an epoch is a function of (seed, epoch[, rank]): a resumed run
-    # replays exactly what the uninterrupted one would have done.
-    torch.manual_seed(derived_seed(cfg.seed, epoch, dist.rank))
-    shuffle = torch.Generator(device).manual_seed(derived_seed(cfg.seed, epoch, -1))  # the same on every rank
-    aug = torch.Generator(device).manual_seed(derived_seed(cfg.seed, epoch, dist.rank, 1))
-    batches = epoch_batches(len(run.train.y), cfg.batch_size, dist, shuffle)
-    totals = torch.zeros(3, device=device)  # loss sum, correct, count (this rank)
-    steady = None  # (time, images) after the first 10 steps: compilation and warm-up are over by then
-    with run.report.epoch(epoch + 1, len(batches)) as show:
-        for i, index in enumerate(batches):
-            x = to_float(augment(run.train.x[index], DATASETS[cfg.dataset].flip, aug))
-            y = run.train.y[index]
-            loss, correct = train_step(run.parts, run.optimizer, x, y, cfg, run.setup, part_phase)
-            totals += torch.stack([loss * len(y), correct, torch.tensor(len(y), device=device)])
-            show(i + 1)  # the count only (no device sync): the bar's ETA needs every step
-            if (i + 1) % 10 == 0 or i + 1 == len(batches):
-                t = totals.tolist()  # a device sync: only every 10 steps
-                if dist.world == 1 and not math.isfinite(t[0]):
-                    raise FloatingPointError
-                show(i + 1, t[0] / t[2], t[1] / t[2])
-                if steady is None:
-                    steady = (time.perf_counter(), t[2])
-                    if device.type == "cpu" and i + 1 < len(batches) and not run.estimated:
-                        run.estimated = True
-                        say_cpu_estimate(run, epoch, (steady[0] - t0) / (i + 1) * len(batches))
-    end, local_images = time.perf_counter(), totals[2].item()
-    t = all_sum(totals, dist).tolist()
-    if not math.isfinite(t[0]):
-        raise FloatingPointError
-    phase = "PART" if part_phase else ("warm-up" if cfg.method == "part" else "AT")
-    # images/s after the first 10 steps (all processes): what an epoch costs once compiled
-    rate = dist.world * (local_images - steady[1]) / (end - steady[0]) if steady and local_images > steady[1] else None
-    return {"epoch": epoch + 1, "phase": phase, "lr": lr, "train_loss": t[0] / t[2], "train_acc": t[1] / t[2],
-            "train_seconds": end - t0, "img_per_s": t[2] / (end - t0), "steady_img_per_s": rate}
-
-
 def finish_epoch(run: Run, metrics: dict) -> dict:
     """Evaluation, `best`, and the epoch's files: the resume state first (on its own always a
     consistent epoch), then `last`, `best`, metrics, summary and curves."""
@@ -3735,439 +3025,697 @@ def fit(config: TrainConfig | dict | None = None, *, preset: Optional[str] = Non
     return TrainedRun(files.folder, cfg, metrics)
 
 
-# ============================================================================ comparing runs
-# `report` reads run folders and `attack --json` reports, groups the runs whose configs
-# differ only in the seed (and in settings that do not change what is computed), and
-# gives mean +- std per group and, for two groups, the seed-paired difference with a 95%
-# confidence interval.
-
-# Student's t, 97.5% quantile, for 1..30 degrees of freedom (two-sided 95% intervals).
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+# ============================================================================ robustness evaluation
+# Attack names: natural, fgsm, pgdK, cwK, mmaK, pgdK-part (K steps; an `xR` suffix asks for
+# R random restarts, worst case kept), aa (the reference AutoAttack) and its components
+# apgd-ce, apgd-t, fab-t, square. A new attack is one function (model, x, y, setup, spec,
+# seed) -> (x_adv, extras) and one line in ATTACKS.
 
 
-def t975(df: int) -> float:
-    if df <= len(T975):
-        return T975[df - 1]
-    z = 1.959964  # Cornish-Fisher expansion beyond the table (error < 1e-3)
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+    """One attack as asked for: `name` as written, `key` its canonical form."""
 
-
-def mean_std(values: list[float]) -> dict:
-    """Mean, sample standard deviation (n - 1) and n."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "n": n}
-
-
-@dataclasses.dataclass
-class Observation:
-    """The figures of one trained model (one seed of one setting)."""
-
-    config: dict
-    figures: dict[str, float]  # natural, each attack, worst (fractions)
-    source: str
-    evaluation: str  # how the figures were measured (they are only compared like with like)
+    name: str
+    family: str
+    steps: int = 0
+    restarts: int = 1
 
     @property
-    def seed(self) -> int:
-        return int(self.config.get("seed", 0))
+    def key(self) -> str:
+        return self.seed_key + (f"x{self.restarts}" if self.restarts > 1 else "")
 
-    def setting(self) -> tuple:
-        """What was computed: the config without seed, paths and speed settings (and, for AT,
-        without the settings that only PART reads, so that AT runs group whatever they hold)."""
-        ignored = NOT_THE_EXPERIMENT | (PART_ONLY if self.config.get("method") == "at" else set())
-        return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in ignored))
-
-
-def checked_observation(config: Any, figures: Any, source: str, evaluation: str, where: str = "") -> Observation:
-    """An observation only with what part writes: a config with an integer seed, and
-    accuracies that are fractions in [0, 1] (NaN, 5.0 or a string would be averaged)."""
-    source, shown = str(source), where or str(source)
-    if not isinstance(config, dict):
-        raise CliError(f"{shown}: its config is not a table of settings")
-    seed = config.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CliError(f"{shown}: its seed {seed!r} is not an integer")
-    if not isinstance(figures, dict) or not figures:
-        raise CliError(f"{shown}: holds no accuracy figures")
-    bad = [f"{k}={v!r}" for k, v in figures.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1]
-    if bad:
-        raise CliError(f"{shown}: accuracies must be fractions in [0, 1], found {', '.join(bad[:3])}")
-    return Observation(config, dict(figures), source, evaluation)
+    @property
+    def seed_key(self) -> str:
+        """The key without the restarts: R restarts begin with the very run of one restart,
+        so more restarts can only find more (a tested property)."""
+        if not ATTACKS[self.family].iterative:
+            return self.family
+        return f"pgd{self.steps}-part" if self.family == "pgd-part" else f"{self.family}{self.steps}"
 
 
-def _from_run_folder(folder: Path) -> Optional[Observation]:
-    """The training-time figures of a finished run; None (left out) for an unfinished one."""
-    files = RunFiles(folder)
+def fraction(flags: Tensor) -> float:
+    """The share of True flags, exact in Python (0.414, not float32's 0.41400000453)."""
+    return flags.sum().item() / flags.numel()
+
+
+def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    """Predicted classes of x, batch by batch, without a graph. Outputs that are not finite
+    stop the evaluation: the argmax of NaN is a made-up class, not a prediction."""
+    found = []
+    with torch.no_grad():
+        for chunk in x.split(batch_size):
+            logits = model(chunk)
+            if not bool(torch.isfinite(logits).all()):
+                raise CliError("the model's outputs are NaN or inf on some inputs: no accuracy is reported")
+            found.append(logits.argmax(1))
+    return torch.cat(found) if found else x.new_zeros(0, dtype=torch.long)
+
+
+def worst_of_restarts(model: nn.Module, y: Tensor, restarts: int, attack: Callable[[], Tensor]) -> Tensor:
+    """Run `attack` up to `restarts` times, keeping per example an AE that fools the model."""
+    best = attack()
+    for _ in range(restarts - 1):
+        with torch.no_grad():
+            holding = model(best).argmax(1) == y
+        if not holding.any():
+            break
+        best = torch.where(holding.view(-1, 1, 1, 1), attack(), best)
+    return best
+
+
+def _natural(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    return x, {}
+
+
+def _fgsm(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    return pgd(model, x, y, setup.eps, setup.eps, 1, random_start=False, check=False), {}
+
+
+def _pgd(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "ce", check=False)), {}
+
+
+def _cw(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "cw", check=False)), {}
+
+
+def _mma(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    return worst_of_restarts(model, y, spec.restarts, lambda: mma(model, x, y, setup.eps, setup.step, spec.steps, k=3, check=False)), {}
+
+
+def _pgd_part(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    """PGD inside the model's own PART budget map of these clean images (for analysis)."""
+    budget = budget_for(model, x, setup, part_phase=True)
+    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, budget, setup.step, spec.steps, check=False)), {}
+
+
+AA_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def _aa_component(adversary: Any, name: str, x: Tensor, y: Tensor, seed: int) -> Tensor:
+    """One AutoAttack component, set up exactly as pyautoattack's run_standard_evaluation does."""
+    if name == "apgd-ce":
+        adversary.apgd.loss, adversary.apgd.seed = "ce", seed
+        return adversary.apgd.perturb(x, y)
+    if name == "apgd-t":
+        adversary.apgd_targeted.seed = seed
+        return adversary.apgd_targeted.perturb(x, y)
+    if name == "fab-t":
+        adversary.fab.targeted, adversary.fab.n_restarts, adversary.fab.seed = True, 1, seed
+        return adversary.fab.perturb(x, y)
+    adversary.square.seed = seed
+    return adversary.square.perturb(x, y)
+
+
+def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int,
+               components: tuple[str, ...] = AA_STANDARD) -> tuple[Tensor, dict[str, Tensor]]:
+    """The reference AutoAttack, standard version, from pyautoattack: its components run one
+    after the other on the points still robust, each seeded as in run_standard_evaluation,
+    so the result is what that gives (a test checks). Returns the AEs and, per component,
+    which points were still robust after it. The global RNG is left as it was."""
     try:
-        stored = json.loads(files.config.read_text())
-        rows = [json.loads(line) for line in files.metrics.read_text().splitlines() if line.strip()]
-        last = rows[-1]
-        figures = {k: last[k] for k in ("natural", "pgd20") if last.get(k) is not None}
-        where, epoch, epochs = last.get("eval_on", "test"), last["epoch"], stored["config"]["epochs"]
-    except (RecursionError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise CliError(f"{folder}: not a finished run folder ({first_line(e)})") from None
-    if epoch != epochs:
-        return None
-    return checked_observation(stored["config"], figures, str(folder), f"training-time PGD-20 on {where} images, epoch {epoch}")
+        from pyautoattack import AutoAttack
+    except ImportError:
+        raise CliError("AutoAttack needs the optional package pyautoattack: pip install pyautoattack") from None
+    with rng_fork(x.device), torch.no_grad():
+        adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=x.device)
+        num_classes = model(x[:1]).shape[1]
+        if num_classes < 10:  # the standard version targets 9 classes; fewer exist here
+            adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = num_classes - 1
+        x_adv, robust, after = x.clone(), model(x).argmax(1) == y, {}
+        for name in components:
+            idx = robust.nonzero().squeeze(1)
+            if len(idx):
+                adv = _aa_component(adversary, name, x[idx], y[idx], seed)
+                fooled = model(adv).argmax(1) != y[idx]
+                x_adv[idx[fooled]] = adv[fooled].to(x_adv.dtype)
+                robust[idx[fooled]] = False
+            after[name] = robust.clone()
+    return x_adv, after
 
 
-def _from_attack_report(path: Path) -> list[Observation]:
-    try:
-        rows = json.loads(path.read_text())["checkpoints"]
-        found = []
-        for row in rows:
-            if row.get("config") is None:
-                raise CliError(f"{path}: {row['path']} has no training config (a foreign checkpoint); report compares our runs")
-            # what was computed: the attacks, the points, the budget, the attack seed (only like is compared with like)
-            attacks = ",".join(k for k in row["accuracy"] if k != "worst")
-            evaluation = (f"attack on {row['n_examples']} {row['dataset']} test points at eps {row['eps_levels']:g}/255, "
-                          f"seed {row['seed']}: {attacks}")
-            found.append(checked_observation(row["config"], row["accuracy"], row["path"], evaluation, f"{path} ({row['path']})"))
-        return found
-    except CliError:
-        raise
-    except (RecursionError, OSError, ValueError, KeyError, TypeError) as e:
-        raise CliError(f"{path}: not an `attack --json` report ({first_line(e)})") from None
+def _aa(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    """aa: the four components in order, with the robust flags after each (for its log);
+    a component asked for alone (apgd-ce, ..., square): that one, its flags are the attack's."""
+    if spec.family != "aa":
+        return autoattack(model, x, y, setup.eps, seed, (spec.family,))[0], {}
+    return autoattack(model, x, y, setup.eps, seed, AA_STANDARD)
 
 
-def _is_attack_report(path: Path) -> bool:
-    """A JSON file with the `checkpoints` of an `attack --json` report (a damaged JSON file
-    counts, so that its error is said; report's own JSON and other files do not)."""
-    if path.suffix.lower() != ".json":
-        return False
-    try:
-        return "checkpoints" in json.loads(path.read_text())
-    except (RecursionError, OSError, ValueError, TypeError):
-        return True
+@dataclasses.dataclass(frozen=True)
+class AttackFamily:
+    run: Callable[..., tuple[Tensor, dict[str, Tensor]]]
+    iterative: bool = False  # takes K steps (pgdK) and R restarts (xR)
+    default_steps: int = 0
+    white_box: bool = True
+    needs: Optional[str] = None  # an optional package
 
 
-def read_observations(paths: list[Path]) -> list[Observation]:
-    """Run folders and attack reports; a run evaluated by `attack` counts once, with the
-    attack figures. Other paths (a glob also picks up report.md, plots, exports) are
-    skipped with one note."""
-    found: list[Observation] = []
-    skipped, unfinished, empty = [], [], []
-    for path in paths:
-        if path.is_dir() and (RunFiles(path).config.exists() or RunFiles(path).metrics.exists()):
-            observation = _from_run_folder(path)
-            (found if observation else unfinished).append(observation or str(path))
-        elif path.is_file() and _is_attack_report(path):
-            observations = _from_attack_report(path)
-            found.extend(observations)
-            empty += [] if observations else [str(path)]
-        elif path.exists():
-            skipped.append(str(path))
-        else:
-            raise CliError(f"{path} not found")
-    if skipped:
-        note(f"note: skipped {len(skipped)} path(s) that are neither run folders nor `attack --json` reports: "
-             + ", ".join(skipped))
-    if unfinished:
-        note(f"note: left out {len(unfinished)} unfinished run(s) (fewer epochs than their config): " + ", ".join(unfinished))
-    if empty:
-        note(f"note: left out {len(empty)} report(s) that evaluated no checkpoint: " + ", ".join(empty))
-    if not found:
-        raise CliError("no run folder or `attack --json` report among the paths given")
-    attacked = {str(Path(o.source).parent.resolve()) for o in found if o.evaluation.startswith("attack")}
-    return [o for o in found if o.evaluation.startswith("attack") or str(Path(o.source).resolve()) not in attacked]
+ATTACKS: dict[str, AttackFamily] = {
+    "natural": AttackFamily(_natural),
+    "fgsm": AttackFamily(_fgsm),
+    "pgd": AttackFamily(_pgd, iterative=True, default_steps=20),
+    "cw": AttackFamily(_cw, iterative=True, default_steps=20),
+    "mma": AttackFamily(_mma, iterative=True, default_steps=20),
+    "pgd-part": AttackFamily(_pgd_part, iterative=True, default_steps=20),
+    "aa": AttackFamily(_aa, needs="pyautoattack"),
+    "apgd-ce": AttackFamily(_aa, needs="pyautoattack"),
+    "apgd-t": AttackFamily(_aa, needs="pyautoattack"),
+    "fab-t": AttackFamily(_aa, needs="pyautoattack"),
+    "square": AttackFamily(_aa, white_box=False, needs="pyautoattack"),
+}
+# What shell completion offers for --attacks (any K steps and xR restarts work too).
+ATTACK_NAMES = ("natural", "fgsm", "pgd20", "pgd50", "pgd100", "cw20", "cw50", "mma", "pgd20-part", "aa", "apgd-ce", "apgd-t",
+                "fab-t", "square")
+DEFAULT_ATTACKS = "natural,fgsm,pgd20,cw20,mma"
+ATTACK_HELP = "natural, fgsm, pgdK, cwK, mmaK, pgdK-part (K steps, e.g. pgd50; add xR for R restarts: pgd50x5), aa, apgd-ce, apgd-t, fab-t, square"
+MAX_ATTACK_STEPS, MAX_RESTARTS = 100_000, 10_000
+_ITERATIVE_NAME = re.compile(r"^(?P<family>pgd|cw|mma)(?P<steps>\d*)(?P<part>-part)?(?:x(?P<restarts>\d+))?$")
 
 
-def in_config_order(keys: Iterable[str]) -> list[str]:
-    """Setting names in TrainConfig's order (as `train --help` and config.json list them), others after."""
-    keys = set(keys)
-    return [k for k in CONFIG_FIELDS if k in keys] + sorted(keys - set(CONFIG_FIELDS))
+def parse_attack(name: str, restarts: int = 1) -> AttackSpec:
+    """'pgd50' -> PGD, 50 steps; 'pgd50x5' -> 5 restarts; 'aa' -> AutoAttack; ...
+    `restarts` applies to iterative attacks that do not name their own."""
+    text = name.strip().lower()
+    m = _ITERATIVE_NAME.match(text)
+    if m and not (m["part"] and m["family"] != "pgd"):
+        family = "pgd-part" if m["part"] else m["family"]
+        steps = int(m["steps"]) if m["steps"] else ATTACKS[family].default_steps
+        tries = int(m["restarts"]) if m["restarts"] else restarts
+        if not (1 <= steps <= MAX_ATTACK_STEPS and 1 <= tries <= MAX_RESTARTS):
+            raise CliError(f"attack {name!r}: steps must be 1-{MAX_ATTACK_STEPS} and restarts 1-{MAX_RESTARTS}")
+        return AttackSpec(text, family, steps, tries)
+    if text in ATTACKS and not ATTACKS[text].iterative:
+        return AttackSpec(text, text)
+    raise unknown("attack", name, [ATTACK_HELP])
 
 
-def group_observations(observations: list[Observation]) -> list[dict]:
-    """Groups of one setting and one kind of evaluation; labelled by the settings that
-    differ between groups (the rest is shared)."""
-    groups: dict[tuple, list[Observation]] = {}
-    for o in observations:
-        groups.setdefault((o.setting(), o.evaluation.split(", epoch")[0]), []).append(o)
-    settings = [dict(key[0]) for key in groups]
-    # A setting differs when two groups that have it hold different values (AT groups lack the PART-only ones).
-    differing = in_config_order({k for s in settings for k in s if any(k in t and t[k] != s[k] for t in settings)})
-    result = []
-    for (setting, evaluation), members in groups.items():
-        config = {k: json.loads(v) for k, v in setting}
-        label = ", ".join(f"{k}={config[k]}" for k in differing if k in config) or "all runs"
-        if any(g["label"] == label for g in result):
-            label += f" [{evaluation}]"
-        seeds = [o.seed for o in members]
-        if len(set(seeds)) < len(seeds):
-            raise CliError(f"two runs of the group {label} have the same seed ({', '.join(o.source for o in members)})")
-        columns = [k for k in members[0].figures if all(k in o.figures for o in members)]
-        stats = {k: mean_std([o.figures[k] for o in members]) for k in columns}
-        result.append({"label": label, "config": config, "method": config.get("method", "?"), "evaluation": evaluation,
-                       "seeds": seeds, "members": members, "stats": stats, "differing": differing})
-    return result
+def parse_attacks(text: str, restarts: int = 1) -> list[AttackSpec]:
+    """A comma-separated list; natural always first, duplicates (same canonical key) once."""
+    specs = [parse_attack(a, restarts) for a in text.split(",") if a.strip()]
+    if not specs:
+        raise unknown("attack list", text, [ATTACK_HELP])
+    for spec in specs:
+        needs = ATTACKS[spec.family].needs
+        if needs and importlib.util.find_spec(needs) is None:
+            raise CliError(f"the {spec.name} attack needs the optional package {needs}: pip install {needs}")
+    unique = {"natural": AttackSpec("natural", "natural")}
+    for spec in specs:
+        unique.setdefault(spec.key, spec)
+    return list(unique.values())
 
 
-def pick_group(groups: list[dict], selector: str) -> dict:
-    """A group by its label or by key=value pairs (comma-separated) that only it matches."""
-    wanted = dict(part.split("=", 1) for part in selector.split(",") if "=" in part)
-    matches = [g for g in groups if g["label"] == selector or (wanted and all(str(g["config"].get(k)) == v for k, v in wanted.items()))]
-    if len(matches) != 1:
-        labels = "; ".join(g["label"] for g in groups)
-        raise CliError(f"--compare {selector!r} matches {len(matches)} groups (groups: {labels})")
-    return matches[0]
+def batch_seed(seed: int, attack_key: str, batch: int) -> int:
+    """The seed of one batch of one attack: results do not depend on which process runs the
+    batch, or on whether the evaluation was interrupted and resumed."""
+    return derived_seed(seed, attack_key, batch)
 
 
-def paired_difference(a: dict, b: dict) -> dict:
-    """A - B per column over the seeds both groups have, with a 95% t interval."""
-    if a is b:
-        raise CliError(f"--compare names the group {a['label']} twice; compare two different groups")
-    by_seed = lambda g: {o.seed: o.figures for o in g["members"]}  # noqa: E731
-    fa, fb = by_seed(a), by_seed(b)
-    seeds = sorted(set(fa) & set(fb))
-    if not seeds:
-        raise CliError(f"the groups {a['label']} and {b['label']} share no seed; a paired comparison needs the same seeds")
-    result = {}
-    for key in [k for k in a["stats"] if k in b["stats"]]:
-        d = [fa[s][key] - fb[s][key] for s in seeds]
-        stats = mean_std(d)
-        half = t975(len(d) - 1) * stats["std"] / math.sqrt(len(d)) if len(d) > 1 else math.inf
-        low, high = stats["mean"] - half, stats["mean"] + half
-        result[key] = {**stats, "ci95": [low, high], "differences": d,
-                       "distinguishable": bool(len(d) > 1 and (low > 0 or high < 0))}
-    return {"a": a["label"], "b": b["label"], "seeds": seeds, "columns": result}
+def check_budget(x_adv: Tensor, x: Tensor, eps: float | Tensor, name: str, tolerance: float = 1e-6) -> None:
+    """Every AE inside the eps ball and [0, 1], finite: written so that NaN fails (a
+    comparison with NaN is false). The tolerance admits float32 rounding of foreign attacks
+    (AutoAttack's projection); ours hold the budget exactly."""
+    if not len(x):
+        return
+    inside = (x_adv - x).abs() <= torch.as_tensor(eps, dtype=x.dtype, device=x.device) + tolerance
+    in_range = (x_adv >= 0) & (x_adv <= 1)
+    if not bool((inside & in_range & torch.isfinite(x_adv)).all()):
+        excess = ((x_adv - x).abs() - torch.as_tensor(eps, dtype=x.dtype, device=x.device)).nan_to_num(math.inf).max().item()
+        raise CliError(f"{name} produced inputs outside the eps ball or [0, 1] (by {excess:.2e}) or not finite; no accuracy reported")
 
 
-def difference_sentence(key: str, d: dict) -> str:
-    low, high = d["ci95"]
-    if d["n"] < 2:
-        return f"{key}: {100 * d['mean']:+.2f} points from a single pair; no interval, nothing can be concluded"
-    verdict = "distinguishable from zero" if d["distinguishable"] else "NOT distinguishable from zero"
-    return (f"{key}: {100 * d['mean']:+.2f} points (95% CI {100 * low:+.2f} to {100 * high:+.2f}, n={d['n']} seeds): {verdict}")
+class Chunker:
+    """Runs an attack on a batch in chunks; a CUDA out-of-memory error halves the chunk
+    (for the rest of the evaluation) and retries, said once the smaller size works,
+    instead of a traceback."""
+
+    def __init__(self, size: int):
+        self.size, self.said = size, size
+
+    def __call__(self, fn: Callable[[Tensor, Tensor, int], tuple[Tensor, dict]], x: Tensor, y: Tensor, seed: int):
+        while True:
+            try:
+                pieces = [fn(xs, ys, seed if len(x) <= self.size else derived_seed(seed, k))
+                          for k, (xs, ys) in enumerate(zip(x.split(self.size), y.split(self.size), strict=True))]
+                break
+            except torch.OutOfMemoryError:
+                if self.size == 1:
+                    raise CliError("out of memory even with one image at a time") from None
+                torch.cuda.empty_cache()
+                self.size = max(1, self.size // 2)
+        if self.size < self.said:
+            note(f"note: out of memory with larger batches; attacking {self.size} images at a time from now on")
+            self.said = self.size
+        extras = {k: torch.cat([p[1][k] for p in pieces]) for k in pieces[0][1]}
+        return torch.cat([p[0] for p in pieces]), extras
 
 
-# ============================================================================ CAM figures
-# A PNG grid written with torch and Pillow (torchvision's own image library) only.
-
-TILE_PAD, HEADER_PX, CAPTION_PX = 2, 14, 14
-
-
-def overlay(x: Tensor, heat: Tensor, alpha: float = 0.5) -> Tensor:
-    """The CAM [B,1,H,W] in [0,1] coloured with jet over the image."""
-    return (1 - alpha) * x + alpha * jet(heat)
-
-
-def budget_picture(budget: Tensor, eps: float, eps_low: float, like: Tensor) -> Tensor:
-    """Black = eps_low, white = eps; a per-channel (official) map shows in colour."""
-    return ((budget - eps_low) / max(eps - eps_low, 1e-12)).clamp(0, 1).expand_as(like)
-
-
-def perturbation_picture(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
-    """delta magnified so that +-eps spans the whole range (grey = 0)."""
-    return (0.5 + (x_adv - x) / (2 * eps)).clamp(0, 1)
-
-
-def figure_size(n: int, columns: int, image_size: int, scale: int) -> tuple[int, int]:
-    """(width, height) in pixels of a figure with n rows."""
-    tile = image_size * scale
-    return TILE_PAD + columns * (tile + TILE_PAD), HEADER_PX + n * (tile + CAPTION_PX)
+def sanity_warnings(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
+    """AutoAttack-style checks that a gradient-based evaluation means something here."""
+    found = []
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):  # NaN != NaN: not a randomised defence
+        raise CliError("the model's outputs are NaN or inf on some inputs: no accuracy is reported")
+    if not torch.equal(a, b):
+        found.append("the model gives different outputs for the same input (a randomised defence?): "
+                     "these attacks do not average over its randomness, robustness may be overstated")
+    if (a >= 0).all() and torch.allclose(a.sum(1), torch.ones_like(a[:, 0]), atol=1e-4):
+        found.append("the outputs look like probabilities (non-negative, rows sum to 1): the attacks expect logits")
+    x_ = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_).float(), y, reduction="sum"), x_, allow_unused=True)
+    zero = 1.0 if grad is None else fraction(grad.flatten(1).abs().amax(1) == 0)
+    if zero > 0:
+        found.append(f"{zero:.0%} of the inputs have an all-zero input gradient (gradient masking?): "
+                     "gradient-based accuracy may be overstated")
+    return found
 
 
-def save_grid(path: Path, columns: list[tuple[str, Tensor]], captions: list[str], scale: int) -> tuple[int, int]:
-    """Columns of [N,3,H,W] tiles in [0,1] (upscaled `scale` x), a caption under each row."""
-    from PIL import Image, ImageDraw
-
-    n, _, h, _ = columns[0][1].shape
-    width, height = figure_size(n, len(columns), h, scale)
-    tile = h * scale
-    canvas = torch.ones(3, height, width)
-    for j, (_, pictures) in enumerate(columns):
-        big = F.interpolate(pictures.float().cpu(), scale_factor=scale, mode="nearest")
-        left = TILE_PAD + j * (tile + TILE_PAD)
-        for i in range(n):
-            top = HEADER_PX + i * (tile + CAPTION_PX)
-            canvas[:, top:top + tile, left:left + tile] = big[i]
-    image = Image.fromarray((canvas * 255).round().byte().permute(1, 2, 0).numpy())
-    draw = ImageDraw.Draw(image)
-    for j, (title, _) in enumerate(columns):
-        draw.text((TILE_PAD + j * (tile + TILE_PAD) + 2, 1), title, fill=(0, 0, 0))
-    for i, caption in enumerate(captions):
-        draw.text((TILE_PAD + 2, HEADER_PX + i * (tile + CAPTION_PX) + tile + 1), caption, fill=(0, 0, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = Image.registered_extensions()[path.suffix.lower()]
-    atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
-    return width, height
+PENDING = -1  # a point's flag before its batch is done; then 0 (broken) or 1 (robust)
 
 
-# ============================================================================ benchmark
-# Pieces of a training step timed interleaved (A B C ... A B C ...), so that a machine
-# whose speed drifts affects every piece alike; medians and quartiles, the PART/AT ratio
-# per round, the first call (compilation) apart, peak memory, and achieved FLOP/s.
+class EvalState:
+    """An evaluation's per-point flags on disk, so that the same command continues where an
+    interrupted one stopped. Saved atomically at most every few seconds and at the end of
+    each attack; refused when it belongs to another evaluation (another signature)."""
 
-# Dense peak TFLOP/s of known GPUs (bf16 with --amp, else TF32, which cuDNN convolutions use).
-PEAK_TFLOPS = {"H100": {"bf16": 989.0, "tf32": 494.7}, "H200": {"bf16": 989.0, "tf32": 494.7},
-               "A100": {"bf16": 312.0, "tf32": 156.0}}
+    SAVE_EVERY_S = 2.0  # at most one write every 2 s: a kill loses at most that much work
 
+    def __init__(self, path: Optional[Path], signature: dict, writer: bool = True):
+        self.path, self.signature, self.writer = path, signature, writer
+        self.flags: dict[str, Tensor] = {}
+        self.seconds: dict[str, float] = {}
+        self.saved_at = time.monotonic()
+        if path is not None and Path(path).is_file():
+            self._load(Path(path))
 
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    """(first quartile, median, third quartile), linearly interpolated."""
-    v = sorted(values)
+    def _load(self, path: Path) -> None:
+        from safetensors.torch import load_file, safe_open
 
-    def at(q: float) -> float:
-        pos = q * (len(v) - 1)
-        below = int(pos)
-        above = min(below + 1, len(v) - 1)
-        return v[below] + (pos - below) * (v[above] - v[below])
-
-    return at(0.25), at(0.5), at(0.75)
-
-
-class PeakMemory:
-    """Peak memory a piece adds: CUDA's allocator statistics, else the process's resident
-    set sampled every millisecond by a thread (Linux /proc; 0 where unavailable)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+            signature, seconds = json.loads(meta["signature"]), json.loads(meta.get("seconds", "{}"))
+        except Exception as e:
+            raise CliError(f"the evaluation state {path} is damaged ({first_line(e)}); delete it to start again") from None
+        if signature != json.loads(json.dumps(self.signature)):
+            raise CliError(f"{path} holds the state of another evaluation (other checkpoints, points or settings); "
+                           "delete it, or give another --state")
+        n = self.signature.get("n")
+        for key, flags in tensors.items():  # only what part writes: int8 flags of n points, each -1, 0 or 1
+            if flags.dtype != torch.int8 or flags.dim() != 1 or (n is not None and len(flags) != n) \
+                    or not bool(((flags >= PENDING) & (flags <= 1)).all()):
+                raise CliError(f"the evaluation state {path} holds flags part never writes ({key}: {flags.dtype}, "
+                               f"{tuple(flags.shape)}); delete it to start again")
+        if meta.get("checksum") != self._checksum(tensors):
+            raise CliError(f"the evaluation state {path} does not match its checksum (changed after it was written); "
+                           "delete it to start again")
+        self.flags, self.seconds = dict(tensors), seconds
+        note(f"resuming the evaluation from {path}")
 
     @staticmethod
-    def _rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            return 0
+    def _checksum(flags: dict[str, Tensor]) -> str:
+        h = hashlib.sha256()
+        for key in sorted(flags):
+            h.update(key.encode() + b"\0" + flags[key].to(torch.int8).contiguous().numpy().tobytes() + b"\0")
+        return h.hexdigest()
 
-    @contextlib.contextmanager
-    def measure(self, into: list):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            yield
-            torch.cuda.synchronize(self.device)
-            into.append(torch.cuda.max_memory_allocated(self.device) - base)
-            return
-        import threading
+    def get(self, key: str, n: int, device: torch.device) -> Tensor:
+        if key not in self.flags:
+            self.flags[key] = torch.full((n,), PENDING, dtype=torch.int8)
+        return self.flags[key].to(device)
 
-        base, peak, stop = self._rss(), [0], threading.Event()
+    def put(self, key: str, flags: Tensor, seconds: Optional[float] = None, force: bool = False) -> None:
+        self.flags[key] = flags.to("cpu", torch.int8)
+        if seconds is not None:
+            self.seconds[key] = seconds
+        if self.path is not None and self.writer and (force or time.monotonic() - self.saved_at >= self.SAVE_EVERY_S):
+            meta = {"format": "part/1-eval", "signature": json.dumps(self.signature), "seconds": json.dumps(self.seconds),
+                    "checksum": self._checksum(self.flags)}
+            save_tensors(Path(self.path), {k: v.contiguous() for k, v in self.flags.items()}, meta)
+            self.saved_at = time.monotonic()
 
-        def sample():
-            while not stop.is_set():
-                peak[0] = max(peak[0], self._rss())
-                time.sleep(0.001)
-
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
-            into.append(max(peak[0], self._rss()) - base)
+    def remove(self) -> None:
+        if self.path is not None and self.writer:
+            Path(self.path).unlink(missing_ok=True)
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
-    """Floating-point operations of one call (forward and backward), counted with the
-    formulas of torch.utils.flop_counter (FlopCounterMode's own registry). FlopCounterMode
-    itself tracks modules with backward hooks that torch.autograd.grad, which every attack
-    step calls, does not allow; a plain dispatch mode needs no hooks."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
+class AdvWriter:
+    """--save-adv: the adversarial examples of one checkpoint, float32 (uint8 rounding would
+    change results), one safetensors file per attack with the test indices, labels, eps,
+    step, attack, seed, the checkpoint's sha256 and the id of the evaluation (a hash of
+    everything that decides the examples). Batches land in .parts/ as they finish, named by
+    that id, so a resumed evaluation keeps its own and never merges another's; a batch the
+    state calls done but whose examples are missing is attacked again (same seed, same
+    result). The folder is locked for the run by the caller."""
 
-    class Count(TorchDispatchMode):
-        total = 0
+    def __init__(self, folder: Path, info: dict, evaluation: dict):
+        self.folder, self.info = Path(folder), info
+        self.id = hashlib.sha256(json.dumps(evaluation, sort_keys=True).encode()).hexdigest()[:16]
+        parts = self.folder / ".parts"
+        parts.mkdir(parents=True, exist_ok=True)
+        for stale in [p for p in parts.glob("*.safetensors") if not p.name.startswith(self.id)]:
+            stale.unlink(missing_ok=True)  # left by a killed evaluation of other settings: never ours to merge
+        for done in self.folder.glob("*.safetensors"):
+            if _safetensors_metadata(done).get("evaluation") != json.dumps(self.id):
+                raise CliError(f"--save-adv {self.folder} already holds examples of another evaluation ({done.name}); "
+                               "choose another folder or remove it")
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            if func._overloadpacket in flop_registry:
-                Count.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
-            return out
+    def _part(self, key: str, batch: int) -> Path:
+        return self.folder / ".parts" / f"{self.id}-{key}-{batch:06d}.safetensors"
 
-    with Count():
-        fn()
-    return Count.total
+    def _complete(self, key: str) -> bool:
+        """The attack's file of this very evaluation is already written (its parts are gone)."""
+        return _safetensors_metadata(self.folder / f"{key}.safetensors").get("evaluation") == json.dumps(self.id)
 
+    def has(self, key: str, batch: int) -> bool:
+        return self._part(key, batch).is_file() or self._complete(key)
 
-def bench_pieces(net: nn.Module, parts: TrainingModules, cfg: TrainConfig, x: Tensor, y: Tensor) -> dict[str, Callable]:
-    """The pieces of a PART training step on one batch (the same calls training makes)."""
-    setup = AttackSetup.from_config(cfg)
-    optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
-    cam_fn = parts.cam or (lambda model, xs, method: class_activation(model, xs, method, check=False))
-    low_res = class_activation(net, x)
-    budget = eps_map(low_res, setup.eps, setup.eps_low, size=x.shape[-2:])
+    def write(self, key: str, batch: int, index: Tensor, x_adv: Tensor) -> None:
+        save_tensors(self._part(key, batch), {"x_adv": x_adv.detach().float().cpu().contiguous(),
+                                              "indices": index.cpu().contiguous()}, {})
 
-    def forward():
-        with torch.no_grad(), eval_mode(net):
-            net(x)
+    def finish(self, spec: AttackSpec, x_all: Tensor, y_all: Tensor, attacked: Tensor) -> Path:
+        """One file of the attack: saved examples where the points were attacked, the clean
+        image where the model was already wrong (no attack needed). Every attacked point
+        must have its example."""
+        from safetensors.torch import load_file
 
-    def attack():
-        with autocast(x.device, cfg.amp):
-            pgd(net, x, y, budget, setup.step, cfg.steps, stepper=parts.stepper, check=False)
-
-    return {"forward (eval, no grad)": forward,
-            "CAM (gradcam)": lambda: cam_fn(net, x, "gradcam"),
-            "budget map (zscore)": lambda: eps_map(low_res, setup.eps, setup.eps_low, size=x.shape[-2:], check=False),
-            f"PGD-{cfg.steps} attack": attack,
-            "AT step": lambda: train_step(parts, optimizer, x, y, cfg, setup, part_phase=False),
-            "PART step": lambda: train_step(parts, optimizer, x, y, cfg, setup, part_phase=True)}
-
-
-def bench_run(model: str, batch_size: int, image_size: int, steps: int, rounds: int, device: torch.device,
-              use_compile: bool, mode: str, amp: bool, peak_tflops: Optional[float]) -> dict:
-    """Every piece timed interleaved over `rounds` rounds after one first (compiling) call."""
-    torch.manual_seed(0)
-    net = channels_last(build_model(model, 10, image_size=image_size).to(device))
-    x = torch.rand(batch_size, 3, image_size, image_size, device=device)
-    y = torch.randint(0, 10, (batch_size,), device=device)
-    cfg = TrainConfig(model=model, steps=steps, amp=amp, compile=use_compile, compile_mode=mode, batch_size=batch_size)
-    parts = wrap_for_training(net, cfg, ONE_PROCESS, device)
-    eager = bench_pieces(net, wrap_for_training(net, dataclasses.replace(cfg, compile=False), ONE_PROCESS, device), cfg, x, y)
-    pieces = bench_pieces(net, parts, cfg, x, y)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    memory = PeakMemory(device)
-    first, times, peaks = {}, {k: [] for k in pieces}, {k: [] for k in pieces}
-    for label, fn in pieces.items():
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        first[label] = time.perf_counter() - t0
-    for _ in range(rounds):
-        for label, fn in pieces.items():
-            with memory.measure(peaks[label]):
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times[label].append(time.perf_counter() - t0)
-    flops = {label: count_flops(fn) for label, fn in eager.items()}
-    name = device_name(device)
-    peak = peak_tflops or next((v["bf16" if amp else "tf32"] for k, v in PEAK_TFLOPS.items() if k in name), None)
-    results = {}
-    for label in pieces:
-        q1, median, q3 = quartiles(times[label])
-        tflops = flops[label] / median / 1e12
-        results[label] = {"ms_median": 1000 * median, "ms_q1": 1000 * q1, "ms_q3": 1000 * q3, "images_per_s": batch_size / median,
-                          "first_call_ms": 1000 * first[label], "peak_memory_mb": max(peaks[label]) / 2**20,
-                          "gflop_per_image": flops[label] / batch_size / 1e9, "tflops": tflops,
-                          "share_of_peak": tflops / peak if peak else None}
-    ratios = [p / a for p, a in zip(times["PART step"], times["AT step"], strict=True)]
-    r1, r_median, r3 = quartiles(ratios)
-    return {"model": model, "batch_size": batch_size, "image_size": image_size, "steps": steps, "rounds": rounds,
-            "device": name, "compile": use_compile, "compile_mode": mode if use_compile else None, "amp": amp,
-            "peak_tflops": peak, "versions": versions(), "machine": machine(), "results": results,
-            "part_over_at": {"median": r_median, "q1": r1, "q3": r3, "per_round": ratios}}
+        path = self.folder / f"{spec.key}.safetensors"
+        parts = sorted((self.folder / ".parts").glob(f"{self.id}-{spec.key}-*.safetensors"))
+        if not parts and self._complete(spec.key):  # written before an interruption: nothing left to add
+            return path
+        x_adv = x_all.detach().float().cpu().clone()
+        covered = torch.zeros(len(y_all), dtype=torch.bool)
+        for part in parts:
+            t = load_file(str(part))
+            x_adv[t["indices"]] = t["x_adv"]
+            covered[t["indices"]] = True
+        missing = int((attacked.cpu() & ~covered).sum())
+        if missing:
+            raise CliError(f"--save-adv: the examples of {missing} attacked points of {spec.name} are missing from "
+                           f"{self.folder / '.parts'}; run the same command again to attack them again")
+        meta = {**{k: json.dumps(v) for k, v in self.info.items()}, "format": "part/1-adv", "attack": json.dumps(spec.key),
+                "evaluation": json.dumps(self.id)}
+        save_tensors(path, {"x_adv": x_adv.contiguous(), "indices": torch.arange(len(y_all)), "labels": y_all.cpu()}, meta)
+        for part in parts:
+            part.unlink(missing_ok=True)
+        return path
 
 
-def bench_table(r: dict) -> Table:
-    table = Table(title=f"{r['model']}, batch {r['batch_size']}, {r['image_size']} px, {r['device']}, "
-                        f"compile {r['compile_mode'] or 'off'}, amp {'on' if r['amp'] else 'off'}, {r['rounds']} interleaved rounds")
-    for col in ("piece", "ms median", "ms q1-q3", "images/s", "first call ms", "peak MB", "GFLOP/img", "TFLOP/s", "% of peak"):
-        table.add_column(col, justify="left" if col == "piece" else "right")
-    for label, v in r["results"].items():
-        share = "-" if v["share_of_peak"] is None else f"{100 * v['share_of_peak']:.1f}"
-        table.add_row(label, f"{v['ms_median']:.1f}", f"{v['ms_q1']:.1f}-{v['ms_q3']:.1f}", f"{v['images_per_s']:.0f}",
-                      f"{v['first_call_ms']:.0f}", f"{v['peak_memory_mb']:.0f}", f"{v['gflop_per_image']:.2f}",
-                      f"{v['tflops']:.3f}", share)
-    return table
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata ({} when it is not readable as one)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except Exception:  # not a safetensors file, damaged, unreadable: no metadata
+        return {}
+
+
+def _sync_flags(flags: list[Tensor], dist: Dist) -> None:
+    """Every process ends a round with every process's results: each batch was done by one
+    process, the others hold PENDING (-1) there, so an element-wise max merges them."""
+    if dist.world == 1:
+        return
+    for f in flags:
+        merged = f.to(torch.int32)
+        torch.distributed.all_reduce(merged, op=torch.distributed.ReduceOp.MAX)
+        f.copy_(merged.to(torch.int8))
+
+
+ProgressFn = Callable[[str, int, int, str], None]  # (attack, points done, total, extra text)
+
+
+def _run_attack(spec: AttackSpec, model: nn.Module, x_all: Tensor, y_all: Tensor, clean: Tensor, setup: AttackSetup,
+                state: EvalState, prefix: str, dist: Dist, adv: Optional[AdvWriter], progress: ProgressFn) -> dict[str, Tensor]:
+    """Per point: is it still classified correctly under `spec`? Only the points the model
+    gets right are attacked, in batches of setup.batch_size; batch i is run by process
+    i % world with its own seed. Returns the flags of the attack (and of AutoAttack's
+    components), as bool tensors."""
+    n, device = len(y_all), y_all.device
+    flags = state.get(f"{prefix}{spec.key}", n, device)
+    flags[~clean] = 0
+    names = list(AA_STANDARD) if spec.family == "aa" else []
+    parts = {c: state.get(f"{prefix}{spec.key}/{c}", n, device) for c in names}
+    for f in parts.values():
+        f[~clean] = 0
+    batches = list(clean.nonzero().squeeze(1).split(setup.batch_size))
+    chunker, attack = Chunker(setup.batch_size), ATTACKS[spec.family].run
+    t0, before = time.perf_counter(), state.seconds.get(f"{prefix}{spec.key}", 0.0)
+
+    def one(xs: Tensor, ys: Tensor, seed: int) -> tuple[Tensor, dict]:
+        torch.manual_seed(seed)
+        return attack(model, xs, ys, setup, spec, seed)
+
+    for first in range(0, len(batches), dist.world):
+        i = first + dist.rank
+        redo = adv is not None and i < len(batches) and not adv.has(spec.key, i)  # done, but its examples are gone
+        if i < len(batches) and (redo or bool((flags[batches[i]] == PENDING).any())):
+            idx = batches[i]
+            with rng_fork(device):
+                x_adv, extras = chunker(one, x_all[idx], y_all[idx], batch_seed(setup.seed, spec.seed_key, i))
+            check_budget(x_adv, x_all[idx], setup.eps, spec.name)
+            if adv is not None:
+                adv.write(spec.key, i, idx, x_adv)
+            flags[idx] = (predict(model, x_adv, setup.batch_size) == y_all[idx]).to(torch.int8)
+            for c, robust in extras.items():
+                parts[c][idx] = robust.to(torch.int8)
+        _sync_flags([flags, *parts.values()], dist)
+        last = first + dist.world >= len(batches)
+        seconds = before + time.perf_counter() - t0
+        state.put(f"{prefix}{spec.key}", flags, seconds, force=last)
+        for c, f in parts.items():
+            state.put(f"{prefix}{spec.key}/{c}", f, force=last)
+        done = int((flags[clean] != PENDING).sum())
+        progress(spec.name, done, int(clean.sum()), _component_summary(clean, flags, parts))
+    return {spec.key: flags == 1, **{f"{spec.key}/{c}": f == 1 for c, f in parts.items()}}
+
+
+def _component_summary(clean: Tensor, flags: Tensor, parts: dict[str, Tensor]) -> str:
+    """AutoAttack's log line, so far: robust accuracy after each component over all points,
+    the points not attacked yet counted as robust (as AutoAttack counts them)."""
+    if not parts:
+        return ""
+    n = max(len(flags), 1)
+    text = [f"clean {100 * int(clean.sum()) / n:.1f}%"]
+    text += [f"{c.upper()} {100 * int((f != 0).sum()) / n:.1f}%" for c, f in parts.items()]
+    return " | ".join(text)
+
+
+def evaluate_suite(model: nn.Module, data: Split | tuple, attacks: str | list[str] | list[AttackSpec],
+                   setup: Optional[AttackSetup] = None, progress: ProgressFn = lambda name, done, total, extra: None,
+                   state: Optional[EvalState] = None, prefix: str = "", dist: Dist = ONE_PROCESS,
+                   adv: Optional[AdvWriter] = None) -> dict:
+    """Accuracy under every attack on `data` (a Split or (images, labels), uint8 or float in
+    [0, 1]; moved to the model's device), each attack run on the points the model
+    classifies correctly, fp32, eval mode; `worst` counts a point robust only if no attack
+    broke it. `attacks`: names ("natural,pgd20,aa" or a list); `setup`: the threat model
+    (default eps 8/255, step 2/255, seed 0). Every AE is checked against the budget before
+    it counts. Each batch draws its randomness from (seed, attack, batch), so the result
+    does not depend on the process count or on interruptions; the global RNG is left alone."""
+    data, setup = on_model_device(model, data), setup or AttackSetup(eps=from_levels(EVAL_EPS_LEVELS), step=from_levels(EVAL_STEP_LEVELS))
+    if isinstance(attacks, str):
+        attacks = attacks.split(",")
+    specs = [a if isinstance(a, AttackSpec) else parse_attack(a.strip(), setup.restarts) for a in attacks]
+    state = state or EvalState(None, {})
+    device, x_all = data.y.device, to_float(data.x)
+    with eval_mode(model), full_fp32():
+        clean = predict(model, x_all, setup.batch_size) == data.y
+        correct, seconds = {"natural": clean}, {"natural": 0.0}
+        for spec in specs:
+            if spec.family == "natural":
+                continue
+            t0 = time.perf_counter()
+            with rng_fork(device):
+                correct.update(_run_attack(spec, model, x_all, data.y, clean, setup, state, prefix, dist, adv, progress))
+            if adv is not None and dist.main:
+                adv.finish(spec, x_all, data.y, clean)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[spec.name] = state.seconds.get(f"{prefix}{spec.key}", time.perf_counter() - t0)
+    names = ["natural"] + [spec.name for spec in specs if spec.family != "natural"]
+    keys = {spec.name: spec.key for spec in specs}
+    main = {name: correct[keys.get(name, name)] for name in names}
+    worst = torch.stack(list(main.values())).all(0)
+    accuracy = {k: fraction(v) for k, v in main.items()}
+    accuracy["worst"] = fraction(worst)
+    components = {spec.name: {c: fraction(correct[f"{spec.key}/{c}"]) for c in AA_STANDARD} for spec in specs if spec.family == "aa"}
+    per_class = per_class_accuracy(data, {**main, "worst": worst})
+    return {"accuracy": accuracy, "seconds": seconds, "per_class": per_class, **({"components": components} if components else {})}
+
+
+def per_class_accuracy(data: Split, flags: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+    """Accuracy per class (of the classes present) under each set of flags."""
+    found = {}
+    for c, name in enumerate(data.classes):
+        members = data.y == c
+        if members.any():
+            found[name] = {k: fraction(v[members]) for k, v in flags.items()}
+    return found
+
+
+ADV_METADATA = {"eps": (int, float), "eps_levels": (int, float), "seed": int, "attack": str, "checkpoint_sha256": str,
+                "n": int, "evaluation": str}
+
+
+def load_adversarial(path: Path) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """A --save-adv file: (x_adv, test indices, labels, metadata), every part of its claim
+    checked: the metadata part writes with the types it writes, eps and eps_levels that
+    agree, float32 examples, int64 indices that are the first N test points in order."""
+    from safetensors.torch import load_file
+
+    require_file(path, "--adv-from")
+    try:
+        raw = _safetensors_metadata(path)
+        if raw.get("format") != "part/1-adv":
+            raise ValueError("not a file written by part attack --save-adv")
+        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+        t = load_file(str(path))
+        x_adv, index, labels = t["x_adv"], t["indices"], t["labels"]
+    except Exception as e:
+        raise CliError(f"{path}: not a readable file of adversarial examples ({first_line(e)})") from None
+    wrong = [f"{k} {meta.get(k)!r}" for k, kind in ADV_METADATA.items()
+             if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), kind)]
+    if wrong:
+        raise CliError(f"{path}: its metadata is not what part writes ({', '.join(wrong)})")
+    eps, levels = float(meta["eps"]), float(meta["eps_levels"])
+    if not (math.isfinite(eps) and 0 <= eps <= 1 and math.isclose(eps, from_levels(levels), rel_tol=1e-9, abs_tol=1e-12)):
+        raise CliError(f"{path}: its eps ({eps!r}) and eps_levels ({levels:g}/255) disagree; not a file part wrote")
+    if x_adv.dtype != torch.float32 or index.dtype != torch.int64 or labels.dtype != torch.int64:
+        raise CliError(f"{path}: x_adv {x_adv.dtype}, indices {index.dtype}, labels {labels.dtype}; "
+                       "part writes float32 examples and int64 indices and labels")
+    if x_adv.dim() != 4 or len(x_adv) != len(index) or len(index) != len(labels) or not len(index):
+        raise CliError(f"{path}: inconsistent adversarial examples ({tuple(x_adv.shape)}, {len(index)} indices, {len(labels)} labels)")
+    if meta["n"] != len(index) or not torch.equal(index, torch.arange(len(index))):
+        raise CliError(f"{path}: its indices are not the first {len(index)} test points in order (repeated, reordered or "
+                       "picked); part saves the first N, and a replay must score those")
+    meta["eps"] = eps
+    return x_adv, index, labels, meta
+
+
+def transfer_flags(model: nn.Module, test: Split, path: Path, batch_size: int) -> tuple[Tensor, Tensor, dict]:
+    """The model's results on saved adversarial examples (transfer / black-box studies), after
+    checking that each lies inside the budget of the test point it claims.
+    Returns (test indices, robust flags, metadata)."""
+    x_adv, index, labels, meta = load_adversarial(path)
+    if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(test.y)):
+        raise CliError(f"{path}: indices beyond the {len(test.y)} test images")
+    points = test.select(index.to(test.y.device))
+    if not torch.equal(labels.to(points.y.device), points.y):
+        raise CliError(f"{path}: its labels differ from those of the test points it names (another data set?)")
+    x = to_float(points.x)
+    x_adv = x_adv.to(x.device)
+    if x_adv.shape != x.shape:
+        raise CliError(f"{path}: examples of shape {tuple(x_adv.shape[1:])}, test images of {tuple(x.shape[1:])}")
+    check_budget(x_adv, x, meta["eps"], f"{path.name} (saved examples)")
+    with eval_mode(model), full_fp32():
+        robust = (predict(model, x, batch_size) == points.y) & (predict(model, x_adv, batch_size) == points.y)
+    return index, robust, meta
+
+
+# ============================================================================ export
+
+EXPORT_FORMATS = ("torchscript", "onnx", "pt2")
+SUFFIX = {"torchscript": ".ts.pt", "onnx": ".onnx", "pt2": ".pt2"}
+
+
+def model_card(meta: CheckpointMeta, image_size: int, robustness: Optional[dict] = None) -> dict:
+    """What a deployment needs to know, stored beside the exported files and inside the ONNX.
+    `robustness`: the `attack` results of this checkpoint (export --report)."""
+    return {
+        "input": {"name": "image", "dtype": "float32", "shape": ["N", 3, image_size, image_size], "layout": "NCHW, RGB",
+                  "range": [0.0, 1.0], "normalisation": "none: feed RGB values in [0, 1]; the model normalises inside"},
+        "output": {"name": "logits", "dtype": "float32", "shape": ["N", meta.num_classes]},
+        "classes": meta.classes or [str(i) for i in range(meta.num_classes)],
+        "arch": meta.arch, "dataset": meta.dataset, "epoch": meta.epoch,
+        "config": dataclasses.asdict(meta.config) if meta.config else None,
+        "training_metrics": meta.metrics, "best": meta.best, "robustness": robustness,
+        "source": meta.source, "exported_with": {**versions(), "format": FORMAT},
+    }
+
+
+@contextlib.contextmanager
+def torchscript_warnings(say: bool):
+    """TorchScript is deprecated in recent PyTorch: its deprecation warnings become one note
+    (when `say`); every other warning (a tracer warning, say) is still shown, one line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    deprecated = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning)) and "deprecated" in str(w.message)]
+    if deprecated and say:
+        note(f"note: TorchScript is deprecated in torch {torch.__version__}; the .ts.pt file is for older "
+             "deployments, .pt2 and .onnx are the lasting formats")
+    for w in caught:
+        if w not in deprecated:
+            note(f"warning: {w.category.__name__}: {first_line(w.message)}")
+
+
+def export_torchscript(model: nn.Module, example: Tensor, path: Path) -> None:
+    with torchscript_warnings(say=True):
+        traced = torch.jit.trace(model, (example,), check_trace=False)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+def export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int, card: dict) -> None:
+    """Dynamo exporter, weights inside the file, dynamic batch; the model card as metadata_props."""
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(model, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
+                                opset_version=opset, dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+    proto = program.model_proto
+    for key, value in card.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.checker.check_model(proto)
+    write_bytes(path, proto.SerializeToString())
+
+
+def export_pt2(model: nn.Module, example: Tensor, path: Path) -> None:
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    buffer = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer, not our temporary name
+    torch.export.save(program, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+EXPORTERS = {"torchscript": lambda model, x, path, opset, card: export_torchscript(model, x, path),
+             "onnx": export_onnx,
+             "pt2": lambda model, x, path, opset, card: export_pt2(model, x, path)}
+
+
+def run_exported(fmt: str, path: Path, x: Tensor) -> Tensor:
+    """Logits of an exported file, run the way a deployment would run it."""
+    if fmt == "torchscript":
+        with torchscript_warnings(say=False):
+            return torch.jit.load(str(path), map_location="cpu")(x)
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(["logits"], {"image": x.numpy()})[0])
+    return torch.export.load(str(path)).module()(x)
+
+
+def robustness_of(report: Path, sha256: str) -> dict:
+    """This checkpoint's row of an `attack --json` report, found by its sha256."""
+    require_file(report, "--report")
+    try:
+        rows = json.loads(Path(report).read_text())["checkpoints"]
+    except (RecursionError, OSError, ValueError, KeyError, TypeError) as e:
+        raise CliError(f"--report {report}: not an `attack --json` report ({first_line(e)})") from None
+    matching = [r for r in rows if isinstance(r, dict) and r.get("sha256") == sha256]
+    if not matching:
+        raise CliError(f"--report {report} has no results for this checkpoint (its sha256 {sha256[:12]}... is not there)")
+    row = matching[-1]
+    keep = ("accuracy", "n_examples", "eps_levels", "step_levels", "restarts", "seed", "dataset", "selection", "components", "versions", "device")
+    return {k: row[k] for k in keep if k in row}
 
 
 # ============================================================================ commands
@@ -4232,7 +3780,7 @@ def cli_errors():
         then = "; free some space, then run the same command again (finished work is kept)" if e.errno == errno.ENOSPC else ""
         err_console.print(f"error: {e.strerror or first_line(e)}{where}{then}", markup=False)
         raise typer.Exit(1) from None
-    except (MemoryError, *OOM_ERRORS) as e:
+    except (MemoryError, torch.OutOfMemoryError) as e:
         err_console.print(f"error: out of memory ({first_line(e, 120)}); try a smaller --batch-size or image size", markup=False)
         raise typer.Exit(1) from None
     except Exception as e:  # a case nobody foresaw still ends in one line; PART_TRACEBACK=1 shows where
@@ -4955,6 +4503,335 @@ def check_exports(model: nn.Module, files: dict[str, Path], batch: int, size: in
         raise CliError(f"export check failed for {', '.join(failed)}")
 
 
+# ##################################################################################################
+# PART II: tools. Nothing above calls what follows: each section builds on Part I and ends
+# with its own command.
+# ##################################################################################################
+
+
+
+# ============================================================================ comparing runs
+# `report` reads run folders and `attack --json` reports, groups the runs whose configs
+# differ only in the seed (and in settings that do not change what is computed), and
+# gives mean +- std per group and, for two groups, the seed-paired difference with a 95%
+# confidence interval.
+
+# Student's t, 97.5% quantile, for 1..30 degrees of freedom (two-sided 95% intervals).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964  # Cornish-Fisher expansion beyond the table (error < 1e-3)
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean, sample standard deviation (n - 1) and n."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n}
+
+
+@dataclasses.dataclass
+class Observation:
+    """The figures of one trained model (one seed of one setting)."""
+
+    config: dict
+    figures: dict[str, float]  # natural, each attack, worst (fractions)
+    source: str
+    evaluation: str  # how the figures were measured (they are only compared like with like)
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    def setting(self) -> tuple:
+        """What was computed: the config without seed, paths and speed settings (and, for AT,
+        without the settings that only PART reads, so that AT runs group whatever they hold)."""
+        ignored = NOT_THE_EXPERIMENT | (PART_ONLY if self.config.get("method") == "at" else set())
+        return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in ignored))
+
+
+def checked_observation(config: Any, figures: Any, source: str, evaluation: str, where: str = "") -> Observation:
+    """An observation only with what part writes: a config with an integer seed, and
+    accuracies that are fractions in [0, 1] (NaN, 5.0 or a string would be averaged)."""
+    source, shown = str(source), where or str(source)
+    if not isinstance(config, dict):
+        raise CliError(f"{shown}: its config is not a table of settings")
+    seed = config.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CliError(f"{shown}: its seed {seed!r} is not an integer")
+    if not isinstance(figures, dict) or not figures:
+        raise CliError(f"{shown}: holds no accuracy figures")
+    bad = [f"{k}={v!r}" for k, v in figures.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1]
+    if bad:
+        raise CliError(f"{shown}: accuracies must be fractions in [0, 1], found {', '.join(bad[:3])}")
+    return Observation(config, dict(figures), source, evaluation)
+
+
+def _from_run_folder(folder: Path) -> Optional[Observation]:
+    """The training-time figures of a finished run; None (left out) for an unfinished one."""
+    files = RunFiles(folder)
+    try:
+        stored = json.loads(files.config.read_text())
+        rows = [json.loads(line) for line in files.metrics.read_text().splitlines() if line.strip()]
+        last = rows[-1]
+        figures = {k: last[k] for k in ("natural", "pgd20") if last.get(k) is not None}
+        where, epoch, epochs = last.get("eval_on", "test"), last["epoch"], stored["config"]["epochs"]
+    except (RecursionError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise CliError(f"{folder}: not a finished run folder ({first_line(e)})") from None
+    if epoch != epochs:
+        return None
+    return checked_observation(stored["config"], figures, str(folder), f"training-time PGD-20 on {where} images, epoch {epoch}")
+
+
+def _from_attack_report(path: Path) -> list[Observation]:
+    try:
+        rows = json.loads(path.read_text())["checkpoints"]
+        found = []
+        for row in rows:
+            if row.get("config") is None:
+                raise CliError(f"{path}: {row['path']} has no training config (a foreign checkpoint); report compares our runs")
+            # what was computed: the attacks, the points, the budget, the attack seed (only like is compared with like)
+            attacks = ",".join(k for k in row["accuracy"] if k != "worst")
+            evaluation = (f"attack on {row['n_examples']} {row['dataset']} test points at eps {row['eps_levels']:g}/255, "
+                          f"seed {row['seed']}: {attacks}")
+            found.append(checked_observation(row["config"], row["accuracy"], row["path"], evaluation, f"{path} ({row['path']})"))
+        return found
+    except CliError:
+        raise
+    except (RecursionError, OSError, ValueError, KeyError, TypeError) as e:
+        raise CliError(f"{path}: not an `attack --json` report ({first_line(e)})") from None
+
+
+def _is_attack_report(path: Path) -> bool:
+    """A JSON file with the `checkpoints` of an `attack --json` report (a damaged JSON file
+    counts, so that its error is said; report's own JSON and other files do not)."""
+    if path.suffix.lower() != ".json":
+        return False
+    try:
+        return "checkpoints" in json.loads(path.read_text())
+    except (RecursionError, OSError, ValueError, TypeError):
+        return True
+
+
+def read_observations(paths: list[Path]) -> list[Observation]:
+    """Run folders and attack reports; a run evaluated by `attack` counts once, with the
+    attack figures. Other paths (a glob also picks up report.md, plots, exports) are
+    skipped with one note."""
+    found: list[Observation] = []
+    skipped, unfinished, empty = [], [], []
+    for path in paths:
+        if path.is_dir() and (RunFiles(path).config.exists() or RunFiles(path).metrics.exists()):
+            observation = _from_run_folder(path)
+            (found if observation else unfinished).append(observation or str(path))
+        elif path.is_file() and _is_attack_report(path):
+            observations = _from_attack_report(path)
+            found.extend(observations)
+            empty += [] if observations else [str(path)]
+        elif path.exists():
+            skipped.append(str(path))
+        else:
+            raise CliError(f"{path} not found")
+    if skipped:
+        note(f"note: skipped {len(skipped)} path(s) that are neither run folders nor `attack --json` reports: "
+             + ", ".join(skipped))
+    if unfinished:
+        note(f"note: left out {len(unfinished)} unfinished run(s) (fewer epochs than their config): " + ", ".join(unfinished))
+    if empty:
+        note(f"note: left out {len(empty)} report(s) that evaluated no checkpoint: " + ", ".join(empty))
+    if not found:
+        raise CliError("no run folder or `attack --json` report among the paths given")
+    attacked = {str(Path(o.source).parent.resolve()) for o in found if o.evaluation.startswith("attack")}
+    return [o for o in found if o.evaluation.startswith("attack") or str(Path(o.source).resolve()) not in attacked]
+
+
+def in_config_order(keys: Iterable[str]) -> list[str]:
+    """Setting names in TrainConfig's order (as `train --help` and config.json list them), others after."""
+    keys = set(keys)
+    return [k for k in CONFIG_FIELDS if k in keys] + sorted(keys - set(CONFIG_FIELDS))
+
+
+def group_observations(observations: list[Observation]) -> list[dict]:
+    """Groups of one setting and one kind of evaluation; labelled by the settings that
+    differ between groups (the rest is shared)."""
+    groups: dict[tuple, list[Observation]] = {}
+    for o in observations:
+        groups.setdefault((o.setting(), o.evaluation.split(", epoch")[0]), []).append(o)
+    settings = [dict(key[0]) for key in groups]
+    # A setting differs when two groups that have it hold different values (AT groups lack the PART-only ones).
+    differing = in_config_order({k for s in settings for k in s if any(k in t and t[k] != s[k] for t in settings)})
+    result = []
+    for (setting, evaluation), members in groups.items():
+        config = {k: json.loads(v) for k, v in setting}
+        label = ", ".join(f"{k}={config[k]}" for k in differing if k in config) or "all runs"
+        if any(g["label"] == label for g in result):
+            label += f" [{evaluation}]"
+        seeds = [o.seed for o in members]
+        if len(set(seeds)) < len(seeds):
+            raise CliError(f"two runs of the group {label} have the same seed ({', '.join(o.source for o in members)})")
+        columns = [k for k in members[0].figures if all(k in o.figures for o in members)]
+        stats = {k: mean_std([o.figures[k] for o in members]) for k in columns}
+        result.append({"label": label, "config": config, "method": config.get("method", "?"), "evaluation": evaluation,
+                       "seeds": seeds, "members": members, "stats": stats, "differing": differing})
+    return result
+
+
+def pick_group(groups: list[dict], selector: str) -> dict:
+    """A group by its label or by key=value pairs (comma-separated) that only it matches."""
+    wanted = dict(part.split("=", 1) for part in selector.split(",") if "=" in part)
+    matches = [g for g in groups if g["label"] == selector or (wanted and all(str(g["config"].get(k)) == v for k, v in wanted.items()))]
+    if len(matches) != 1:
+        labels = "; ".join(g["label"] for g in groups)
+        raise CliError(f"--compare {selector!r} matches {len(matches)} groups (groups: {labels})")
+    return matches[0]
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """A - B per column over the seeds both groups have, with a 95% t interval."""
+    if a is b:
+        raise CliError(f"--compare names the group {a['label']} twice; compare two different groups")
+    by_seed = lambda g: {o.seed: o.figures for o in g["members"]}  # noqa: E731
+    fa, fb = by_seed(a), by_seed(b)
+    seeds = sorted(set(fa) & set(fb))
+    if not seeds:
+        raise CliError(f"the groups {a['label']} and {b['label']} share no seed; a paired comparison needs the same seeds")
+    result = {}
+    for key in [k for k in a["stats"] if k in b["stats"]]:
+        d = [fa[s][key] - fb[s][key] for s in seeds]
+        stats = mean_std(d)
+        half = t975(len(d) - 1) * stats["std"] / math.sqrt(len(d)) if len(d) > 1 else math.inf
+        low, high = stats["mean"] - half, stats["mean"] + half
+        result[key] = {**stats, "ci95": [low, high], "differences": d,
+                       "distinguishable": bool(len(d) > 1 and (low > 0 or high < 0))}
+    return {"a": a["label"], "b": b["label"], "seeds": seeds, "columns": result}
+
+
+def difference_sentence(key: str, d: dict) -> str:
+    low, high = d["ci95"]
+    if d["n"] < 2:
+        return f"{key}: {100 * d['mean']:+.2f} points from a single pair; no interval, nothing can be concluded"
+    verdict = "distinguishable from zero" if d["distinguishable"] else "NOT distinguishable from zero"
+    return (f"{key}: {100 * d['mean']:+.2f} points (95% CI {100 * low:+.2f} to {100 * high:+.2f}, n={d['n']} seeds): {verdict}")
+
+
+@app.command("report")
+def report_command(
+    paths: Annotated[list[Path], typer.Argument(help=escape_markup("Run folders and/or `attack --json` reports (other paths are skipped)."), show_default=False)],
+    compare: Annotated[Optional[tuple[str, str]], _opt("Two groups, A B (labels or key=value), compared paired by seed.")] = None,
+    markdown_out: Annotated[Optional[Path], _opt("Write the table (and the comparison) as markdown here.", "--markdown")] = None,
+    csv_out: Annotated[Optional[Path], _opt("Write the table as CSV here.", "--csv")] = None,
+    json_out: JsonOut = None,
+    plot: Annotated[Optional[Path], _opt("Draw the accuracy-robustness trade-off here (PNG).")] = None,
+):
+    """Many runs -> a claim: mean +- std per group of runs that differ only in the seed,
+    the trade-off plot, and the seed-paired difference of two groups with a 95% CI."""
+    with cli_errors():
+        for path, option in ((markdown_out, "--markdown"), (csv_out, "--csv"), (json_out, "--json"), (plot, "--plot")):
+            check_output_file(path, option)
+        groups = group_observations(read_observations(paths))
+        columns = list(dict.fromkeys(k for g in groups for k in g["stats"]))
+        headers = ["group", "n", "seeds", *columns, "evaluation"]
+        def cell(g: dict, k: str) -> str:
+            if k not in g["stats"]:
+                return "-"
+            st = g["stats"][k]
+            return f"{100 * st['mean']:.2f} ± {100 * st['std']:.2f}" if st["n"] > 1 else f"{100 * st['mean']:.2f}"
+
+        rows = [[g["label"], str(len(g["members"])), ",".join(map(str, sorted(g["seeds"]))), *[cell(g, k) for k in columns],
+                 g["evaluation"]] for g in groups]
+        table = Table(title="accuracy (%), mean ± std over seeds")
+        for h in headers:
+            table.add_column(h, justify="left" if h in ("group", "evaluation", "seeds") else "right")
+        for r in rows:
+            table.add_row(*r)
+        console.print(table)
+        values = {k: v for g in groups for k, v in g["config"].items() if k not in g["differing"]}  # AT groups lack PART-only keys
+        shared = {k: values[k] for k in in_config_order(values)}
+        console.print("shared settings: " + " ".join(f"{k}={v}" for k, v in shared.items()), markup=False)
+        comparison, lines = None, []
+        if compare is not None:
+            comparison = paired_difference(pick_group(groups, compare[0]), pick_group(groups, compare[1]))
+            lines = [f"{comparison['a']} minus {comparison['b']}, paired by seed {comparison['seeds']}:"]
+            lines += [difference_sentence(k, d) for k, d in comparison["columns"].items()]
+            for line in lines:
+                console.print(line, markup=False)
+        if markdown_out is not None:
+            text = markdown_table(headers, rows) + "\nShared settings: " + ", ".join(f"`{k}={v}`" for k, v in shared.items()) + "\n"
+            comparison_text = "\n" + lines[0] + "\n\n" + "\n".join(f"- {line}" for line in lines[1:]) + "\n" if lines else ""
+            write_text(markdown_out, text + comparison_text)
+        if csv_out is not None:
+            values = [[g["label"], len(g["members"]), " ".join(map(str, sorted(g["seeds"]))),
+                       *[v for k in columns for v in ((g["stats"][k]["mean"], g["stats"][k]["std"]) if k in g["stats"] else ("", ""))]]
+                      for g in groups]
+            write_text(csv_out, csv_text(["group", "n", "seeds", *[f"{k}_{m}" for k in columns for m in ("mean", "std")]], values))
+        if json_out is not None:
+            write_json(json_out, {"groups": [{k: v for k, v in g.items() if k != "members"} | {"sources": [o.source for o in g["members"]]}
+                                             for g in groups], "comparison": comparison, "versions": versions(),
+                                  "machine": machine()})
+        if plot is not None:
+            robust = "worst" if "worst" in columns else "pgd20"
+            if plot_tradeoff(plot, groups, robust):
+                console.print(f"trade-off plot: {plot}", markup=False)
+
+
+# ============================================================================ CAM figures
+# A PNG grid written with torch and Pillow (torchvision's own image library) only.
+
+TILE_PAD, HEADER_PX, CAPTION_PX = 2, 14, 14
+
+
+def overlay(x: Tensor, heat: Tensor, alpha: float = 0.5) -> Tensor:
+    """The CAM [B,1,H,W] in [0,1] coloured with jet over the image."""
+    return (1 - alpha) * x + alpha * jet(heat)
+
+
+def budget_picture(budget: Tensor, eps: float, eps_low: float, like: Tensor) -> Tensor:
+    """Black = eps_low, white = eps; a per-channel (official) map shows in colour."""
+    return ((budget - eps_low) / max(eps - eps_low, 1e-12)).clamp(0, 1).expand_as(like)
+
+
+def perturbation_picture(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    """delta magnified so that +-eps spans the whole range (grey = 0)."""
+    return (0.5 + (x_adv - x) / (2 * eps)).clamp(0, 1)
+
+
+def figure_size(n: int, columns: int, image_size: int, scale: int) -> tuple[int, int]:
+    """(width, height) in pixels of a figure with n rows."""
+    tile = image_size * scale
+    return TILE_PAD + columns * (tile + TILE_PAD), HEADER_PX + n * (tile + CAPTION_PX)
+
+
+def save_grid(path: Path, columns: list[tuple[str, Tensor]], captions: list[str], scale: int) -> tuple[int, int]:
+    """Columns of [N,3,H,W] tiles in [0,1] (upscaled `scale` x), a caption under each row."""
+    from PIL import Image, ImageDraw
+
+    n, _, h, _ = columns[0][1].shape
+    width, height = figure_size(n, len(columns), h, scale)
+    tile = h * scale
+    canvas = torch.ones(3, height, width)
+    for j, (_, pictures) in enumerate(columns):
+        big = F.interpolate(pictures.float().cpu(), scale_factor=scale, mode="nearest")
+        left = TILE_PAD + j * (tile + TILE_PAD)
+        for i in range(n):
+            top = HEADER_PX + i * (tile + CAPTION_PX)
+            canvas[:, top:top + tile, left:left + tile] = big[i]
+    image = Image.fromarray((canvas * 255).round().byte().permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(image)
+    for j, (title, _) in enumerate(columns):
+        draw.text((TILE_PAD + j * (tile + TILE_PAD) + 2, 1), title, fill=(0, 0, 0))
+    for i, caption in enumerate(captions):
+        draw.text((TILE_PAD + 2, HEADER_PX + i * (tile + CAPTION_PX) + tile + 1), caption, fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = Image.registered_extensions()[path.suffix.lower()]
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
+    return width, height
+
+
 @app.command("cam")
 def cam_command(
     checkpoint: Checkpoint,
@@ -5029,6 +4906,173 @@ def _cam_figure(target: EvalTarget, setup: AttackSetup, n: int, compare_rules: b
 
 
 # (label, compile, amp, compile mode): is compilation worth it, is bf16, are CUDA graphs on top
+
+
+# ============================================================================ benchmark
+# Pieces of a training step timed interleaved (A B C ... A B C ...), so that a machine
+# whose speed drifts affects every piece alike; medians and quartiles, the PART/AT ratio
+# per round, the first call (compilation) apart, peak memory, and achieved FLOP/s.
+
+# Dense peak TFLOP/s of known GPUs (bf16 with --amp, else TF32, which cuDNN convolutions use).
+PEAK_TFLOPS = {"H100": {"bf16": 989.0, "tf32": 494.7}, "H200": {"bf16": 989.0, "tf32": 494.7},
+               "A100": {"bf16": 312.0, "tf32": 156.0}}
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """First quartile, median, third quartile (linear interpolation)."""
+    return torch.quantile(torch.tensor(values, dtype=torch.float64), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+
+
+class PeakMemory:
+    """Peak memory a piece adds: CUDA's allocator statistics, else the process's resident
+    set sampled every millisecond by a thread (Linux /proc; 0 where unavailable)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return 0
+
+    @contextlib.contextmanager
+    def measure(self, into: list):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield
+            torch.cuda.synchronize(self.device)
+            into.append(torch.cuda.max_memory_allocated(self.device) - base)
+            return
+        import threading
+
+        base, peak, stop = self._rss(), [0], threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], self._rss())
+                time.sleep(0.001)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            into.append(max(peak[0], self._rss()) - base)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """Floating-point operations of one call (forward and backward), counted with the
+    formulas of torch.utils.flop_counter (FlopCounterMode's own registry). FlopCounterMode
+    itself tracks modules with backward hooks that torch.autograd.grad, which every attack
+    step calls, does not allow; a plain dispatch mode needs no hooks."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func._overloadpacket in flop_registry:
+                Count.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+            return out
+
+    with Count():
+        fn()
+    return Count.total
+
+
+def bench_pieces(net: nn.Module, parts: TrainingModules, cfg: TrainConfig, x: Tensor, y: Tensor) -> dict[str, Callable]:
+    """The pieces of a PART training step on one batch (the same calls training makes)."""
+    setup = AttackSetup.from_config(cfg)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
+    cam_fn = parts.cam or (lambda model, xs, method: class_activation(model, xs, method, check=False))
+    low_res = class_activation(net, x)
+    budget = budget_for(net, x, setup, part_phase=True)
+
+    def forward():
+        with torch.no_grad(), eval_mode(net):
+            net(x)
+
+    def attack():
+        with autocast(x.device, cfg.amp):
+            pgd(net, x, y, budget, setup.step, cfg.steps, stepper=parts.stepper, check=False)
+
+    return {"forward (eval, no grad)": forward,
+            "CAM (gradcam)": lambda: cam_fn(net, x, "gradcam"),
+            "budget map (zscore)": lambda: eps_map(low_res, setup.eps, setup.eps_low, size=x.shape[-2:], check=False),
+            f"PGD-{cfg.steps} attack": attack,
+            "AT step": lambda: train_step(parts, optimizer, x, y, cfg, setup, part_phase=False),
+            "PART step": lambda: train_step(parts, optimizer, x, y, cfg, setup, part_phase=True)}
+
+
+def bench_run(model: str, batch_size: int, image_size: int, steps: int, rounds: int, device: torch.device,
+              use_compile: bool, mode: str, amp: bool, peak_tflops: Optional[float]) -> dict:
+    """Every piece timed interleaved over `rounds` rounds after one first (compiling) call."""
+    torch.manual_seed(0)
+    net = channels_last(build_model(model, 10, image_size=image_size).to(device))
+    x = torch.rand(batch_size, 3, image_size, image_size, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    cfg = TrainConfig(model=model, steps=steps, amp=amp, compile=use_compile, compile_mode=mode, batch_size=batch_size)
+    parts = wrap_for_training(net, cfg, ONE_PROCESS, device)
+    eager = bench_pieces(net, wrap_for_training(net, dataclasses.replace(cfg, compile=False), ONE_PROCESS, device), cfg, x, y)
+    pieces = bench_pieces(net, parts, cfg, x, y)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    memory = PeakMemory(device)
+    first, times, peaks = {}, {k: [] for k in pieces}, {k: [] for k in pieces}
+    for label, fn in pieces.items():
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        first[label] = time.perf_counter() - t0
+    for _ in range(rounds):
+        for label, fn in pieces.items():
+            with memory.measure(peaks[label]):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[label].append(time.perf_counter() - t0)
+    flops = {label: count_flops(fn) for label, fn in eager.items()}
+    name = device_name(device)
+    peak = peak_tflops or next((v["bf16" if amp else "tf32"] for k, v in PEAK_TFLOPS.items() if k in name), None)
+    results = {}
+    for label in pieces:
+        q1, median, q3 = quartiles(times[label])
+        tflops = flops[label] / median / 1e12
+        results[label] = {"ms_median": 1000 * median, "ms_q1": 1000 * q1, "ms_q3": 1000 * q3, "images_per_s": batch_size / median,
+                          "first_call_ms": 1000 * first[label], "peak_memory_mb": max(peaks[label]) / 2**20,
+                          "gflop_per_image": flops[label] / batch_size / 1e9, "tflops": tflops,
+                          "share_of_peak": tflops / peak if peak else None}
+    ratios = [p / a for p, a in zip(times["PART step"], times["AT step"], strict=True)]
+    r1, r_median, r3 = quartiles(ratios)
+    return {"model": model, "batch_size": batch_size, "image_size": image_size, "steps": steps, "rounds": rounds,
+            "device": name, "compile": use_compile, "compile_mode": mode if use_compile else None, "amp": amp,
+            "peak_tflops": peak, "versions": versions(), "machine": machine(), "results": results,
+            "part_over_at": {"median": r_median, "q1": r1, "q3": r3, "per_round": ratios}}
+
+
+def bench_table(r: dict) -> Table:
+    table = Table(title=f"{r['model']}, batch {r['batch_size']}, {r['image_size']} px, {r['device']}, "
+                        f"compile {r['compile_mode'] or 'off'}, amp {'on' if r['amp'] else 'off'}, {r['rounds']} interleaved rounds")
+    for col in ("piece", "ms median", "ms q1-q3", "images/s", "first call ms", "peak MB", "GFLOP/img", "TFLOP/s", "% of peak"):
+        table.add_column(col, justify="left" if col == "piece" else "right")
+    for label, v in r["results"].items():
+        share = "-" if v["share_of_peak"] is None else f"{100 * v['share_of_peak']:.1f}"
+        table.add_row(label, f"{v['ms_median']:.1f}", f"{v['ms_q1']:.1f}-{v['ms_q3']:.1f}", f"{v['images_per_s']:.0f}",
+                      f"{v['first_call_ms']:.0f}", f"{v['peak_memory_mb']:.0f}", f"{v['gflop_per_image']:.2f}",
+                      f"{v['tflops']:.3f}", share)
+    return table
+
+
 GPU_SUITE = (("eager", False, False, "default"), ("compiled", True, False, "default"), ("compiled + bf16", True, True, "default"),
              ("compiled + bf16 + CUDA graphs", True, True, "reduce-overhead"))
 
@@ -5039,7 +5083,7 @@ def bench_command(
     batch_size: Annotated[int, _opt("Batch size.", min=2, max=65_536)] = 128,
     image_size: Annotated[int, _opt("Input side.", min=8, max=MAX_IMAGE_SIZE)] = 32,
     steps: Annotated[int, _opt("Attack steps (training uses 10).", min=1, max=10_000)] = 10,
-    rounds: Annotated[int, _opt("Interleaved timing rounds (each piece once per round).", "--rounds", "--iters", min=1, max=10_000)] = 7,
+    rounds: Annotated[int, _opt("Interleaved timing rounds (each piece once per round).", "--rounds", min=1, max=10_000)] = 7,
     device: Device = "auto",
     compile: Annotated[Optional[bool], _opt("torch.compile the attack step, CAM and update (default: on with CUDA).", "--compile/--no-compile")] = None,
     compile_mode: Annotated[Literal[COMPILE_MODES], _opt("torch.compile mode.")] = "default",
@@ -5076,66 +5120,6 @@ def bench_command(
                 console.print(f"{r['label']}: PART step {base / r['results']['PART step']['ms_median']:.2f}x eager", markup=False)
         if json_out is not None:
             write_json(json_out, runs[0] if len(runs) == 1 else {"suite": suite, "runs": runs})
-
-
-@app.command("report")
-def report_command(
-    paths: Annotated[list[Path], typer.Argument(help=escape_markup("Run folders and/or `attack --json` reports (other paths are skipped)."), show_default=False)],
-    compare: Annotated[Optional[tuple[str, str]], _opt("Two groups, A B (labels or key=value), compared paired by seed.")] = None,
-    markdown_out: Annotated[Optional[Path], _opt("Write the table (and the comparison) as markdown here.", "--markdown")] = None,
-    csv_out: Annotated[Optional[Path], _opt("Write the table as CSV here.", "--csv")] = None,
-    json_out: JsonOut = None,
-    plot: Annotated[Optional[Path], _opt("Draw the accuracy-robustness trade-off here (PNG).")] = None,
-):
-    """Many runs -> a claim: mean +- std per group of runs that differ only in the seed,
-    the trade-off plot, and the seed-paired difference of two groups with a 95% CI."""
-    with cli_errors():
-        for path, option in ((markdown_out, "--markdown"), (csv_out, "--csv"), (json_out, "--json"), (plot, "--plot")):
-            check_output_file(path, option)
-        groups = group_observations(read_observations(paths))
-        columns = list(dict.fromkeys(k for g in groups for k in g["stats"]))
-        headers = ["group", "n", "seeds", *columns, "evaluation"]
-        def cell(g: dict, k: str) -> str:
-            if k not in g["stats"]:
-                return "-"
-            st = g["stats"][k]
-            return f"{100 * st['mean']:.2f} ± {100 * st['std']:.2f}" if st["n"] > 1 else f"{100 * st['mean']:.2f}"
-
-        rows = [[g["label"], str(len(g["members"])), ",".join(map(str, sorted(g["seeds"]))), *[cell(g, k) for k in columns],
-                 g["evaluation"]] for g in groups]
-        table = Table(title="accuracy (%), mean ± std over seeds")
-        for h in headers:
-            table.add_column(h, justify="left" if h in ("group", "evaluation", "seeds") else "right")
-        for r in rows:
-            table.add_row(*r)
-        console.print(table)
-        values = {k: v for g in groups for k, v in g["config"].items() if k not in g["differing"]}  # AT groups lack PART-only keys
-        shared = {k: values[k] for k in in_config_order(values)}
-        console.print("shared settings: " + " ".join(f"{k}={v}" for k, v in shared.items()), markup=False)
-        comparison, lines = None, []
-        if compare is not None:
-            comparison = paired_difference(pick_group(groups, compare[0]), pick_group(groups, compare[1]))
-            lines = [f"{comparison['a']} minus {comparison['b']}, paired by seed {comparison['seeds']}:"]
-            lines += [difference_sentence(k, d) for k, d in comparison["columns"].items()]
-            for line in lines:
-                console.print(line, markup=False)
-        if markdown_out is not None:
-            text = markdown_table(headers, rows) + "\nShared settings: " + ", ".join(f"`{k}={v}`" for k, v in shared.items()) + "\n"
-            comparison_text = "\n" + lines[0] + "\n\n" + "\n".join(f"- {line}" for line in lines[1:]) + "\n" if lines else ""
-            write_text(markdown_out, text + comparison_text)
-        if csv_out is not None:
-            values = [[g["label"], len(g["members"]), " ".join(map(str, sorted(g["seeds"]))),
-                       *[v for k in columns for v in ((g["stats"][k]["mean"], g["stats"][k]["std"]) if k in g["stats"] else ("", ""))]]
-                      for g in groups]
-            write_text(csv_out, csv_text(["group", "n", "seeds", *[f"{k}_{m}" for k in columns for m in ("mean", "std")]], values))
-        if json_out is not None:
-            write_json(json_out, {"groups": [{k: v for k, v in g.items() if k != "members"} | {"sources": [o.source for o in g["members"]]}
-                                             for g in groups], "comparison": comparison, "versions": versions(),
-                                  "machine": machine()})
-        if plot is not None:
-            robust = "worst" if "worst" in columns else "pgd20"
-            if plot_tradeoff(plot, groups, robust):
-                console.print(f"trade-off plot: {plot}", markup=False)
 
 
 if __name__ == "__main__":

@@ -128,8 +128,8 @@ def test_every_attack_loss_stays_in_budget_and_raises_its_loss(cnn, batch, loss)
     assert ((x_adv - x).abs() - EPS).abs().min() < 1e-7  # and it goes up to the edge
     with torch.no_grad():
         ref = F.softmax(cnn(x), 1)
-        before = part.attack_loss(loss, cnn((x + 1e-3 * torch.randn_like(x)).clamp(0, 1)), y, ref)
-        after = part.attack_loss(loss, cnn(x_adv), y, ref)
+        before = part.ATTACK_LOSSES[loss](cnn((x + 1e-3 * torch.randn_like(x)).clamp(0, 1)), y, ref)
+        after = part.ATTACK_LOSSES[loss](cnn(x_adv), y, ref)
     assert after > before
 
 
@@ -547,7 +547,7 @@ def test_mart_and_trades_objectives_match_their_reference_formulas():
 
 
 def test_the_bench_command_times_every_piece(tmp_path):
-    r = invoke("bench", "--model", "cnn", "--batch-size", 4, "--iters", 1, "--steps", 1, "--json", tmp_path / "b.json")
+    r = invoke("bench", "--model", "cnn", "--batch-size", 4, "--rounds", 1, "--steps", 1, "--json", tmp_path / "b.json")
     assert r.exit_code == 0, r.output
     results = json.loads((tmp_path / "b.json").read_text())["results"]
     assert len(results) == 6 and all(v["images_per_s"] > 0 for v in results.values())
@@ -1163,6 +1163,29 @@ def test_nproc_interrupted_says_how_to_go_on_and_a_killed_process_is_named(tmp_p
     r = cli("train", "--out", out, "--resume", "--nproc", 2)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert part.load_checkpoint(out / "last.safetensors")[1].epoch == 2
+
+
+def test_part_one_never_calls_part_two_and_the_main_path_reads_in_one_stretch():
+    import ast
+
+    source = (ROOT / "part.py").read_text()
+    banner = source[:source.index("# PART II")].count("\n") + 1
+    tree = ast.parse(source)
+
+    def bound(node) -> set[str]:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            return {node.name}
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        return {t.id for t in targets if isinstance(t, ast.Name)}
+
+    tools = set().union(*(bound(n) for n in tree.body if n.lineno > banner))
+    assert {"report_command", "bench_command", "cam_command"} <= tools
+    for node in (n for n in tree.body if n.lineno < banner):
+        used = {x.id for x in ast.walk(node) if isinstance(x, ast.Name)} & tools
+        assert not used, f"line {node.lineno} uses Part II's {used}"
+    lines = {n.name: n.lineno for n in tree.body if isinstance(n, ast.FunctionDef)}
+    main_path = [lines[name] for name in ("train_step", "train_epoch", "pgd", "eps_map", "save_checkpoint")]
+    assert max(main_path) - min(main_path) <= 1200
 
 
 # ---------------------------------------------------------------- the code's shape: one list of settings, registries
