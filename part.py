@@ -364,6 +364,34 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def _header_metadata(header: bytes) -> dict[str, str]:
+    metadata = json.loads(header).get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("the metadata is not a mapping")
+    return metadata
+
+
+def tensors_of(path: Path) -> tuple[dict[str, Tensor], dict[str, str], str]:
+    """One read of a safetensors file: (tensors, metadata, sha256); raises if it is not one."""
+    from safetensors.torch import load
+
+    data = Path(path).read_bytes()
+    tensors = load(data)  # validates the whole file
+    return tensors, _header_metadata(data[8:8 + int.from_bytes(data[:8], "little")]), hashlib.sha256(data).hexdigest()
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata from its header alone ({} when it is not readable as one)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > 100 << 20:
+                return {}
+            return _header_metadata(f.read(size))
+    except Exception:  # missing, not a safetensors file, damaged: no metadata
+        return {}
+
+
 @contextlib.contextmanager
 def file_lock(lock: Path, what: str, used: str):
     """An exclusive lock for the life of a process (released by the OS even after kill -9),
@@ -750,8 +778,6 @@ def _cached(cache_dir: str, name: str, files: list[Path], size: int, build: Call
     """Decode once, keep a uint8 copy in the cache (keyed by the file list, sizes and mtimes).
     An entry that does not fit its key is rebuilt; a cache that cannot be written only
     costs the decoding time next run."""
-    from safetensors.torch import load_file, safe_open
-
     h = hashlib.sha1(f"{FORMAT}|{name}|{size}".encode())
     for f in files:
         st = f.stat()
@@ -759,9 +785,8 @@ def _cached(cache_dir: str, name: str, files: list[Path], size: int, build: Call
     path = Path(cache_dir).expanduser() / f"{name}-{size}px-{h.hexdigest()[:16]}.safetensors"
     if path.is_file():
         try:
-            with safe_open(str(path), "pt") as f:
-                classes = json.loads(f.metadata()["classes"])
-            t = load_file(str(path))
+            t, metadata, _ = tensors_of(path)
+            classes = json.loads(metadata["classes"])
             if _valid_cache_entry(t, classes, len(files), size):
                 return Split(t["x"], t["y"], list(classes))
         except Exception:  # unreadable or inconsistent: rebuilt below
@@ -2175,13 +2200,11 @@ def save_checkpoint(path: Path, model: nn.Module, meta: CheckpointMeta) -> None:
     save_tensors(path, tensors, meta.to_metadata())
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from safetensors.torch import load, safe_open
-
+def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str], str]:
+    """The tensors, the metadata and the sha256 of a safetensors file, from one read (so the
+    hash is that of the bytes loaded). A clear error when it is not one."""
     try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-        return load(path.read_bytes()), metadata
+        return tensors_of(path)
     except Exception as e:  # SafetensorError, OSError, and whatever a damaged header raises
         raise CliError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
 
@@ -2264,15 +2287,20 @@ def load_checkpoint(path: str | Path, arch: Optional[str] = None, device: str | 
     """Our .safetensors checkpoints (architecture and classes from the metadata), or a
     foreign state dict (.safetensors, or .pt/.pth opened with weights_only=True) with `arch`.
     Returns (model in eval mode, metadata)."""
-    path = Path(path)
+    return _load_checkpoint(Path(path), arch, device, cam_layer)[:2]
+
+
+def _load_checkpoint(path: Path, arch: Optional[str], device: str | torch.device,
+                     cam_layer: Optional[str]) -> tuple[nn.Module, CheckpointMeta, str]:
+    """load_checkpoint, and the sha256 of the bytes the weights came from."""
     if arch is not None and arch not in BUILTIN_MODELS and not arch.startswith(TORCHVISION):
         raise unknown("architecture", arch, [ARCH_HELP])
     if not path.is_file():
         raise CliError(f"checkpoint {path} {'is a folder, not a file' if path.is_dir() else 'not found'}")
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        state, metadata = _read_pickle(path), {}
+        state, metadata, sha256 = _read_pickle(path), {}, file_hash(path)
     else:
-        state, metadata = read_safetensors(path)
+        state, metadata, sha256 = read_safetensors(path)
     fmt = metadata.get("format", "")
     if fmt == STATE_FORMAT or path.name.endswith(".state.safetensors"):
         raise CliError(f"{path} is a resume state (for train --resume), not a model checkpoint; use last.safetensors or best.safetensors")
@@ -2298,7 +2326,7 @@ def load_checkpoint(path: str | Path, arch: Optional[str] = None, device: str | 
     if broken:
         raise CliError(f"{path}: {len(broken)} weight tensor(s) hold NaN or inf ({', '.join(broken[:3])}); "
                        "a model that computes NaN cannot be scored")
-    return model.to(device).eval(), meta
+    return model.to(device).eval(), meta, sha256
 
 
 def save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: CheckpointMeta,
@@ -2321,7 +2349,7 @@ def save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optim
 
 def load_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[CheckpointMeta, list[dict]]:
     """Weights and optimizer from a resume state; returns its checkpoint metadata and history."""
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata, _ = read_safetensors(path)
     if metadata.get("format") != STATE_FORMAT:
         raise CliError(f"{path} is not a resume state of this version of part")
     try:
@@ -2380,7 +2408,7 @@ def load_for_eval(path: Path, arch: Optional[str], device: torch.device, dataset
     """The chain `attack` and `cam` share: load, channels-last, the test split the model
     belongs to (read once per data set when `splits` is shared), and the checks that the
     two fit."""
-    model, meta = load_checkpoint(path, arch, device, cam_layer)
+    model, meta, sha256 = _load_checkpoint(Path(path), arch, device, cam_layer)
     model = channels_last(model)
     key = test_set_of(meta, dataset)
     splits = {} if splits is None else splits
@@ -2389,7 +2417,7 @@ def load_for_eval(path: Path, arch: Optional[str], device: torch.device, dataset
     check_fits(meta, splits[key], key[0], data_dir)
     if tuple(splits[key].x.shape[-2:]) != (key[1], key[1]):
         raise CliError(f"the model was trained on {key[1]} px images, the test images of {key[0]} are {splits[key].x.shape[-1]} px")
-    return EvalTarget(Path(path), model, meta, key[0], splits[key], file_hash(Path(path)))
+    return EvalTarget(Path(path), model, meta, key[0], splits[key], sha256)
 
 
 # ============================================================================ plots and tables
@@ -2637,7 +2665,7 @@ def with_way_forward(files: RunFiles, problem: str) -> str:
 
 def last_checkpoint_meta(files: RunFiles) -> CheckpointMeta:
     """The metadata of a run's last.safetensors (for --from-last)."""
-    _, metadata = read_safetensors(files.last)
+    _, metadata, _ = read_safetensors(files.last)
     meta = CheckpointMeta.from_metadata(metadata, files.last)
     if meta.config is None or not meta.epoch:
         raise CliError(f"{files.last} holds no finished epoch of a run; nothing to continue from")
@@ -2652,7 +2680,7 @@ def stored_config(files: RunFiles, from_last: bool = False) -> tuple[TrainConfig
         return meta.config, meta.preset or meta.config.dataset
     if files.state.is_file():
         try:
-            _, metadata = read_safetensors(files.state)
+            _, metadata, _ = read_safetensors(files.state)
             meta = CheckpointMeta.from_metadata(json.loads(metadata["checkpoint"]), files.state)
         except (RecursionError, KeyError, ValueError, TypeError) as e:  # CliError too: it is a ValueError
             text = str(e) if isinstance(e, CliError) else f"{files.state}: not a resume state of this version of part ({first_line(e)})"
@@ -2801,7 +2829,7 @@ def continue_from_last(files: RunFiles, model: nn.Module) -> tuple[CheckpointMet
     state is missing or damaged. The optimizer's momentum starts again, so the run is close
     to, not identical with, an uninterrupted one (said)."""
     meta = last_checkpoint_meta(files)
-    state, _ = read_safetensors(files.last)
+    state, _, _ = read_safetensors(files.last)
     load_state_into(model, state, meta.arch, files.last)
     try:
         rows = [json.loads(line) for line in files.metrics.read_text().splitlines() if line.strip()]
@@ -2854,11 +2882,8 @@ def repair_run_files(run: Run, saved: CheckpointMeta) -> None:
 
 def _epoch_of(path: Path) -> Optional[int]:
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            return json.loads((f.metadata() or {}).get("epoch", "null"))
-    except Exception:  # missing or damaged: it will be written again
+        return json.loads(safetensors_metadata(path).get("epoch", "null"))
+    except Exception:  # damaged: it will be written again
         return None
 
 
@@ -3312,12 +3337,8 @@ class EvalState:
             self._load(Path(path))
 
     def _load(self, path: Path) -> None:
-        from safetensors.torch import load_file, safe_open
-
         try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
+            tensors, meta, _ = tensors_of(path)
             signature, seconds = json.loads(meta["signature"]), json.loads(meta.get("seconds", "{}"))
         except Exception as e:
             raise CliError(f"the evaluation state {path} is damaged ({first_line(e)}); delete it to start again") from None
@@ -3380,7 +3401,7 @@ class AdvWriter:
         for stale in [p for p in parts.glob("*.safetensors") if not p.name.startswith(self.id)]:
             stale.unlink(missing_ok=True)  # left by a killed evaluation of other settings: never ours to merge
         for done in self.folder.glob("*.safetensors"):
-            if _safetensors_metadata(done).get("evaluation") != json.dumps(self.id):
+            if safetensors_metadata(done).get("evaluation") != json.dumps(self.id):
                 raise CliError(f"--save-adv {self.folder} already holds examples of another evaluation ({done.name}); "
                                "choose another folder or remove it")
 
@@ -3389,7 +3410,7 @@ class AdvWriter:
 
     def _complete(self, key: str) -> bool:
         """The attack's file of this very evaluation is already written (its parts are gone)."""
-        return _safetensors_metadata(self.folder / f"{key}.safetensors").get("evaluation") == json.dumps(self.id)
+        return safetensors_metadata(self.folder / f"{key}.safetensors").get("evaluation") == json.dumps(self.id)
 
     def has(self, key: str, batch: int) -> bool:
         return self._part(key, batch).is_file() or self._complete(key)
@@ -3402,8 +3423,6 @@ class AdvWriter:
         """One file of the attack: saved examples where the points were attacked, the clean
         image where the model was already wrong (no attack needed). Every attacked point
         must have its example."""
-        from safetensors.torch import load_file
-
         path = self.folder / f"{spec.key}.safetensors"
         parts = sorted((self.folder / ".parts").glob(f"{self.id}-{spec.key}-*.safetensors"))
         if not parts and self._complete(spec.key):  # written before an interruption: nothing left to add
@@ -3411,7 +3430,7 @@ class AdvWriter:
         x_adv = x_all.detach().float().cpu().clone()
         covered = torch.zeros(len(y_all), dtype=torch.bool)
         for part in parts:
-            t = load_file(str(part))
+            t = tensors_of(part)[0]
             x_adv[t["indices"]] = t["x_adv"]
             covered[t["indices"]] = True
         missing = int((attacked.cpu() & ~covered).sum())
@@ -3424,17 +3443,6 @@ class AdvWriter:
         for part in parts:
             part.unlink(missing_ok=True)
         return path
-
-
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    """A safetensors file's metadata ({} when it is not readable as one)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return f.metadata() or {}
-    except Exception:  # not a safetensors file, damaged, unreadable: no metadata
-        return {}
 
 
 def _sync_flags(flags: list[Tensor], dist: Dist) -> None:
@@ -3567,15 +3575,14 @@ def load_adversarial(path: Path) -> tuple[Tensor, Tensor, Tensor, dict]:
     """A --save-adv file: (x_adv, test indices, labels, metadata), every part of its claim
     checked: the metadata part writes with the types it writes, eps and eps_levels that
     agree, float32 examples, int64 indices that are the first N test points in order."""
-    from safetensors.torch import load_file
 
     require_file(path, "--adv-from")
     try:
-        raw = _safetensors_metadata(path)
+        raw = safetensors_metadata(path)
         if raw.get("format") != "part/1-adv":
             raise ValueError("not a file written by part attack --save-adv")
         meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
-        t = load_file(str(path))
+        t = tensors_of(path)[0]
         x_adv, index, labels = t["x_adv"], t["indices"], t["labels"]
     except Exception as e:
         raise CliError(f"{path}: not a readable file of adversarial examples ({first_line(e)})") from None

@@ -1165,6 +1165,22 @@ def test_nproc_interrupted_says_how_to_go_on_and_a_killed_process_is_named(tmp_p
     assert part.load_checkpoint(out / "last.safetensors")[1].epoch == 2
 
 
+def test_one_read_gives_a_safetensors_files_tensors_metadata_and_hash(tmp_path):
+    from safetensors import safe_open
+
+    path = tmp_path / "f.safetensors"
+    save_file({"a": torch.arange(6.0).view(2, 3), "b": torch.ones(2, dtype=torch.int8)}, str(path), metadata={"k": '{"v": 1}'})
+    tensors, metadata, sha = part.tensors_of(path)
+    with safe_open(str(path), "pt") as f:
+        assert metadata == f.metadata() == part.safetensors_metadata(path)
+    assert sha == part.file_hash(path) and torch.equal(tensors["a"], load_file(str(path))["a"])
+    path.write_bytes(path.read_bytes()[:-3])  # truncated: no tensors, and a clear error from the reader that says so
+    with pytest.raises(part.CliError, match="not a readable safetensors file"):
+        part.read_safetensors(path)
+    (tmp_path / "junk").write_bytes(b"\xff" * 64)
+    assert part.safetensors_metadata(tmp_path / "junk") == {} == part.safetensors_metadata(tmp_path / "missing")
+
+
 def test_part_one_never_calls_part_two_and_the_main_path_reads_in_one_stretch():
     import ast
 
