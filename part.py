@@ -2645,9 +2645,8 @@ def resume_command(folder: Path) -> str:
 
 
 def check_out_dir(files: RunFiles, resume: bool) -> None:
+    """Under the folder's lock (check_output_folder made it): a run to resume, or none to overwrite."""
     out = files.folder
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} is a file, not a folder")
     if resume and not (files.state.is_file() or files.config.is_file()):
         raise CliError(f"cannot resume: {out} holds no run (no {files.state.name} or {files.config.name})")
     if not resume and files.present():
@@ -2955,10 +2954,11 @@ def finish_epoch(run: Run, metrics: dict) -> dict:
     return metrics
 
 
-def run_training(cfg: TrainConfig, preset: str, out: Path, resume: bool, dist: Dist = ONE_PROCESS) -> dict:
+def run_training(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, dist: Dist = ONE_PROCESS) -> dict:
     """The whole run: data, model, warm-up + PART epochs, evaluation, checkpoints.
     Returns the last epoch's metrics."""
-    run = prepare_run(cfg, preset, RunFiles(out), resume, dist)
+    out = files.folder
+    run = prepare_run(cfg, preset, files, resume, dist)
     run.report.header()
     if run.start >= cfg.epochs:
         run.report.print(f"{out} already finished {run.start} of {cfg.epochs} epochs; nothing to do")
@@ -3021,32 +3021,30 @@ def fit(config: TrainConfig | dict | None = None, *, preset: Optional[str] = Non
     dist = dist_from_env()
     if resume and not values.get("out"):
         raise CliError("--resume needs --out DIR, the run folder to continue")
+    given = RunFiles(Path(values["out"])) if values.get("out") else None
     if resume == "auto":
-        files = RunFiles(Path(values["out"]))
-        resume = files.state.is_file() or files.config.is_file()
+        resume = given.state.is_file() or given.config.is_file()
     config_path = Path(config_file) if config_file is not None else None
     if resume:
-        cfg, preset_name = resume_config(RunFiles(Path(values["out"])), values, preset, config_path, resume == "last")
+        cfg, preset_name = resume_config(given, values, preset, config_path, resume == "last")
     else:
         cfg, preset_name = resolve_config(values, preset, config_path)
     set_threads(cfg.threads)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    files = RunFiles(Path(cfg.out or f"runs/{preset_name}-{cfg.method}-{stamp}"))
+    files = given or RunFiles(Path(cfg.out or f"runs/{preset_name}-{cfg.method}-{stamp}"))
     cfg.out = str(files.folder)
     if cfg.batch_size < 2 * dist.world:
         raise CliError(f"--batch-size {cfg.batch_size} is too small for {dist.world} processes (at least 2 each)")
     lock = contextlib.nullcontext()
     if dist.main:
-        if files.folder.exists() and not files.folder.is_dir():
-            raise CliError(f"--out {files.folder} is a file, not a folder")
-        files.folder.mkdir(parents=True, exist_ok=True)
+        check_output_folder(files.folder, "--out")
         lock = folder_lock(files.folder, "a training run")
     with lock:
         if dist.main:
             check_out_dir(files, resume)
             remove_stale_temporaries(files.folder)
         with process_group(dist, process_device(cfg.device, dist)):
-            metrics = run_training(cfg, preset_name, files.folder, resume, dist)
+            metrics = run_training(cfg, preset_name, files, resume, dist)
     return TrainedRun(files.folder, cfg, metrics)
 
 
@@ -3813,7 +3811,7 @@ Arch = Annotated[Optional[str], _opt(f"Architecture of a foreign state dict: {AR
 CamLayer = Annotated[Optional[str], _opt("Module whose output the CAM uses (default: the model's).")]
 Checkpoint = Annotated[Path, typer.Argument(help=escape_markup("Our .safetensors checkpoint, or a foreign state dict with --arch."), show_default=False)]
 Levels = Annotated[Optional[str], _opt("1/255 levels, e.g. 8 or 8/255.")]
-Seed = Annotated[int, _opt("Random seed.")]
+Seed = Annotated[int, _opt("Random seed.", min=0, max=MAX_SEED)]
 Threads = Annotated[int, _opt("CPU threads for PyTorch (0: its default, one per core; 1 is often fastest on a machine "
                               "shared with other jobs).", min=0, max=4096)]
 JsonOut = Annotated[Optional[Path], _opt("Write the figures as JSON here.", "--json")]
@@ -3920,7 +3918,8 @@ def run_processes(nproc: int, device: str) -> int:
         return 128 - code
     return code
 
-NExamples = Annotated[Optional[int], _opt("The first N test images in canonical order (default: all).", "--n-examples", "--n")]
+NExamples = Annotated[Optional[int], _opt("The first N test images in canonical order (default: all).", "--n-examples", "--n",
+                                          min=1)]
 
 
 def shown_value(value: Any) -> Optional[str]:
@@ -4187,7 +4186,7 @@ def _int_list(text: str, option: str, high: int) -> list[int]:
     return sorted(set(values))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AttackOptions:
     """What `attack` was asked, for the helpers that carry it out."""
 
@@ -4271,12 +4270,10 @@ def attack_command(
         plot_path = sweep_plot or (next((p.with_name(p.stem + "-sweep.png") for p in reports if p), Path("sweep.png")) if sweep else None)
         for path, option in zip([*reports, plot_path, state], ["--json", "--csv", "--markdown", "--sweep-plot", "--state"], strict=True):
             check_output_file(path, option)
-        if n_examples is not None and n_examples < 1:
-            raise CliError(f"--n-examples must be at least 1, got {n_examples}")
-        if not 0 <= seed <= MAX_SEED:
-            raise CliError(f"--seed must be between 0 and {MAX_SEED}")
-        options = AttackOptions(arch, cam_layer, dataset, data_dir, cache_dir, n_examples, batch_size, restarts or 1, eps_low, seed,
-                                per_class, _eval_state_path(state, reports), save_adv, adv_from, steps_list)
+        options = AttackOptions(arch=arch, cam_layer=cam_layer, dataset=dataset, data_dir=data_dir, cache_dir=cache_dir,
+                                n_examples=n_examples, batch_size=batch_size, restarts=restarts or 1, eps_low=eps_low,
+                                seed=seed, per_class=per_class, state=_eval_state_path(state, reports), save_adv=save_adv,
+                                adv_from=adv_from, sweep_steps=steps_list)
         dev = process_device(device, dist)
         with process_group(dist, dev):
             rows = _attack_checkpoints(_model_paths(checkpoints), specs, options, eps_levels, step_levels, dev, dist)
@@ -4847,7 +4844,7 @@ def cam_command(
     cache_dir: CacheDir = DEFAULT_CACHE,
     arch: Arch = None,
     cam_layer: CamLayer = None,
-    n_examples: Annotated[int, _opt("The first N test images.", "--n-examples", "--n")] = 16,
+    n_examples: Annotated[int, _opt("The first N test images.", "--n-examples", "--n", min=1, max=4096)] = 16,
     cam_method: Annotated[Optional[Literal[CAM_METHODS]], _opt("CAM method (default: the checkpoint's).", "--cam")] = None,
     mask_rule: Annotated[Optional[Literal[tuple(MASK_RULES)]], _opt("Mask rule (default: the checkpoint's).")] = None,
     compare_rules: Annotated[bool, _opt("Add a budget-map column per rule (zscore, official, random).")] = False,
@@ -4869,10 +4866,6 @@ def cam_command(
         if out.is_dir() or out.suffix.lower() not in Image.registered_extensions():
             raise CliError(f"--out {out} is not an image file name (e.g. cams.png)")
         check_output_file(out, "--out")
-        if not 1 <= n_examples <= 4096:
-            raise CliError(f"--n-examples must be between 1 and 4096, got {n_examples}")
-        if not 0 <= seed <= MAX_SEED:
-            raise CliError(f"--seed must be between 0 and {MAX_SEED}")
         dev = pick_device(device)
         target = load_for_eval(checkpoint, arch, dev, dataset, data_dir, cache_dir, cam_layer)
         trained = target.meta.config or TrainConfig()
