@@ -1024,7 +1024,21 @@ def _stages(block: type, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)) -> lis
     return stages
 
 
-class ResNet18(nn.Module):
+class FeaturesHead(nn.Module):
+    """The built-in models: features() up to the CAM layer (a [B, C, h, w] map), head() from
+    there to the logits. The CAM, compiled or not, hooks in between."""
+
+    def features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def head(self, a: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class ResNet18(FeaturesHead):
     """CIFAR ResNet-18: 3x3 stem, no max-pool; CAM layer `layer4` (512x4x4 at 32x32)."""
 
     def __init__(self, num_classes: int = 10):
@@ -1041,11 +1055,8 @@ class ResNet18(nn.Module):
     def head(self, a: Tensor) -> Tensor:
         return self.linear(F.adaptive_avg_pool2d(a, 1).flatten(1))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
 
-
-class PreActResNet18(nn.Module):
+class PreActResNet18(FeaturesHead):
     """PreAct ResNet-18 (fast_adversarial); CAM layer `layer4`, final bn + ReLU in the head."""
 
     def __init__(self, num_classes: int = 10):
@@ -1060,9 +1071,6 @@ class PreActResNet18(nn.Module):
 
     def head(self, a: Tensor) -> Tensor:
         return self.linear(F.adaptive_avg_pool2d(F.relu(self.bn(a)), 1).flatten(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
 
 
 class WideBlock(nn.Module):
@@ -1094,7 +1102,7 @@ class NetworkBlock(nn.Module):
         return self.layer(x)
 
 
-class WideResNet(nn.Module):
+class WideResNet(FeaturesHead):
     """WRN-34-10 as in TRADES/MART; CAM layer `block3` (640x8x8 at 32x32)."""
 
     def __init__(self, num_classes: int = 10, depth: int = 34, widen: int = 10):
@@ -1119,11 +1127,8 @@ class WideResNet(nn.Module):
     def head(self, a: Tensor) -> Tensor:
         return self.fc(F.adaptive_avg_pool2d(self.relu(self.bn1(a)), 1).flatten(1))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
 
-
-class SmallCNN(nn.Module):
+class SmallCNN(FeaturesHead):
     """A small, fast network for CPU runs and tests: four conv-BN-ReLU layers, GAP, linear."""
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128, 128)):
@@ -1140,9 +1145,6 @@ class SmallCNN(nn.Module):
 
     def head(self, a: Tensor) -> Tensor:
         return self.linear(F.adaptive_avg_pool2d(a, 1).flatten(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
 
 
 # A new built-in architecture: a class with features()/head() and one line here.
@@ -2267,19 +2269,21 @@ def load_state_into(model: nn.Module, state: dict[str, Tensor], arch: str, path:
     model.load_state_dict(state)
 
 
-def _read_pickle(path: Path) -> dict[str, Tensor]:
-    """A foreign .pt/.pth state dict, opened with weights_only=True and nothing else."""
+def _read_pickle(path: Path) -> tuple[Any, str]:
+    """A foreign .pt/.pth file, opened with weights_only=True and nothing else, and the
+    sha256 of the bytes read."""
     import pickle
 
     try:
+        data = path.read_bytes()
         with warnings.catch_warnings():  # torch's notes on pickle protocols; failures raise below
             warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError,
             UnicodeDecodeError, TypeError) as e:
         raise CliError(f"{path} was not loaded: {_unpickling_reason(e)}. part never unpickles files that need code "
                        "(weights-only loading); convert it to a state dict of tensors with code you trust") from None
-    return _clean_state_dict(obj, path)
+    return obj, hashlib.sha256(data).hexdigest()
 
 
 def load_checkpoint(path: str | Path, arch: Optional[str] = None, device: str | torch.device = "cpu",
@@ -2298,7 +2302,7 @@ def _load_checkpoint(path: Path, arch: Optional[str], device: str | torch.device
     if not path.is_file():
         raise CliError(f"checkpoint {path} {'is a folder, not a file' if path.is_dir() else 'not found'}")
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        state, metadata, sha256 = _read_pickle(path), {}, file_hash(path)
+        (state, sha256), metadata = _read_pickle(path), {}
     else:
         state, metadata, sha256 = read_safetensors(path)
     fmt = metadata.get("format", "")
