@@ -2526,6 +2526,17 @@ def plot_tradeoff(path: Path, groups: list[dict], robust_key: str) -> bool:
     return True
 
 
+def text_table(title: str, headers: Iterable[str], rows: Iterable[Iterable[Any]], left: Iterable[str] = ()) -> Table:
+    """The one terminal table: columns named in `left` are left-aligned, the rest (numbers)
+    right-aligned; cells are plain text (the console reads no markup)."""
+    table, left = Table(title=title), set(left)
+    for h in headers:
+        table.add_column(h, justify="left" if h in left else "right")
+    for r in rows:
+        table.add_row(*map(str, r))
+    return table
+
+
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
@@ -4406,19 +4417,13 @@ def _transfer_row(t: EvalTarget, o: AttackOptions, dev: torch.device) -> dict:
 
 
 def _print_attack_tables(rows: list[dict], names: list[str], eps_levels: float, per_class: bool) -> None:
-    table = Table(title=f"accuracy (%) at eps {eps_levels:g}/255")
-    for col in ["checkpoint", "arch", "n", *names, "worst"]:
-        table.add_column(col, justify="left" if col in ("checkpoint", "arch") else "right")
-    for r in rows:
-        table.add_row(r["path"], r["arch"], str(r["n_examples"]), *[fmt_pct(r["accuracy"].get(a)) for a in [*names, "worst"]])
-    console.print(table)
+    console.print(text_table(f"accuracy (%) at eps {eps_levels:g}/255", ["checkpoint", "arch", "n", *names, "worst"],
+                             [[r["path"], r["arch"], r["n_examples"], *[fmt_pct(r["accuracy"].get(a)) for a in [*names, "worst"]]]
+                              for r in rows], left=("checkpoint", "arch")))
     for r in rows if per_class else []:
-        pc = Table(title=f"per class: {r['path']}")
-        for col in ["class", *names, "worst"]:
-            pc.add_column(col, justify="left" if col == "class" else "right")
-        for cls, acc in r["per_class"].items():
-            pc.add_row(cls, *[fmt_pct(acc[a]) for a in [*names, "worst"]])
-        console.print(pc)
+        console.print(text_table(f"per class: {r['path']}", ["class", *names, "worst"],
+                                 [[cls, *[fmt_pct(acc[a]) for a in [*names, "worst"]]] for cls, acc in r["per_class"].items()],
+                                 left=("class",)))
 
 
 def parse_formats(text: str) -> list[str]:
@@ -4491,9 +4496,7 @@ def check_exports(model: nn.Module, files: dict[str, Path], batch: int, size: in
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(x)
-    table, failed = Table(title=f"export check: batch of {batch}, max |diff| <= {tolerance:g}, same argmax"), []
-    for col in ("format", "file", "max |diff|", "argmax", "result"):
-        table.add_column(col)
+    rows, failed = [], []
     for fmt, path in files.items():
         try:
             with torch.no_grad():
@@ -4505,8 +4508,10 @@ def check_exports(model: nn.Module, files: dict[str, Path], batch: int, size: in
             note(f"{fmt}: {first_line(e)}")
         ok = diff <= tolerance and same
         failed += [] if ok else [fmt]
-        table.add_row(fmt, path.name, f"{diff:.2e}", "same" if same else "DIFFERENT", "ok" if ok else "FAILED")
-    console.print(table)
+        rows.append([fmt, path.name, f"{diff:.2e}", "same" if same else "DIFFERENT", "ok" if ok else "FAILED"])
+    headers = ["format", "file", "max |diff|", "argmax", "result"]
+    console.print(text_table(f"export check: batch of {batch}, max |diff| <= {tolerance:g}, same argmax", headers, rows,
+                             left=headers))
     if failed:
         raise CliError(f"export check failed for {', '.join(failed)}")
 
@@ -4752,12 +4757,7 @@ def report_command(
 
         rows = [[g["label"], str(len(g["members"])), ",".join(map(str, sorted(g["seeds"]))), *[cell(g, k) for k in columns],
                  g["evaluation"]] for g in groups]
-        table = Table(title="accuracy (%), mean ± std over seeds")
-        for h in headers:
-            table.add_column(h, justify="left" if h in ("group", "evaluation", "seeds") else "right")
-        for r in rows:
-            table.add_row(*r)
-        console.print(table)
+        console.print(text_table("accuracy (%), mean ± std over seeds", headers, rows, left=("group", "evaluation", "seeds")))
         values = {k: v for g in groups for k, v in g["config"].items() if k not in g["differing"]}  # AT groups lack PART-only keys
         shared = {k: values[k] for k in in_config_order(values)}
         console.print("shared settings: " + " ".join(f"{k}={v}" for k, v in shared.items()), markup=False)
@@ -4899,13 +4899,11 @@ def _cam_figure(target: EvalTarget, setup: AttackSetup, n: int, compare_rules: b
     names = points.classes
     captions = [f"true {names[int(a)]} | pred {names[int(b)]} | adv {names[int(c)]}" for a, b, c in zip(y, pred, adv_pred, strict=True)]
     width, height = save_grid(out, columns, captions, scale)
-    table = Table(title=f"budget maps of {n} images ({setup.cam}, eps {to_levels(setup.eps):g}/255, eps_low {to_levels(setup.eps_low):g}/255)")
-    for col in ("rule", "share at eps", "mean budget (/255)"):
-        table.add_column(col, justify="left" if col == "rule" else "right")
-    for rule, m in maps.items():
-        full = fraction(m == torch.tensor(setup.eps, dtype=m.dtype, device=m.device))
-        table.add_row(rule, f"{100 * full:.1f}%", f"{to_levels(m.mean().item()):.3f}")
-    console.print(table)
+    shares = {rule: fraction(m == torch.tensor(setup.eps, dtype=m.dtype, device=m.device)) for rule, m in maps.items()}
+    console.print(text_table(f"budget maps of {n} images ({setup.cam}, eps {to_levels(setup.eps):g}/255, "
+                             f"eps_low {to_levels(setup.eps_low):g}/255)", ("rule", "share at eps", "mean budget (/255)"),
+                             [[rule, f"{100 * shares[rule]:.1f}%", f"{to_levels(m.mean().item()):.3f}"] for rule, m in maps.items()],
+                             left=("rule",)))
     console.print(f"wrote {out} ({width}x{height} px)", markup=False)
 
 
@@ -5065,16 +5063,13 @@ def bench_run(model: str, batch_size: int, image_size: int, steps: int, rounds: 
 
 
 def bench_table(r: dict) -> Table:
-    table = Table(title=f"{r['model']}, batch {r['batch_size']}, {r['image_size']} px, {r['device']}, "
-                        f"compile {r['compile_mode'] or 'off'}, amp {'on' if r['amp'] else 'off'}, {r['rounds']} interleaved rounds")
-    for col in ("piece", "ms median", "ms q1-q3", "images/s", "first call ms", "peak MB", "GFLOP/img", "TFLOP/s", "% of peak"):
-        table.add_column(col, justify="left" if col == "piece" else "right")
-    for label, v in r["results"].items():
-        share = "-" if v["share_of_peak"] is None else f"{100 * v['share_of_peak']:.1f}"
-        table.add_row(label, f"{v['ms_median']:.1f}", f"{v['ms_q1']:.1f}-{v['ms_q3']:.1f}", f"{v['images_per_s']:.0f}",
-                      f"{v['first_call_ms']:.0f}", f"{v['peak_memory_mb']:.0f}", f"{v['gflop_per_image']:.2f}",
-                      f"{v['tflops']:.3f}", share)
-    return table
+    title = (f"{r['model']}, batch {r['batch_size']}, {r['image_size']} px, {r['device']}, compile "
+             f"{r['compile_mode'] or 'off'}, amp {'on' if r['amp'] else 'off'}, {r['rounds']} interleaved rounds")
+    headers = ("piece", "ms median", "ms q1-q3", "images/s", "first call ms", "peak MB", "GFLOP/img", "TFLOP/s", "% of peak")
+    rows = [[label, f"{v['ms_median']:.1f}", f"{v['ms_q1']:.1f}-{v['ms_q3']:.1f}", f"{v['images_per_s']:.0f}",
+             f"{v['first_call_ms']:.0f}", f"{v['peak_memory_mb']:.0f}", f"{v['gflop_per_image']:.2f}", f"{v['tflops']:.3f}",
+             "-" if v["share_of_peak"] is None else f"{100 * v['share_of_peak']:.1f}"] for label, v in r["results"].items()]
+    return text_table(title, headers, rows, left=("piece",))
 
 
 GPU_SUITE = (("eager", False, False, "default"), ("compiled", True, False, "default"), ("compiled + bf16", True, True, "default"),
