@@ -1426,11 +1426,7 @@ def eps_map(cam: Tensor, eps: float, eps_low: float, rule: str = "zscore", size:
         raise unknown("mask rule", rule, MASK_RULES)
     if check:
         check_unit_images(cam, "cam")
-    for name, value in (("eps", eps), ("eps_low", eps_low)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # NaN fails too
-            raise ValueError(f"{name} must be a number in [0, 1] ({UNITS_HINT}), got {value!r}")
-    if eps_low > eps:
-        raise ValueError(f"eps_low ({eps_low:g}) must not exceed eps ({eps:g})")
+    check_unit_budgets(eps, eps_low)
     return MASK_RULES[rule](cam.float(), eps, eps_low, tuple(size or cam.shape[-2:]), generator)
 
 
@@ -1535,6 +1531,20 @@ def budget_box(x: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
 
 
 UNITS_HINT = "budgets are in [0, 1] units here: 8/255, not 8"
+
+
+def check_unit_budgets(eps: float, eps_low: float, step: Optional[float] = None) -> None:
+    """The API's threat-model check, in the [0, 1] units it takes (the command line checks
+    its 1/255 levels with check_budget_levels)."""
+    for name, value in (("eps", eps), ("eps_low", eps_low), ("step", step)):
+        if name == "step" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # NaN fails too
+            raise CliError(f"{name} must be a number in [0, 1] ({UNITS_HINT}), got {value!r}")
+    if eps_low > eps:
+        raise CliError(f"eps_low ({eps_low:g}) must not exceed eps ({eps:g})")
+    if step == 0:
+        raise CliError("step must be positive")
 
 
 def check_attack_arguments(eps: float | Tensor, step: float, steps: int) -> None:
@@ -1910,7 +1920,7 @@ class AttackSetup:
     steps: int = 10
 
     def __post_init__(self):
-        check_budget_levels(to_levels(self.eps), to_levels(self.eps_low), to_levels(self.step), zero_eps=True)
+        check_unit_budgets(self.eps, self.eps_low, self.step)
         if not (isinstance(self.restarts, int) and 1 <= self.restarts <= 10_000):
             raise CliError(f"restarts must be between 1 and 10000, got {self.restarts}")
         if not (isinstance(self.batch_size, int) and 1 <= self.batch_size <= 1 << 20):
