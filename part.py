@@ -3840,8 +3840,9 @@ Seed = Annotated[int, _opt("Random seed.", min=0, max=MAX_SEED)]
 Threads = Annotated[int, _opt("CPU threads for PyTorch (0: its default, one per core; 1 is often fastest on a machine "
                               "shared with other jobs).", min=0, max=4096)]
 JsonOut = Annotated[Optional[Path], _opt("Write the figures as JSON here.", "--json")]
-NProc = Annotated[int, _opt("Run as N processes on this machine (one per GPU on CUDA; gloo on a CPU), as torchrun "
-                            "would, with one line per error and no launcher traceback.", min=1, max=1024)]
+NPROC_HELP = ("Run as N processes on this machine (one per GPU on CUDA; gloo on a CPU), as torchrun would, with one "
+              "line per error and no launcher traceback.")
+NProc = Annotated[int, _opt(NPROC_HELP, min=1, max=1024)]
 
 
 class KeepsArgs(typer.core.TyperCommand):
@@ -4066,7 +4067,8 @@ train_command.__signature__ = inspect.Signature([
     inspect.Parameter("from_last", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, _opt(
         "With --resume, when the resume state is missing or damaged: continue from last.safetensors (its weights, "
         "epoch and history; the optimizer's momentum starts again, so not bit-identical).", rich_help_panel="Presets")]),
-    inspect.Parameter("nproc", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=NProc),
+    inspect.Parameter("nproc", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=Annotated[int, _opt(
+        NPROC_HELP, min=1, max=1024, rich_help_panel=RUN)]),
     *(_config_option(name, field) for name, field in CONFIG_FIELDS.items()),
 ])
 train_command.__annotations__ = {p.name: p.annotation for p in train_command.__signature__.parameters.values()}
