@@ -71,7 +71,7 @@ __all__ = [
     # CAM and budget maps
     "class_activation", "grad_cam", "eps_map", "CAM_METHODS", "MASK_RULES",
     # attacks and evaluation
-    "pgd", "mma", "compiled_ascent_step", "AttackSetup", "evaluate", "evaluate_suite",
+    "pgd", "mma", "compiled_ascent_step", "AttackSetup", "evaluate", "evaluate_suite", "EvalHooks",
     # training and export
     "TrainConfig", "fit", "TrainedRun", "export_checkpoint",
     # the command line
@@ -3482,13 +3482,30 @@ def _sync_flags(flags: list[Tensor], dist: Dist) -> None:
 ProgressFn = Callable[[str, int, int, str], None]  # (attack, points done, total, extra text)
 
 
+@dataclasses.dataclass
+class EvalHooks:
+    """What the `attack` command adds around the core loop of evaluate_suite, all optional:
+    a progress callback, per-point state that makes it resumable (keys under `prefix`),
+    the processes that share the batches out, and the writer of --save-adv."""
+
+    progress: ProgressFn = lambda name, done, total, extra: None
+    state: Optional[EvalState] = None
+    prefix: str = ""
+    dist: Dist = ONE_PROCESS
+    adv: Optional[AdvWriter] = None
+
+    def __post_init__(self):
+        self.state = self.state or EvalState(None, {})
+
+
 def _run_attack(spec: AttackSpec, model: nn.Module, x_all: Tensor, y_all: Tensor, clean: Tensor, setup: AttackSetup,
-                state: EvalState, prefix: str, dist: Dist, adv: Optional[AdvWriter], progress: ProgressFn) -> dict[str, Tensor]:
+                hooks: EvalHooks) -> dict[str, Tensor]:
     """Per point: is it still classified correctly under `spec`? Only the points the model
     gets right are attacked, in batches of setup.batch_size; batch i is run by process
     i % world with its own seed. Returns the flags of the attack (and of AutoAttack's
     components), as bool tensors."""
     n, device = len(y_all), y_all.device
+    state, prefix, dist, adv = hooks.state, hooks.prefix, hooks.dist, hooks.adv
     flags = state.get(f"{prefix}{spec.key}", n, device)
     flags[~clean] = 0
     names = list(AA_STANDARD) if spec.family == "aa" else []
@@ -3523,7 +3540,7 @@ def _run_attack(spec: AttackSpec, model: nn.Module, x_all: Tensor, y_all: Tensor
         for c, f in parts.items():
             state.put(f"{prefix}{spec.key}/{c}", f, force=last)
         done = int((flags[clean] != PENDING).sum())
-        progress(spec.name, done, int(clean.sum()), _component_summary(clean, flags, parts))
+        hooks.progress(spec.name, done, int(clean.sum()), _component_summary(clean, flags, parts))
     return {spec.key: flags == 1, **{f"{spec.key}/{c}": f == 1 for c, f in parts.items()}}
 
 
@@ -3539,21 +3556,24 @@ def _component_summary(clean: Tensor, flags: Tensor, parts: dict[str, Tensor]) -
 
 
 def evaluate_suite(model: nn.Module, data: Split | tuple, attacks: str | list[str] | list[AttackSpec],
-                   setup: Optional[AttackSetup] = None, progress: ProgressFn = lambda name, done, total, extra: None,
-                   state: Optional[EvalState] = None, prefix: str = "", dist: Dist = ONE_PROCESS,
-                   adv: Optional[AdvWriter] = None) -> dict:
+                   setup: Optional[AttackSetup] = None, progress: Optional[ProgressFn] = None, *,
+                   hooks: Optional[EvalHooks] = None) -> dict:
     """Accuracy under every attack on `data` (a Split or (images, labels), uint8 or float in
     [0, 1]; moved to the model's device), each attack run on the points the model
     classifies correctly, fp32, eval mode; `worst` counts a point robust only if no attack
     broke it. `attacks`: names ("natural,pgd20,aa" or a list); `setup`: the threat model
     (default eps 8/255, step 2/255, seed 0). Every AE is checked against the budget before
     it counts. Each batch draws its randomness from (seed, attack, batch), so the result
-    does not depend on the process count or on interruptions; the global RNG is left alone."""
+    does not depend on the process count or on interruptions; the global RNG is left alone.
+    `progress(attack, done, total, extra)` is told as batches finish; `hooks` (EvalHooks)
+    make it resumable, sharded or saving."""
     data, setup = on_model_device(model, data), setup or AttackSetup(eps=from_levels(EVAL_EPS_LEVELS), step=from_levels(EVAL_STEP_LEVELS))
     if isinstance(attacks, str):
         attacks = attacks.split(",")
     specs = [a if isinstance(a, AttackSpec) else parse_attack(a.strip(), setup.restarts) for a in attacks]
-    state = state or EvalState(None, {})
+    hooks = hooks or EvalHooks()
+    hooks.progress = progress or hooks.progress
+    state, adv = hooks.state, hooks.adv
     device, x_all = data.y.device, to_float(data.x)
     with eval_mode(model), full_fp32():
         clean = predict(model, x_all, setup.batch_size) == data.y
@@ -3563,12 +3583,12 @@ def evaluate_suite(model: nn.Module, data: Split | tuple, attacks: str | list[st
                 continue
             t0 = time.perf_counter()
             with rng_fork(device):
-                correct.update(_run_attack(spec, model, x_all, data.y, clean, setup, state, prefix, dist, adv, progress))
-            if adv is not None and dist.main:
+                correct.update(_run_attack(spec, model, x_all, data.y, clean, setup, hooks))
+            if adv is not None and hooks.dist.main:
                 adv.finish(spec, x_all, data.y, clean)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            seconds[spec.name] = state.seconds.get(f"{prefix}{spec.key}", time.perf_counter() - t0)
+            seconds[spec.name] = state.seconds.get(f"{hooks.prefix}{spec.key}", time.perf_counter() - t0)
     names = ["natural"] + [spec.name for spec in specs if spec.family != "natural"]
     keys = {spec.name: spec.key for spec in specs}
     main = {name: correct[keys.get(name, name)] for name in names}
@@ -4370,7 +4390,8 @@ def _evaluate_targets(targets: list[EvalTarget], n: int, specs: list[AttackSpec]
                              "checkpoint": str(t.path), "checkpoint_sha256": t.sha256, "dataset": t.dataset, "n": n,
                              "versions": versions()}, {**signature, "checkpoint": t.sha256})
         with attack_progress(dist.main) as show:
-            result = evaluate_suite(t.model, points, specs, setup, show, state, f"{t.sha256[:16]}/", dist, adv)
+            result = evaluate_suite(t.model, points, specs, setup, show,
+                                    hooks=EvalHooks(state=state, prefix=f"{t.sha256[:16]}/", dist=dist, adv=adv))
         if not o.per_class:
             result.pop("per_class")
         found = robustness_warnings(specs, result, n, o.sweep_steps)

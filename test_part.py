@@ -2369,12 +2369,14 @@ def test_saved_examples_of_another_evaluation_are_never_mixed_in(fake_ckpt, tmp_
     signature = {"eps": 8}
     state = part.EvalState(tmp_path / "s.safetensors", signature)
     info = {"eps": setup.eps, "eps_levels": 8.0, "seed": 0, "checkpoint_sha256": "0" * 64, "n": 24}
-    first = part.evaluate_suite(model, points, ["pgd3"], setup, state=state, adv=part.AdvWriter(folder, info, signature))
+    first = part.evaluate_suite(model, points, ["pgd3"], setup,
+                                 hooks=part.EvalHooks(state=state, adv=part.AdvWriter(folder, info, signature)))
     assert not any(p.name.startswith(stale.id) for p in (folder / ".parts").iterdir())
     # the final file and the parts are lost, the state says every batch is done: the batches are attacked again
     (folder / "pgd3.safetensors").unlink()
     state = part.EvalState(tmp_path / "s.safetensors", signature)
-    again = part.evaluate_suite(model, points, ["pgd3"], setup, state=state, adv=part.AdvWriter(folder, info, signature))
+    again = part.evaluate_suite(model, points, ["pgd3"], setup,
+                                 hooks=part.EvalHooks(state=state, adv=part.AdvWriter(folder, info, signature)))
     x_adv = load_file(str(folder / "pgd3.safetensors"))["x_adv"]
     replay = (model(x_adv).argmax(1) == points.y).float().mean().item()
     assert first["accuracy"] == again["accuracy"] and replay == pytest.approx(again["accuracy"]["pgd3"])
