@@ -3959,10 +3959,14 @@ def run_processes(nproc: int, device: str) -> int:
     cause = next((r for r in failures if procs[r].returncode < 0), failures[0])  # a killed one takes its peers down
     code = procs[cause].returncode
     if code < 0:  # killed by a signal: it could not say so itself
-        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
         err_console.print(f"error: process {cause} of {nproc} was killed by {name}", markup=False)
         return 128 - code
     return code
+
 
 NExamples = Annotated[Optional[int], _opt("The first N test images in canonical order (default: all).", "--n-examples", "--n",
                                           min=1)]
