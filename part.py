@@ -785,8 +785,10 @@ def _cached(cache_dir: str, name: str, files: list[Path], size: int, build: Call
     path = Path(cache_dir).expanduser() / f"{name}-{size}px-{h.hexdigest()[:16]}.safetensors"
     if path.is_file():
         try:
-            t, metadata, _ = tensors_of(path)
-            classes = json.loads(metadata["classes"])
+            from safetensors.torch import load_file
+
+            t = load_file(str(path))  # memory-mapped: a data set's cache need not be read into memory twice or hashed
+            classes = json.loads(safetensors_metadata(path)["classes"])
             if _valid_cache_entry(t, classes, len(files), size):
                 return Split(t["x"], t["y"], list(classes))
         except Exception:  # unreadable or inconsistent: rebuilt below
@@ -3572,7 +3574,8 @@ def evaluate_suite(model: nn.Module, data: Split | tuple, attacks: str | list[st
         attacks = attacks.split(",")
     specs = [a if isinstance(a, AttackSpec) else parse_attack(a.strip(), setup.restarts) for a in attacks]
     hooks = hooks or EvalHooks()
-    hooks.progress = progress or hooks.progress
+    if progress is not None:  # the caller's hooks stay as they were
+        hooks = dataclasses.replace(hooks, progress=progress)
     state, adv = hooks.state, hooks.adv
     device, x_all = data.y.device, to_float(data.x)
     with eval_mode(model), full_fp32():
