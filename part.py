@@ -28,6 +28,7 @@ Part II holds the tools; nothing in Part I calls them: comparing runs (report), 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime
 import errno
@@ -81,6 +82,7 @@ __all__ = [
 # ============================================================================ specs and units
 
 FORMAT = "part/1"  # checkpoint format, stored in every file we write
+HF_WEIGHTS = "model.safetensors"  # the weights of a model folder as people share them (export --format hf)
 STATE_FORMAT = FORMAT + "-state"  # the resume state beside `last`
 SYNTHETIC_CLASSES = ("disk", "square", "ring", "plus", "cross", "triangle", "hbar", "vbar", "diamond", "frame")
 DEFAULT_CACHE = "~/.cache/part"
@@ -978,8 +980,8 @@ def to_float(images: Tensor) -> Tensor:
 # feature map and head(a) -> logits, so the CAM needs no hooks; their parameter names match
 # the reference CIFAR code (kuangliu/pytorch-cifar ResNet-18 as in TRADES/MART/AutoAttack,
 # fast_adversarial's PreAct ResNet-18, TRADES' WRN-34-10) so their state dicts load. Any
-# torchvision classifier can be used as `torchvision:NAME`; its CAM layer is found by a
-# forward hook (`cam_layer`).
+# torchvision or timm classifier can be used as `torchvision:NAME` / `timm:NAME`; its CAM
+# layer is found by a forward hook (`cam_layer`).
 
 
 class BasicBlock(nn.Module):
@@ -1153,55 +1155,97 @@ class SmallCNN(FeaturesHead):
 BUILTIN_MODELS: dict[str, Callable[[int], nn.Module]] = {
     "resnet18": ResNet18, "preact-resnet18": PreActResNet18, "wrn-34-10": WideResNet, "cnn": SmallCNN}
 ARCHS = tuple(BUILTIN_MODELS)
-TORCHVISION = "torchvision:"
-# The CAM layer of common torchvision families: their last convolutional stage.
+TORCHVISION, TIMM = "torchvision:", "timm:"
+ZOOS = (TORCHVISION, TIMM)
+# The CAM layer of common torchvision families: their last convolutional stage. timm
+# models list their stages themselves (`feature_info`).
 TORCHVISION_CAM_LAYERS = {"resnet": "layer4", "resnext": "layer4", "wide_resnet": "layer4", "regnet": "trunk_output",
                           "densenet": "features", "mobilenet": "features", "efficientnet": "features", "convnext": "features",
                           "vgg": "features", "squeezenet": "features", "alexnet": "features", "mnasnet": "layers",
                           "shufflenet": "conv5", "googlenet": "inception5b", "inception": "Mixed_7c"}
-TOKEN_FAMILIES = ("vit", "swin", "maxvit")  # transformers: tokens, not [N, C, H, W] maps; --cam-layer only
+TOKEN_FAMILIES = ("vit", "swin", "maxvit", "deit", "beit", "eva")  # transformers: tokens, not [N, C, H, W] maps
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-ARCH_HELP = f"{'|'.join(ARCHS)}, or torchvision:NAME (e.g. torchvision:resnet50)"
+ARCH_HELP = f"{'|'.join(ARCHS)}, torchvision:NAME or timm:NAME (e.g. torchvision:resnet50, timm:convnext_atto)"
 
 
-class TorchvisionNet(nn.Module):
-    """A torchvision classifier (random weights) that takes images in [0, 1]: the ImageNet
-    normalisation of its recipes is the first step of its forward. `cam_layer` names the
-    module (inside `net`) whose output the CAM uses."""
+def is_zoo(name: str) -> bool:
+    return name.startswith(ZOOS)
+
+
+class ZooNet(nn.Module):
+    """A torchvision or timm classifier (random weights) that takes images in [0, 1]: the
+    normalisation of its recipes (ImageNet's; a timm model's own) is the first step of its
+    forward. `cam_layer` names the module (inside `net`) whose output the CAM uses."""
 
     def __init__(self, name: str, num_classes: int, cam_layer: Optional[str] = None, image_size: int = 32):
         super().__init__()
+        zoo, name = name.split(":", 1)
+        if zoo == "timm":
+            self.net, mean, std, stages = self._timm(name, num_classes, image_size)
+            preferred = stages[-1] if stages else None
+        else:
+            self.net, mean, std, stages = self._torchvision(name, num_classes), IMAGENET_MEAN, IMAGENET_STD, None
+            family = max((f for f in TORCHVISION_CAM_LAYERS if name.startswith(f)), key=len, default=None)
+            preferred = TORCHVISION_CAM_LAYERS.get(family)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        if cam_layer:
+            self.cam_layer = f"net.{cam_layer}"
+        else:  # a transformer's blocks give tokens: no default, but the probe still checks the image size
+            tokens = name.startswith(TOKEN_FAMILIES)
+            self.cam_layer = self._default_cam_layer(None if tokens else preferred, image_size, [] if tokens else stages)
+
+    @staticmethod
+    def _torchvision(name: str, num_classes: int) -> nn.Module:
         import torchvision.models as tvm
 
         if name not in tvm.list_models(module=tvm):
             raise CliError(f"unknown torchvision classifier {name!r} (e.g. resnet18, resnet50, mobilenet_v3_small, "
                            f"efficientnet_b0, convnext_tiny, densenet121)")
         extra = {"aux_logits": False, "init_weights": True} if name.startswith(("googlenet", "inception")) else {}
-        self.net = tvm.get_model(name, weights=None, num_classes=num_classes, **extra)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-        family = max((f for f in TORCHVISION_CAM_LAYERS if name.startswith(f)), key=len, default=None)
-        if cam_layer or name.startswith(TOKEN_FAMILIES):
-            self.cam_layer = f"net.{cam_layer}" if cam_layer else None
-        else:
-            self.cam_layer = self._default_cam_layer(TORCHVISION_CAM_LAYERS.get(family), image_size)
+        return tvm.get_model(name, weights=None, num_classes=num_classes, **extra)
+
+    @staticmethod
+    def _timm(name: str, num_classes: int, image_size: int) -> tuple[nn.Module, tuple, tuple, list[str]]:
+        """The model, its own input normalisation and its stages (last one first choice for the
+        CAM). Transformers are built for the image size (their position embeddings depend on it)."""
+        try:
+            import timm
+        except ImportError:
+            raise CliError("timm:NAME needs the timm package: pip install timm") from None
+        if not timm.is_model(name):
+            raise CliError(f"unknown timm model {name!r} (e.g. resnet18, convnext_atto, mobilenetv3_small_050, "
+                           "efficientnet_b0; timm.list_models() lists them)")
+        try:
+            net = timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                    **({"img_size": image_size} if name.startswith(TOKEN_FAMILIES) else {}))
+        except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+            raise CliError(f"timm model {name!r} cannot be built for {image_size} px images ({first_line(e)})") from None
+        cfg = getattr(net, "pretrained_cfg", None) or {}
+        mean, std = tuple(cfg.get("mean") or IMAGENET_MEAN), tuple(cfg.get("std") or IMAGENET_STD)
+        if len(mean) != 3 or len(std) != 3:
+            raise CliError(f"timm model {name!r} does not take RGB images (its normalisation has {len(mean)} channels)")
+        stages = [f["module"] for f in getattr(net, "feature_info", []) if isinstance(f, dict) and f.get("module")]
+        return net, mean, std, stages
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net((x - self.mean) / self.std)
 
-    def _default_cam_layer(self, preferred: Optional[str], image_size: int) -> Optional[str]:
+    def _default_cam_layer(self, preferred: Optional[str], image_size: int, stages: Optional[list[str]]) -> Optional[str]:
         """The family's last stage if its feature map is at least 4 x 4 at this image size
         (ImageNet models shrink 32 px inputs to 1 x 1 there, a CAM of one value), else the
-        deepest stage (a module one or two levels down) that still is; found by one forward."""
+        deepest stage that still is: among `stages` (timm's own list; none for transformers),
+        else among the modules one or two levels down; found by one forward."""
         shapes: list[tuple[str, tuple]] = []
         pools = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Identity, nn.Dropout)  # resample or copy, add nothing
         hooks = [m.register_forward_hook(lambda m, i, o, name=name: shapes.append((name, tuple(o.shape)) if torch.is_tensor(o) else None))
-                 for name, m in self.net.named_modules() if name and name.count(".") <= 1 and not isinstance(m, pools)]
+                 for name, m in self.net.named_modules()
+                 if name and (name in stages if stages is not None else name.count(".") <= 1 and not isinstance(m, pools))]
         try:
             with torch.no_grad(), eval_mode(self):
                 self(torch.zeros(1, 3, image_size, image_size))
-        except RuntimeError as e:
-            raise CliError(f"this torchvision model cannot take {image_size} px images ({first_line(e)})") from None
+        except (RuntimeError, AssertionError, ValueError) as e:
+            raise CliError(f"this model cannot take {image_size} px images ({first_line(e)})") from None
         finally:
             for h in hooks:
                 h.remove()
@@ -1211,20 +1255,20 @@ class TorchvisionNet(nn.Module):
         return f"net.{usable[-1]}" if usable else None
 
     def adapt_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A plain torchvision state dict (no `net.` prefix, no normalisation buffers) fits too."""
+        """A plain torchvision/timm state dict (no `net.` prefix, no normalisation buffers) fits too."""
         if not any(k.startswith("net.") for k in state):
             state = {f"net.{k}": v for k, v in state.items()}
         return {"mean": self.mean, "std": self.std, **state}
 
 
 def build_model(name: str, num_classes: int = 10, cam_layer: Optional[str] = None, image_size: int = 32) -> nn.Module:
-    """A fresh model taking images in [0, 1]: a built-in name or torchvision:NAME.
-    `cam_layer` (a module name) moves the CAM of any model to that layer; torchvision
-    models choose theirs for `image_size`."""
+    """A fresh model taking images in [0, 1]: a built-in name, torchvision:NAME or timm:NAME.
+    `cam_layer` (a module name) moves the CAM of any model to that layer; torchvision and
+    timm models choose theirs for `image_size`."""
     if not isinstance(num_classes, int) or not 2 <= num_classes <= 100_000:
         raise CliError(f"a classifier needs between 2 and 100000 classes, got {num_classes!r}")
-    if name.startswith(TORCHVISION):
-        model = TorchvisionNet(name[len(TORCHVISION):], num_classes, cam_layer, image_size)
+    if is_zoo(name):
+        model = ZooNet(name, num_classes, cam_layer, image_size)
     elif name in BUILTIN_MODELS:
         model = BUILTIN_MODELS[name](num_classes)
         model.cam_layer = cam_layer
@@ -1234,7 +1278,7 @@ def build_model(name: str, num_classes: int = 10, cam_layer: Optional[str] = Non
         try:
             model.get_submodule(model.cam_layer)
         except AttributeError:
-            tops = ", ".join(n for n, _ in (model.net if isinstance(model, TorchvisionNet) else model).named_children())
+            tops = ", ".join(n for n, _ in (model.net if isinstance(model, ZooNet) else model).named_children())
             raise CliError(f"--cam-layer {cam_layer}: {name} has no such module (its top-level modules: {tops})") from None
     return model
 
@@ -1702,9 +1746,10 @@ def mma(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, step: float
 # the resume rules are all derived from it.
 
 
-def setting(default: Any, help: str, panel: str, *, choices: Optional[tuple] = None, bounds: Optional[tuple] = None,
+def setting(default: Any, help: str, panel: Optional[str], *, choices: Optional[tuple] = None, bounds: Optional[tuple] = None,
             levels: bool = False, on_resume: bool = False) -> Any:
-    """A TrainConfig field with what the command line and the checks need to know."""
+    """A TrainConfig field with what the command line and the checks need to know (panel
+    None: recorded, never an option)."""
     meta = {"help": help, "panel": panel, "choices": choices, "bounds": bounds, "levels": levels, "on_resume": on_resume}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
@@ -1713,6 +1758,7 @@ def setting(default: Any, help: str, panel: str, *, choices: Optional[tuple] = N
 
 DATA, MODEL, METHOD, THREAT, SCHEDULE, EVALUATION, RUN = "Data", "Model", "Method", "Threat model (1/255 levels)", \
     "Schedule", "Evaluation during training", "Run"
+OPTIMIZERS, SCHEDULES = ("sgd", "adamw"), ("step", "cosine")
 
 
 @dataclasses.dataclass
@@ -1729,6 +1775,10 @@ class TrainConfig:
     model: str = setting("resnet18", f"Architecture: {ARCH_HELP}.", MODEL)
     cam_layer: Optional[str] = setting(None, "Module whose output the CAM uses (default: the architecture's last block).", MODEL,
                                        on_resume=True)
+    init: str = setting("", "Start from this checkpoint's weights (fine-tuning): ours (.safetensors) or a state dict of --model's "
+                            "architecture (.safetensors/.pt/.pth); a classifier for another number of classes starts afresh.",
+                        MODEL)
+    init_sha256: str = setting("", "sha256 of the --init file (recorded; checked when the config is run again).", None)
     method: str = setting("part", "at: uniform budget; part: pixel-reweighted after the warm-up.", METHOD, choices=METHODS)
     loss: str = setting("ce", "Base loss: ce (AT/PART), trades (PART-T), mart (PART-M).", METHOD, choices=tuple(LOSSES))
     beta: float = setting(6.0, "TRADES/MART regulariser weight.", METHOD, bounds=(0, 1e6))
@@ -1743,11 +1793,18 @@ class TrainConfig:
     epochs: int = setting(80, "Total epochs (warm-up included).", SCHEDULE, bounds=(1, 100_000), on_resume=True)
     warmup_epochs: int = setting(20, "Epochs of the base method at uniform eps before PART.", SCHEDULE, bounds=(0, 100_000))
     batch_size: int = setting(128, "Global batch size (split across processes under torchrun).", SCHEDULE, bounds=(2, 65_536))
-    lr: float = setting(0.01, "SGD learning rate.", SCHEDULE, bounds=(1e-12, 100))
+    optimizer: str = setting("sgd", "sgd (the paper's) or adamw (--momentum unused).", SCHEDULE, choices=OPTIMIZERS)
+    lr: float = setting(0.01, "Learning rate.", SCHEDULE, bounds=(1e-12, 100))
     momentum: float = setting(0.9, "SGD momentum.", SCHEDULE, bounds=(0, 1))
-    weight_decay: float = setting(2e-4, "SGD weight decay.", SCHEDULE, bounds=(0, 1))
-    lr_milestones: list[int] = setting([79], "Global epochs where lr *= gamma, e.g. 79 or 60,75.", SCHEDULE)
-    lr_gamma: float = setting(0.1, "LR decay factor at each milestone.", SCHEDULE, bounds=(1e-12, math.inf))
+    weight_decay: float = setting(2e-4, "Weight decay (decoupled with adamw).", SCHEDULE, bounds=(0, 1))
+    schedule: str = setting("step", "step: lr * gamma at each milestone (the paper's); cosine: linear warm-up over "
+                                    "--lr-warmup epochs, then down to 0, set at every step.", SCHEDULE, choices=SCHEDULES)
+    lr_milestones: list[int] = setting([79], "Global epochs where lr *= gamma, e.g. 79 or 60,75 (step schedule).", SCHEDULE)
+    lr_gamma: float = setting(0.1, "LR decay factor at each milestone (step schedule).", SCHEDULE, bounds=(1e-12, math.inf))
+    lr_warmup: float = setting(0.0, "Epochs of linear lr warm-up from 0 (cosine schedule; may be a fraction).", SCHEDULE,
+                               bounds=(0, 100_000))
+    ema: float = setting(0.0, "Decay of an exponential moving average of the weights (e.g. 0.999), evaluated and saved as "
+                              "the model; BatchNorm statistics copied (0: off).", SCHEDULE, bounds=(0, 0.999999))
     eval_subset: int = setting(1000, "Evaluate on the first N test images (0: all).", EVALUATION, bounds=(0, 10**8))
     eval_every: int = setting(1, "Evaluate every N epochs (and after the last).", EVALUATION, bounds=(1, 100_000), on_resume=True)
     out: str = setting("", "Run folder.", RUN, on_resume=True)
@@ -1758,6 +1815,8 @@ class TrainConfig:
     amp: bool = setting(False, "bf16 autocast for the training attack and update (CUDA only).", RUN)
     sync_bn: bool = setting(False, "SyncBatchNorm across processes (torchrun, CUDA).", RUN)
     tensorboard: bool = setting(False, "Also log to TensorBoard (runs/X/tensorboard; needs the tensorboard package).", RUN, on_resume=True)
+    wandb: str = setting("", "Also log the config and every epoch to this Weights & Biases project (needs the wandb package; "
+                             "WANDB_MODE=offline keeps it in runs/X/wandb).", RUN, on_resume=True)
     threads: int = setting(0, "CPU threads for PyTorch (0: its default, one per core; 1 is often fastest on a machine "
                               "shared with other jobs). A resume is bit-exact only at the same count.", RUN,
                            bounds=(0, 4096), on_resume=True)
@@ -1768,7 +1827,7 @@ CONFIG_TYPES = typing.get_type_hints(TrainConfig)
 # Settings that say where or how fast a run computes, not what: they may differ between
 # seeds of one experiment (and between a run and its resume).
 NOT_THE_EXPERIMENT = {"data_dir", "cache_dir", "out", "device", "compile", "compile_mode", "eval_every", "tensorboard", "seed",
-                      "threads"}
+                      "threads", "init", "wandb"}  # init: the file's name; its sha256 is the experiment
 # Settings that only the PART phase reads: an AT run computes the same whatever they hold.
 PART_ONLY = {"cam", "cam_layer", "mask_rule", "eps_low", "warmup_epochs"}
 
@@ -1831,7 +1890,7 @@ def validate_config(cfg: TrainConfig) -> None:
             what = ("positive" if 0 < low < 1e-9 else f"at least {low:g}") if value < low else f"at most {high:g}"
             raise CliError(f"{name.replace('_', '-')} must be {what}, got {value}")
     check_budget_levels(cfg.eps, cfg.eps_low, cfg.step, zero_eps=True)
-    if not cfg.model.startswith(TORCHVISION) and cfg.model not in BUILTIN_MODELS:
+    if not is_zoo(cfg.model) and cfg.model not in BUILTIN_MODELS:
         raise unknown("model", cfg.model, [ARCH_HELP])
     if not DEVICE_PATTERN.match(cfg.device):
         raise unknown("device", cfg.device, DEVICES)
@@ -1839,6 +1898,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise CliError(f"warmup-epochs ({cfg.warmup_epochs}) must be between 0 and epochs ({cfg.epochs})")
     if not all(1 <= m <= 100_000 for m in cfg.lr_milestones):
         raise CliError("lr-milestones are global epochs, each at least 1")
+    if cfg.lr_warmup > cfg.epochs or (cfg.lr_warmup and cfg.schedule != "cosine"):
+        raise CliError(f"lr-warmup ({cfg.lr_warmup:g}) goes with --schedule cosine and at most --epochs ({cfg.epochs})")
 
 
 def config_paths() -> list[Path]:
@@ -1856,38 +1917,85 @@ def read_presets(path: Path) -> dict[str, dict]:
         raise CliError(f"config file {path} is not valid TOML: {e}") from None
 
 
-def preset_values(presets: dict[str, dict], name: str, path: Path, seen: tuple = ()) -> dict:
-    """The preset's values with `extends` resolved (the named preset first, then its own keys)."""
+def all_presets(presets_file: Optional[Path] = None) -> tuple[dict[str, dict], dict[str, Path]]:
+    """The shipped presets, then those of the user's --presets file (one of the same name
+    replaces the shipped one; `extends` may name either): the tables and where each is from."""
+    shipped = next((p for p in config_paths() if p.is_file()), None)
+    tables: dict[str, dict] = {}
+    where: dict[str, Path] = {}
+    for path in (shipped, presets_file):
+        for name, table in (read_presets(path) if path is not None else {}).items():
+            if isinstance(table, dict):
+                tables[name], where[name] = table, path
+    return tables, where
+
+
+def preset_values(presets: dict[str, dict], name: str, path: Path | dict, seen: tuple = ()) -> dict:
+    """The preset's values with `extends` resolved (the named preset first, then its own keys).
+    `path`: the file the presets are from, or a preset -> file table."""
+    at = path.get(name, "the presets") if isinstance(path, dict) else path
     if name not in presets or not isinstance(presets[name], dict):
-        raise CliError(f"unknown preset {name!r} in {path} (presets: {', '.join(k for k, v in presets.items() if isinstance(v, dict))})")
+        raise CliError(f"unknown preset {name!r} in {at} (presets: {', '.join(k for k, v in presets.items() if isinstance(v, dict))})")
     if name in seen:
-        raise CliError(f"preset {name!r} in {path} extends itself")
+        raise CliError(f"preset {name!r} in {at} extends itself")
     table = dict(presets[name])
     values = {}
     if "extends" in table:
         values = preset_values(presets, str(table.pop("extends")), path, seen + (name,))
     for key, value in table.items():
         if key not in CONFIG_FIELDS:
-            raise CliError(f"{path} [{name}]: unknown key {key!r}")
-        values[key] = coerce(key, value, f"{path} [{name}]")
+            raise CliError(f"{at} [{name}]: unknown key {key!r}")
+        values[key] = coerce(key, value, f"{at} [{name}]")
     return values
 
 
-def preset_settings(preset: Optional[str], config_path: Optional[Path], dataset: Optional[str]) -> tuple[dict, Optional[str]]:
-    """(the preset's values, its name): from configs.toml or the given file; without --preset
-    the dataset's own preset when there is one."""
-    path = config_path or next((p for p in config_paths() if p.is_file()), config_paths()[0])
-    presets = read_presets(path) if (config_path or path.is_file()) else {}
+def read_settings_file(path: Path) -> tuple[dict, Optional[str]]:
+    """--config: a run's config.json (every setting but its folder, `out`, and its preset's
+    name) or a TOML/JSON table of settings. Returns (values, preset name or None)."""
+    if not path.is_file():
+        raise CliError(f"--config {path} {'is a folder, not a file' if path.is_dir() else 'not found'}")
+    kind = "JSON" if path.suffix == ".json" else "TOML"
+    try:
+        text = path.read_text()
+        data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+    except (RecursionError, OSError, ValueError) as e:  # JSONDecodeError, TOMLDecodeError, UnicodeDecodeError
+        raise CliError(f"--config {path} is not valid {kind}: {first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise CliError(f"--config {path} is not a table of settings")
+    preset = None
+    if isinstance(data.get("config"), dict):  # a run's config.json: the new run goes to a new folder
+        preset = data.get("preset") if isinstance(data.get("preset"), str) else None
+        data = {k: v for k, v in data["config"].items() if k != "out"}
+    for key in data:
+        if key not in CONFIG_FIELDS:
+            raise CliError(f"--config {path}: unknown key {key!r}")
+    return {k: coerce(k, v, str(path)) for k, v in data.items()}, preset
+
+
+def preset_settings(preset: Optional[str], presets_file: Optional[Path], dataset: Optional[str],
+                    config_file: Optional[Path] = None) -> tuple[dict, Optional[str], dict[str, str]]:
+    """(the values, the preset's name, where each value is from): the preset's (without
+    --preset the dataset's own, when there is one), then the --config file's."""
+    from_file, file_preset = read_settings_file(config_file) if config_file is not None else ({}, None)
+    presets, where = all_presets(presets_file)
     if preset is None:
-        name = dataset or "cifar10"
+        preset = file_preset if file_preset in presets else None
+    if preset is None:
+        name = dataset or from_file.get("dataset") or "cifar10"
         preset = name if name in presets else None
-    return (preset_values(presets, preset, path) if preset else {}), preset
+    values = preset_values(presets, preset, where) if preset else {}
+    origins = {key: f"preset {preset}" for key in values} | {key: str(config_file) for key in from_file}
+    return {**values, **from_file}, preset or file_preset, origins
 
 
-def resolve_config(overrides: dict[str, Any], preset: Optional[str], config_path: Optional[Path]) -> tuple[TrainConfig, str]:
-    """Code defaults < preset (configs.toml) < command line. Returns the config and the preset name."""
+def resolve_config(overrides: dict[str, Any], preset: Optional[str], presets_file: Optional[Path],
+                   config_file: Optional[Path] = None) -> tuple[TrainConfig, str]:
+    """Code defaults < preset (configs.toml, --presets) < --config file < command line.
+    Returns the config and the preset name."""
     given = {k: coerce(k, v, "command line") for k, v in overrides.items() if v is not None}
-    values, preset = preset_settings(preset, config_path, given.get("dataset"))
+    values, preset, _ = preset_settings(preset, presets_file, given.get("dataset"), config_file)
+    if "init" in given:  # another file: its own hash is recorded at the start
+        values.pop("init_sha256", None)
     cfg = TrainConfig(**{**values, **given})
     validate_config(cfg)
     return cfg, preset or cfg.dataset
@@ -2059,9 +2167,30 @@ def epoch_batches(n: int, batch: int, dist: Dist, shuffle: torch.Generator) -> l
     return [idx.tensor_split(dist.world)[dist.rank] for idx in order.split(batch) if len(idx) >= 2 * dist.world]
 
 
-def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Step schedule: lr * gamma^(number of milestones reached); epochs count from 0."""
-    return cfg.lr * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
+def lr_at(cfg: TrainConfig, epoch: int, step: int = 0, steps: int = 1) -> float:
+    """The lr at `step` of `steps` in `epoch` (from 0). Step schedule: lr * gamma^(number of
+    milestones reached). Cosine: linear warm-up over lr_warmup epochs, then half a cosine
+    down to 0 at the end of the last epoch."""
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
+    done = epoch + step / steps  # epochs elapsed before this step
+    if done < cfg.lr_warmup:
+        return cfg.lr * (done + 1 / steps) / cfg.lr_warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (done - cfg.lr_warmup) / max(cfg.epochs - cfg.lr_warmup, 1e-12)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * weights; BatchNorm statistics (buffers) copied."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+    for mine, theirs in zip(ema.buffers(), model.buffers(), strict=True):
+        mine.copy_(theirs)
 
 
 def train_epoch(run: Run, epoch: int) -> dict:
@@ -2069,22 +2198,24 @@ def train_epoch(run: Run, epoch: int) -> dict:
     cfg, dist, device = run.cfg, run.dist, run.device
     t0 = time.perf_counter()
     part_phase = cfg.method == "part" and epoch >= cfg.warmup_epochs
-    lr = lr_at(cfg, epoch)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
     # Every random stream of an epoch is a function of (seed, epoch[, rank]): a resumed run
     # replays exactly what the uninterrupted one would have done.
     torch.manual_seed(derived_seed(cfg.seed, epoch, dist.rank))
     shuffle = torch.Generator(device).manual_seed(derived_seed(cfg.seed, epoch, -1))  # the same on every rank
     aug = torch.Generator(device).manual_seed(derived_seed(cfg.seed, epoch, dist.rank, 1))
     batches = epoch_batches(len(run.train.y), cfg.batch_size, dist, shuffle)
+    lr = lr_at(cfg, epoch, 0, len(batches))  # the epoch's first lr: the one a step schedule keeps all epoch
     totals = torch.zeros(3, device=device)  # loss sum, correct, count (this rank)
     steady = None  # (time, images) after the first 10 steps: compilation and warm-up are over by then
     with run.report.epoch(epoch + 1, len(batches)) as show:
         for i, index in enumerate(batches):
             x = to_float(augment(run.train.x[index], DATASETS[cfg.dataset].flip, aug))
             y = run.train.y[index]
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr_at(cfg, epoch, i, len(batches))
             loss, correct = train_step(run.parts, run.optimizer, x, y, cfg, run.setup, part_phase)
+            if run.ema is not None:
+                ema_update(run.ema, run.parts.model, cfg.ema)
             totals += torch.stack([loss * len(y), correct, torch.tensor(len(y), device=device)])
             show(i + 1)  # the count only (no device sync): the bar's ETA needs every step
             if (i + 1) % 10 == 0 or i + 1 == len(batches):
@@ -2255,7 +2386,7 @@ def _unpickling_reason(e: Exception) -> str:
 
 def _head_size(state: dict[str, Tensor], arch: str) -> Optional[int]:
     """The number of classes: rows of the classifier's weight."""
-    if arch.startswith(TORCHVISION):
+    if is_zoo(arch):
         weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() in (2, 4)]
         return weights[-1].shape[0] if weights else None
     for key in ("linear.weight", "fc.weight"):
@@ -2267,7 +2398,7 @@ def _head_size(state: dict[str, Tensor], arch: str) -> Optional[int]:
 def load_state_into(model: nn.Module, state: dict[str, Tensor], arch: str, path: Path) -> None:
     """Strict load with a one-line explanation when the file does not fit the architecture."""
     state = {k: v for k, v in state.items() if not (arch == "wrn-34-10" and k.startswith("sub_block1."))}  # TRADES' unused block
-    if isinstance(model, TorchvisionNet):
+    if isinstance(model, ZooNet):
         state = model.adapt_state(state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -2298,6 +2429,45 @@ def _read_pickle(path: Path) -> tuple[Any, str]:
     return obj, hashlib.sha256(data).hexdigest()
 
 
+def read_weights(path: Path) -> tuple[Any, dict, str]:
+    """(tensors, metadata, sha256) of a .safetensors file, or of a foreign .pt/.pth/.bin/.ckpt
+    pickle (weights only; no metadata)."""
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        obj, sha256 = _read_pickle(path)
+        return obj, {}, sha256
+    return read_safetensors(path)
+
+
+def load_init(model: nn.Module, cfg: TrainConfig, num_classes: int) -> None:
+    """--init: a checkpoint's weights as the start of a new run, its sha256 recorded in the
+    config (and checked when that config is run again). A classifier for another number of
+    classes (CIFAR-100 weights for CIFAR-10) keeps its fresh initialisation."""
+    path = Path(cfg.init)
+    state, metadata, sha256 = read_weights(path)
+    if cfg.init_sha256 and cfg.init_sha256 != sha256:
+        raise CliError(f"--init {path}: its sha256 ({sha256[:12]}...) is not the recorded {cfg.init_sha256[:12]}...: "
+                       "not the file this config started from")
+    fmt = metadata.get("format", "")
+    if fmt == FORMAT:
+        arch = CheckpointMeta.from_metadata(metadata, path).arch
+        if arch != cfg.model:
+            raise CliError(f"--init {path} holds a {arch} model, not --model {cfg.model}")
+    elif fmt.startswith("part/"):
+        raise CliError(f"--init {path} is a file of part ({fmt}), not model weights; use last.safetensors or best.safetensors")
+    else:
+        state = _clean_state_dict(state, path)
+    if isinstance(model, ZooNet):
+        state = model.adapt_state(state)
+    own = model.state_dict()
+    head = [k for k, v in own.items() if k in state and state[k].shape != v.shape and v.dim() >= 1
+            and v.shape[0] == num_classes and state[k].shape[1:] == v.shape[1:]]
+    if head:
+        note(f"note: --init {path.name} has a classifier for {state[head[0]].shape[0]} classes: "
+             f"{', '.join(head)} start afresh for {num_classes}")
+    load_state_into(model, {**state, **{k: own[k] for k in head}}, cfg.model, path)
+    cfg.init_sha256 = sha256
+
+
 def load_checkpoint(path: str | Path, arch: Optional[str] = None, device: str | torch.device = "cpu",
                     cam_layer: Optional[str] = None) -> tuple[nn.Module, CheckpointMeta]:
     """Our .safetensors checkpoints (architecture and classes from the metadata), or a
@@ -2309,14 +2479,13 @@ def load_checkpoint(path: str | Path, arch: Optional[str] = None, device: str | 
 def _load_checkpoint(path: Path, arch: Optional[str], device: str | torch.device,
                      cam_layer: Optional[str]) -> tuple[nn.Module, CheckpointMeta, str]:
     """load_checkpoint, and the sha256 of the bytes the weights came from."""
-    if arch is not None and arch not in BUILTIN_MODELS and not arch.startswith(TORCHVISION):
+    if arch is not None and arch not in BUILTIN_MODELS and not is_zoo(arch):
         raise unknown("architecture", arch, [ARCH_HELP])
+    if path.is_dir() and (path / HF_WEIGHTS).is_file():  # a model folder (export --format hf)
+        path = path / HF_WEIGHTS
     if not path.is_file():
         raise CliError(f"checkpoint {path} {'is a folder, not a file' if path.is_dir() else 'not found'}")
-    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        (state, sha256), metadata = _read_pickle(path), {}
-    else:
-        state, metadata, sha256 = read_safetensors(path)
+    state, metadata, sha256 = read_weights(path)
     fmt = metadata.get("format", "")
     if fmt == STATE_FORMAT or path.name.endswith(".state.safetensors"):
         raise CliError(f"{path} is a resume state (for train --resume), not a model checkpoint; use last.safetensors or best.safetensors")
@@ -2346,12 +2515,15 @@ def _load_checkpoint(path: Path, arch: Optional[str], device: str | torch.device
 
 
 def save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: CheckpointMeta,
-                      history: list[dict]) -> None:
-    """One file with everything a run needs to continue from this epoch: the weights, the
-    optimizer buffers, the checkpoint's metadata and the metrics of every epoch so far. The
-    lr follows from (config, epoch) and the RNG streams from (seed, epoch, rank)."""
+                      history: list[dict], ema: Optional[nn.Module] = None) -> None:
+    """One file with everything a run needs to continue from this epoch: the weights (and
+    their moving average with --ema), the optimizer buffers, the checkpoint's metadata and
+    the metrics of every epoch so far. The lr follows from (config, epoch, step) and the RNG
+    streams from (seed, epoch, rank)."""
     sd = optimizer.state_dict()
     tensors = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors |= {f"ema.{k}": v.detach().to("cpu").contiguous() for k, v in ema.state_dict().items()}
     scalars = {}
     for idx, entry in sd["state"].items():
         for name, value in entry.items():
@@ -2363,8 +2535,10 @@ def save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optim
     save_tensors(path, tensors, {"format": STATE_FORMAT, **{k: json.dumps(v) for k, v in info.items()}})
 
 
-def load_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[CheckpointMeta, list[dict]]:
-    """Weights and optimizer from a resume state; returns its checkpoint metadata and history."""
+def load_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      ema: Optional[nn.Module] = None) -> tuple[CheckpointMeta, list[dict]]:
+    """Weights (and their average), optimizer from a resume state; returns its checkpoint
+    metadata and history."""
     tensors, metadata, _ = read_safetensors(path)
     if metadata.get("format") != STATE_FORMAT:
         raise CliError(f"{path} is not a resume state of this version of part")
@@ -2384,6 +2558,8 @@ def load_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optim
     except (RecursionError, KeyError, ValueError, TypeError, AttributeError) as e:
         raise CliError(f"{path}: a damaged resume state ({first_line(e)})") from None
     load_state_into(model, weights, meta.arch, path)
+    if ema is not None:
+        load_state_into(ema, {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}, meta.arch, path)
     try:
         optimizer.load_state_dict({"state": optim_state, "param_groups": info["param_groups"]})
     except (RecursionError, ValueError, KeyError, TypeError) as e:
@@ -2723,7 +2899,8 @@ def stored_config(files: RunFiles, from_last: bool = False) -> tuple[TrainConfig
 
 
 def resume_config(files: RunFiles, overrides: dict[str, Any], preset: Optional[str] = None,
-                  config_path: Optional[Path] = None, from_last: bool = False) -> tuple[TrainConfig, str]:
+                  presets_file: Optional[Path] = None, from_last: bool = False,
+                  config_file: Optional[Path] = None) -> tuple[TrainConfig, str]:
     """The run's own config. The command that started it may be given again (a pre-empted
     job reruns its own command line): a setting or preset it repeats must equal the run's;
     only a different value is refused, by name. Settings that do not change what is
@@ -2731,9 +2908,9 @@ def resume_config(files: RunFiles, overrides: dict[str, Any], preset: Optional[s
     cfg, run_preset = stored_config(files, from_last)
     values = dataclasses.asdict(cfg)
     given = {k: coerce(k, v, "command line") for k, v in overrides.items() if v is not None}
-    said = dict(given)  # what this command line says about each setting
-    if preset is not None or config_path is not None:
-        from_preset, asked_preset = preset_settings(preset, config_path, given.get("dataset", cfg.dataset))
+    said, origins = dict(given), {}  # what this command line says about each setting, and where from
+    if preset is not None or presets_file is not None or config_file is not None:
+        from_preset, asked_preset, origins = preset_settings(preset, presets_file, given.get("dataset", cfg.dataset), config_file)
         if preset is not None and asked_preset != run_preset:
             raise CliError(f"--preset {preset}: this run was started from preset {run_preset!r}; "
                            f"resume it with --preset {run_preset} or without --preset")
@@ -2743,7 +2920,7 @@ def resume_config(files: RunFiles, overrides: dict[str, Any], preset: Optional[s
             if key in given:
                 values[key] = value
         elif value != values.get(key):
-            origin = "" if key in given else f" (from preset {preset or run_preset})"
+            origin = "" if key in given else f" (from {origins.get(key, f'preset {preset or run_preset}')})"
             raise CliError(f"--{key.replace('_', '-')} {value!r}{origin} differs from the run's own {values.get(key)!r}: "
                            "a resumed run keeps its settings (drop the option, or start a new --out)")
     values["out"] = str(files.folder)
@@ -2770,8 +2947,14 @@ class Run:
     history: list[dict] = dataclasses.field(default_factory=list)
     best: dict = dataclasses.field(default_factory=lambda: {"pgd20": None, "epoch": None})
     start: int = 0
-    tensorboard: Any = None
+    trackers: list = dataclasses.field(default_factory=list)  # TensorBoard / W&B writers, when asked for
     estimated: bool = False  # the CPU time estimate has been said
+    ema: Optional[nn.Module] = None  # --ema: the moving average of the weights
+
+    @property
+    def scored(self) -> nn.Module:
+        """The model that is evaluated and saved: the moving average when there is one."""
+        return self.ema if self.ema is not None else self.parts.model
 
 
 def load_run_data(cfg: TrainConfig) -> tuple[Split, Split, str, str]:
@@ -2808,14 +2991,18 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
         if device.type != "cuda":
             raise CliError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.init and not resume:  # a resumed run's weights come from its own files
+        load_init(model, cfg, len(train.classes))
     if cfg.method == "part":
         check_cam_layer(model, to_float(train.x[:2]).to(device), cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     meta = CheckpointMeta(arch=cfg.model, num_classes=len(train.classes), classes=train.classes, dataset=cfg.dataset,
                           image_size=int(train.x.shape[-1]), cam_layer=cfg.cam_layer, config=cfg, preset=preset,
                           data_fingerprint=data_hash, versions=versions(), machine=machine())
     run = Run(cfg, files, dist, device, train.to(device), evaluation.to(device), wrap_for_training(model, cfg, dist, device),
               optimizer, AttackSetup.from_config(cfg), meta, report)
+    if cfg.ema:
+        run.ema = copy.deepcopy(model).requires_grad_(False).eval()
     done = _epoch_of(files.last) if resume is True and not files.state.is_file() else None
     if done:  # a run without its resume state would start again at epoch 1 and overwrite later epochs
         raise CliError(with_way_forward(files, f"{files.state} is missing: the run cannot continue exactly (its optimizer "
@@ -2823,9 +3010,11 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
     saved = None
     if resume == "last":
         saved, run.history = continue_from_last(files, model)
+        if run.ema is not None:
+            run.ema.load_state_dict(model.state_dict())
     elif resume and files.state.is_file():
         try:
-            saved, run.history = load_resume_state(files.state, model, optimizer)
+            saved, run.history = load_resume_state(files.state, model, optimizer, run.ema)
         except CliError as e:
             raise CliError(with_way_forward(files, str(e))) from None
     if saved is not None:
@@ -2846,7 +3035,7 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
     if dist.main:
         write_json(files.config, {"config": dataclasses.asdict(cfg), "preset": preset, "data_fingerprint": data_hash,
                                   "eval_on": eval_on, "versions": versions(), "machine": machine(), "command": sys.argv[1:]})
-        run.tensorboard = open_tensorboard(cfg, files)
+        run.trackers = open_trackers(cfg, files, preset)
     return run
 
 
@@ -2880,22 +3069,74 @@ def check_cam_layer(model: nn.Module, x: Tensor, cfg: TrainConfig) -> None:
                        "choose an earlier layer with --cam-layer (--resume may change it)")
 
 
-def open_tensorboard(cfg: TrainConfig, files: RunFiles) -> Any:
-    if not cfg.tensorboard:
-        return None
-    try:
+TRACKED = ("train_loss", "train_acc", "natural", "pgd20", "lr", "img_per_s")
+
+
+class TensorBoard:
+    def __init__(self, folder: Path):
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(str(files.tensorboard))
-    except ImportError:
-        note("note: --tensorboard needs the tensorboard package (pip install tensorboard); logging to the CSV only")
-        return None
+        self.writer = SummaryWriter(str(folder))
+
+    def log(self, metrics: dict, epoch: int) -> None:
+        for key in TRACKED:
+            if metrics.get(key) is not None:
+                self.writer.add_scalar(key, metrics[key], epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def start_wandb(project: str, folder: Path, name: str, config: dict, job: str, run_id: Optional[str] = None) -> Any:
+    """A W&B run that writes under `folder` (resumed when `run_id` is given and known)."""
+    import wandb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return wandb.init(project=project, dir=str(folder), name=name, config=config, job_type=job, id=run_id,
+                          resume="allow" if run_id else None, reinit="create_new")
+    except Exception as e:  # no login, no network, a bad project name: one line (what was asked for would be missing)
+        raise CliError(f"--wandb {project}: W&B did not start ({first_line(e)}); WANDB_MODE=offline logs without an account") from None
+
+
+class WandB:
+    """One W&B run per training run: its id is kept in the run folder, so a resumed run
+    goes on logging into the same W&B run."""
+
+    def __init__(self, cfg: TrainConfig, files: RunFiles, preset: str):
+        id_file = files.folder / "wandb-id.txt"
+        run_id = id_file.read_text().strip() if id_file.is_file() else hashlib.sha256(os.urandom(16)).hexdigest()[:16]
+        write_text(id_file, run_id + "\n")
+        self.run = start_wandb(cfg.wandb, files.folder, files.folder.name, {**dataclasses.asdict(cfg), "preset": preset},
+                               "train", run_id)
+
+    def log(self, metrics: dict, epoch: int) -> None:
+        self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=epoch)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_trackers(cfg: TrainConfig, files: RunFiles, preset: str) -> list:
+    """The experiment trackers asked for; a missing package is said once and the run goes on
+    (every figure is in metrics.jsonl and summary.csv anyway)."""
+    trackers: list = []
+    for asked, package, make in ((cfg.tensorboard, "tensorboard", lambda: TensorBoard(files.tensorboard)),
+                                 (cfg.wandb, "wandb", lambda: WandB(cfg, files, preset))):
+        if not asked:
+            continue
+        if importlib.util.find_spec(package) is None:
+            note(f"note: --{package} needs the {package} package (pip install {package}); logging to the CSV only")
+            continue
+        trackers.append(make())
+    return trackers
 
 
 def repair_run_files(run: Run, saved: CheckpointMeta) -> None:
     """After a kill between the writes of an epoch: `last` and `best` as the resume state
     says they should be, metrics/summary/curves rebuilt from its history, no temporaries."""
-    files, model = run.files, run.parts.model
+    files, model = run.files, run.scored
     for stale in remove_stale_temporaries(files.folder):
         note(f"note: removed {stale.name}, left by an interrupted write")
     if _epoch_of(files.last) != saved.epoch:
@@ -2919,7 +3160,8 @@ def write_history(run: Run) -> None:
     write_text(files.metrics, "".join(json.dumps(r) + "\n" for r in rows))
     write_text(files.summary, csv_text(list(SUMMARY_COLUMNS), [[r.get(c, "") for c in SUMMARY_COLUMNS] for r in rows]))
     try:
-        plot_curves(files.curves, rows, run.cfg.warmup_epochs, run.cfg.lr_milestones, run.cfg.method)
+        milestones = run.cfg.lr_milestones if run.cfg.schedule == "step" else []
+        plot_curves(files.curves, rows, run.cfg.warmup_epochs, milestones, run.cfg.method)
     except OSError:
         raise
     except Exception as e:  # a plotting problem must never stop training
@@ -2953,7 +3195,7 @@ def finish_epoch(run: Run, metrics: dict) -> dict:
     cfg, epoch = run.cfg, metrics["epoch"]
     t0 = time.perf_counter()
     if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-        result = evaluate(run.parts.model, run.evaluation, eval_setup(2 * cfg.batch_size), run.dist)
+        result = evaluate(run.scored, run.evaluation, eval_setup(2 * cfg.batch_size), run.dist)
         metrics.update(natural=result["natural"], pgd20=result[f"pgd{EVAL_STEPS}"], eval_on="val" if cfg.val_size else "test")
     metrics["seconds"] = metrics["train_seconds"] + time.perf_counter() - t0
     improved = metrics.get("pgd20") is not None and (run.best["pgd20"] is None or metrics["pgd20"] > run.best["pgd20"])
@@ -2964,19 +3206,16 @@ def finish_epoch(run: Run, metrics: dict) -> dict:
         meta = dataclasses.replace(run.meta, epoch=epoch, metrics=metrics, best=dict(run.best))
         with stop_signals_deferred():
             try:
-                save_resume_state(run.files.state, run.parts.model, run.optimizer, meta, run.history)
-                save_checkpoint(run.files.last, run.parts.model, meta)
+                save_resume_state(run.files.state, run.parts.model, run.optimizer, meta, run.history, run.ema)
+                save_checkpoint(run.files.last, run.scored, meta)
                 if improved:
-                    save_checkpoint(run.files.best, run.parts.model, meta)
+                    save_checkpoint(run.files.best, run.scored, meta)
                 write_history(run)
             except OSError as e:
                 raise CliError(f"cannot write {e.filename or run.files.folder} ({e.strerror or first_line(e)}); the run keeps its "
                                f"last complete epoch: free the space, then `{resume_command(run.files.folder)}`") from None
-        if run.tensorboard is not None:
-            for key in ("train_loss", "train_acc", "natural", "pgd20", "lr", "img_per_s"):
-                if metrics.get(key) is not None:
-                    run.tensorboard.add_scalar(key, metrics[key], epoch)
-            run.tensorboard.flush()
+        for tracker in run.trackers:
+            tracker.log(metrics, epoch)
     run.report.row(metrics)
     return metrics
 
@@ -3003,8 +3242,8 @@ def run_training(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, d
         kept = f"{run.files.last} keeps epoch {len(run.history)}" if run.history else "no checkpoint was written"
         raise CliError(f"the training loss became NaN/inf in epoch {epoch + 1}; stopped ({kept}). Try a lower --lr", code=3) from None
     finally:
-        if run.tensorboard is not None:
-            run.tensorboard.close()
+        for tracker in run.trackers:
+            tracker.close()
     if dist.main and metrics and run.best["epoch"]:
         run.report.print(f"done: {run.files.last}; best PGD-20 {fmt_pct(run.best['pgd20'])}% ({run.best.get('eval_on', 'test')}) "
                          f"at epoch {run.best['epoch']} ({run.files.best})")
@@ -3025,12 +3264,14 @@ class TrainedRun:
 
 
 def fit(config: TrainConfig | dict | None = None, *, preset: Optional[str] = None, out: str | Path | None = None,
-        resume: bool | str = False, config_file: str | Path | None = None, **settings: Any) -> TrainedRun:
+        resume: bool | str = False, presets: str | Path | None = None, config_file: str | Path | None = None,
+        **settings: Any) -> TrainedRun:
     """Train from Python exactly as `python part.py train` does (same run folder, files,
     lock, checks and output). Settings: a TrainConfig (taken as it is), a dict, and/or
     keywords (epochs=10, eps=8, method="at", ...; budgets in 1/255 levels, as in
-    configs.toml), on top of `preset` (default: the dataset's own) from configs.toml or
-    `config_file`. `out`: the run folder, made if missing (default
+    configs.toml), on top of `config_file` (a run's config.json, or a TOML/JSON table of
+    settings), on top of `preset` (default: the dataset's own) from configs.toml and the
+    user's `presets` file. `out`: the run folder, made if missing (default
     runs/<preset>-<method>-<timestamp>). `resume=True` continues the run in `out` (an
     error if there is none); `resume="auto"` starts it, or continues it when `out` already
     holds one, so that the same call works again after an interruption; `resume="last"`
@@ -3051,11 +3292,14 @@ def fit(config: TrainConfig | dict | None = None, *, preset: Optional[str] = Non
     given = RunFiles(Path(values["out"])) if values.get("out") else None
     if resume == "auto":
         resume = given.state.is_file() or given.config.is_file()
+    presets_path = Path(presets) if presets is not None else None
     config_path = Path(config_file) if config_file is not None else None
     if resume:
-        cfg, preset_name = resume_config(given, values, preset, config_path, resume == "last")
+        cfg, preset_name = resume_config(given, values, preset, presets_path, resume == "last", config_path)
     else:
-        cfg, preset_name = resolve_config(values, preset, config_path)
+        cfg, preset_name = resolve_config(values, preset, presets_path, config_path)
+        if cfg.init and not Path(cfg.init).is_file():  # before the run folder is made
+            raise CliError(f"--init {cfg.init} {'is a folder, not a file' if Path(cfg.init).is_dir() else 'not found'}")
     set_threads(cfg.threads)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     files = given or RunFiles(Path(cfg.out or f"runs/{preset_name}-{cfg.method}-{stamp}"))
@@ -4002,11 +4246,10 @@ def _config_option(name: str, field: dataclasses.Field) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[cli_type], option])
 
 
-def preset_names(config_file: Optional[Path] = None) -> list[str]:
-    """The presets of configs.toml (or of the given file); none when it cannot be read."""
-    path = config_file or next((p for p in config_paths() if p.is_file()), config_paths()[0])
+def preset_names(presets_file: Optional[Path] = None) -> list[str]:
+    """The presets of configs.toml and of the user's file; none when they cannot be read."""
     try:
-        return [k for k, v in read_presets(path).items() if isinstance(v, dict)]
+        return list(all_presets(presets_file)[0])
     except CliError:
         return []
 
@@ -4028,26 +4271,26 @@ class TrainCommand(KeepsArgs):
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         given = {}
         for i, arg in enumerate(args):
-            for flag in ("--preset", "--config", "--dataset"):
+            for flag in ("--preset", "--presets", "--config", "--dataset"):
                 if arg == flag and i + 1 < len(args):
                     given[flag] = args[i + 1]
                 elif arg.startswith(flag + "="):
                     given[flag] = arg.split("=", 1)[1]
-        config_file = Path(given["--config"]) if "--config" in given else None
+        presets_file, config_file = (Path(given[f]) if f in given else None for f in ("--presets", "--config"))
         try:
-            values, preset = preset_settings(given.get("--preset"), config_file, given.get("--dataset"))
-        except CliError:  # an unknown preset is said when the command runs
-            values, preset = {}, None
+            values, _, origins = preset_settings(given.get("--preset"), presets_file, given.get("--dataset"), config_file)
+        except CliError:  # an unknown preset or a bad file is said when the command runs
+            values, origins = {}, {}
         for param in self.params:
             if param.name == "preset":
-                names = preset_names(config_file)
+                names = preset_names(presets_file)
                 param.help = escape_markup(f"Preset: {', '.join(names) or 'none found'} (default: the dataset's own, else cifar10).")
             elif param.name in CONFIG_FIELDS:
                 field = CONFIG_FIELDS[param.name]
                 default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
                 text = shown_value(values.get(param.name, default))
-                if param.name in values and text is not None:
-                    text += f" from preset {preset}"
+                if text is not None:
+                    text += f", from {origins[param.name]}" if param.name in origins else ", built in"
                 if param.name == "out":
                     text = "runs/<preset>-<method>-<timestamp>"
                 shown = f" [default: {text}]" if text is not None else ""
@@ -4055,11 +4298,11 @@ class TrainCommand(KeepsArgs):
         return super().parse_args(ctx, args)
 
 
-def train_command(preset: Optional[str] = None, config: Optional[Path] = None, resume: bool = False,
-                  auto_resume: bool = False, from_last: bool = False, nproc: int = 1, **settings):
+def train_command(preset: Optional[str] = None, presets: Optional[Path] = None, config: Optional[Path] = None,
+                  resume: bool = False, auto_resume: bool = False, from_last: bool = False, nproc: int = 1, **settings):
     """Train a PART (or plain AT) model; writes checkpoints, metrics, summary.csv and curves.png.
 
-    Settings come from the preset (configs.toml), then the options given here. Launch with
+    Settings: built in < the preset (configs.toml, --presets) < --config < the options given here. Launch with
     --nproc N (or torchrun) for several GPUs/processes: --batch-size stays the global batch."""
     if nproc > 1:
         with cli_errors():
@@ -4073,7 +4316,7 @@ def train_command(preset: Optional[str] = None, config: Optional[Path] = None, r
             if from_last and not resume:
                 raise CliError("--from-last goes with --resume")
             mode = "auto" if auto_resume else "last" if from_last else resume
-            fit(None, preset=preset, config_file=config, resume=mode, **settings)
+            fit(None, preset=preset, presets=presets, config_file=config, resume=mode, **settings)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -4082,8 +4325,11 @@ train_command.__signature__ = inspect.Signature([
     inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[str], _opt(
         "Preset in the config file (default: the dataset's own, else cifar10).", rich_help_panel="Presets",
         autocompletion=complete_preset)]),
+    inspect.Parameter("presets", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[Path], _opt(
+        "Your own presets file (TOML, as configs.toml), added to the shipped presets.", rich_help_panel="Presets")]),
     inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[Path], _opt(
-        "Preset file (default: configs.toml beside part.py).", rich_help_panel="Presets")]),
+        "Settings file: a run's config.json (re-runs it exactly, in a new --out) or a TOML/JSON table of settings; "
+        "over the preset, under the options given here.", rich_help_panel="Presets")]),
     inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, _opt(
         "Continue the run in --out exactly where it stopped. Its settings stay its own: options and a --preset that "
         "repeat them are accepted, a different value is refused (where/how fast, --epochs and --threads may change).",
@@ -4096,7 +4342,7 @@ train_command.__signature__ = inspect.Signature([
         "epoch and history; the optimizer's momentum starts again, so not bit-identical).", rich_help_panel="Presets")]),
     inspect.Parameter("nproc", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=Annotated[int, _opt(
         NPROC_HELP, min=1, max=1024, rich_help_panel=RUN)]),
-    *(_config_option(name, field) for name, field in CONFIG_FIELDS.items()),
+    *(_config_option(name, field) for name, field in CONFIG_FIELDS.items() if field.metadata["panel"] is not None),
 ])
 train_command.__annotations__ = {p.name: p.annotation for p in train_command.__signature__.parameters.values()}
 app.command("train", cls=TrainCommand)(train_command)
@@ -4196,6 +4442,23 @@ def _write_reports(rows: list[dict], names: list[str], json_out, csv_out, markdo
         write_text(markdown_out, markdown_table(headers, [[str(c) for c in v] for v in values]) + footer)
 
 
+def log_attack_wandb(project: str, rows: list[dict], names: list[str], folder: Path) -> None:
+    """attack --wandb: the results table and each checkpoint's figures as the run's summary."""
+    import wandb
+
+    first = rows[0]
+    run = start_wandb(project, folder, "attack " + ", ".join(Path(r["path"]).name for r in rows),
+                      {"attacks": names, "eps_levels": first["eps_levels"], "step_levels": first["step_levels"],
+                       "n_examples": first["n_examples"], "dataset": first["dataset"], "seed": first["seed"],
+                       "checkpoints": {r["path"]: r["sha256"] for r in rows}}, "attack")
+    columns = ["checkpoint", "sha256", *names, "worst"]
+    run.log({"robust_accuracy": wandb.Table(columns=columns, data=[
+        [r["path"], r["sha256"], *[r["accuracy"].get(a) for a in names], r["accuracy"]["worst"]] for r in rows])})
+    for r in rows:
+        run.summary.update({f"{r['path']}/{a}": v for a, v in r["accuracy"].items()})
+    run.finish()
+
+
 def _eval_state_path(state: Optional[Path], outputs: list[Optional[Path]]) -> Optional[Path]:
     """--state, else beside the first report file: what makes the evaluation resumable."""
     if state is not None:
@@ -4290,6 +4553,7 @@ def attack_command(
     sweep_steps: Annotated[str, _opt("Steps of the sweep.")] = "10,20,50,100,200",
     sweep_restarts: Annotated[str, _opt("Restarts of the sweep (at its largest step count).")] = "1,2,4",
     sweep_plot: Annotated[Optional[Path], _opt("PNG of the sweep (default: beside the first report, else sweep.png).")] = None,
+    wandb: Annotated[Optional[str], _opt("Also log the results to this Weights & Biases project (needs the wandb package).")] = None,
     seed: Seed = 0,
     device: Device = "auto",
     threads: Threads = 0,
@@ -4324,6 +4588,8 @@ def attack_command(
         plot_path = sweep_plot or (next((p.with_name(p.stem + "-sweep.png") for p in reports if p), Path("sweep.png")) if sweep else None)
         for path, option in zip([*reports, plot_path, state], ["--json", "--csv", "--markdown", "--sweep-plot", "--state"], strict=True):
             check_output_file(path, option)
+        if wandb and importlib.util.find_spec("wandb") is None:
+            raise CliError("--wandb needs the wandb package: pip install wandb")
         options = AttackOptions(arch=arch, cam_layer=cam_layer, dataset=dataset, data_dir=data_dir, cache_dir=cache_dir,
                                 n_examples=n_examples, batch_size=batch_size, restarts=restarts or 1, eps_low=eps_low,
                                 seed=seed, per_class=per_class, state=_eval_state_path(state, reports), save_adv=save_adv,
@@ -4336,6 +4602,8 @@ def attack_command(
         names = [s.name for s in specs] if adv_from is None else list(rows[0]["accuracy"])[:-1]
         _print_attack_tables(rows, names, eps_levels, per_class)
         _write_reports(rows, names, json_out, csv_out, markdown_out)
+        if wandb:
+            log_attack_wandb(wandb, rows, names, next((p.parent for p in reports if p is not None), Path(".")))
         if sweep:
             for row in rows:
                 curves = sweep_curves(specs, row["accuracy"])
@@ -4468,16 +4736,17 @@ def _print_attack_tables(rows: list[dict], names: list[str], eps_levels: float, 
 
 def parse_formats(text: str) -> list[str]:
     names = EXPORT_FORMATS if text == "all" else tuple(f.strip() for f in text.split(",") if f.strip())
-    bad = [f for f in names if f not in EXPORT_FORMATS]
+    bad = [f for f in names if f not in (*EXPORT_FORMATS, "hf")]
     if bad or not names:
-        raise unknown("export format", ", ".join(bad) or text, (*EXPORT_FORMATS, "all"))
+        raise unknown("export format", ", ".join(bad) or text, (*EXPORT_FORMATS, "hf", "all"))
     return list(dict.fromkeys(names))
 
 
 @app.command("export")
 def export_command(
     checkpoint: Checkpoint,
-    formats: Annotated[str, _opt("torchscript|onnx|pt2|all (or a comma-separated list).", "--format")] = "all",
+    formats: Annotated[str, _opt("torchscript|onnx|pt2|all (the three), or hf: a model folder to share (model.safetensors, "
+                                 "config.json, README.md model card); a comma-separated list.", "--format")] = "all",
     out: Annotated[Path, _opt("Output folder.")] = Path("export"),
     batch_size: Annotated[int, _opt("Batch size of the example input (the batch dimension stays dynamic).", min=2, max=4096)] = 2,
     opset: Annotated[int, _opt("ONNX opset.", min=18, max=30)] = 18,
@@ -4485,32 +4754,40 @@ def export_command(
     arch: Arch = None,
     image_size: Annotated[Optional[int], _opt("Input side (default: the checkpoint's, else 32).", min=8, max=MAX_IMAGE_SIZE)] = None,
     report: Annotated[Optional[Path], _opt("An `attack --json` report: its results for this checkpoint go into the model card.")] = None,
+    license: Annotated[str, _opt("License in the hf model card's front matter (an SPDX id or a Hub license name).")] = "mit",
 ):
     """Export a checkpoint for deployment: TorchScript, ONNX and/or torch.export (.pt2),
-    with <name>.json beside them (input contract, classes, training config, robustness)."""
+    with <name>.json beside them (input contract, classes, training config, robustness);
+    or (--format hf) as a model folder to share on a model hub."""
     with cli_errors():
         export_checkpoint(checkpoint, out, formats, arch=arch, image_size=image_size, batch_size=batch_size, opset=opset,
-                          verify=verify, report=report)
+                          verify=verify, report=report, license=license)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path = "export", formats: str | list[str] = "all", *,
                       arch: Optional[str] = None, image_size: Optional[int] = None, batch_size: int = 2, opset: int = 18,
-                      verify: bool = True, report: str | Path | None = None) -> dict[str, Path]:
+                      verify: bool = True, report: str | Path | None = None, license: str = "mit") -> dict[str, Path]:
     """What `export` does, from Python: the checkpoint as TorchScript / ONNX / torch.export
     files in `out` with the model card <name>.json; `verify` runs each file on a batch of
-    another size against PyTorch. Returns {format: path, ..., "card": path}."""
+    another size against PyTorch. "hf" makes `out` a model folder (see export_hf).
+    Returns {format: path, ..., "card": path}."""
     checkpoint, out = Path(checkpoint), Path(out)
     chosen = parse_formats(formats if isinstance(formats, str) else ",".join(formats))
-    model, meta = load_checkpoint(checkpoint, arch, "cpu")
-    robustness = robustness_of(Path(report), file_hash(checkpoint)) if report is not None else None
+    model, meta, sha256 = _load_checkpoint(checkpoint, arch, "cpu", None)
+    robustness = robustness_of(Path(report), sha256) if report is not None else None
     check_output_folder(out, "--out")  # before the exports, the slow part
     size = image_size or meta.image_size or 32
     card = model_card(meta, size, robustness)
     example = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
-    name = checkpoint.name.split(".")[0]
+    name = checkpoint.name.split(".")[0] if checkpoint.is_file() else checkpoint.name
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    for fmt in chosen:
+    if "hf" in chosen:
+        files["hf"] = export_hf(model, meta, card, out, name, license, checkpoint)
+        console.print(f"hf: {out} (model folder: {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))})", markup=False)
+        if chosen == ["hf"]:
+            return {"hf": out, "card": out / "README.md"}
+    for fmt in (f for f in chosen if f != "hf"):
         path = out / f"{name}{SUFFIX[fmt]}"
         try:
             EXPORTERS[fmt](model, example, path, opset, card)
@@ -4526,9 +4803,62 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path = "export", format
     card["files"] = {fmt: p.name for fmt, p in files.items()}
     write_json(out / f"{name}.json", card)
     console.print(f"model card: {out / f'{name}.json'}", markup=False)
-    if verify and files:
-        check_exports(model, files, batch_size + 3, size)
+    runtimes = {fmt: p for fmt, p in files.items() if fmt != "hf"}
+    if verify and runtimes:
+        check_exports(model, runtimes, batch_size + 3, size)
     return {**files, "card": out / f"{name}.json"}
+
+
+HF_METRIC_NAMES = {"natural": "natural accuracy", "pgd20": "PGD-20", "aa": "AutoAttack", "worst": "worst case over the attacks"}
+
+
+def export_hf(model: nn.Module, meta: CheckpointMeta, card: dict, out: Path, name: str, license: str, source: Path) -> Path:
+    """A model folder in the layout people share on a model hub: model.safetensors (our
+    checkpoint format: `attack`, `cam` and `export` load the folder itself; our checkpoint's
+    own bytes, so its sha256 and the reports that name it still hold), config.json
+    (architecture, classes, input contract) and README.md, a model card whose YAML front
+    matter carries the license, tags, data set and, from `export --report`, the attack
+    results as `model-index` metrics (accuracy in %, at the report's eps and point count)."""
+    if meta.format == FORMAT:
+        source = source / HF_WEIGHTS if source.is_dir() else source
+        write_bytes(out / HF_WEIGHTS, source.read_bytes())
+    else:
+        save_checkpoint(out / HF_WEIGHTS, model, dataclasses.replace(meta, format=FORMAT))  # now self-describing
+    classes = card["classes"]
+    write_json(out / "config.json", {
+        "library_name": "part", "architecture": meta.arch, "num_classes": meta.num_classes,
+        "id2label": dict(enumerate(classes)), "label2id": {c: i for i, c in enumerate(classes)},
+        "input": card["input"], "dataset": meta.dataset, "format": FORMAT, "training_config": card["config"],
+        "cam_layer": meta.cam_layer, "versions": versions()})
+    q = json.dumps  # a JSON string is a valid YAML scalar: no YAML writer needed
+    dataset = meta.dataset or "unknown"
+    front = ["---", f"license: {q(license)}", "library_name: part", "pipeline_tag: image-classification", "tags:",
+             *(f"- {q(t)}" for t in ("image-classification", "adversarial-robustness", "adversarial-training", "part",
+                                     meta.arch)), *(["datasets:", f"- {q(dataset)}"] if meta.dataset else [])]
+    robustness = card.get("robustness")
+    cfg = meta.config
+    how = (f"trained with {'pixel-reweighted adversarial training (PART, Zhang et al., ICML 2024)' if cfg.method == 'part' else 'adversarial training'} "
+           f"({cfg.loss} loss, eps {cfg.eps:g}/255) for {meta.epoch} epochs by `part`" if cfg else f"weights from {Path(meta.source or name).name}")
+    lines = [f"# {name}", "", f"A {meta.arch} image classifier for {dataset} ({meta.num_classes} classes), {how}.", ""]
+    if robustness:
+        n, eps = robustness.get("n_examples"), robustness.get("eps_levels")
+        front += ["model-index:", f"- name: {q(name)}", "  results:", "  - task:", "      type: image-classification",
+                  "      name: Image Classification", "    dataset:", f"      name: {q(dataset)}", f"      type: {q(dataset)}",
+                  "      split: test", "    metrics:"]
+        lines += [f"| accuracy (%), eps {eps:g}/255, first {n} test images | |", "|---|---|"]
+        for attack, value in robustness["accuracy"].items():
+            label = HF_METRIC_NAMES.get(attack, attack)
+            front += ["    - type: accuracy", f"      name: {q(f'{label} (eps {eps:g}/255, {n} test images)')}",
+                      f"      value: {round(100 * value, 2)}"]
+            lines.append(f"| {label} | {100 * value:.2f} |")
+        lines.append("")
+    front.append("---")
+    lines += ["## Use", "", "Inputs: float32 RGB in [0, 1], shape [N, 3, H, W]; the model normalises inside.", "", "```bash",
+              "python part.py attack MODEL_FOLDER --attacks natural,pgd20,aa   # this folder: evaluate it",
+              "python part.py export MODEL_FOLDER --format onnx --out export  # or deploy it", "```", "",
+              "```python", "import part", "model, meta = part.load_checkpoint('MODEL_FOLDER/model.safetensors')", "```", ""]
+    write_text(out / "README.md", "\n".join(front) + "\n\n" + "\n".join(lines))
+    return out
 
 
 def check_exports(model: nn.Module, files: dict[str, Path], batch: int, size: int, tolerance: float = 1e-4) -> None:

@@ -4,6 +4,7 @@ Run: python -m pytest -q test_part.py
 """
 import ast
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -611,8 +612,10 @@ def test_smoke_training_writes_a_loadable_checkpoint_and_learns(smoke_run):
 
 
 @pytest.mark.slow
-def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
-    args = ["train", *SMALL, "--epochs", 3, "--warmup-epochs", 1]
+@pytest.mark.parametrize("recipe", [[], ["--optimizer", "adamw", "--lr", 0.002, "--schedule", "cosine", "--lr-warmup", 0.5,
+                                         "--ema", 0.9]], ids=["paper", "adamw-cosine-ema"])
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, recipe):
+    args = ["train", *SMALL, "--epochs", 3, "--warmup-epochs", 1, *recipe]
     assert cli(*args, "--out", tmp_path / "full").returncode == 0
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, str(ROOT / "part.py"), *map(str, args), "--out", str(cut)],
@@ -644,6 +647,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     (["--warmup-epochs", "9", "--epochs", "3"], "warmup-epochs (9)"),
     (["--preset", "nope"], "unknown preset 'nope'"),
     (["--resume"], "--resume needs --out"),
+    (["--optimizer", "adam"], "'adam' is not one of"),
+    (["--lr-warmup", "1"], "goes with --schedule cosine"),
+    (["--ema", "1"], "ema must be at most"),
+    (["--init", "no-such-file.pt"], "--init no-such-file.pt not found"),
 ])
 def test_bad_training_input_gives_one_line_and_a_nonzero_exit(tmp_path, args, message):
     out = [] if "--resume" in args else ["--out", tmp_path / "run"]
@@ -655,10 +662,85 @@ def test_bad_training_input_gives_one_line_and_a_nonzero_exit(tmp_path, args, me
 
 def test_bad_config_files_are_reported(tmp_path):
     (tmp_path / "c.toml").write_text('[p]\nmodel = "cnn"\nepochz = 3\n')
-    r = invoke("train", "--config", tmp_path / "c.toml", "--preset", "p")
+    r = invoke("train", "--presets", tmp_path / "c.toml", "--preset", "p")
     assert r.exit_code == 1 and "unknown key 'epochz'" in r.stderr
     (tmp_path / "c.toml").write_text('[p]\nepochs = "three"\n')
-    assert "epochs = 'three'" in invoke("train", "--config", tmp_path / "c.toml", "--preset", "p").stderr
+    assert "epochs = 'three'" in invoke("train", "--presets", tmp_path / "c.toml", "--preset", "p").stderr
+
+
+def test_a_run_is_rerun_exactly_from_its_config_json_and_user_presets_add_to_the_shipped_ones(tmp_path):
+    tiny = ["--preset", "smoke", "--train-subset", 64, "--eval-subset", 16, "--val-size", 0, "--epochs", 1,
+            "--warmup-epochs", 0, "--steps", 1, "--batch-size", 32, "--seed", 3, "--lr", 0.02]
+    assert invoke("train", *tiny, "--out", tmp_path / "a").exit_code == 0
+    r = invoke("train", "--config", tmp_path / "a" / "config.json", "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.stderr
+    first, again = (json.loads((tmp_path / d / "config.json").read_text()) for d in "ab")
+    assert again["preset"] == "smoke" and again["config"] == {**first["config"], "out": str(tmp_path / "b")}
+    a, b = (load_file(tmp_path / d / "last.safetensors") for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same run, bit for bit
+    # the options given win over the file; the help says where each default is from
+    r = invoke("train", "--config", tmp_path / "a" / "config.json", "--seed", 4, "--epochs", 1, "--out", tmp_path / "c")
+    assert r.exit_code == 0 and json.loads((tmp_path / "c" / "config.json").read_text())["config"]["seed"] == 4
+    (tmp_path / "s.toml").write_text("lr = 0.03\nmodel = 'cnn'\n")
+    text = CliRunner().invoke(part.app, ["train", "--config", str(tmp_path / "s.toml"), "--help"], env={"COLUMNS": "400"}).output
+    assert f"[default: 0.03, from {tmp_path / 's.toml'}]" in text
+    assert "[default: 80, from preset cifar10]" in text and "[default: 0.9, from preset cifar10]" in text
+    # a user's presets file adds presets (and may extend the shipped ones); the shipped ones stay
+    (tmp_path / "mine.toml").write_text('[tiny]\nextends = "smoke"\nlr = 0.07\n')
+    assert part.preset_names(tmp_path / "mine.toml")[-1] == "tiny" and "cifar10" in part.preset_names(tmp_path / "mine.toml")
+    values, name, origins = part.preset_settings("tiny", tmp_path / "mine.toml", None)
+    assert name == "tiny" and values["lr"] == 0.07 and values["model"] == "cnn" and origins["lr"] == "preset tiny"
+    for args, message in [(["--config", tmp_path / "none.json"], "not found"),
+                          (["--config", tmp_path / "mine.toml"], "unknown key 'tiny'"),
+                          (["--presets", tmp_path / "none.toml"], "not found")]:
+        (tmp_path / "bad.json").write_text("{")
+        r = invoke("train", *args, "--out", tmp_path / "x")
+        assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = invoke("train", "--config", tmp_path / "bad.json", "--out", tmp_path / "x")
+    assert r.exit_code == 1 and "is not valid JSON" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_the_cosine_schedule_warms_up_linearly_then_falls_to_zero_and_ema_is_an_exact_moving_average():
+    cfg = part.TrainConfig(lr=0.1, epochs=10, schedule="cosine", lr_warmup=2)
+    lrs = [part.lr_at(cfg, e, i, 4) for e in range(10) for i in range(4)]
+    assert lrs[:8] == pytest.approx([0.1 * k / 8 for k in range(1, 9)])  # linear, per step, reaching lr
+    assert all(a >= b for a, b in zip(lrs[7:-1], lrs[8:], strict=True)) and lrs[-1] < 0.1 * 0.01 and lrs[8] == pytest.approx(0.1)
+    step = part.TrainConfig(lr=0.1, lr_milestones=[3, 6], lr_gamma=0.5)
+    assert [part.lr_at(step, e, 2, 4) for e in (0, 3, 6)] == pytest.approx([0.1, 0.05, 0.025])
+    torch.manual_seed(0)
+    model, ema = part.build_model("cnn", 10), part.build_model("cnn", 10)
+    model(torch.rand(4, 3, 32, 32))  # train mode: BatchNorm statistics move
+    before = [p.clone() for p in ema.parameters()]
+    part.ema_update(ema, model, 0.9)
+    assert all(torch.allclose(e, 0.9 * b + 0.1 * m) for e, b, m in zip(ema.parameters(), before, model.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(ema.buffers(), model.buffers(), strict=True))
+
+
+def test_init_starts_a_run_from_given_weights_records_their_hash_and_a_new_head_starts_afresh(tmp_path):
+    torch.manual_seed(1)
+    five = part.build_model("cnn", 5)  # a foreign state dict for 5 classes; the synthetic data have 10
+    torch.save(five.state_dict(), tmp_path / "five.pt")
+    frozen = ["--preset", "smoke", "--train-subset", 64, "--eval-subset", 16, "--val-size", 0, "--epochs", 1, "--warmup-epochs", 0,
+              "--steps", 1, "--batch-size", 32, "--lr", 1e-12, "--momentum", 0, "--weight-decay", 0]
+    r = invoke("train", *frozen, "--init", tmp_path / "five.pt", "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.stderr
+    assert "classifier for 5 classes" in r.stderr and "linear.weight" in r.stderr
+    stored = json.loads((tmp_path / "a" / "config.json").read_text())["config"]
+    assert stored["init_sha256"] == hashlib.sha256((tmp_path / "five.pt").read_bytes()).hexdigest()
+    model, _ = part.load_checkpoint(tmp_path / "a" / "last.safetensors")
+    mine, theirs = dict(model.named_parameters()), dict(five.named_parameters())
+    assert all(torch.allclose(mine[k], theirs[k], atol=1e-9) for k in mine if not k.startswith("linear"))  # lr 1e-12
+    assert mine["linear.weight"].shape == (10, theirs["linear.weight"].shape[1])
+    # our own checkpoint as --init, with an EMA; then the config run again checks it is the same file
+    r = invoke("train", *frozen, "--init", tmp_path / "a" / "last.safetensors", "--ema", 0.5, "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.stderr
+    b = load_file(tmp_path / "b" / "last.safetensors")
+    assert torch.allclose(b["linear.weight"], mine["linear.weight"].detach(), atol=1e-9)
+    torch.save(part.build_model("cnn", 10).state_dict(), tmp_path / "five.pt")
+    r = invoke("train", "--config", tmp_path / "a" / "config.json", "--out", tmp_path / "c")
+    assert r.exit_code == 1 and "not the file this config started from" in r.stderr
+    r = invoke("train", *frozen, "--init", tmp_path / "a" / "last.safetensors", "--model", "resnet18", "--out", tmp_path / "d")
+    assert r.exit_code == 1 and "holds a cnn model, not --model resnet18" in r.stderr
 
 
 def test_missing_data_exits_2_and_says_where_to_put_it(tmp_path):
@@ -1212,9 +1294,11 @@ def test_every_training_setting_is_a_train_option_with_its_choices():
 
     command = typer.main.get_command(part.app).commands["train"]
     options = {p.name for p in command.params} - {"help"}
-    assert options == set(part.CONFIG_FIELDS) | {"preset", "config", "resume", "auto_resume", "from_last", "nproc"}
+    recorded = {"init_sha256"}  # recorded in the config by the run itself, never an option
+    assert options == set(part.CONFIG_FIELDS) - recorded | {"preset", "presets", "config", "resume", "auto_resume", "from_last",
+                                                             "nproc"}
     text = invoke("train", "--help").output
-    for choice in (*part.CAM_WEIGHTS, *part.MASK_RULES, *part.LOSSES):
+    for choice in (*part.CAM_WEIGHTS, *part.MASK_RULES, *part.LOSSES, *part.OPTIMIZERS, *part.SCHEDULES):
         assert choice in text
 
 
@@ -1941,6 +2025,95 @@ def test_the_model_card_carries_the_attack_results(fake_run, tmp_path):
     assert r.exit_code == 1 and "no results for this checkpoint" in r.stderr
 
 
+needs_hub = pytest.mark.skipif(importlib.util.find_spec("huggingface_hub") is None,
+                               reason="huggingface_hub not installed (pip install huggingface_hub)")
+
+
+@needs_hub
+def test_an_hf_model_folder_has_a_card_the_hub_parses_and_loads_as_a_checkpoint(fake_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    ckpt = fake_run / "best.safetensors"
+    assert invoke("attack", ckpt, "--attacks", "fgsm,pgd2", "--n-examples", 16, "--json", tmp_path / "r.json").exit_code == 0
+    accuracy = _accuracies(tmp_path / "r.json")[0][1]
+    r = invoke("export", ckpt, "--format", "hf", "--out", tmp_path / "hf", "--report", tmp_path / "r.json", "--license", "apache-2.0")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    card = ModelCard.load(tmp_path / "hf" / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.library_name == "part" and card.data.datasets == ["synthetic"]
+    found = {e.metric_name.split(" (")[0]: e.metric_value for e in card.data.eval_results}
+    assert found == {part.HF_METRIC_NAMES.get(k, k): round(100 * v, 2) for k, v in accuracy.items()}
+    assert all(e.dataset_type == "synthetic" and "16 test images" in e.metric_name for e in card.data.eval_results)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architecture"] == "cnn" and config["id2label"]["0"] == part.SYNTHETIC_CLASSES[0]
+    # the folder is a checkpoint: same weights, same sha256 (so the report still matches it)
+    model, meta = part.load_checkpoint(tmp_path / "hf")
+    original = part.load_checkpoint(ckpt)[0]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values(), strict=True))
+    r = invoke("attack", tmp_path / "hf", "--attacks", "fgsm,pgd2", "--n-examples", 16, "--json", tmp_path / "again.json")
+    assert r.exit_code == 0 and _accuracies(tmp_path / "again.json")[0][1] == accuracy
+    r = invoke("export", tmp_path / "hf", "--format", "onnx", "--out", tmp_path / "onnx", "--report", tmp_path / "r.json")
+    assert r.exit_code == 0 and (tmp_path / "onnx" / "hf.onnx").is_file(), r.stderr
+    assert invoke("cam", tmp_path / "hf", "--n-examples", 4, "--out", tmp_path / "cam.png").exit_code == 0
+
+
+def wandb_records(folder: Path) -> list:
+    """The records of W&B's offline run files under `folder` (a LevelDB-style log of
+    protobuf records after a 7-byte header), read the way `wandb sync` reads them."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    records = []
+    for path in sorted(folder.glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, pieces = path.read_bytes(), 7, b""
+        assert data.startswith(b":W&B")
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            pieces, pos = pieces + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):  # a whole record, or the last piece of one
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pieces)
+                records.append(record)
+                pieces = b""
+            elif kind == 0:
+                break
+    return records
+
+
+def wandb_key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb not installed (pip install wandb)")
+def test_wandb_offline_logs_the_config_and_every_epoch_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tiny = ["--preset", "smoke", "--train-subset", 64, "--eval-subset", 16, "--val-size", 0, "--warmup-epochs", 0, "--steps", 1,
+            "--batch-size", 32, "--wandb", "part-test", "--out", tmp_path / "run"]
+    assert invoke("train", *tiny, "--epochs", 1).exit_code == 0
+    r = invoke("train", *tiny, "--epochs", 2, "--resume")
+    assert r.exit_code == 0, r.stderr
+    records = wandb_records(tmp_path / "run")
+    runs = [rec.run for rec in records if rec.WhichOneof("record_type") == "run"]
+    assert {run.project for run in runs} == {"part-test"} and len({run.run_id for run in runs}) == 1  # resumed: one W&B run
+    config = {wandb_key(u): json.loads(u.value_json) for u in runs[0].config.update}
+    assert config["method"] == "part" and config["preset"] == "smoke" and config["epochs"] == 1
+    history = [{wandb_key(i): json.loads(i.value_json) for i in rec.history.item}
+               for rec in records if rec.WhichOneof("record_type") == "history"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2] and [h["pgd20"] for h in history] == [row["pgd20"] for row in rows]
+    r = invoke("attack", tmp_path / "run" / "last.safetensors", "--attacks", "natural,fgsm", "--n-examples", 16,
+               "--json", tmp_path / "rep" / "r.json", "--wandb", "part-test")
+    assert r.exit_code == 0, r.stderr
+    summary = {wandb_key(i): json.loads(i.value_json) for rec in wandb_records(tmp_path / "rep")
+               if rec.WhichOneof("record_type") == "summary" for i in rec.summary.update}
+    assert summary[f"{tmp_path / 'run' / 'last.safetensors'}/fgsm"] == _accuracies(tmp_path / "rep" / "r.json")[0][1]["fgsm"]
+
+
 def torchrun_attack(*args):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(ROOT / "part.py"), "attack", *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -2078,6 +2251,57 @@ def test_the_cam_layer_can_be_chosen_and_a_plain_torchvision_state_dict_loads(ba
     mean, std = torch.tensor(part.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(part.IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         assert meta.num_classes == 10 and torch.allclose(ours(x), plain((x - mean) / std), atol=1e-5)
+
+
+needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm not installed (pip install timm)")
+
+
+@needs_timm
+@pytest.mark.parametrize("name", ["timm:resnet18", "timm:mobilenetv3_small_050"])
+def test_timm_models_train_with_part_and_their_batched_cam_equals_a_loop(batch, name):
+    model = part.build_model(name, 10).double().eval()
+    assert model.cam_layer is not None
+    x = batch[0][:4].double()
+    together = part.grad_cam(model, x)
+    alone = torch.cat([part.grad_cam(model, x[i:i + 1]) for i in range(4)])
+    assert torch.allclose(together, alone, atol=1e-8) and together.max() > 0
+    small = model.get_submodule(model.cam_layer)  # the default layer keeps a map of at least 4 x 4 at 32 px
+    seen = []
+    handle = small.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model(x)
+    handle.remove()
+    assert min(seen[0][2:]) >= 4
+    model = part.build_model(name, 10).float()
+    cfg = part.TrainConfig(model=name, steps=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss, _ = part.train_step(part.TrainingModules(model, part.MultiInput(model)), optimizer, batch[0][:8], batch[1][:8], cfg,
+                              part.AttackSetup.from_config(cfg), part_phase=True)
+    assert torch.isfinite(loss)
+
+
+@needs_timm
+def test_a_plain_timm_state_dict_loads_with_its_own_normalisation_and_the_cam_layer_can_be_chosen(batch, tmp_path):
+    import timm
+
+    x = batch[0][:2]
+    torch.manual_seed(0)
+    plain = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    torch.save(plain.state_dict(), tmp_path / "t.pth")
+    ours, meta = part.load_checkpoint(tmp_path / "t.pth", arch="timm:resnet18")
+    cfg = plain.pretrained_cfg
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert meta.num_classes == 10 and torch.allclose(ours(x), plain((x - mean) / std), atol=1e-5)
+    assert part.build_model("timm:resnet18", 10, cam_layer="layer1").cam_layer == "net.layer1"
+    assert part.class_activation(part.build_model("timm:resnet18", 10, cam_layer="layer1").eval(), x).shape == (2, 1, 8, 8)
+    r = invoke("attack", tmp_path / "t.pth", "--arch", "timm:resnet18", "--dataset", "synthetic", "--attacks", "natural,pgd2",
+               "--n-examples", 16, "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["checkpoints"][0]["arch"] == "timm:resnet18"
+    for args, message in [(["--model", "timm:nonet"], "unknown timm model 'nonet'"),
+                          (["--model", "timm:resnet18", "--cam-layer", "nolayer"], "has no such module")]:
+        r = invoke("train", "--preset", "smoke", *args, "--out", tmp_path / "bad")
+        assert r.exit_code == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 # ---------------------------------------------------------------- as people use it: a terminal, a notebook, a second run
@@ -2257,7 +2481,7 @@ def test_every_help_text_is_shown_as_written():
             assert Text.from_markup(text).plain.replace("\\[", "[") == text.replace("\\[", "[").replace("\\\\", "\\"), text
     text = CliRunner().invoke(part.app, ["train", "--preset", "smoke", "--help"], env={"COLUMNS": "250"}).output
     assert "runs/<preset>-<method>-<timestamp>" in text
-    assert "[default: 0.05 from preset smoke]" in text and "[default: 8]" in text  # lr from the preset; eps built in
+    assert "[default: 0.05, from preset smoke]" in text and "[default: 8, built in]" in text  # lr from the preset; eps built in
     assert all(name in text for name in ("cifar10-cpu", "cifar10-study", "tinyimagenet"))  # the presets are listed
 
 
