@@ -1060,21 +1060,33 @@ class ResNet18(FeaturesHead):
         return self.linear(F.adaptive_avg_pool2d(a, 1).flatten(1))
 
 
-class PreActResNet18(FeaturesHead):
-    """PreAct ResNet-18 (fast_adversarial); CAM layer `layer4`, final bn + ReLU in the head."""
+class PreActBlockRB(PreActBlock):
+    """RobustBench's PreActBlock: the shortcut convolution takes the block's input."""
 
-    def __init__(self, num_classes: int = 10):
+    def forward(self, x: Tensor) -> Tensor:
+        skip = self.shortcut(x) if hasattr(self, "shortcut") else x
+        return self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x)))))) + skip
+
+
+class PreActResNet18(FeaturesHead):
+    """PreAct ResNet-18 (fast_adversarial); CAM layer `layer4`, final bn + ReLU in the head.
+    `preact-resnet18-rb` is RobustBench's (Andriushchenko2020Understanding, Wong2020Fast's
+    network): same names, the RobustBench block, no final bn and no ReLU."""
+
+    def __init__(self, num_classes: int = 10, block: type = PreActBlock, final_bn: bool = True):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.layer1, self.layer2, self.layer3, self.layer4 = _stages(PreActBlock)
-        self.bn = nn.BatchNorm2d(512)
+        self.layer1, self.layer2, self.layer3, self.layer4 = _stages(block)
+        self.bn = nn.BatchNorm2d(512) if final_bn else None
         self.linear = nn.Linear(512, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
         return self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
 
     def head(self, a: Tensor) -> Tensor:
-        return self.linear(F.adaptive_avg_pool2d(F.relu(self.bn(a)), 1).flatten(1))
+        if self.bn is not None:
+            a = F.relu(self.bn(a))
+        return self.linear(F.adaptive_avg_pool2d(a, 1).flatten(1))
 
 
 class WideBlock(nn.Module):
@@ -1107,7 +1119,8 @@ class NetworkBlock(nn.Module):
 
 
 class WideResNet(FeaturesHead):
-    """WRN-34-10 as in TRADES/MART; CAM layer `block3` (640x8x8 at 32x32)."""
+    """WRN-34-10 as in TRADES/MART (and WRN-28-10 with depth=28, RobustBench's WideResNet);
+    CAM layer `block3` (640x8x8 at 32x32)."""
 
     def __init__(self, num_classes: int = 10, depth: int = 34, widen: int = 10):
         super().__init__()
@@ -1132,6 +1145,59 @@ class WideResNet(FeaturesHead):
         return self.fc(F.adaptive_avg_pool2d(self.relu(self.bn1(a)), 1).flatten(1))
 
 
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+class DMBlock(nn.Module):
+    """A block of DeepMind's WideResNet (Gowal et al. 2020) as RobustBench defines it
+    (dm_wide_resnet._Block, same parameter names): SiLU, TensorFlow's "same" padding."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.batchnorm_0, self.relu_0 = nn.BatchNorm2d(cin), nn.SiLU()
+        self.conv_0 = nn.Conv2d(cin, cout, 3, stride, 0, bias=False)
+        self.batchnorm_1, self.relu_1 = nn.BatchNorm2d(cout), nn.SiLU()
+        self.conv_1 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, 0, bias=False) if cin != cout else None
+        self.pad = (1, 1, 1, 1) if stride == 1 else (0, 1, 0, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu_0(self.batchnorm_0(x))
+        if self.shortcut is not None:  # the pre-activation feeds both paths of a block that changes width
+            x = self.shortcut(out)
+        return x + self.conv_1(self.relu_1(self.batchnorm_1(self.conv_0(F.pad(out, self.pad)))))
+
+
+class DMWideResNet(FeaturesHead):
+    """WRN-70-16 / WRN-28-10 of the best RobustBench CIFAR entries (Gowal 2020, Rebuffi 2021,
+    Wang 2023), with their parameter names; the CIFAR normalisation is inside (not in the
+    state dict, as there). CAM layer: the last group (8x8 at 32x32)."""
+
+    def __init__(self, num_classes: int = 10, depth: int = 70, width: int = 16):
+        super().__init__()
+        n, w = (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
+        mean, std = (CIFAR100_MEAN, CIFAR100_STD) if num_classes == 100 else (CIFAR10_MEAN, CIFAR10_STD)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.init_conv = nn.Conv2d(3, w[0], 3, 1, 1, bias=False)
+        groups = []
+        for i, stride in enumerate((1, 2, 2)):
+            group = nn.Sequential()  # RobustBench's _BlockGroup: its blocks under `block`
+            group.block = nn.Sequential(*(DMBlock(w[i] if j == 0 else w[i + 1], w[i + 1], stride if j == 0 else 1)
+                                          for j in range(n)))
+            groups.append(group)
+        self.layer = nn.Sequential(*groups)
+        self.batchnorm, self.relu = nn.BatchNorm2d(w[3]), nn.SiLU()
+        self.logits = nn.Linear(w[3], num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.layer(self.init_conv((x - self.mean) / self.std))
+
+    def head(self, a: Tensor) -> Tensor:
+        return self.logits(F.adaptive_avg_pool2d(self.relu(self.batchnorm(a)), 1).flatten(1))
+
+
 class SmallCNN(FeaturesHead):
     """A small, fast network for CPU runs and tests: four conv-BN-ReLU layers, GAP, linear."""
 
@@ -1153,10 +1219,15 @@ class SmallCNN(FeaturesHead):
 
 # A new built-in architecture: a class with features()/head() and one line here.
 BUILTIN_MODELS: dict[str, Callable[[int], nn.Module]] = {
-    "resnet18": ResNet18, "preact-resnet18": PreActResNet18, "wrn-34-10": WideResNet, "cnn": SmallCNN}
+    "resnet18": ResNet18, "preact-resnet18": PreActResNet18, "wrn-34-10": WideResNet, "cnn": SmallCNN,
+    # RobustBench's layouts: WideResNet (Carmon 2019, Standard, ...) and DeepMind's (Gowal, Rebuffi, Wang 2023)
+    "wrn-28-10": lambda n: WideResNet(n, depth=28), "wrn-28-10-dm": lambda n: DMWideResNet(n, 28, 10),
+    "wrn-70-16": lambda n: DMWideResNet(n, 70, 16), "preact-resnet18-rb": lambda n: PreActResNet18(n, PreActBlockRB, False)}
 ARCHS = tuple(BUILTIN_MODELS)
-TORCHVISION, TIMM = "torchvision:", "timm:"
-ZOOS = (TORCHVISION, TIMM)
+TORCHVISION, TIMM, ROBUSTBENCH = "torchvision:", "timm:", "robustbench:"
+ZOOS = (TORCHVISION, TIMM, ROBUSTBENCH)
+RB_THREATS = {"linf": "Linf", "l2": "L2", "corruptions": "corruptions"}  # ours -> RobustBench's names
+RB_DATASETS = ("cifar10", "cifar100")  # the RobustBench data sets that are ours too
 # The CAM layer of common torchvision families: their last convolutional stage. timm
 # models list their stages themselves (`feature_info`).
 TORCHVISION_CAM_LAYERS = {"resnet": "layer4", "resnext": "layer4", "wide_resnet": "layer4", "regnet": "trunk_output",
@@ -1165,7 +1236,58 @@ TORCHVISION_CAM_LAYERS = {"resnet": "layer4", "resnext": "layer4", "wide_resnet"
                           "shufflenet": "conv5", "googlenet": "inception5b", "inception": "Mixed_7c"}
 TOKEN_FAMILIES = ("vit", "swin", "maxvit", "deit", "beit", "eva")  # transformers: tokens, not [N, C, H, W] maps
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-ARCH_HELP = f"{'|'.join(ARCHS)}, torchvision:NAME or timm:NAME (e.g. torchvision:resnet50, timm:convnext_atto)"
+ARCH_HELP = (f"{'|'.join(ARCHS)}, torchvision:NAME, timm:NAME or robustbench:NAME (e.g. torchvision:resnet50, "
+             "timm:convnext_atto, robustbench:Wang2023Better_WRN-28-10)")
+
+
+def robustbench_arch(text: str, dataset: Optional[str], threat: str = "linf") -> str:
+    """robustbench:NAME with the data set and threat model it belongs to, as one name that
+    checkpoints keep: robustbench:<dataset>/<Threat>/<NAME>."""
+    name = text[len(ROBUSTBENCH):]
+    if name.count("/") == 2:
+        return text
+    if threat.lower() not in RB_THREATS:
+        raise unknown("threat model", threat, RB_THREATS)
+    dataset = dataset or "cifar10"
+    if dataset not in RB_DATASETS:
+        raise CliError(f"robustbench:{name}: RobustBench models here are for {' and '.join(RB_DATASETS)}, not {dataset}")
+    return f"{ROBUSTBENCH}{dataset}/{RB_THREATS[threat.lower()]}/{name}"
+
+
+def robustbench_entry(dataset: str, threat: str, name: str) -> dict:
+    """The robustbench package's zoo entry of a model (an unknown name said in one line)."""
+    try:
+        with warnings.catch_warnings():  # its imports warn about torch.jit and pkg_resources deprecations
+            warnings.simplefilter("ignore")
+            if importlib.util.find_spec("autoattack") is None and importlib.util.find_spec("pyautoattack") is not None:
+                sys.modules.setdefault("autoattack", importlib.import_module("pyautoattack"))  # its PyPI name
+            from robustbench.model_zoo import model_dicts
+            from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    except ImportError as e:
+        raise CliError(f"robustbench:NAME needs the robustbench package (pip install robustbench; {first_line(e)})") from None
+    zoo = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat)]
+    if name not in zoo:
+        raise CliError(f"unknown RobustBench model {name!r} for {dataset} {threat} (e.g. {', '.join(list(zoo)[-3:])})")
+    return zoo[name]
+
+
+def robustbench_source(path: Path, arch: Optional[str], dataset: Optional[str], threat: str,
+                       model_dir: str | Path) -> tuple[Path, Optional[str]]:
+    """A checkpoint argument `robustbench:NAME`: the weights in RobustBench's own model folder
+    layout (<model_dir>/<dataset>/<Threat>/<NAME>.pt) and the architecture; `--arch
+    robustbench:NAME` with a file: the file and the architecture. Anything else: as given."""
+    if str(path).startswith(ROBUSTBENCH):
+        arch = robustbench_arch(str(path), dataset, threat)
+        dataset, threat, name = arch[len(ROBUSTBENCH):].split("/")
+        robustbench_entry(dataset, threat, name)
+        file = Path(model_dir, dataset, threat, f"{name}.pt")
+        if not file.is_file():
+            raise CliError(f"{arch}: its weights are not in {file} (RobustBench's layout under --model-dir; "
+                           f"`robustbench.utils.load_model({name!r}, {str(model_dir)!r}, {dataset!r}, {threat!r})` downloads them there)")
+        return file, arch
+    if arch is not None and arch.startswith(ROBUSTBENCH):
+        return path, robustbench_arch(arch, dataset, threat)
+    return path, arch
 
 
 def is_zoo(name: str) -> bool:
@@ -1180,7 +1302,10 @@ class ZooNet(nn.Module):
     def __init__(self, name: str, num_classes: int, cam_layer: Optional[str] = None, image_size: int = 32):
         super().__init__()
         zoo, name = name.split(":", 1)
-        if zoo == "timm":
+        self.zoo = zoo
+        if zoo == "robustbench":  # RobustBench models take [0, 1] and normalise themselves
+            self.net, mean, std, stages, preferred = self._robustbench(name), (0.0,) * 3, (1.0,) * 3, None, None
+        elif zoo == "timm":
             self.net, mean, std, stages = self._timm(name, num_classes, image_size)
             preferred = stages[-1] if stages else None
         else:
@@ -1228,6 +1353,13 @@ class ZooNet(nn.Module):
         stages = [f["module"] for f in getattr(net, "feature_info", []) if isinstance(f, dict) and f.get("module")]
         return net, mean, std, stages
 
+    @staticmethod
+    def _robustbench(spec: str) -> nn.Module:
+        """A RobustBench zoo architecture (random weights), built by the robustbench package."""
+        if spec.count("/") != 2:
+            raise CliError(f"robustbench:{spec}: give --dataset and --threat, or name it robustbench:<dataset>/<threat>/<name>")
+        return robustbench_entry(*spec.split("/"))["model"]()
+
     def forward(self, x: Tensor) -> Tensor:
         return self.net((x - self.mean) / self.std)
 
@@ -1255,9 +1387,15 @@ class ZooNet(nn.Module):
         return f"net.{usable[-1]}" if usable else None
 
     def adapt_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A plain torchvision/timm state dict (no `net.` prefix, no normalisation buffers) fits too."""
+        """A plain torchvision/timm/RobustBench state dict (no `net.` prefix, no normalisation
+        buffers) fits too. RobustBench files leave out the constants some of its models set
+        when built (mu/sigma, normalize.mean, ...): those buffers keep their built values,
+        as RobustBench's own loader does."""
         if not any(k.startswith("net.") for k in state):
             state = {f"net.{k}": v for k, v in state.items()}
+        if self.zoo == "robustbench":
+            learned = ("running_mean", "running_var", "num_batches_tracked")
+            state = {**{f"net.{k}": b for k, b in self.net.named_buffers() if not k.endswith(learned)}, **state}
         return {"mean": self.mean, "std": self.std, **state}
 
 
@@ -1779,6 +1917,8 @@ class TrainConfig:
                             "architecture (.safetensors/.pt/.pth); a classifier for another number of classes starts afresh.",
                         MODEL)
     init_sha256: str = setting("", "sha256 of the --init file (recorded; checked when the config is run again).", None)
+    model_dir: str = setting("models", "RobustBench's model folder, for --init/--model robustbench:NAME (its layout: "
+                                       "DIR/<dataset>/Linf/<NAME>.pt).", MODEL)
     method: str = setting("part", "at: uniform budget; part: pixel-reweighted after the warm-up.", METHOD, choices=METHODS)
     loss: str = setting("ce", "Base loss: ce (AT/PART), trades (PART-T), mart (PART-M).", METHOD, choices=tuple(LOSSES))
     beta: float = setting(6.0, "TRADES/MART regulariser weight.", METHOD, bounds=(0, 1e6))
@@ -1827,7 +1967,7 @@ CONFIG_TYPES = typing.get_type_hints(TrainConfig)
 # Settings that say where or how fast a run computes, not what: they may differ between
 # seeds of one experiment (and between a run and its resume).
 NOT_THE_EXPERIMENT = {"data_dir", "cache_dir", "out", "device", "compile", "compile_mode", "eval_every", "tensorboard", "seed",
-                      "threads", "init", "wandb"}  # init: the file's name; its sha256 is the experiment
+                      "threads", "init", "wandb", "model_dir"}  # init: the file's name; its sha256 is the experiment
 # Settings that only the PART phase reads: an AT run computes the same whatever they hold.
 PART_ONLY = {"cam", "cam_layer", "mask_rule", "eps_low", "warmup_epochs"}
 
@@ -1996,7 +2136,11 @@ def resolve_config(overrides: dict[str, Any], preset: Optional[str], presets_fil
     values, preset, _ = preset_settings(preset, presets_file, given.get("dataset"), config_file)
     if "init" in given:  # another file: its own hash is recorded at the start
         values.pop("init_sha256", None)
+        if given["init"].startswith(ROBUSTBENCH) and "model" not in given:  # the zoo entry is the architecture too
+            given["model"] = given["init"]
     cfg = TrainConfig(**{**values, **given})
+    if cfg.model.startswith(ROBUSTBENCH):
+        cfg.model = robustbench_arch(cfg.model, cfg.dataset)
     validate_config(cfg)
     return cfg, preset or cfg.dataset
 
@@ -2397,8 +2541,9 @@ def _head_size(state: dict[str, Tensor], arch: str) -> Optional[int]:
 
 def load_state_into(model: nn.Module, state: dict[str, Tensor], arch: str, path: Path) -> None:
     """Strict load with a one-line explanation when the file does not fit the architecture."""
-    state = {k: v for k, v in state.items() if not (arch == "wrn-34-10" and k.startswith("sub_block1."))}  # TRADES' unused block
-    if isinstance(model, ZooNet):
+    unused = arch in ("wrn-34-10", "wrn-28-10")  # TRADES' and Carmon's unused sub_block1
+    state = {k: v for k, v in state.items() if not (unused and k.startswith("sub_block1."))}
+    if hasattr(model, "adapt_state"):
         state = model.adapt_state(state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -2438,11 +2583,21 @@ def read_weights(path: Path) -> tuple[Any, dict, str]:
     return read_safetensors(path)
 
 
+def init_path(cfg: TrainConfig) -> Optional[Path]:
+    """The --init file: a path, or robustbench:NAME in RobustBench's model folder layout."""
+    if not cfg.init:
+        return None
+    if cfg.init.startswith(ROBUSTBENCH):
+        return robustbench_source(Path(cfg.init), None, cfg.dataset, "linf", cfg.model_dir)[0]
+    return Path(cfg.init)
+
+
 def load_init(model: nn.Module, cfg: TrainConfig, num_classes: int) -> None:
     """--init: a checkpoint's weights as the start of a new run, its sha256 recorded in the
     config (and checked when that config is run again). A classifier for another number of
     classes (CIFAR-100 weights for CIFAR-10) keeps its fresh initialisation."""
-    path = Path(cfg.init)
+    path = init_path(cfg)
+    path = path / HF_WEIGHTS if path.is_dir() else path
     state, metadata, sha256 = read_weights(path)
     if cfg.init_sha256 and cfg.init_sha256 != sha256:
         raise CliError(f"--init {path}: its sha256 ({sha256[:12]}...) is not the recorded {cfg.init_sha256[:12]}...: "
@@ -2456,7 +2611,7 @@ def load_init(model: nn.Module, cfg: TrainConfig, num_classes: int) -> None:
         raise CliError(f"--init {path} is a file of part ({fmt}), not model weights; use last.safetensors or best.safetensors")
     else:
         state = _clean_state_dict(state, path)
-    if isinstance(model, ZooNet):
+    if hasattr(model, "adapt_state"):
         state = model.adapt_state(state)
     own = model.state_dict()
     head = [k for k, v in own.items() if k in state and state[k].shape != v.shape and v.dim() >= 1
@@ -3298,8 +3453,9 @@ def fit(config: TrainConfig | dict | None = None, *, preset: Optional[str] = Non
         cfg, preset_name = resume_config(given, values, preset, presets_path, resume == "last", config_path)
     else:
         cfg, preset_name = resolve_config(values, preset, presets_path, config_path)
-        if cfg.init and not Path(cfg.init).is_file():  # before the run folder is made
-            raise CliError(f"--init {cfg.init} {'is a folder, not a file' if Path(cfg.init).is_dir() else 'not found'}")
+        init = init_path(cfg)
+        if init is not None and not (init.is_file() or (init / HF_WEIGHTS).is_file()):  # before the run folder is made
+            raise CliError(f"--init {init} {'is a folder without ' + HF_WEIGHTS if init.is_dir() else 'not found'}")
     set_threads(cfg.threads)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     files = given or RunFiles(Path(cfg.out or f"runs/{preset_name}-{cfg.method}-{stamp}"))
@@ -4101,7 +4257,11 @@ CacheDir = Annotated[str, _opt("Cache of decoded image folders.")]
 DatasetOpt = Annotated[Optional[Literal[tuple(DATASETS)]], _opt("Dataset (default: the checkpoint's, else cifar10).")]
 Arch = Annotated[Optional[str], _opt(f"Architecture of a foreign state dict: {ARCH_HELP}.")]
 CamLayer = Annotated[Optional[str], _opt("Module whose output the CAM uses (default: the model's).")]
-Checkpoint = Annotated[Path, typer.Argument(help=escape_markup("Our .safetensors checkpoint, or a foreign state dict with --arch."), show_default=False)]
+Checkpoint = Annotated[Path, typer.Argument(help=escape_markup(
+    "Our .safetensors checkpoint, a model folder (export --format hf), a foreign state dict with --arch, or robustbench:NAME "
+    "(its file in --model-dir)."), show_default=False)]
+Threat = Annotated[str, _opt("Threat model of a robustbench:NAME model: linf, l2 or corruptions.")]
+ModelDir = Annotated[str, _opt("RobustBench's model folder (its layout: DIR/<dataset>/<Threat>/<NAME>.pt).")]
 Levels = Annotated[Optional[str], _opt("1/255 levels, e.g. 8 or 8/255.")]
 Seed = Annotated[int, _opt("Random seed.", min=0, max=MAX_SEED)]
 Threads = Annotated[int, _opt("CPU threads for PyTorch (0: its default, one per core; 1 is often fastest on a machine "
@@ -4442,6 +4602,39 @@ def _write_reports(rows: list[dict], names: list[str], json_out, csv_out, markdo
         write_text(markdown_out, markdown_table(headers, [[str(c) for c in v] for v in values]) + footer)
 
 
+def check_robustbench_evaluation(specs: list[AttackSpec], n_examples: Optional[int], eps_levels: float, checkpoints: int,
+                                 partial: bool) -> None:
+    """Before any attack runs: a leaderboard entry is the standard evaluation (AutoAttack on
+    the 10,000 test points at eps 8/255) unless --partial says otherwise."""
+    if checkpoints != 1:
+        raise CliError("--robustbench-json describes one model: give one checkpoint")
+    if partial:
+        return
+    problems = ([] if any(s.family == "aa" for s in specs) else ["the attacks do not include aa (AutoAttack)"]) + \
+        ([] if eps_levels == 8 else [f"eps is {eps_levels:g}/255, not 8/255"]) + \
+        ([] if n_examples in (None, 10_000) else [f"{n_examples} points, not 10,000"])
+    if problems:
+        raise CliError(f"--robustbench-json is for the standard evaluation: {'; '.join(problems)} (add --partial for a partial one)")
+
+
+def robustbench_entry_of(row: dict, partial: bool) -> dict:
+    """RobustBench's model-info entry (model_info/<dataset>/Linf/<name>.json): accuracies as
+    percent strings with two decimals, eps as a fraction; what was run in the footnote."""
+    n, acc = row["n_examples"], row["accuracy"]
+    if n != 10_000 and not partial:
+        raise CliError(f"--robustbench-json is for the standard evaluation on 10,000 points; this one had {n} "
+                       "(the reports above are written; add --partial to write the entry too)")
+    aa = acc.get("aa")
+    footnote = (f"Evaluated with part {row['versions']['part']} (PART: Zhang et al., ICML 2024): {', '.join(acc)} on the "
+                f"first {n} {row['dataset']} test points at eps {row['eps_levels']:g}/255, checkpoint sha256 {row['sha256'][:12]}.")
+    if partial:
+        footnote += " A partial evaluation, not the leaderboard's standard one."
+    return {"link": "", "name": Path(row["path"]).stem, "authors": "", "additional_data": False, "number_forward_passes": 1,
+            "dataset": row["dataset"], "venue": "", "architecture": row["arch"], "eps": f"{row['eps_levels']:g}/255",
+            "clean_acc": f"{100 * acc['natural']:.2f}", "reported": f"{100 * aa:.2f}" if aa is not None else "",
+            "autoattack_acc": f"{100 * aa:.2f}" if aa is not None else "", "footnote": footnote, "unreliable": False}
+
+
 def log_attack_wandb(project: str, rows: list[dict], names: list[str], folder: Path) -> None:
     """attack --wandb: the results table and each checkpoint's figures as the run's summary."""
     import wandb
@@ -4507,7 +4700,6 @@ def _int_list(text: str, option: str, high: int) -> list[int]:
 class AttackOptions:
     """What `attack` was asked, for the helpers that carry it out."""
 
-    arch: Optional[str]
     cam_layer: Optional[str]
     dataset: Optional[str]
     data_dir: str
@@ -4526,13 +4718,16 @@ class AttackOptions:
 
 @app.command("attack", cls=KeepsArgs)
 def attack_command(
-    checkpoints: Annotated[list[Path], typer.Argument(help=escape_markup("Checkpoints: ours (.safetensors) or foreign state dicts with --arch."), show_default=False)],
+    checkpoints: Annotated[list[Path], typer.Argument(help=escape_markup(
+        "Checkpoints: ours (.safetensors), model folders, foreign state dicts with --arch, or robustbench:NAME."), show_default=False)],
     attacks: Annotated[Optional[str], _opt(f"Comma-separated: {ATTACK_HELP}. natural always runs. [default: {DEFAULT_ATTACKS}]",
                                            autocompletion=complete_attacks)] = None,
     dataset: DatasetOpt = None,
     data_dir: DataDir = "data",
     cache_dir: CacheDir = DEFAULT_CACHE,
     arch: Arch = None,
+    threat: Threat = "linf",
+    model_dir: ModelDir = "models",
     cam_layer: CamLayer = None,
     n_examples: NExamples = None,
     batch_size: Annotated[int, _opt("Batch size (halved automatically on CUDA out-of-memory).")] = 256,
@@ -4554,6 +4749,9 @@ def attack_command(
     sweep_restarts: Annotated[str, _opt("Restarts of the sweep (at its largest step count).")] = "1,2,4",
     sweep_plot: Annotated[Optional[Path], _opt("PNG of the sweep (default: beside the first report, else sweep.png).")] = None,
     wandb: Annotated[Optional[str], _opt("Also log the results to this Weights & Biases project (needs the wandb package).")] = None,
+    robustbench_json: Annotated[Optional[Path], _opt("Write RobustBench's model-info entry (clean and AutoAttack accuracy) "
+                                                     "here; the standard evaluation only: aa, 10,000 points, eps 8/255.")] = None,
+    partial: Annotated[bool, _opt("Allow --robustbench-json for a partial evaluation (its footnote says so).")] = False,
     seed: Seed = 0,
     device: Device = "auto",
     threads: Threads = 0,
@@ -4590,13 +4788,17 @@ def attack_command(
             check_output_file(path, option)
         if wandb and importlib.util.find_spec("wandb") is None:
             raise CliError("--wandb needs the wandb package: pip install wandb")
-        options = AttackOptions(arch=arch, cam_layer=cam_layer, dataset=dataset, data_dir=data_dir, cache_dir=cache_dir,
+        if robustbench_json is not None:
+            check_output_file(robustbench_json, "--robustbench-json")
+            check_robustbench_evaluation(specs, n_examples, eps_levels, len(checkpoints), partial)
+        options = AttackOptions(cam_layer=cam_layer, dataset=dataset, data_dir=data_dir, cache_dir=cache_dir,
                                 n_examples=n_examples, batch_size=batch_size, restarts=restarts or 1, eps_low=eps_low,
                                 seed=seed, per_class=per_class, state=_eval_state_path(state, reports), save_adv=save_adv,
                                 adv_from=adv_from, sweep_steps=steps_list)
         dev = process_device(device, dist)
         with process_group(dist, dev):
-            rows = _attack_checkpoints(_model_paths(checkpoints), specs, options, eps_levels, step_levels, dev, dist)
+            sources = [robustbench_source(p, arch, dataset, threat, model_dir) for p in _model_paths(checkpoints)]
+            rows = _attack_checkpoints(sources, specs, options, eps_levels, step_levels, dev, dist)
         if not dist.main:
             return
         names = [s.name for s in specs] if adv_from is None else list(rows[0]["accuracy"])[:-1]
@@ -4604,6 +4806,9 @@ def attack_command(
         _write_reports(rows, names, json_out, csv_out, markdown_out)
         if wandb:
             log_attack_wandb(wandb, rows, names, next((p.parent for p in reports if p is not None), Path(".")))
+        if robustbench_json is not None:
+            write_json(robustbench_json, robustbench_entry_of(rows[0], partial))
+            console.print(f"RobustBench model info: {robustbench_json}", markup=False)
         if sweep:
             for row in rows:
                 curves = sweep_curves(specs, row["accuracy"])
@@ -4619,11 +4824,12 @@ def attack_command(
             options.state.unlink(missing_ok=True)  # the evaluation is complete: its reports hold everything
 
 
-def _attack_checkpoints(paths: list[Path], specs: list[AttackSpec], o: AttackOptions, eps_levels: float, step_levels: float,
-                        dev: torch.device, dist: Dist) -> list[dict]:
-    """Every checkpoint through the attacks (or through saved examples with --adv-from)."""
+def _attack_checkpoints(sources: list[tuple[Path, Optional[str]]], specs: list[AttackSpec], o: AttackOptions,
+                        eps_levels: float, step_levels: float, dev: torch.device, dist: Dist) -> list[dict]:
+    """Every checkpoint (path, architecture) through the attacks (or through saved examples
+    with --adv-from)."""
     splits: dict = {}
-    targets = [load_for_eval(p, o.arch, dev, o.dataset, o.data_dir, o.cache_dir, o.cam_layer, splits) for p in paths]
+    targets = [load_for_eval(p, arch, dev, o.dataset, o.data_dir, o.cache_dir, o.cam_layer, splits) for p, arch in sources]
     n = o.n_examples or min(len(t.test.y) for t in targets)
     for t in targets:
         if n > len(t.test.y):
@@ -4752,6 +4958,9 @@ def export_command(
     opset: Annotated[int, _opt("ONNX opset.", min=18, max=30)] = 18,
     verify: Annotated[bool, _opt("Run every exported file on a batch of another size and compare with PyTorch.", "--verify/--no-verify")] = True,
     arch: Arch = None,
+    dataset: Annotated[Optional[str], _opt("Data set of a robustbench:NAME model (cifar10 or cifar100).")] = None,
+    threat: Threat = "linf",
+    model_dir: ModelDir = "models",
     image_size: Annotated[Optional[int], _opt("Input side (default: the checkpoint's, else 32).", min=8, max=MAX_IMAGE_SIZE)] = None,
     report: Annotated[Optional[Path], _opt("An `attack --json` report: its results for this checkpoint go into the model card.")] = None,
     license: Annotated[str, _opt("License in the hf model card's front matter (an SPDX id or a Hub license name).")] = "mit",
@@ -4760,6 +4969,7 @@ def export_command(
     with <name>.json beside them (input contract, classes, training config, robustness);
     or (--format hf) as a model folder to share on a model hub."""
     with cli_errors():
+        checkpoint, arch = robustbench_source(checkpoint, arch, dataset, threat, model_dir)
         export_checkpoint(checkpoint, out, formats, arch=arch, image_size=image_size, batch_size=batch_size, opset=opset,
                           verify=verify, report=report, license=license)
 
@@ -5217,6 +5427,8 @@ def cam_command(
     data_dir: DataDir = "data",
     cache_dir: CacheDir = DEFAULT_CACHE,
     arch: Arch = None,
+    threat: Threat = "linf",
+    model_dir: ModelDir = "models",
     cam_layer: CamLayer = None,
     n_examples: Annotated[int, _opt("The first N test images.", "--n-examples", "--n", min=1, max=4096)] = 16,
     cam_method: Annotated[Optional[Literal[CAM_METHODS]], _opt("CAM method (default: the checkpoint's).", "--cam")] = None,
@@ -5241,6 +5453,7 @@ def cam_command(
             raise CliError(f"--out {out} is not an image file name (e.g. cams.png)")
         check_output_file(out, "--out")
         dev = pick_device(device)
+        checkpoint, arch = robustbench_source(checkpoint, arch, dataset, threat, model_dir)
         target = load_for_eval(checkpoint, arch, dev, dataset, data_dir, cache_dir, cam_layer)
         trained = target.meta.config or TrainConfig()
         eps_levels = parse_levels(eps, "eps") if eps is not None else trained.eps

@@ -2114,6 +2114,128 @@ def test_wandb_offline_logs_the_config_and_every_epoch_and_a_resume_continues_th
     assert summary[f"{tmp_path / 'run' / 'last.safetensors'}/fgsm"] == _accuracies(tmp_path / "rep" / "r.json")[0][1]["fgsm"]
 
 
+def test_import_part_loads_none_of_the_optional_packages():
+    extras = ("timm", "robustbench", "wandb", "huggingface_hub", "tensorboard", "matplotlib", "pyautoattack", "onnx",
+              "onnxruntime", "torchvision")
+    code = f"import sys, part; print([m for m in {extras!r} if m in sys.modules])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def robustbench_zoo():
+    """The robustbench package's model zoo (its PyPI release imports `autoattack`, which the
+    pyautoattack package provides under its own name)."""
+    if importlib.util.find_spec("autoattack") is None:
+        sys.modules.setdefault("autoattack", importlib.import_module("pyautoattack"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from robustbench.model_zoo import model_dicts
+        from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    return model_dicts[BenchmarkDataset("cifar10")][ThreatModel("Linf")]
+
+
+needs_robustbench = pytest.mark.skipif(importlib.util.find_spec("robustbench") is None or importlib.util.find_spec("pkg_resources") is None,
+                                       reason="robustbench not installed (pip install robustbench setuptools<81)")
+
+
+@needs_robustbench
+def test_the_robust_architectures_of_our_registry_load_robustbench_state_dicts_and_give_its_logits():
+    zoo = robustbench_zoo()
+    from robustbench.model_zoo.architectures.dm_wide_resnet import DMWideResNet, Swish
+    from robustbench.model_zoo.architectures.wide_resnet import WideResNet
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32)
+    for theirs, ours, arch in [(DMWideResNet(10, 16, 2, activation_fn=Swish), part.DMWideResNet(10, 16, 2), "wrn-28-10-dm"),
+                               (WideResNet(depth=16, widen_factor=2, sub_block1=True), part.WideResNet(10, depth=16, widen=2), "wrn-28-10"),
+                               (zoo["Wong2020Fast"]["model"](), part.build_model("preact-resnet18-rb", 10), "preact-resnet18-rb")]:
+        for m in theirs.modules():  # statistics that are not the initial ones, so that a mix-up shows
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
+        state = {k: v for k, v in theirs.state_dict().items() if k not in ("mu", "sigma")}
+        part.load_state_into(ours, state, arch, Path("x"))
+        normalised = (x - theirs.mu) / theirs.sigma if arch == "preact-resnet18-rb" else x  # Wong2020Fast's own, outside ours
+        with torch.no_grad():
+            expected, got = theirs.eval()(x), ours.eval()(normalised)
+        assert torch.allclose(got, expected, atol=1e-5), arch
+    with torch.device("meta"):  # the full-size ones, shapes only
+        for depth, width, arch in ((70, 16, "wrn-70-16"), (28, 10, "wrn-28-10-dm")):
+            theirs, ours = DMWideResNet(10, depth, width, activation_fn=Swish).state_dict(), part.build_model(arch, 10).state_dict()
+            assert theirs.keys() == ours.keys() and all(theirs[k].shape == ours[k].shape for k in theirs)
+        theirs, ours = WideResNet(depth=28, widen_factor=10).state_dict(), part.build_model("wrn-28-10", 10).state_dict()
+        assert theirs.keys() == ours.keys()
+
+
+@needs_robustbench
+@pytest.mark.slow
+def test_a_robustbench_zoo_entry_in_its_own_layout_is_attacked_exported_drawn_and_fine_tuned(tmp_path):
+    import robustbench.utils
+
+    torch.manual_seed(0)
+    zoo_model = robustbench_zoo()["Wong2020Fast"]["model"]()
+    for m in zoo_model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
+    folder = tmp_path / "models" / "cifar10" / "Linf"
+    folder.mkdir(parents=True)
+    state = {k: v for k, v in zoo_model.state_dict().items() if k not in ("mu", "sigma")}  # as the real file: no constants
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, folder / "Wong2020Fast.pt")
+    theirs = robustbench.utils.load_model("Wong2020Fast", tmp_path / "models", "cifar10", "Linf").eval()
+    ours, meta = part.load_checkpoint(folder / "Wong2020Fast.pt", arch="robustbench:cifar10/Linf/Wong2020Fast")
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-5) and meta.num_classes == 10  # inputs in [0, 1], as RobustBench's
+    _write_folder(tmp_path / "data", "test", list(part.SYNTHETIC_CLASSES), 2, size=32)
+    where = ["--dataset", "cifar10", "--data-dir", tmp_path / "data", "--cache-dir", tmp_path / "cache", "--model-dir", tmp_path / "models"]
+    r = invoke("attack", "robustbench:Wong2020Fast", *where, "--attacks", "natural,pgd2", "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.stderr
+    row = json.loads((tmp_path / "r.json").read_text())["checkpoints"][0]
+    assert row["arch"] == "robustbench:cifar10/Linf/Wong2020Fast" and row["n_examples"] == 20
+    points = part.load_split("cifar10", "test", tmp_path / "data", tmp_path / "cache")
+    with torch.no_grad():
+        right = (theirs(part.to_float(points.x)).argmax(1) == points.y).sum().item()
+    assert row["accuracy"]["natural"] == pytest.approx(right / 20)  # RobustBench's own model on the same points
+    r = invoke("attack", folder / "Wong2020Fast.pt", "--arch", "robustbench:Wong2020Fast", *where, "--attacks", "natural",
+               "--json", tmp_path / "r2.json")
+    assert r.exit_code == 0 and _accuracies(tmp_path / "r2.json")[0][1]["natural"] == row["accuracy"]["natural"], r.stderr
+    r = invoke("export", "robustbench:Wong2020Fast", "--dataset", "cifar10", "--model-dir", tmp_path / "models", "--format", "onnx",
+               "--out", tmp_path / "exp")
+    assert r.exit_code == 0 and "ok" in r.stdout, r.stderr
+    assert invoke("cam", "robustbench:Wong2020Fast", *where, "--n-examples", 4, "--out", tmp_path / "cam.png").exit_code == 0
+    r = invoke("attack", "robustbench:NoSuchModel", *where)
+    assert r.exit_code == 1 and "unknown RobustBench model 'NoSuchModel'" in r.stderr
+    _write_folder(tmp_path / "data", "train", list(part.SYNTHETIC_CLASSES), 4, size=32)
+    r = invoke("train", "--preset", "smoke", "--dataset", "cifar10", "--data-dir", tmp_path / "data", "--cache-dir", tmp_path / "cache",
+               "--model-dir", tmp_path / "models", "--init", "robustbench:Wong2020Fast", "--val-size", 0, "--eval-subset", 8,
+               "--epochs", 1, "--warmup-epochs", 0, "--steps", 1, "--batch-size", 20, "--lr", 1e-12, "--momentum", 0,
+               "--weight-decay", 0, "--out", tmp_path / "run")
+    assert r.exit_code == 0, r.stderr
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert stored["model"] == "robustbench:cifar10/Linf/Wong2020Fast"
+    assert stored["init_sha256"] == hashlib.sha256((folder / "Wong2020Fast.pt").read_bytes()).hexdigest()
+    tuned = load_file(tmp_path / "run" / "last.safetensors")
+    assert torch.allclose(tuned["net.conv1.weight"], state["conv1.weight"], atol=1e-9)  # lr 1e-12: the zoo's weights
+
+
+def test_a_robustbench_entry_is_written_only_for_the_standard_evaluation_unless_partial(fake_run, tmp_path):
+    ckpt = fake_run / "best.safetensors"
+    for args, message in [(["--attacks", "natural,pgd2"], "do not include aa"),
+                          (["--attacks", "aa", "--eps", "4"], "eps is 4/255"),
+                          (["--attacks", "aa", "--n-examples", 100], "100 points, not 10,000"),
+                          (["--attacks", "aa", fake_run / "last.safetensors"], "give one checkpoint")]:
+        r = invoke("attack", ckpt, *args, "--robustbench-json", tmp_path / "rb.json")
+        assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "rb.json").exists()
+    r = invoke("attack", ckpt, "--attacks", "natural,fgsm", "--n-examples", 32, "--json", tmp_path / "r.json",
+               "--robustbench-json", tmp_path / "rb.json", "--partial")
+    assert r.exit_code == 0, r.stderr
+    entry, accuracy = json.loads((tmp_path / "rb.json").read_text()), _accuracies(tmp_path / "r.json")[0][1]
+    assert entry["clean_acc"] == f"{100 * accuracy['natural']:.2f}" and entry["eps"] == "8/255" and entry["autoattack_acc"] == ""
+    assert entry["architecture"] == "cnn" and "partial" in entry["footnote"] and "first 32 synthetic test points" in entry["footnote"]
+
+
 def torchrun_attack(*args):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(ROOT / "part.py"), "attack", *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600)
