@@ -61,7 +61,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 Tensor = torch.Tensor
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 # The Python API (budgets in [0, 1] units; images as uint8 or floats in [0, 1]). Everything
 # else is internal and may change.
 __all__ = [
@@ -1295,9 +1295,10 @@ def is_zoo(name: str) -> bool:
 
 
 class ZooNet(nn.Module):
-    """A torchvision or timm classifier (random weights) that takes images in [0, 1]: the
-    normalisation of its recipes (ImageNet's; a timm model's own) is the first step of its
-    forward. `cam_layer` names the module (inside `net`) whose output the CAM uses."""
+    """A torchvision, timm or RobustBench classifier (random weights until loaded) that takes
+    images in [0, 1]: the normalisation of its recipes (ImageNet's; a timm model's own) is the
+    first step of its forward (RobustBench models normalise themselves). `cam_layer` names the
+    module (inside `net`) whose output the CAM uses."""
 
     def __init__(self, name: str, num_classes: int, cam_layer: Optional[str] = None, image_size: int = 32):
         super().__init__()
@@ -1598,8 +1599,32 @@ def uniform_rule(cam: Tensor, eps: float, eps_low: float, size: tuple[int, int],
     return eps_low + (eps - eps_low) * _zscore_hot(upsample(cam, size)).float().mean((1, 2, 3), keepdim=True)
 
 
+def inverse_rule(cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None) -> Tensor:
+    """The control for "where": as many `eps` pixels per image as zscore gives, on the pixels
+    the CAM ranks least important (ties in pixel order). -> [B, 1, H, W]"""
+    heat = upsample(cam, size)
+    count = _zscore_hot(heat).flatten(1).sum(1, keepdim=True)
+    rank = heat.flatten(1).argsort(dim=1, stable=True).argsort(1)  # 0: the least important pixel
+    return torch.where((rank < count).view(cam.shape[0], 1, *size), eps, eps_low)
+
+
+def quadrant_rule(corner: str) -> Callable[..., Tensor]:
+    """The paper's Fig. 1: `eps_low` on one image quadrant (tl, tr, bl, br), `eps` on the
+    other three; no CAM. -> [B, 1, H, W]"""
+    def rule(cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None) -> Tensor:
+        (h, w), low = size, torch.zeros(size, dtype=torch.bool, device=cam.device)
+        rows = slice(0, h // 2) if corner[0] == "t" else slice(h - h // 2, h)
+        cols = slice(0, w // 2) if corner[1] == "l" else slice(w - w // 2, w)
+        low[rows, cols] = True
+        return torch.where(low, eps_low, eps).expand(cam.shape[0], 1, h, w)
+    rule.__doc__ = f"eps_low on the {corner} quadrant, eps elsewhere (Fig. 1 of the paper)."
+    return rule
+
+
 MASK_RULES: dict[str, Callable[..., Tensor]] = {
-    "zscore": zscore_rule, "official": official_rule, "random": random_rule, "uniform": uniform_rule}
+    "zscore": zscore_rule, "official": official_rule, "random": random_rule, "uniform": uniform_rule, "inverse": inverse_rule,
+    **{f"quadrant-{c}": quadrant_rule(c) for c in ("tl", "tr", "bl", "br")}}
+NO_CAM_RULES = {name for name in MASK_RULES if name.startswith("quadrant-")}  # the budget map needs no CAM
 
 
 def eps_map(cam: Tensor, eps: float, eps_low: float, rule: str = "zscore", size: Optional[tuple[int, int]] = None,
@@ -1924,7 +1949,9 @@ class TrainConfig:
     beta: float = setting(6.0, "TRADES/MART regulariser weight.", METHOD, bounds=(0, 1e6))
     generator: str = setting("pgd", "How training AEs are made.", METHOD, choices=GENERATORS)
     cam: str = setting("gradcam", "CAM method.", METHOD, choices=CAM_METHODS)
-    mask_rule: str = setting("zscore", "zscore (paper), official (authors' code), random or uniform (controls).", METHOD,
+    mask_rule: str = setting("zscore", "zscore (paper), official (authors' code); controls: random, uniform (same budget, "
+                                       "no placement), inverse (the least important pixels); quadrant-tl, quadrant-tr, quadrant-bl, "
+                                       "quadrant-br (the paper's Fig. 1: eps-low on one quadrant, no CAM).", METHOD,
                              choices=tuple(MASK_RULES))
     eps: float = setting(DEFAULT_EPS_LEVELS, "Full budget: 8 or 8/255.", THREAT, levels=True)
     eps_low: float = setting(DEFAULT_EPS_LOW_LEVELS, "Budget of the unimportant pixels.", THREAT, levels=True)
@@ -2269,6 +2296,8 @@ def budget_for(model: nn.Module, x: Tensor, setup: AttackSetup, part_phase: bool
     """The per-pixel budget of this exact (augmented) batch: CAM -> eps map in PART epochs."""
     if not part_phase:
         return setup.eps
+    if setup.mask_rule in NO_CAM_RULES:  # the batch size and device are all such a rule reads
+        return eps_map(x[:, :1, :1, :1].detach() * 0, setup.eps, setup.eps_low, setup.mask_rule, size=x.shape[-2:], check=False)
     low_res = cam(model, x, setup.cam) if cam else class_activation(model, x, setup.cam, check=False)
     return eps_map(low_res, setup.eps, setup.eps_low, setup.mask_rule, size=x.shape[-2:], check=False)
 
@@ -3148,7 +3177,7 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.init and not resume:  # a resumed run's weights come from its own files
         load_init(model, cfg, len(train.classes))
-    if cfg.method == "part":
+    if cfg.method == "part" and cfg.mask_rule not in NO_CAM_RULES:
         check_cam_layer(model, to_float(train.x[:2]).to(device), cfg)
     optimizer = make_optimizer(model, cfg)
     meta = CheckpointMeta(arch=cfg.model, num_classes=len(train.classes), classes=train.classes, dataset=cfg.dataset,
@@ -5047,8 +5076,12 @@ def export_hf(model: nn.Module, meta: CheckpointMeta, card: dict, out: Path, nam
                                      meta.arch)), *(["datasets:", f"- {q(dataset)}"] if meta.dataset else [])]
     robustness = card.get("robustness")
     cfg = meta.config
-    how = (f"trained with {'pixel-reweighted adversarial training (PART, Zhang et al., ICML 2024)' if cfg.method == 'part' else 'adversarial training'} "
-           f"({cfg.loss} loss, eps {cfg.eps:g}/255) for {meta.epoch} epochs by `part`" if cfg else f"weights from {Path(meta.source or name).name}")
+    if cfg is not None:
+        method = "pixel-reweighted adversarial training (PART, Zhang et al., ICML 2024)" if cfg.method == "part" else \
+            "adversarial training"
+        how = f"trained with {method} ({cfg.loss} loss, eps {cfg.eps:g}/255) for {meta.epoch} epochs by `part`"
+    else:
+        how = f"weights from {Path(meta.source or name).name}"
     lines = [f"# {name}", "", f"A {meta.arch} image classifier for {dataset} ({meta.num_classes} classes), {how}.", ""]
     if robustness:
         n, eps = robustness.get("n_examples"), robustness.get("eps_levels")
@@ -5129,6 +5162,10 @@ def mean_std(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "n": n}
 
 
+# Settings part 0.5 added, at the values that give what 0.4 computed (a 0.4 report groups with 0.5 runs).
+SETTINGS_ADDED_IN_0_5 = {"optimizer": "sgd", "schedule": "step", "lr_warmup": 0.0, "ema": 0.0, "init_sha256": ""}
+
+
 @dataclasses.dataclass
 class Observation:
     """The figures of one trained model (one seed of one setting)."""
@@ -5144,9 +5181,12 @@ class Observation:
 
     def setting(self) -> tuple:
         """What was computed: the config without seed, paths and speed settings (and, for AT,
-        without the settings that only PART reads, so that AT runs group whatever they hold)."""
+        without the settings that only PART reads, so that AT runs group whatever they hold).
+        A config written before a setting existed reads as that setting's default, which is
+        what the code did then."""
         ignored = NOT_THE_EXPERIMENT | (PART_ONLY if self.config.get("method") == "at" else set())
-        return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in ignored))
+        config = {**SETTINGS_ADDED_IN_0_5, **self.config}
+        return tuple(sorted((k, json.dumps(v)) for k, v in config.items() if k not in ignored))
 
 
 def checked_observation(config: Any, figures: Any, source: str, evaluation: str, where: str = "") -> Observation:
@@ -5288,13 +5328,18 @@ def paired_difference(a: dict, b: dict) -> dict:
     """A - B per column over the seeds both groups have, with a 95% t interval."""
     if a is b:
         raise CliError(f"--compare names the group {a['label']} twice; compare two different groups")
+    measured = [g["evaluation"].split(": ")[0] for g in (a, b)]  # the points, budget and attack seed
+    if measured[0] != measured[1]:
+        raise CliError(f"the groups {a['label']} and {b['label']} were measured differently ({measured[0]} vs {measured[1]}); "
+                       "a paired comparison needs the same points, budget and seed")
     by_seed = lambda g: {o.seed: o.figures for o in g["members"]}  # noqa: E731
     fa, fb = by_seed(a), by_seed(b)
     seeds = sorted(set(fa) & set(fb))
     if not seeds:
         raise CliError(f"the groups {a['label']} and {b['label']} share no seed; a paired comparison needs the same seeds")
     result = {}
-    for key in [k for k in a["stats"] if k in b["stats"]]:
+    same_attacks = a["evaluation"] == b["evaluation"]  # `worst` is over each group's own attacks: like with like only
+    for key in [k for k in a["stats"] if k in b["stats"] and (k != "worst" or same_attacks)]:
         d = [fa[s][key] - fb[s][key] for s in seeds]
         stats = mean_std(d)
         half = t975(len(d) - 1) * stats["std"] / math.sqrt(len(d)) if len(d) > 1 else math.inf

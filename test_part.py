@@ -289,7 +289,7 @@ def cams(batch):
 
 def test_masks_hold_only_the_two_budgets(cams):
     allowed = torch.tensor([EPS_LOW, EPS], dtype=torch.float32)
-    for rule, channels in (("zscore", 1), ("official", 3), ("random", 1)):
+    for rule, channels in (("zscore", 1), ("official", 3), ("random", 1), ("inverse", 1), *((q, 1) for q in part.NO_CAM_RULES)):
         m = part.eps_map(cams, EPS, EPS_LOW, rule, size=(32, 32))
         assert m.shape == (len(cams), channels, 32, 32)
         assert torch.isin(m.unique(), allowed).all()
@@ -301,6 +301,56 @@ def test_random_rule_has_zscores_density_per_image_at_other_positions(cams):
     r = part.eps_map(cams, EPS, EPS_LOW, "random", size=(32, 32), generator=torch.Generator().manual_seed(0)) > EPS_LOW
     assert torch.equal(z.sum((1, 2, 3)), r.sum((1, 2, 3)))
     assert not torch.equal(z, r)
+
+
+def test_inverse_has_zscores_count_on_the_least_important_pixels_and_a_quadrant_is_a_quarter(cams):
+    heat = part.upsample(cams, (32, 32)).flatten(1)
+    z = part.eps_map(cams, EPS, EPS_LOW, "zscore", size=(32, 32)).flatten(1) > EPS_LOW
+    inv = part.eps_map(cams, EPS, EPS_LOW, "inverse", size=(32, 32)).flatten(1) > EPS_LOW
+    assert torch.equal(z.sum(1), inv.sum(1)) and (z.sum(1) > 0).sum() >= 2  # the same density and mean budget as PART
+    for h, full in zip(heat, inv, strict=True):  # every full-budget pixel ranks at or below every other pixel
+        assert not full.any() or h[full].max() <= h[~full].min()
+    for corner in ("tl", "tr", "bl", "br"):
+        low = part.eps_map(cams, EPS, EPS_LOW, f"quadrant-{corner}", size=(32, 32)) == EPS_LOW
+        assert (low.sum((1, 2, 3)) == 32 * 32 // 4).all()
+        rows, cols = slice(0, 16) if corner[0] == "t" else slice(16, 32), slice(0, 16) if corner[1] == "l" else slice(16, 32)
+        assert low[:, :, rows, cols].all()
+
+
+def test_a_model_whose_cam_is_known_gets_the_full_budget_where_each_rule_says():
+    class Known(part.FeaturesHead):  # Grad-CAM of class 0 = the image's first channel, pooled 4 x 4
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(1, 2, bias=False)
+            self.linear.weight.data = torch.tensor([[1.0], [-1.0]])
+
+        def features(self, x):
+            return F.avg_pool2d(x[:, :1], 4)
+
+        def head(self, a):
+            return self.linear(a.mean((2, 3)))
+
+    x = torch.full((2, 3, 32, 32), 0.1) + 0.01 * torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x[:, :, :8, :8] = 0.9  # the bright corner: what the model relies on
+    cam = part.class_activation(Known().eval(), x)
+    near = torch.zeros(32, 32, dtype=torch.bool)
+    near[:12, :12] = True  # the corner and one CAM cell around it (upsampling spreads the map that far)
+    full = {rule: (part.eps_map(cam, EPS, EPS_LOW, rule, size=(32, 32)) > EPS_LOW)[:, 0] for rule in part.MASK_RULES}
+    assert full["zscore"][:, :6, :6].all() and not (full["zscore"] & ~near).any()  # PART: the full budget on it
+    assert full["inverse"].sum() == full["zscore"].sum() and not full["inverse"][:, :8, :8].any()  # inverse: never on it
+    assert not full["quadrant-tl"][:, :16, :16].any() and full["quadrant-tl"][:, 16:].all()  # Fig. 1: no CAM at all
+    assert full["quadrant-br"][:, :8, :8].all()
+
+
+def test_the_fig1_presets_run_the_papers_quadrant_experiment_without_a_cam(tmp_path):
+    for name in ("cifar10-quadrant", "cifar10-study-quadrant"):
+        cfg, _ = part.resolve_config({"out": str(tmp_path / name)}, name, None)
+        assert (cfg.method, cfg.mask_rule, cfg.eps, cfg.eps_low, cfg.warmup_epochs) == ("part", "quadrant-tl", 12, 6, 0)
+    r = invoke("train", "--preset", "smoke", "--mask-rule", "quadrant-br", "--eps", 12, "--eps-low", 6, "--warmup-epochs", 0,
+               "--epochs", 1, "--train-subset", 64, "--eval-subset", 16, "--val-size", 0, "--steps", 1, "--batch-size", 32,
+               "--model", "torchvision:resnet18", "--cam-layer", "avgpool", "--out", tmp_path / "q")  # a 1x1 CAM layer: unused here
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((tmp_path / "q" / "metrics.jsonl").read_text().splitlines()[0])["phase"] == "PART"
 
 
 def test_uniform_rule_is_zscores_mean_budget(cams):
@@ -520,7 +570,8 @@ def test_synthetic_data_is_fixed_and_balanced():
 
 
 @pytest.mark.parametrize("loss, generator, rule", [("ce", "pgd", "zscore"), ("trades", "pgd", "official"), ("mart", "pgd", "random"),
-                                                    ("ce", "mma", "uniform"), ("trades", "mma", "zscore")])
+                                                    ("ce", "mma", "uniform"), ("trades", "mma", "zscore"), ("ce", "pgd", "inverse"),
+                                                    ("mart", "pgd", "quadrant-br")])
 def test_every_loss_generator_and_rule_makes_a_finite_update(batch, loss, generator, rule):
     model = seeded()
     cfg = part.TrainConfig(loss=loss, generator=generator, mask_rule=rule, steps=2, eps_low=3)
@@ -2310,6 +2361,33 @@ def test_report_gives_mean_std_and_the_seed_paired_difference_a_hand_computation
     assert d["distinguishable"] is False and "NOT distinguishable from zero" in r.stdout
     assert "method=part" in (tmp_path / "r.md").read_text() and (tmp_path / "tradeoff.png").stat().st_size > 1000
     assert "53.50 ± 2.12" in (tmp_path / "r.md").read_text()
+
+
+def test_report_compares_new_arms_measured_with_fewer_attacks_on_their_common_columns_and_reads_old_configs(tmp_path):
+    old = [("part", s, {"natural": 0.42 + s / 100, "pgd20": 0.25, "cw20": 0.21, "aa": 0.20, "worst": 0.20}) for s in (0, 1, 2)]
+    new = [("part", s, {"natural": 0.40 + s / 100, "pgd20": 0.26, "cw20": 0.22, "worst": 0.22}) for s in (0, 1, 2)]
+    _report_file(tmp_path / "old.json", old)
+    added = set(part.SETTINGS_ADDED_IN_0_5)  # written by part 0.4: no optimizer, schedule, ... keys
+    report = json.loads((tmp_path / "old.json").read_text())
+    for row in report["checkpoints"]:
+        row["config"] = {k: v for k, v in row["config"].items() if k not in added}
+    (tmp_path / "old.json").write_text(json.dumps(report))
+    _report_file(tmp_path / "new.json", new, mask_rule="inverse")
+    r = invoke("report", tmp_path / "old.json", tmp_path / "new.json", "--compare", "mask_rule=zscore", "mask_rule=inverse",
+               "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert {g["label"] for g in out["groups"]} == {"mask_rule=zscore", "mask_rule=inverse"}  # only the rule differs
+    columns = out["comparison"]["columns"]
+    assert set(columns) == {"natural", "pgd20", "cw20"}  # aa only in one; worst is over different attacks
+    assert columns["natural"]["mean"] == pytest.approx(0.02) and columns["pgd20"]["mean"] == pytest.approx(-0.01)
+    _report_file(tmp_path / "other.json", [(m, s, f) for m, s, f in new], mask_rule="random")
+    report = json.loads((tmp_path / "other.json").read_text())
+    for row in report["checkpoints"]:
+        row["n_examples"] = 500
+    (tmp_path / "other.json").write_text(json.dumps(report))
+    r = invoke("report", tmp_path / "old.json", tmp_path / "other.json", "--compare", "mask_rule=zscore", "mask_rule=random")
+    assert r.exit_code == 1 and "were measured differently" in r.stderr
 
 
 def test_a_sweep_lists_its_attacks_in_the_order_of_the_curve():
