@@ -2222,10 +2222,11 @@ def test_the_robust_architectures_of_our_registry_load_robustbench_state_dicts_a
 @needs_robustbench
 @pytest.mark.slow
 def test_a_robustbench_zoo_entry_in_its_own_layout_is_attacked_exported_drawn_and_fine_tuned(tmp_path):
+    zoo = robustbench_zoo()  # first: it makes the package importable (see there)
     import robustbench.utils
 
     torch.manual_seed(0)
-    zoo_model = robustbench_zoo()["Wong2020Fast"]["model"]()
+    zoo_model = zoo["Wong2020Fast"]["model"]()
     for m in zoo_model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
