@@ -1266,10 +1266,14 @@ def test_nproc_says_an_error_once_and_no_launcher_traceback(monkeypatch):
 def _children(pid: int) -> dict[int, str]:
     """The processes started by `pid`, each with its RANK."""
     found = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-            found[int(child)] = next((e[5:].decode() for e in environ if e.startswith(b"RANK=")), "")
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                # a child read between fork and exec still has the launcher's environment (no RANK yet)
+                environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+                found[int(child)] = next((e[5:].decode() for e in environ if e.startswith(b"RANK=")), "")
+    except OSError:  # a process that ended while it was read
+        pass
     return found
 
 
@@ -1288,9 +1292,12 @@ def test_nproc_interrupted_says_how_to_go_on_and_a_killed_process_is_named(tmp_p
     assert err == f"error: interrupted in epoch 1 (no epoch had finished). Continue with: python part.py train --out {out} --resume --nproc 2\n"
     # the way on works, and a process killed from outside is named by the launcher
     proc = subprocess.Popen([*launch, "--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while len(_children(proc.pid)) < 2 and proc.poll() is None:
+    ranks, deadline = {}, time.time() + 300
+    while "1" not in ranks.values() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    os.kill(next(pid for pid, rank in _children(proc.pid).items() if rank == "1"), signal.SIGKILL)
+        ranks = _children(proc.pid)  # a child has its RANK only once it has exec-ed
+    assert "1" in ranks.values(), (proc.poll(), ranks)
+    os.kill(next(pid for pid, rank in ranks.items() if rank == "1"), signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 137 and "error: process 1 of 2 was killed by SIGKILL" in err and "Traceback" not in err, err
     r = cli("train", "--out", out, "--resume", "--nproc", 2)
