@@ -238,6 +238,10 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def threads_text(n: int) -> str:
+    return f"{n} thread{'s' * (n != 1)}"
+
+
 def machine() -> dict[str, Any]:
     """Where a result was computed, stored beside the versions: the CPU and PyTorch's thread
     count (CPU results are bit-exact only at the same count)."""
@@ -454,7 +458,7 @@ def pick_device(name: str) -> torch.device:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{device.type.upper()}, {torch.get_num_threads()} threads"
+    return f"{device.type.upper()}, {threads_text(torch.get_num_threads())}"
 
 
 def model_device(model: nn.Module) -> Optional[torch.device]:
@@ -3210,7 +3214,7 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
         run.start, run.best = saved.epoch or 0, saved.best or run.best
         before, now = saved.machine.get("threads"), torch.get_num_threads()
         if dist.main and device.type == "cpu" and before not in (None, now):
-            note(f"note: the run used {before} CPU threads, this resume {now}: it continues exactly, but floating-point "
+            note(f"note: the run used {threads_text(before)}, this resume {now}: it continues exactly, but floating-point "
                  f"sums may round differently, so the weights will not be bit-identical to an uninterrupted run "
                  f"(--threads {before} keeps them so)")
         run.history = [r for r in run.history if r["epoch"] <= run.start]
@@ -3366,7 +3370,7 @@ def say_cpu_estimate(run: Run, epoch: int, epoch_seconds: float) -> None:
     if epoch_seconds < 300:
         return
     left = run.cfg.epochs - epoch
-    text = (f"note: on this CPU ({torch.get_num_threads()} threads) an epoch takes about {fmt_duration(epoch_seconds)} "
+    text = (f"note: on this CPU ({threads_text(torch.get_num_threads())}) an epoch takes about {fmt_duration(epoch_seconds)} "
             f"(estimated from its first steps); {left} epoch{'s' * (left != 1)} to go: about {fmt_duration(left * epoch_seconds)}")
     if run.cfg.model != "cnn":
         text += f". {run.cfg.model} is a GPU recipe: on a CPU, --preset cifar10-cpu trains a small CNN"

@@ -2640,7 +2640,7 @@ def test_a_resume_at_another_thread_count_says_it_is_not_bit_exact(tmp_path):
     assert cli("train", *QUICK, "--epochs", 1, "--threads", 1, "--out", out).returncode == 0
     assert json.loads((out / "config.json").read_text())["machine"]["threads"] == 1
     r = cli("train", *QUICK, "--out", out, "--resume", "--threads", 2)
-    assert r.returncode == 0 and "the run used 1 CPU threads, this resume 2" in r.stderr and "threads=2" in r.stdout
+    assert r.returncode == 0 and "the run used 1 thread, this resume 2" in r.stderr and "threads=2" in r.stdout
 
 
 def test_report_skips_what_is_not_a_run_or_an_attack_report_with_one_note(tmp_path):
