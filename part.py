@@ -399,33 +399,49 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def file_lock(lock: Path, what: str, used: str):
+def file_lock(lock: Path, what: str, used: str, remove: bool = False):
     """An exclusive lock for the life of a process (released by the OS even after kill -9),
-    so that two runs never write the same files. `used` names what is locked in the message."""
+    so that two runs never write the same files. `used` names what is locked in the message;
+    `remove` deletes the lock file when done (one left by a killed process is taken over)."""
     try:
         import fcntl
     except ImportError:  # no flock on this platform: run unlocked
         yield
         return
-    try:  # O_NOFOLLOW: a lock file that is a link to elsewhere is refused, never written through
-        handle = os.fdopen(os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644), "r+")
-    except OSError:
-        if Path(lock).is_symlink():
-            raise CliError(f"{lock} is a symbolic link; part never writes through one: remove it") from None
-        raise
-    try:
+    for _ in range(100):
+        try:  # O_NOFOLLOW: a lock file that is a link to elsewhere is refused, never written through
+            handle = os.fdopen(os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644), "r+")
+        except OSError:
+            if Path(lock).is_symlink():
+                raise CliError(f"{lock} is a symbolic link; part never writes through one: remove it") from None
+            raise
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
+            handle.close()
             raise CliError(f"{used} is in use by {holder}; wait for it to finish or choose another") from None
+        # A holder that removes its lock unlinks it while still holding it: the file locked here
+        # may be that unlinked one, so it counts only if it is still the file at `lock`.
+        try:
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(lock, follow_symlinks=False)):
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    else:
+        raise CliError(f"could not lock {used}: {lock} keeps being replaced")
+    try:
         handle.seek(0)
         handle.truncate()
         handle.write(f"{what} (pid {os.getpid()})")
         handle.flush()
         yield
     finally:
+        if remove:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
         handle.close()
 
 
@@ -4876,7 +4892,8 @@ def _attack_checkpoints(sources: list[tuple[Path, Optional[str]]], specs: list[A
     with contextlib.ExitStack() as locks:  # one evaluation at a time writes a state file or a --save-adv folder
         if dist.main and o.state is not None:
             o.state.parent.mkdir(parents=True, exist_ok=True)
-            locks.enter_context(file_lock(o.state.with_name(f".{o.state.name}.lock"), "an evaluation", str(o.state)))
+            locks.enter_context(file_lock(o.state.with_name(f".{o.state.name}.lock"), "an evaluation", str(o.state),
+                                                  remove=True))
         if dist.main and o.save_adv is not None:
             check_output_folder(o.save_adv, "--save-adv")
             locks.enter_context(folder_lock(o.save_adv, "an evaluation"))
