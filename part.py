@@ -3428,25 +3428,33 @@ def run_training(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, d
     """The whole run: data, model, warm-up + PART epochs, evaluation, checkpoints.
     Returns the last epoch's metrics."""
     out = files.folder
-    run = prepare_run(cfg, preset, files, resume, dist)
-    run.report.header()
-    if run.start >= cfg.epochs:
-        run.report.print(f"{out} already finished {run.start} of {cfg.epochs} epochs; nothing to do")
-    metrics: dict = run.history[-1] if run.history else {}
-    epoch = run.start
-    try:
+    run: Optional[Run] = None
+    metrics: dict = {}
+    epoch = 0
+    try:  # from the set-up on: once config.json is written, an interrupt says how to go on
+        run = prepare_run(cfg, preset, files, resume, dist)
+        run.report.header()
+        if run.start >= cfg.epochs:
+            run.report.print(f"{out} already finished {run.start} of {cfg.epochs} epochs; nothing to do")
+        metrics = run.history[-1] if run.history else {}
         for epoch in range(run.start, cfg.epochs):
             metrics = finish_epoch(run, train_epoch(run, epoch))
     except KeyboardInterrupt:
+        if run is None:
+            if not files.config.is_file():
+                raise  # nothing was written: the same command starts again
+            kept = "its files are as they were" if resume else "no epoch had finished"
+            raise CliError(f"interrupted while the run was set up ({kept}). Continue with: {resume_command(out)}",
+                           code=130) from None
         done = len(run.history)
         kept = f"{run.files.last} holds epoch {done}" if done else "no epoch had finished"
-        raise CliError(f"interrupted in epoch {epoch + 1} ({kept}). Continue with: {resume_command(out)}",
+        raise CliError(f"interrupted in epoch {max(epoch, run.start) + 1} ({kept}). Continue with: {resume_command(out)}",
                        code=130) from None
     except FloatingPointError:
         kept = f"{run.files.last} keeps epoch {len(run.history)}" if run.history else "no checkpoint was written"
         raise CliError(f"the training loss became NaN/inf in epoch {epoch + 1}; stopped ({kept}). Try a lower --lr", code=3) from None
     finally:
-        for tracker in run.trackers:
+        for tracker in run.trackers if run is not None else ():
             tracker.close()
     if dist.main and metrics and run.best["epoch"]:
         run.report.print(f"done: {run.files.last}; best PGD-20 {fmt_pct(run.best['pgd20'])}% ({run.best.get('eval_on', 'test')}) "

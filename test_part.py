@@ -1639,6 +1639,20 @@ def test_ctrl_c_before_the_first_epoch_ends_says_what_works_and_it_does(tmp_path
     assert part.load_checkpoint(out / "last.safetensors")[1].epoch == 2
 
 
+def test_ctrl_c_after_the_config_is_written_but_before_the_loop_says_how_to_go_on(tmp_path, monkeypatch):
+    # the window the test above can hit under load: config.json is there, the epoch loop not yet
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(part, "open_trackers", interrupted)
+    r = invoke("train", *TINY, "--out", tmp_path / "run")
+    assert r.exit_code == 130 and "no epoch had finished" in r.stderr and "--resume" in r.stderr, r.stderr
+    monkeypatch.undo()
+    r = invoke("train", "--out", tmp_path / "run", "--resume")
+    assert r.exit_code == 0, r.stderr
+    assert part.load_checkpoint(tmp_path / "run" / "last.safetensors")[1].epoch == 2
+
+
 def test_a_damaged_cache_entry_is_rebuilt_not_kept(tmp_path):
     images = _write_folder(tmp_path / "data", "train", ["a", "b", "c"], 2)
     args = ("imagefolder", "train", tmp_path / "data", tmp_path / "cache", 12)
