@@ -8,7 +8,6 @@ adversarial examples (base losses: AT = PART, TRADES = PART-T, MART = PART-M).
     python part.py train --preset smoke                      # about a minute, synthetic data
     python part.py train --dataset cifar10 --data-dir DIR    # the paper's settings
     python part.py attack runs/X/best.safetensors --data-dir DIR --attacks natural,pgd20,aa
-    python part.py report runs/*/ eval/*.json --compare method=part method=at
     python part.py export runs/X/best.safetensors --format all --out export/
 
 Units: budgets on the command line and in configs.toml are in 1/255 intensity levels
@@ -17,14 +16,17 @@ conversion is `from_levels()`, applied once when a threat model (`AttackSetup`) 
 names that still hold levels say so (`eps_levels`). The Python API (`grad_cam`, `eps_map`,
 `pgd`, ...) takes budgets in [0, 1] units.
 
-Contents. Part I tells the method in the order it runs and ends with its three commands:
-  specs and units, console, files, runtime, data, models, CAM, budget maps, losses,
-  attacks, config, training step and evaluation (train_step, train_epoch), checkpoints,
-  plots and tables, the training run (fit), robustness evaluation (evaluate_suite), export,
-  commands (train, attack, export).
-Part II holds the tools; nothing in Part I calls them: comparing runs (report), CAM
-  figures (cam), benchmark (bench).
+Contents, in the order the method runs: specs and units, console, files, runtime, data,
+models; then the method in one stretch: CAM, budget maps, losses, attacks, training step
+and epoch (train_step, train_epoch); then config, checkpoints, plots and tables, the
+training run (fit), robustness evaluation (evaluate_suite), export, and the commands
+(train, attack, export).
+
+This file is the card and runs alone. part_tools.py, beside it, holds what goes beyond
+(report, cam, bench); `import part` never loads it, running this file (or the `part`
+command) adds its commands when it is there.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,7 +59,14 @@ import torch.nn.functional as F
 import typer
 from rich.console import Console
 from rich.markup import escape as escape_markup
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 Tensor = torch.Tensor
@@ -66,27 +75,67 @@ __version__ = "0.5.0"
 # else is internal and may change.
 __all__ = [
     # data
-    "Split", "as_split", "load_split", "synthetic_split", "to_float", "DATASETS",
+    "Split",
+    "as_split",
+    "load_split",
+    "synthetic_split",
+    "to_float",
+    "DATASETS",
     # models and checkpoints
-    "build_model", "load_checkpoint", "save_checkpoint", "CheckpointMeta",
+    "build_model",
+    "load_checkpoint",
+    "save_checkpoint",
+    "CheckpointMeta",
     # CAM and budget maps
-    "class_activation", "grad_cam", "eps_map", "CAM_METHODS", "MASK_RULES",
+    "class_activation",
+    "grad_cam",
+    "eps_map",
+    "CAM_METHODS",
+    "MASK_RULES",
     # attacks and evaluation
-    "pgd", "mma", "compiled_ascent_step", "AttackSetup", "evaluate", "evaluate_suite", "EvalHooks",
+    "pgd",
+    "mma",
+    "compiled_ascent_step",
+    "AttackSetup",
+    "evaluate",
+    "evaluate_suite",
+    "EvalHooks",
     # training and export
-    "TrainConfig", "fit", "TrainedRun", "export_checkpoint",
+    "TrainConfig",
+    "fit",
+    "TrainedRun",
+    "export_checkpoint",
     # the command line
-    "app", "CliError", "__version__",
+    "app",
+    "CliError",
+    "__version__",
 ]
 
 # ============================================================================ specs and units
 
 FORMAT = "part/1"  # checkpoint format, stored in every file we write
-HF_WEIGHTS = "model.safetensors"  # the weights of a model folder as people share them (export --format hf)
+HF_WEIGHTS = (
+    "model.safetensors"  # the weights of a model folder as people share them (export --format hf)
+)
 STATE_FORMAT = FORMAT + "-state"  # the resume state beside `last`
-SYNTHETIC_CLASSES = ("disk", "square", "ring", "plus", "cross", "triangle", "hbar", "vbar", "diamond", "frame")
+SYNTHETIC_CLASSES = (
+    "disk",
+    "square",
+    "ring",
+    "plus",
+    "cross",
+    "triangle",
+    "hbar",
+    "vbar",
+    "diamond",
+    "frame",
+)
 DEFAULT_CACHE = "~/.cache/part"
-DEFAULT_EPS_LEVELS, DEFAULT_EPS_LOW_LEVELS, DEFAULT_STEP_LEVELS = 8.0, 7.0, 2.0  # the paper's budgets, 1/255 levels
+DEFAULT_EPS_LEVELS, DEFAULT_EPS_LOW_LEVELS, DEFAULT_STEP_LEVELS = (
+    8.0,
+    7.0,
+    2.0,
+)  # the paper's budgets, 1/255 levels
 MAX_SEED = 2**63 - 1
 
 
@@ -157,27 +206,38 @@ def parse_levels(text: str | float | int, name: str) -> float:
         try:
             value = float(s[:-4] if s.endswith("/255") else s)
         except ValueError:
-            raise CliError(f"{option}: expected a number of 1/255 levels like 8 or 8/255, got {text!r}") from None
+            raise CliError(
+                f"{option}: expected a number of 1/255 levels like 8 or 8/255, got {text!r}"
+            ) from None
     if not math.isfinite(value):
         raise CliError(f"{option}: {text!r} is not a finite number of 1/255 levels")
     return value
 
 
-def check_budget_levels(eps_levels: float, eps_low_levels: float, step_levels: float, where: str = "",
-                        zero_eps: bool = False) -> None:
+def check_budget_levels(
+    eps_levels: float,
+    eps_low_levels: float,
+    step_levels: float,
+    where: str = "",
+    zero_eps: bool = False,
+) -> None:
     """The one check of a threat model given in 1/255 levels (train, attack, cam, bench)."""
     at = f" ({where})" if where else ""
     for name, value in (("eps", eps_levels), ("eps-low", eps_low_levels), ("step", step_levels)):
         if not math.isfinite(value):
             raise CliError(f"--{name} must be a finite number, got {value}{at}")
     if eps_levels < 0 or eps_low_levels < 0:
-        raise CliError(f"budgets must be non-negative (eps {eps_levels:g}, eps-low {eps_low_levels:g}){at}")
+        raise CliError(
+            f"budgets must be non-negative (eps {eps_levels:g}, eps-low {eps_low_levels:g}){at}"
+        )
     if eps_levels == 0 and not zero_eps:
         raise CliError(f"--eps must be positive, got 0{at}")
     if eps_levels > 255:
         raise CliError(f"eps {eps_levels:g}/255 is larger than the whole intensity range{at}")
     if eps_low_levels > eps_levels:
-        raise CliError(f"eps-low ({eps_low_levels:g}/255) must not exceed eps ({eps_levels:g}/255){at}")
+        raise CliError(
+            f"eps-low ({eps_low_levels:g}/255) must not exceed eps ({eps_levels:g}/255){at}"
+        )
     if not 0 < step_levels <= 255:
         raise CliError(f"--step must be in (0, 255] levels, got {step_levels:g}{at}")
 
@@ -187,7 +247,9 @@ def check_budget_levels(eps_levels: float, eps_low_levels: float, step_levels: f
 
 # markup=False: what we print holds user text (paths, class names, group labels) that rich
 # would read as markup ("runs/[x]/best" lost its "[x]", "[/]" raised MarkupError).
-console = Console(highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 200)
+console = Console(
+    highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 200
+)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
@@ -203,8 +265,14 @@ def live_progress(enabled: bool = True):
     if not (enabled and console.is_terminal):
         yield None
         return
-    columns = (TextColumn("{task.description:>11}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[extra]}", markup=False))
+    columns = (
+        TextColumn("{task.description:>11}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[extra]}", markup=False),
+    )
     # ETA from the last 10 minutes of progress: one step of a GPU recipe on a CPU takes half a minute
     with Progress(*columns, console=console, transient=True, speed_estimate_period=600) as bars:
         yield bars
@@ -273,7 +341,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files; keep the usual mode
         os.replace(tmp, path)
-        with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
+        with contextlib.suppress(
+            OSError
+        ):  # make the rename itself durable (not possible everywhere)
             fd = os.open(path.parent, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -322,7 +392,9 @@ def check_output_file(path: Optional[Path], option: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CliError(f"{option} {path}: cannot create its folder ({e.strerror or first_line(e)})") from None
+        raise CliError(
+            f"{option} {path}: cannot create its folder ({e.strerror or first_line(e)})"
+        ) from None
     if not writable(path.parent):
         raise CliError(f"{option} {path}: the folder {path.parent} is not writable")
 
@@ -356,7 +428,9 @@ def check_output_folder(folder: Path, option: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CliError(f"{option} {folder}: cannot create it ({e.strerror or first_line(e)})") from None
+        raise CliError(
+            f"{option} {folder}: cannot create it ({e.strerror or first_line(e)})"
+        ) from None
     if not writable(folder):
         raise CliError(f"{option} {folder} is not writable")
 
@@ -383,7 +457,11 @@ def tensors_of(path: Path) -> tuple[dict[str, Tensor], dict[str, str], str]:
 
     data = Path(path).read_bytes()
     tensors = load(data)  # validates the whole file
-    return tensors, _header_metadata(data[8:8 + int.from_bytes(data[:8], "little")]), hashlib.sha256(data).hexdigest()
+    return (
+        tensors,
+        _header_metadata(data[8 : 8 + int.from_bytes(data[:8], "little")]),
+        hashlib.sha256(data).hexdigest(),
+    )
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
@@ -410,10 +488,14 @@ def file_lock(lock: Path, what: str, used: str, remove: bool = False):
         return
     for _ in range(100):
         try:  # O_NOFOLLOW: a lock file that is a link to elsewhere is refused, never written through
-            handle = os.fdopen(os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644), "r+")
+            handle = os.fdopen(
+                os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644), "r+"
+            )
         except OSError:
             if Path(lock).is_symlink():
-                raise CliError(f"{lock} is a symbolic link; part never writes through one: remove it") from None
+                raise CliError(
+                    f"{lock} is a symbolic link; part never writes through one: remove it"
+                ) from None
             raise
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -421,7 +503,9 @@ def file_lock(lock: Path, what: str, used: str, remove: bool = False):
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise CliError(f"{used} is in use by {holder}; wait for it to finish or choose another") from None
+            raise CliError(
+                f"{used} is in use by {holder}; wait for it to finish or choose another"
+            ) from None
         # A holder that removes its lock unlinks it while still holding it: the file locked here
         # may be that unlinked one, so it counts only if it is still the file at `lock`.
         try:
@@ -465,8 +549,12 @@ def pick_device(name: str) -> torch.device:
             raise CliError(f"--device {name} asked for, but this PyTorch sees no CUDA device")
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
-            raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise CliError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
         raise CliError("--device mps asked for, but this PyTorch sees no MPS device")
     return torch.device(name)
 
@@ -549,7 +637,9 @@ def dist_from_env() -> Dist:
             return ONE_PROCESS
         return Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
     except ValueError:
-        raise CliError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (set by torchrun)") from None
+        raise CliError(
+            "WORLD_SIZE, RANK and LOCAL_RANK must be integers (set by torchrun)"
+        ) from None
 
 
 def process_device(name: str, dist: Dist) -> torch.device:
@@ -570,8 +660,12 @@ def process_group(dist: Dist, device: torch.device):
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    td.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=dist.rank, world_size=dist.world,
-                          device_id=device if device.type == "cuda" else None)
+    td.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        rank=dist.rank,
+        world_size=dist.world,
+        device_id=device if device.type == "cuda" else None,
+    )
     try:
         yield
         gc.collect()  # drop any DDP wrapper still holding the group before it is torn down
@@ -597,7 +691,9 @@ def check_images(x: Any, what: str = "images") -> None:
     if x.dim() != 4:
         raise ValueError(f"{what} must be a batch [N, C, H, W], got shape {tuple(x.shape)}")
     if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
-        raise ValueError(f"{what} of shape {tuple(x.shape)} look channels-last [N, H, W, C]: pass x.permute(0, 3, 1, 2)")
+        raise ValueError(
+            f"{what} of shape {tuple(x.shape)} look channels-last [N, H, W, C]: pass x.permute(0, 3, 1, 2)"
+        )
 
 
 def check_unit_images(x: Any, what: str = "images") -> None:
@@ -606,23 +702,41 @@ def check_unit_images(x: Any, what: str = "images") -> None:
     a GPU) per call."""
     check_images(x, what)
     if not x.is_floating_point():
-        raise ValueError(f"{what} must be floating point in [0, 1], got {x.dtype} (part.to_float(x) converts uint8)")
+        raise ValueError(
+            f"{what} must be floating point in [0, 1], got {x.dtype} (part.to_float(x) converts uint8)"
+        )
     if x.numel():
         low, high = (float(v) for v in torch.aminmax(x.detach()))
         if not (0 <= low and high <= 1):  # written so that NaN fails too
-            hint = " (0..255 values: divide by 255, or pass uint8 to part.to_float)" if high > 1.5 else ""
-            raise ValueError(f"{what} must be in [0, 1], these range over [{low:g}, {high:g}]{hint}")
+            hint = (
+                " (0..255 values: divide by 255, or pass uint8 to part.to_float)"
+                if high > 1.5
+                else ""
+            )
+            raise ValueError(
+                f"{what} must be in [0, 1], these range over [{low:g}, {high:g}]{hint}"
+            )
 
 
 def check_labels(y: Any, n: int, device: torch.device, what: str = "labels") -> None:
     """Labels [N] of integer class indices, beside their images."""
-    if not torch.is_tensor(y) or y.dim() != 1 or y.dtype in (torch.bool, torch.uint8) or y.is_floating_point() or y.is_complex():
+    if (
+        not torch.is_tensor(y)
+        or y.dim() != 1
+        or y.dtype in (torch.bool, torch.uint8)
+        or y.is_floating_point()
+        or y.is_complex()
+    ):
         shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
-        raise ValueError(f"{what} must be a 1-D tensor of integer class indices, got {getattr(y, 'dtype', '')} {shape}")
+        raise ValueError(
+            f"{what} must be a 1-D tensor of integer class indices, got {getattr(y, 'dtype', '')} {shape}"
+        )
     if len(y) != n:
         raise ValueError(f"{what}: {len(y)} labels for {n} images")
     if y.device != device:
-        raise ValueError(f"{what} are on {y.device}, the images on {device}: put them on one device")
+        raise ValueError(
+            f"{what} are on {y.device}, the images on {device}: put them on one device"
+        )
 
 
 @dataclasses.dataclass
@@ -646,8 +760,10 @@ class Split:
         if self.classes is None:
             self.classes = [str(c) for c in range(int(self.y.max()) + 1 if len(self.y) else 0)]
         if len(self.y) and not 0 <= int(self.y.min()) <= int(self.y.max()) < len(self.classes):
-            raise ValueError(f"Split labels range over [{int(self.y.min())}, {int(self.y.max())}], "
-                             f"outside the {len(self.classes)} classes")
+            raise ValueError(
+                f"Split labels range over [{int(self.y.min())}, {int(self.y.max())}], "
+                f"outside the {len(self.classes)} classes"
+            )
 
     def first(self, n: int) -> "Split":
         """The first n images (all of them if there are fewer)."""
@@ -671,12 +787,18 @@ def as_split(data: Any) -> Split:
         return data
     if isinstance(data, (tuple, list)) and len(data) == 2:
         return Split(torch.as_tensor(data[0]), torch.as_tensor(data[1]))
-    raise ValueError(f"data must be a part.Split or an (images, labels) pair, got {type(data).__name__}")
+    raise ValueError(
+        f"data must be a part.Split or an (images, labels) pair, got {type(data).__name__}"
+    )
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-MAX_DECODE_PIXELS = 40_000_000  # a 40 MP photo decodes to 120 MB; a 12000 x 12000 PNG of 140 KB would take 1.3 GB
-MAX_IMAGE_SIZE = 1024  # the largest --image-size; a 1024 px split of 50k images is already 150 GB of uint8
+MAX_DECODE_PIXELS = (
+    40_000_000  # a 40 MP photo decodes to 120 MB; a 12000 x 12000 PNG of 140 KB would take 1.3 GB
+)
+MAX_IMAGE_SIZE = (
+    1024  # the largest --image-size; a 1024 px split of 50k images is already 150 GB of uint8
+)
 
 
 def synthetic_split(n: int, seed: int, size: int = 32) -> Split:
@@ -688,8 +810,14 @@ def synthetic_split(n: int, seed: int, size: int = 32) -> Split:
     y = torch.randint(0, 10, (n,), generator=g)
     coords = torch.arange(size, dtype=torch.float32) + 0.5
     yy, xx = coords.view(1, 1, size, 1), coords.view(1, 1, 1, size)
-    bg = F.interpolate(rand(n, 3, 4, 4) * 0.6 + 0.2, size=(size, size), mode="bilinear", align_corners=False)
-    angle, freq, phase = rand(n, 1, 1, 1) * math.pi, 0.3 + rand(n, 1, 1, 1) * 0.6, rand(n, 1, 1, 1) * 2 * math.pi
+    bg = F.interpolate(
+        rand(n, 3, 4, 4) * 0.6 + 0.2, size=(size, size), mode="bilinear", align_corners=False
+    )
+    angle, freq, phase = (
+        rand(n, 1, 1, 1) * math.pi,
+        0.3 + rand(n, 1, 1, 1) * 0.6,
+        rand(n, 1, 1, 1) * 2 * math.pi,
+    )
     bg = bg + 0.08 * torch.sin(freq * (xx * angle.cos() + yy * angle.sin()) + phase)
     bg = bg + 0.03 * torch.randn(n, 3, size, size, generator=g)
     r = size * (0.18 + 0.12 * rand(n, 1, 1, 1))
@@ -697,23 +825,27 @@ def synthetic_split(n: int, seed: int, size: int = 32) -> Split:
     dx, dy = (xx - cx) / r, (yy - cy) / r  # shape coordinates, outer radius 1
     ax, ay = dx.abs(), dy.abs()
     d, box = (dx**2 + dy**2).sqrt(), torch.maximum(ax, ay)
-    shapes = torch.stack([
-        d < 1,  # disk
-        box < 0.8,  # square
-        (d > 0.55) & (d < 1),  # ring
-        ((ax < 0.3) & (ay < 1)) | ((ay < 0.3) & (ax < 1)),  # plus
-        ((ax - ay).abs() < 0.3) & (box < 0.9),  # cross
-        (dy > -0.8) & (dy < 0.8) & (ax < (dy + 0.8) * 0.56),  # triangle
-        (ay < 0.3) & (ax < 1),  # hbar
-        (ax < 0.3) & (ay < 1),  # vbar
-        ax + ay < 1,  # diamond
-        (box < 0.9) & (box > 0.55),  # frame
-    ])  # [10, n, 1, H, W]
+    shapes = torch.stack(
+        [
+            d < 1,  # disk
+            box < 0.8,  # square
+            (d > 0.55) & (d < 1),  # ring
+            ((ax < 0.3) & (ay < 1)) | ((ay < 0.3) & (ax < 1)),  # plus
+            ((ax - ay).abs() < 0.3) & (box < 0.9),  # cross
+            (dy > -0.8) & (dy < 0.8) & (ax < (dy + 0.8) * 0.56),  # triangle
+            (ay < 0.3) & (ax < 1),  # hbar
+            (ax < 0.3) & (ay < 1),  # vbar
+            ax + ay < 1,  # diamond
+            (box < 0.9) & (box > 0.55),  # frame
+        ]
+    )  # [10, n, 1, H, W]
     mask = shapes[y, torch.arange(n)].float()
     # Moderate contrast (0.2-0.3 per channel, brighter on dark backgrounds): easy to learn, yet an
     # undefended model falls to ~0% at 8/255, as on natural images.
     dark = bg.mean((1, 2, 3), keepdim=True) < 0.5
-    fg = bg.mean((2, 3), keepdim=True) + torch.where(dark, 1.0, -1.0) * (0.2 + 0.1 * rand(n, 3, 1, 1))
+    fg = bg.mean((2, 3), keepdim=True) + torch.where(dark, 1.0, -1.0) * (
+        0.2 + 0.1 * rand(n, 3, 1, 1)
+    )
     x = (bg * (1 - mask) + fg * mask).clamp(0, 1)
     return Split((x * 255).round().to(torch.uint8), y, list(SYNTHETIC_CLASSES))
 
@@ -731,7 +863,12 @@ def interleave(per_class: list[list[Any]]) -> list[tuple[Any, int]]:
     """(item, label) pairs in the canonical class-interleaved order: the first item of every
     class, then the second, ..., so that any first N items are class-balanced."""
     longest = max((len(items) for items in per_class), default=0)
-    return [(items[i], label) for i in range(longest) for label, items in enumerate(per_class) if i < len(items)]
+    return [
+        (items[i], label)
+        for i in range(longest)
+        for label, items in enumerate(per_class)
+        if i < len(items)
+    ]
 
 
 def _class_folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -740,8 +877,10 @@ def _class_folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
     per_class = [_list_images(root / c) for c in classes]
     empty = [c for c, files in zip(classes, per_class, strict=True) if not files]
     if empty and len(empty) < len(classes):
-        note(f"warning: {len(empty)} class folder(s) of {root} hold no images ({', '.join(empty[:5])}); "
-             "they stay classes of the model but are never seen")
+        note(
+            f"warning: {len(empty)} class folder(s) of {root} hold no images ({', '.join(empty[:5])}); "
+            "they stay classes of the model but are never seen"
+        )
     pairs = interleave(per_class)
     return [p for p, _ in pairs], [label for _, label in pairs], classes
 
@@ -752,23 +891,33 @@ def _decode_image(path: Path, size: int) -> Tensor:
     import numpy as np
     from PIL import Image
 
-    with warnings.catch_warnings():  # PIL warns of a bomb at open; the size check below says it in one line
+    with (
+        warnings.catch_warnings()
+    ):  # PIL warns of a bomb at open; the size check below says it in one line
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         opened = Image.open(path)  # reads the header only: the size is known before decoding
     with opened as im:
         if im.width * im.height > MAX_DECODE_PIXELS:
-            raise ValueError(f"{im.width}x{im.height} pixels is more than part decodes ({MAX_DECODE_PIXELS / 1e6:.0f} M); "
-                             "resize the image")
+            raise ValueError(
+                f"{im.width}x{im.height} pixels is more than part decodes ({MAX_DECODE_PIXELS / 1e6:.0f} M); "
+                "resize the image"
+            )
         if im.mode.startswith("I;16"):
             grey = np.asarray(im).astype(np.float64) / 257.0  # 65535 -> 255
             im = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8), mode="L")
         elif im.mode in ("I", "F"):
-            raise ValueError(f"{'32-bit integer' if im.mode == 'I' else 'floating-point'} pixels are not supported; "
-                             "save it as 8-bit RGB or greyscale")
+            raise ValueError(
+                f"{'32-bit integer' if im.mode == 'I' else 'floating-point'} pixels are not supported; "
+                "save it as 8-bit RGB or greyscale"
+            )
         im = im.convert("RGB")
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)
-        return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+        return (
+            torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            .view(size, size, 3)
+            .permute(2, 0, 1)
+        )
 
 
 def _decode_files(files: list[Path], size: int) -> Tensor:
@@ -782,7 +931,9 @@ def _decode_files(files: list[Path], size: int) -> Tensor:
         for i, path in enumerate(files):
             try:
                 out[i] = _decode_image(path, size)
-            except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+            except (
+                Exception
+            ) as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
                 raise CliError(f"cannot decode image {path}: {first_line(e)}") from None
             if bars is not None and ((i + 1) % 100 == 0 or i + 1 == len(files)):
                 bars.update(task, completed=i + 1)
@@ -791,12 +942,21 @@ def _decode_files(files: list[Path], size: int) -> Tensor:
 
 def _valid_cache_entry(t: dict[str, Tensor], classes: list, n: int, size: int) -> bool:
     x, y = t.get("x"), t.get("y")
-    return (x is not None and y is not None and x.dtype == torch.uint8 and tuple(x.shape) == (n, 3, size, size)
-            and y.dtype == torch.int64 and tuple(y.shape) == (n,) and len(classes) > 0
-            and (n == 0 or (int(y.min()) >= 0 and int(y.max()) < len(classes))))
+    return (
+        x is not None
+        and y is not None
+        and x.dtype == torch.uint8
+        and tuple(x.shape) == (n, 3, size, size)
+        and y.dtype == torch.int64
+        and tuple(y.shape) == (n,)
+        and len(classes) > 0
+        and (n == 0 or (int(y.min()) >= 0 and int(y.max()) < len(classes)))
+    )
 
 
-def _cached(cache_dir: str, name: str, files: list[Path], size: int, build: Callable[[], Split]) -> Split:
+def _cached(
+    cache_dir: str, name: str, files: list[Path], size: int, build: Callable[[], Split]
+) -> Split:
     """Decode once, keep a uint8 copy in the cache (keyed by the file list, sizes and mtimes).
     An entry that does not fit its key is rebuilt; a cache that cannot be written only
     costs the decoding time next run."""
@@ -809,7 +969,9 @@ def _cached(cache_dir: str, name: str, files: list[Path], size: int, build: Call
         try:
             from safetensors.torch import load_file
 
-            t = load_file(str(path))  # memory-mapped: a data set's cache need not be read into memory twice or hashed
+            t = load_file(
+                str(path)
+            )  # memory-mapped: a data set's cache need not be read into memory twice or hashed
             classes = json.loads(safetensors_metadata(path)["classes"])
             if _valid_cache_entry(t, classes, len(files), size):
                 return Split(t["x"], t["y"], list(classes))
@@ -819,9 +981,13 @@ def _cached(cache_dir: str, name: str, files: list[Path], size: int, build: Call
     split = build()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_tensors(path, {"x": split.x.contiguous(), "y": split.y}, {"classes": json.dumps(split.classes)})
+        save_tensors(
+            path, {"x": split.x.contiguous(), "y": split.y}, {"classes": json.dumps(split.classes)}
+        )
     except Exception as e:  # read-only folder, full disk, ...
-        note(f"note: cannot write the cache in {path.parent} ({first_line(e)}); images will be decoded again next run")
+        note(
+            f"note: cannot write the cache in {path.parent} ({first_line(e)}); images will be decoded again next run"
+        )
     return split
 
 
@@ -834,7 +1000,9 @@ def _folder_split(root: Path, split: str, size: int, cache_dir: str, name: str) 
     files, labels, classes = _class_folder_files(folder)
     if not files:
         raise DataMissing(f"no images in {folder}/<class>/")
-    build = lambda: Split(_decode_files(files, size), torch.tensor(labels, dtype=torch.int64), classes)  # noqa: E731
+    build = lambda: Split(
+        _decode_files(files, size), torch.tensor(labels, dtype=torch.int64), classes
+    )  # noqa: E731
     return _cached(cache_dir, f"{name}-{split}", files, size, build)
 
 
@@ -895,7 +1063,10 @@ def _torchvision_split(dataset: str, split: str, root: Path) -> Split:
         x, y = torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64)
         classes = [str(d) for d in range(10)]
     else:
-        x, y = torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.as_tensor(ds.targets, dtype=torch.int64)
+        x, y = (
+            torch.from_numpy(ds.data).permute(0, 3, 1, 2),
+            torch.as_tensor(ds.targets, dtype=torch.int64),
+        )
         classes = list(ds.classes)
     return Split(x.contiguous(), y, classes)
 
@@ -904,8 +1075,12 @@ def _tinyimagenet_split(root: Path, split: str, cache_dir: str) -> Split:
     if (root / "tiny-imagenet-200").is_dir():
         root = root / "tiny-imagenet-200"
     if not (root / "train").is_dir():
-        raise DataMissing(f"tiny-imagenet-200 not found in {root}: expected train/<wnid>/images and val/images + val/val_annotations.txt")
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise DataMissing(
+            f"tiny-imagenet-200 not found in {root}: expected train/<wnid>/images and val/images + val/val_annotations.txt"
+        )
+    classes = sorted(
+        p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
     index = {c: i for i, c in enumerate(classes)}
     if split == "train":
         pairs = interleave([_list_images(root / "train" / c / "images") for c in classes])
@@ -913,31 +1088,57 @@ def _tinyimagenet_split(root: Path, split: str, cache_dir: str) -> Split:
         ann = root / "val" / "val_annotations.txt"
         if not ann.is_file():
             raise DataMissing(f"{ann} not found")
-        rows = [line.split("\t") for line in ann.read_text(errors="replace").splitlines() if line.strip()]
-        pairs = [(root / "val" / "images" / r[0], index[r[1]]) for r in rows if len(r) > 1 and r[1] in index]
+        rows = [
+            line.split("\t")
+            for line in ann.read_text(errors="replace").splitlines()
+            if line.strip()
+        ]
+        pairs = [
+            (root / "val" / "images" / r[0], index[r[1]])
+            for r in rows
+            if len(r) > 1 and r[1] in index
+        ]
     if not pairs:
         raise DataMissing(f"no images for the {split} split of tiny-imagenet-200 in {root}")
     files, labels = [p for p, _ in pairs], [label for _, label in pairs]
-    build = lambda: Split(_decode_files(files, 64), torch.tensor(labels, dtype=torch.int64), classes)  # noqa: E731
+    build = lambda: Split(
+        _decode_files(files, 64), torch.tensor(labels, dtype=torch.int64), classes
+    )  # noqa: E731
     return _cached(cache_dir, f"tinyimagenet-{split}", files, 64, build)
 
 
-def load_split(dataset: str, split: str, data_dir: str | Path, cache_dir: str | Path = DEFAULT_CACHE, image_size: int = 32) -> Split:
+def load_split(
+    dataset: str,
+    split: str,
+    data_dir: str | Path,
+    cache_dir: str | Path = DEFAULT_CACHE,
+    image_size: int = 32,
+) -> Split:
     """One split ('train' or 'test') as uint8 tensors on the CPU, in canonical order."""
     if dataset not in DATASETS:
         raise unknown("dataset", dataset, DATASETS)
     if dataset == "synthetic":  # fixed seeds: the same data in every run, whatever --seed
-        return synthetic_split(5000 if split == "train" else 1000, seed=1 if split == "train" else 2, size=32)
+        return synthetic_split(
+            5000 if split == "train" else 1000, seed=1 if split == "train" else 2, size=32
+        )
     if not 8 <= image_size <= MAX_IMAGE_SIZE:
-        raise CliError(f"image size must be between 8 and {MAX_IMAGE_SIZE} pixels, got {image_size}")
+        raise CliError(
+            f"image size must be between 8 and {MAX_IMAGE_SIZE} pixels, got {image_size}"
+        )
     root, cache_dir = Path(data_dir).expanduser(), str(cache_dir)
     if dataset == "tinyimagenet":
         return _tinyimagenet_split(root, split, cache_dir)
     if dataset == "imagefolder":
         if not root.is_dir():
-            raise DataMissing(f"data folder {root} not found: imagefolder expects {root}/train/<class>/ and {root}/test/<class>/ (or val/)")
-        return _folder_split(root.resolve(), split, image_size, cache_dir, f"imagefolder-{root.resolve().name}")
-    if dataset in ("cifar10", "cifar100") and (_has_class_folders(root / split) or (split == "test" and _has_class_folders(root / "val"))):
+            raise DataMissing(
+                f"data folder {root} not found: imagefolder expects {root}/train/<class>/ and {root}/test/<class>/ (or val/)"
+            )
+        return _folder_split(
+            root.resolve(), split, image_size, cache_dir, f"imagefolder-{root.resolve().name}"
+        )
+    if dataset in ("cifar10", "cifar100") and (
+        _has_class_folders(root / split) or (split == "test" and _has_class_folders(root / "val"))
+    ):
         return _folder_split(root.resolve(), split, 32, cache_dir, dataset)
     return _torchvision_split(dataset, split, root)
 
@@ -952,12 +1153,14 @@ def carve_validation(train: Split, size: int, seed: int) -> tuple[Split, Split]:
     counts = torch.bincount(train.y, minlength=classes)
     want = torch.full((classes,), size // classes) + (torch.arange(classes) < size % classes)
     if size > len(train.y) - classes or bool((want >= counts).any()):
-        raise CliError(f"--val-size {size} is too large for a training set of {len(train.y)} images in {classes} classes")
+        raise CliError(
+            f"--val-size {size} is too large for a training set of {len(train.y)} images in {classes} classes"
+        )
     g = torch.Generator().manual_seed(derived_seed(seed, "validation"))
     chosen = torch.zeros(len(train.y), dtype=torch.bool)
     for c in range(classes):
         members = (train.y == c).nonzero().squeeze(1)
-        chosen[members[torch.randperm(len(members), generator=g)[:int(want[c])]]] = True
+        chosen[members[torch.randperm(len(members), generator=g)[: int(want[c])]]] = True
     return train.select(~chosen), train.select(chosen)
 
 
@@ -1013,7 +1216,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -1132,7 +1337,9 @@ class WideBlock(nn.Module):
 class NetworkBlock(nn.Module):
     def __init__(self, n: int, cin: int, cout: int, stride: int):
         super().__init__()
-        self.layer = nn.Sequential(*[WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)])
+        self.layer = nn.Sequential(
+            *[WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)]
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layer(x)
@@ -1154,7 +1361,11 @@ class WideResNet(FeaturesHead):
         self.fc = nn.Linear(w[3], num_classes)
         for m in self.modules():  # TRADES' initialisation
             if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+                nn.init.normal_(
+                    m.weight,
+                    0,
+                    math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)),
+                )
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
@@ -1184,7 +1395,9 @@ class DMBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu_0(self.batchnorm_0(x))
-        if self.shortcut is not None:  # the pre-activation feeds both paths of a block that changes width
+        if (
+            self.shortcut is not None
+        ):  # the pre-activation feeds both paths of a block that changes width
             x = self.shortcut(out)
         return x + self.conv_1(self.relu_1(self.batchnorm_1(self.conv_0(F.pad(out, self.pad)))))
 
@@ -1197,15 +1410,21 @@ class DMWideResNet(FeaturesHead):
     def __init__(self, num_classes: int = 10, depth: int = 70, width: int = 16):
         super().__init__()
         n, w = (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
-        mean, std = (CIFAR100_MEAN, CIFAR100_STD) if num_classes == 100 else (CIFAR10_MEAN, CIFAR10_STD)
+        mean, std = (
+            (CIFAR100_MEAN, CIFAR100_STD) if num_classes == 100 else (CIFAR10_MEAN, CIFAR10_STD)
+        )
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.init_conv = nn.Conv2d(3, w[0], 3, 1, 1, bias=False)
         groups = []
         for i, stride in enumerate((1, 2, 2)):
             group = nn.Sequential()  # RobustBench's _BlockGroup: its blocks under `block`
-            group.block = nn.Sequential(*(DMBlock(w[i] if j == 0 else w[i + 1], w[i + 1], stride if j == 0 else 1)
-                                          for j in range(n)))
+            group.block = nn.Sequential(
+                *(
+                    DMBlock(w[i] if j == 0 else w[i + 1], w[i + 1], stride if j == 0 else 1)
+                    for j in range(n)
+                )
+            )
             groups.append(group)
         self.layer = nn.Sequential(*groups)
         self.batchnorm, self.relu = nn.BatchNorm2d(w[3]), nn.SiLU()
@@ -1225,7 +1444,11 @@ class SmallCNN(FeaturesHead):
         super().__init__()
         layers, cin = [], 3
         for i, w in enumerate(widths):
-            layers += [nn.Conv2d(cin, w, 3, 2 if i in (1, 2) else 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+            layers += [
+                nn.Conv2d(cin, w, 3, 2 if i in (1, 2) else 1, 1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(),
+            ]
             cin = w
         self.body = nn.Sequential(*layers)
         self.linear = nn.Linear(cin, num_classes)
@@ -1239,71 +1462,119 @@ class SmallCNN(FeaturesHead):
 
 # A new built-in architecture: a class with features()/head() and one line here.
 BUILTIN_MODELS: dict[str, Callable[[int], nn.Module]] = {
-    "resnet18": ResNet18, "preact-resnet18": PreActResNet18, "wrn-34-10": WideResNet, "cnn": SmallCNN,
+    "resnet18": ResNet18,
+    "preact-resnet18": PreActResNet18,
+    "wrn-34-10": WideResNet,
+    "cnn": SmallCNN,
     # RobustBench's layouts: WideResNet (Carmon 2019, Standard, ...) and DeepMind's (Gowal, Rebuffi, Wang 2023)
-    "wrn-28-10": lambda n: WideResNet(n, depth=28), "wrn-28-10-dm": lambda n: DMWideResNet(n, 28, 10),
-    "wrn-70-16": lambda n: DMWideResNet(n, 70, 16), "preact-resnet18-rb": lambda n: PreActResNet18(n, PreActBlockRB, False)}
+    "wrn-28-10": lambda n: WideResNet(n, depth=28),
+    "wrn-28-10-dm": lambda n: DMWideResNet(n, 28, 10),
+    "wrn-70-16": lambda n: DMWideResNet(n, 70, 16),
+    "preact-resnet18-rb": lambda n: PreActResNet18(n, PreActBlockRB, False),
+}
 ARCHS = tuple(BUILTIN_MODELS)
 TORCHVISION, TIMM, ROBUSTBENCH = "torchvision:", "timm:", "robustbench:"
 ZOOS = (TORCHVISION, TIMM, ROBUSTBENCH)
-RB_THREATS = {"linf": "Linf", "l2": "L2", "corruptions": "corruptions"}  # ours -> RobustBench's names
+RB_THREATS = {
+    "linf": "Linf",
+    "l2": "L2",
+    "corruptions": "corruptions",
+}  # ours -> RobustBench's names
 RB_DATASETS = ("cifar10", "cifar100")  # the RobustBench data sets that are ours too
 # The CAM layer of common torchvision families: their last convolutional stage. timm
 # models list their stages themselves (`feature_info`).
-TORCHVISION_CAM_LAYERS = {"resnet": "layer4", "resnext": "layer4", "wide_resnet": "layer4", "regnet": "trunk_output",
-                          "densenet": "features", "mobilenet": "features", "efficientnet": "features", "convnext": "features",
-                          "vgg": "features", "squeezenet": "features", "alexnet": "features", "mnasnet": "layers",
-                          "shufflenet": "conv5", "googlenet": "inception5b", "inception": "Mixed_7c"}
-TOKEN_FAMILIES = ("vit", "swin", "maxvit", "deit", "beit", "eva")  # transformers: tokens, not [N, C, H, W] maps
+TORCHVISION_CAM_LAYERS = {
+    "resnet": "layer4",
+    "resnext": "layer4",
+    "wide_resnet": "layer4",
+    "regnet": "trunk_output",
+    "densenet": "features",
+    "mobilenet": "features",
+    "efficientnet": "features",
+    "convnext": "features",
+    "vgg": "features",
+    "squeezenet": "features",
+    "alexnet": "features",
+    "mnasnet": "layers",
+    "shufflenet": "conv5",
+    "googlenet": "inception5b",
+    "inception": "Mixed_7c",
+}
+TOKEN_FAMILIES = (
+    "vit",
+    "swin",
+    "maxvit",
+    "deit",
+    "beit",
+    "eva",
+)  # transformers: tokens, not [N, C, H, W] maps
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-ARCH_HELP = (f"{'|'.join(ARCHS)}, torchvision:NAME, timm:NAME or robustbench:NAME (e.g. torchvision:resnet50, "
-             "timm:convnext_atto, robustbench:Wang2023Better_WRN-28-10)")
+ARCH_HELP = (
+    f"{'|'.join(ARCHS)}, torchvision:NAME, timm:NAME or robustbench:NAME (e.g. torchvision:resnet50, "
+    "timm:convnext_atto, robustbench:Wang2023Better_WRN-28-10)"
+)
 
 
 def robustbench_arch(text: str, dataset: Optional[str], threat: str = "linf") -> str:
     """robustbench:NAME with the data set and threat model it belongs to, as one name that
     checkpoints keep: robustbench:<dataset>/<Threat>/<NAME>."""
-    name = text[len(ROBUSTBENCH):]
+    name = text[len(ROBUSTBENCH) :]
     if name.count("/") == 2:
         return text
     if threat.lower() not in RB_THREATS:
         raise unknown("threat model", threat, RB_THREATS)
     dataset = dataset or "cifar10"
     if dataset not in RB_DATASETS:
-        raise CliError(f"robustbench:{name}: RobustBench models here are for {' and '.join(RB_DATASETS)}, not {dataset}")
+        raise CliError(
+            f"robustbench:{name}: RobustBench models here are for {' and '.join(RB_DATASETS)}, not {dataset}"
+        )
     return f"{ROBUSTBENCH}{dataset}/{RB_THREATS[threat.lower()]}/{name}"
 
 
 def robustbench_entry(dataset: str, threat: str, name: str) -> dict:
     """The robustbench package's zoo entry of a model (an unknown name said in one line)."""
     try:
-        with warnings.catch_warnings():  # its imports warn about torch.jit and pkg_resources deprecations
+        with (
+            warnings.catch_warnings()
+        ):  # its imports warn about torch.jit and pkg_resources deprecations
             warnings.simplefilter("ignore")
-            if importlib.util.find_spec("autoattack") is None and importlib.util.find_spec("pyautoattack") is not None:
-                sys.modules.setdefault("autoattack", importlib.import_module("pyautoattack"))  # its PyPI name
+            if (
+                importlib.util.find_spec("autoattack") is None
+                and importlib.util.find_spec("pyautoattack") is not None
+            ):
+                sys.modules.setdefault(
+                    "autoattack", importlib.import_module("pyautoattack")
+                )  # its PyPI name
             from robustbench.model_zoo import model_dicts
             from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
     except ImportError as e:
-        raise CliError(f"robustbench:NAME needs the robustbench package (pip install robustbench; {first_line(e)})") from None
+        raise CliError(
+            f"robustbench:NAME needs the robustbench package (pip install robustbench; {first_line(e)})"
+        ) from None
     zoo = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat)]
     if name not in zoo:
-        raise CliError(f"unknown RobustBench model {name!r} for {dataset} {threat} (e.g. {', '.join(list(zoo)[-3:])})")
+        raise CliError(
+            f"unknown RobustBench model {name!r} for {dataset} {threat} (e.g. {', '.join(list(zoo)[-3:])})"
+        )
     return zoo[name]
 
 
-def robustbench_source(path: Path, arch: Optional[str], dataset: Optional[str], threat: str,
-                       model_dir: str | Path) -> tuple[Path, Optional[str]]:
+def robustbench_source(
+    path: Path, arch: Optional[str], dataset: Optional[str], threat: str, model_dir: str | Path
+) -> tuple[Path, Optional[str]]:
     """A checkpoint argument `robustbench:NAME`: the weights in RobustBench's own model folder
     layout (<model_dir>/<dataset>/<Threat>/<NAME>.pt) and the architecture; `--arch
     robustbench:NAME` with a file: the file and the architecture. Anything else: as given."""
     if str(path).startswith(ROBUSTBENCH):
         arch = robustbench_arch(str(path), dataset, threat)
-        dataset, threat, name = arch[len(ROBUSTBENCH):].split("/")
+        dataset, threat, name = arch[len(ROBUSTBENCH) :].split("/")
         robustbench_entry(dataset, threat, name)
         file = Path(model_dir, dataset, threat, f"{name}.pt")
         if not file.is_file():
-            raise CliError(f"{arch}: its weights are not in {file} (RobustBench's layout under --model-dir; "
-                           f"`robustbench.utils.load_model({name!r}, {str(model_dir)!r}, {dataset!r}, {threat!r})` downloads them there)")
+            raise CliError(
+                f"{arch}: its weights are not in {file} (RobustBench's layout under --model-dir; "
+                f"`robustbench.utils.load_model({name!r}, {str(model_dir)!r}, {dataset!r}, {threat!r})` downloads them there)"
+            )
         return file, arch
     if arch is not None and arch.startswith(ROBUSTBENCH):
         return path, robustbench_arch(arch, dataset, threat)
@@ -1320,18 +1591,33 @@ class ZooNet(nn.Module):
     first step of its forward (RobustBench models normalise themselves). `cam_layer` names the
     module (inside `net`) whose output the CAM uses."""
 
-    def __init__(self, name: str, num_classes: int, cam_layer: Optional[str] = None, image_size: int = 32):
+    def __init__(
+        self, name: str, num_classes: int, cam_layer: Optional[str] = None, image_size: int = 32
+    ):
         super().__init__()
         zoo, name = name.split(":", 1)
         self.zoo = zoo
         if zoo == "robustbench":  # RobustBench models take [0, 1] and normalise themselves
-            self.net, mean, std, stages, preferred = self._robustbench(name), (0.0,) * 3, (1.0,) * 3, None, None
+            self.net, mean, std, stages, preferred = (
+                self._robustbench(name),
+                (0.0,) * 3,
+                (1.0,) * 3,
+                None,
+                None,
+            )
         elif zoo == "timm":
             self.net, mean, std, stages = self._timm(name, num_classes, image_size)
             preferred = stages[-1] if stages else None
         else:
-            self.net, mean, std, stages = self._torchvision(name, num_classes), IMAGENET_MEAN, IMAGENET_STD, None
-            family = max((f for f in TORCHVISION_CAM_LAYERS if name.startswith(f)), key=len, default=None)
+            self.net, mean, std, stages = (
+                self._torchvision(name, num_classes),
+                IMAGENET_MEAN,
+                IMAGENET_STD,
+                None,
+            )
+            family = max(
+                (f for f in TORCHVISION_CAM_LAYERS if name.startswith(f)), key=len, default=None
+            )
             preferred = TORCHVISION_CAM_LAYERS.get(family)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
@@ -1339,20 +1625,30 @@ class ZooNet(nn.Module):
             self.cam_layer = f"net.{cam_layer}"
         else:  # a transformer's blocks give tokens: no default, but the probe still checks the image size
             tokens = name.startswith(TOKEN_FAMILIES)
-            self.cam_layer = self._default_cam_layer(None if tokens else preferred, image_size, [] if tokens else stages)
+            self.cam_layer = self._default_cam_layer(
+                None if tokens else preferred, image_size, [] if tokens else stages
+            )
 
     @staticmethod
     def _torchvision(name: str, num_classes: int) -> nn.Module:
         import torchvision.models as tvm
 
         if name not in tvm.list_models(module=tvm):
-            raise CliError(f"unknown torchvision classifier {name!r} (e.g. resnet18, resnet50, mobilenet_v3_small, "
-                           f"efficientnet_b0, convnext_tiny, densenet121)")
-        extra = {"aux_logits": False, "init_weights": True} if name.startswith(("googlenet", "inception")) else {}
+            raise CliError(
+                f"unknown torchvision classifier {name!r} (e.g. resnet18, resnet50, mobilenet_v3_small, "
+                f"efficientnet_b0, convnext_tiny, densenet121)"
+            )
+        extra = (
+            {"aux_logits": False, "init_weights": True}
+            if name.startswith(("googlenet", "inception"))
+            else {}
+        )
         return tvm.get_model(name, weights=None, num_classes=num_classes, **extra)
 
     @staticmethod
-    def _timm(name: str, num_classes: int, image_size: int) -> tuple[nn.Module, tuple, tuple, list[str]]:
+    def _timm(
+        name: str, num_classes: int, image_size: int
+    ) -> tuple[nn.Module, tuple, tuple, list[str]]:
         """The model, its own input normalisation and its stages (last one first choice for the
         CAM). Transformers are built for the image size (their position embeddings depend on it)."""
         try:
@@ -1360,45 +1656,81 @@ class ZooNet(nn.Module):
         except ImportError:
             raise CliError("timm:NAME needs the timm package: pip install timm") from None
         if not timm.is_model(name):
-            raise CliError(f"unknown timm model {name!r} (e.g. resnet18, convnext_atto, mobilenetv3_small_050, "
-                           "efficientnet_b0; timm.list_models() lists them)")
+            raise CliError(
+                f"unknown timm model {name!r} (e.g. resnet18, convnext_atto, mobilenetv3_small_050, "
+                "efficientnet_b0; timm.list_models() lists them)"
+            )
         try:
-            net = timm.create_model(name, pretrained=False, num_classes=num_classes,
-                                    **({"img_size": image_size} if name.startswith(TOKEN_FAMILIES) else {}))
+            net = timm.create_model(
+                name,
+                pretrained=False,
+                num_classes=num_classes,
+                **({"img_size": image_size} if name.startswith(TOKEN_FAMILIES) else {}),
+            )
         except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-            raise CliError(f"timm model {name!r} cannot be built for {image_size} px images ({first_line(e)})") from None
+            raise CliError(
+                f"timm model {name!r} cannot be built for {image_size} px images ({first_line(e)})"
+            ) from None
         cfg = getattr(net, "pretrained_cfg", None) or {}
         mean, std = tuple(cfg.get("mean") or IMAGENET_MEAN), tuple(cfg.get("std") or IMAGENET_STD)
         if len(mean) != 3 or len(std) != 3:
-            raise CliError(f"timm model {name!r} does not take RGB images (its normalisation has {len(mean)} channels)")
-        stages = [f["module"] for f in getattr(net, "feature_info", []) if isinstance(f, dict) and f.get("module")]
+            raise CliError(
+                f"timm model {name!r} does not take RGB images (its normalisation has {len(mean)} channels)"
+            )
+        stages = [
+            f["module"]
+            for f in getattr(net, "feature_info", [])
+            if isinstance(f, dict) and f.get("module")
+        ]
         return net, mean, std, stages
 
     @staticmethod
     def _robustbench(spec: str) -> nn.Module:
         """A RobustBench zoo architecture (random weights), built by the robustbench package."""
         if spec.count("/") != 2:
-            raise CliError(f"robustbench:{spec}: give --dataset and --threat, or name it robustbench:<dataset>/<threat>/<name>")
+            raise CliError(
+                f"robustbench:{spec}: give --dataset and --threat, or name it robustbench:<dataset>/<threat>/<name>"
+            )
         return robustbench_entry(*spec.split("/"))["model"]()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net((x - self.mean) / self.std)
 
-    def _default_cam_layer(self, preferred: Optional[str], image_size: int, stages: Optional[list[str]]) -> Optional[str]:
+    def _default_cam_layer(
+        self, preferred: Optional[str], image_size: int, stages: Optional[list[str]]
+    ) -> Optional[str]:
         """The family's last stage if its feature map is at least 4 x 4 at this image size
         (ImageNet models shrink 32 px inputs to 1 x 1 there, a CAM of one value), else the
         deepest stage that still is: among `stages` (timm's own list; none for transformers),
         else among the modules one or two levels down; found by one forward."""
         shapes: list[tuple[str, tuple]] = []
-        pools = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Identity, nn.Dropout)  # resample or copy, add nothing
-        hooks = [m.register_forward_hook(lambda m, i, o, name=name: shapes.append((name, tuple(o.shape)) if torch.is_tensor(o) else None))
-                 for name, m in self.net.named_modules()
-                 if name and (name in stages if stages is not None else name.count(".") <= 1 and not isinstance(m, pools))]
+        pools = (
+            nn.AdaptiveAvgPool2d,
+            nn.AdaptiveMaxPool2d,
+            nn.Identity,
+            nn.Dropout,
+        )  # resample or copy, add nothing
+        hooks = [
+            m.register_forward_hook(
+                lambda m, i, o, name=name: shapes.append(
+                    (name, tuple(o.shape)) if torch.is_tensor(o) else None
+                )
+            )
+            for name, m in self.net.named_modules()
+            if name
+            and (
+                name in stages
+                if stages is not None
+                else name.count(".") <= 1 and not isinstance(m, pools)
+            )
+        ]
         try:
             with torch.no_grad(), eval_mode(self):
                 self(torch.zeros(1, 3, image_size, image_size))
         except (RuntimeError, AssertionError, ValueError) as e:
-            raise CliError(f"this model cannot take {image_size} px images ({first_line(e)})") from None
+            raise CliError(
+                f"this model cannot take {image_size} px images ({first_line(e)})"
+            ) from None
         finally:
             for h in hooks:
                 h.remove()
@@ -1416,11 +1748,16 @@ class ZooNet(nn.Module):
             state = {f"net.{k}": v for k, v in state.items()}
         if self.zoo == "robustbench":
             learned = ("running_mean", "running_var", "num_batches_tracked")
-            state = {**{f"net.{k}": b for k, b in self.net.named_buffers() if not k.endswith(learned)}, **state}
+            state = {
+                **{f"net.{k}": b for k, b in self.net.named_buffers() if not k.endswith(learned)},
+                **state,
+            }
         return {"mean": self.mean, "std": self.std, **state}
 
 
-def build_model(name: str, num_classes: int = 10, cam_layer: Optional[str] = None, image_size: int = 32) -> nn.Module:
+def build_model(
+    name: str, num_classes: int = 10, cam_layer: Optional[str] = None, image_size: int = 32
+) -> nn.Module:
     """A fresh model taking images in [0, 1]: a built-in name, torchvision:NAME or timm:NAME.
     `cam_layer` (a module name) moves the CAM of any model to that layer; torchvision and
     timm models choose theirs for `image_size`."""
@@ -1437,8 +1774,12 @@ def build_model(name: str, num_classes: int = 10, cam_layer: Optional[str] = Non
         try:
             model.get_submodule(model.cam_layer)
         except AttributeError:
-            tops = ", ".join(n for n, _ in (model.net if isinstance(model, ZooNet) else model).named_children())
-            raise CliError(f"--cam-layer {cam_layer}: {name} has no such module (its top-level modules: {tops})") from None
+            tops = ", ".join(
+                n for n, _ in (model.net if isinstance(model, ZooNet) else model).named_children()
+            )
+            raise CliError(
+                f"--cam-layer {cam_layer}: {name} has no such module (its top-level modules: {tops})"
+            ) from None
     return model
 
 
@@ -1472,7 +1813,10 @@ def _layercam_weights(acts: Tensor, grads: Tensor) -> Tensor:
 
 
 CAM_WEIGHTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "gradcam": _gradcam_weights, "xgradcam": _xgradcam_weights, "layercam": _layercam_weights}
+    "gradcam": _gradcam_weights,
+    "xgradcam": _xgradcam_weights,
+    "layercam": _layercam_weights,
+}
 CAM_METHODS = tuple(CAM_WEIGHTS)
 
 
@@ -1490,15 +1834,25 @@ def activations_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]
         with torch.enable_grad(), off:
             return acts, model.head(acts)
     if layer is None:
-        raise CliError("this model has no convolutional layer known for the CAM: name one with --cam-layer")
+        raise CliError(
+            "this model has no convolutional layer known for the CAM: name one with --cam-layer"
+        )
     captured: dict[str, Tensor] = {}
 
     def swap(module: nn.Module, inputs: Any, output: Any) -> Tensor:
         if not torch.is_tensor(output) or output.dim() != 4:
             shape = tuple(output.shape) if torch.is_tensor(output) else type(output).__name__
-            raise CliError(f"the CAM layer {layer} gives {shape}, not a [N, C, H, W] feature map; choose another --cam-layer")
-        torch.set_grad_enabled(True)  # the rest of the forward records a graph (undone by no_grad's exit)
-        captured["acts"] = output.detach().to(torch.promote_types(output.dtype, torch.float32)).requires_grad_(True)
+            raise CliError(
+                f"the CAM layer {layer} gives {shape}, not a [N, C, H, W] feature map; choose another --cam-layer"
+            )
+        torch.set_grad_enabled(
+            True
+        )  # the rest of the forward records a graph (undone by no_grad's exit)
+        captured["acts"] = (
+            output.detach()
+            .to(torch.promote_types(output.dtype, torch.float32))
+            .requires_grad_(True)
+        )
         return captured["acts"]
 
     handle = model.get_submodule(layer).register_forward_hook(swap)
@@ -1517,8 +1871,14 @@ def cam_from(acts: Tensor, grads: Tensor, method: str) -> Tensor:
     return (heat - low) / (high - low).clamp(min=1e-12)
 
 
-def class_activation(model: nn.Module, x: Tensor, method: str = "gradcam", target: Optional[Tensor] = None, *,
-                     check: bool = True) -> Tensor:
+def class_activation(
+    model: nn.Module,
+    x: Tensor,
+    method: str = "gradcam",
+    target: Optional[Tensor] = None,
+    *,
+    check: bool = True,
+) -> Tensor:
     """Batched CAM at the model's CAM layer, at feature resolution: [B, 1, h, w] in [0, 1].
     One forward and one backward for the whole batch; the gradient is taken with
     torch.autograd.grad w.r.t. the feature map only, so parameter .grad is never touched.
@@ -1545,7 +1905,9 @@ def upsample(cam: Tensor, size: tuple[int, ...]) -> Tensor:
     return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
 
 
-def grad_cam(model: nn.Module, x: Tensor, method: str = "gradcam", target: Optional[Tensor] = None) -> Tensor:
+def grad_cam(
+    model: nn.Module, x: Tensor, method: str = "gradcam", target: Optional[Tensor] = None
+) -> Tensor:
     """The CAM upsampled (bilinear) to the input size: [B, 1, H, W] in [0, 1]."""
     return upsample(class_activation(model, x, method, target), x.shape[-2:]).clamp(0, 1)
 
@@ -1592,13 +1954,17 @@ def _zscore_hot(v: Tensor) -> Tensor:
     return (v - mean) / std.clamp(min=1e-12) > 1
 
 
-def zscore_rule(cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None) -> Tensor:
+def zscore_rule(
+    cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None
+) -> Tensor:
     """The paper's rule: standardise the upsampled CAM per image; z > 1 keeps `eps` on all
     channels, the rest get `eps_low`. -> [B, 1, H, W]"""
     return torch.where(_zscore_hot(upsample(cam, size)), eps, eps_low)
 
 
-def official_rule(cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None) -> Tensor:
+def official_rule(
+    cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None
+) -> Tensor:
     """The authors' code re-created: Pillow bicubic upsampling, squared, coloured with jet,
     standardised over all H x W x 3 values, > 1 gets `eps`. -> [B, 3, H, W]"""
     heat = pil_bicubic(cam, size)  # Pillow's float images are not clipped; matplotlib clips below
@@ -1606,7 +1972,9 @@ def official_rule(cam: Tensor, eps: float, eps_low: float, size: tuple[int, int]
     return torch.where(_zscore_hot(rgb), eps, eps_low)
 
 
-def random_rule(cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None) -> Tensor:
+def random_rule(
+    cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None
+) -> Tensor:
     """As many `eps` pixels per image as zscore gives, at random positions. -> [B, 1, H, W]"""
     b, n = cam.shape[0], size[0] * size[1]
     count = _zscore_hot(upsample(cam, size)).flatten(1).sum(1, keepdim=True)
@@ -1614,12 +1982,18 @@ def random_rule(cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], 
     return torch.where((rank < count).view(b, 1, *size), eps, eps_low)
 
 
-def uniform_rule(cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None) -> Tensor:
+def uniform_rule(
+    cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None
+) -> Tensor:
     """Every pixel at the per-image mean budget zscore gives (plain AT at PART's budget). -> [B, 1, 1, 1]"""
-    return eps_low + (eps - eps_low) * _zscore_hot(upsample(cam, size)).float().mean((1, 2, 3), keepdim=True)
+    return eps_low + (eps - eps_low) * _zscore_hot(upsample(cam, size)).float().mean(
+        (1, 2, 3), keepdim=True
+    )
 
 
-def inverse_rule(cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None) -> Tensor:
+def inverse_rule(
+    cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None
+) -> Tensor:
     """The control for "where": as many `eps` pixels per image as zscore gives, on the pixels
     the CAM ranks least important (ties in pixel order). -> [B, 1, H, W]"""
     heat = upsample(cam, size)
@@ -1631,24 +2005,43 @@ def inverse_rule(cam: Tensor, eps: float, eps_low: float, size: tuple[int, int],
 def quadrant_rule(corner: str) -> Callable[..., Tensor]:
     """The paper's Fig. 1: `eps_low` on one image quadrant (tl, tr, bl, br), `eps` on the
     other three; no CAM. -> [B, 1, H, W]"""
-    def rule(cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None) -> Tensor:
+
+    def rule(
+        cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None
+    ) -> Tensor:
         (h, w), low = size, torch.zeros(size, dtype=torch.bool, device=cam.device)
         rows = slice(0, h // 2) if corner[0] == "t" else slice(h - h // 2, h)
         cols = slice(0, w // 2) if corner[1] == "l" else slice(w - w // 2, w)
         low[rows, cols] = True
         return torch.where(low, eps_low, eps).expand(cam.shape[0], 1, h, w)
+
     rule.__doc__ = f"eps_low on the {corner} quadrant, eps elsewhere (Fig. 1 of the paper)."
     return rule
 
 
 MASK_RULES: dict[str, Callable[..., Tensor]] = {
-    "zscore": zscore_rule, "official": official_rule, "random": random_rule, "uniform": uniform_rule, "inverse": inverse_rule,
-    **{f"quadrant-{c}": quadrant_rule(c) for c in ("tl", "tr", "bl", "br")}}
-NO_CAM_RULES = {name for name in MASK_RULES if name.startswith("quadrant-")}  # the budget map needs no CAM
+    "zscore": zscore_rule,
+    "official": official_rule,
+    "random": random_rule,
+    "uniform": uniform_rule,
+    "inverse": inverse_rule,
+    **{f"quadrant-{c}": quadrant_rule(c) for c in ("tl", "tr", "bl", "br")},
+}
+NO_CAM_RULES = {
+    name for name in MASK_RULES if name.startswith("quadrant-")
+}  # the budget map needs no CAM
 
 
-def eps_map(cam: Tensor, eps: float, eps_low: float, rule: str = "zscore", size: Optional[tuple[int, int]] = None,
-            generator: Optional[torch.Generator] = None, *, check: bool = True) -> Tensor:
+def eps_map(
+    cam: Tensor,
+    eps: float,
+    eps_low: float,
+    rule: str = "zscore",
+    size: Optional[tuple[int, int]] = None,
+    generator: Optional[torch.Generator] = None,
+    *,
+    check: bool = True,
+) -> Tensor:
     """Per-pixel L-inf budget ([0, 1] units) from a CAM [B, 1, h, w] in [0, 1] by one of
     MASK_RULES. `size` is the output (input image) size; default the CAM's own."""
     if rule not in MASK_RULES:
@@ -1683,8 +2076,11 @@ ATTACK_LOSSES: dict[str, Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]] =
     # TRADES: KL(p(x) || p(x')), aux = p(x)
     "kl": lambda logits, y, aux: F.kl_div(F.log_softmax(upcast(logits), 1), aux, reduction="sum"),
     # MMA's targeted margin z_t - z_y capped at 50, aux = the target classes
-    "target-margin": lambda logits, y, aux: (upcast(logits).gather(1, aux.view(-1, 1)) - upcast(logits).gather(1, y.view(-1, 1)))
-    .clamp(max=50.0).sum(),
+    "target-margin": lambda logits, y, aux: (
+        (upcast(logits).gather(1, aux.view(-1, 1)) - upcast(logits).gather(1, y.view(-1, 1)))
+        .clamp(max=50.0)
+        .sum()
+    ),
 }
 
 
@@ -1696,7 +2092,9 @@ def ce_objective(nat: Optional[Tensor], adv: Tensor, y: Tensor, beta: float) -> 
 def trades_objective(nat: Tensor, adv: Tensor, y: Tensor, beta: float) -> Tensor:
     """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x'))."""
     nat, adv = upcast(nat), upcast(adv)
-    return F.cross_entropy(nat, y) + beta * F.kl_div(F.log_softmax(adv, 1), F.softmax(nat, 1), reduction="batchmean")
+    return F.cross_entropy(nat, y) + beta * F.kl_div(
+        F.log_softmax(adv, 1), F.softmax(nat, 1), reduction="batchmean"
+    )
 
 
 def mart_objective(nat: Tensor, adv: Tensor, y: Tensor, beta: float) -> Tensor:
@@ -1744,7 +2142,9 @@ def _round_inward(v: Tensor, dtype: torch.dtype, down: bool) -> Tensor:
     if dtype == torch.float64:
         return r
     past = r.double() > v if down else r.double() < v
-    return torch.where(past, torch.nextafter(r, torch.full_like(r, -math.inf if down else math.inf)), r)
+    return torch.where(
+        past, torch.nextafter(r, torch.full_like(r, -math.inf if down else math.inf)), r
+    )
 
 
 def budget_box(x: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
@@ -1752,7 +2152,9 @@ def budget_box(x: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
     0 <= x' <= 1}. Worked out in float64 and rounded inward, so |x' - x| <= eps holds
     exactly, whatever precision a check uses: float32(8/255) itself is 1.9e-9 above 8/255,
     and x + eps rounded to nearest can land above x + eps."""
-    eps = _round_inward(torch.as_tensor(eps, dtype=torch.float64, device=x.device), x.dtype, down=True).double()
+    eps = _round_inward(
+        torch.as_tensor(eps, dtype=torch.float64, device=x.device), x.dtype, down=True
+    ).double()
     x64 = x.double()
     lowest = _round_inward((x64 - eps).clamp(min=0), x.dtype, down=False)
     highest = _round_inward((x64 + eps).clamp(max=1), x.dtype, down=True)
@@ -1768,7 +2170,9 @@ def check_unit_budgets(eps: float, eps_low: float, step: Optional[float] = None)
     for name, value in (("eps", eps), ("eps_low", eps_low), ("step", step)):
         if name == "step" and value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # NaN fails too
+        if (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
+        ):  # NaN fails too
             raise CliError(f"{name} must be a number in [0, 1] ({UNITS_HINT}), got {value!r}")
     if eps_low > eps:
         raise CliError(f"eps_low ({eps_low:g}) must not exceed eps ({eps:g})")
@@ -1779,24 +2183,40 @@ def check_unit_budgets(eps: float, eps_low: float, step: Optional[float] = None)
 def check_attack_arguments(eps: float | Tensor, step: float, steps: int) -> None:
     """The API's guard: a NaN, infinite, negative or > 1 budget or step would invent a number
     (a budget of 8 in [0, 1] units is no budget at all)."""
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or not 0 < step <= 1:
+    if (
+        isinstance(step, bool)
+        or not isinstance(step, (int, float))
+        or not math.isfinite(step)
+        or not 0 < step <= 1
+    ):
         raise ValueError(f"step must be a finite number in (0, 1] ({UNITS_HINT}), got {step!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
     if torch.is_tensor(eps):
-        if not eps.is_floating_point() or not bool(((eps >= 0) & (eps <= 1)).all()):  # NaN fails too
+        if not eps.is_floating_point() or not bool(
+            ((eps >= 0) & (eps <= 1)).all()
+        ):  # NaN fails too
             raise ValueError(f"eps must hold finite budgets in [0, 1] ({UNITS_HINT})")
-    elif isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0 <= eps <= 1:
+    elif (
+        isinstance(eps, bool)
+        or not isinstance(eps, (int, float))
+        or not math.isfinite(eps)
+        or not 0 <= eps <= 1
+    ):
         raise ValueError(f"eps must be a finite budget in [0, 1] ({UNITS_HINT}), got {eps!r}")
 
 
-def check_attack_inputs(model: nn.Module, x: Tensor, y: Optional[Tensor], eps: float | Tensor = 0.0) -> None:
+def check_attack_inputs(
+    model: nn.Module, x: Tensor, y: Optional[Tensor], eps: float | Tensor = 0.0
+) -> None:
     """What an attack or CAM is given from the API: images in [0, 1] on the model's device,
     labels beside them, a budget tensor that fits the images."""
     check_unit_images(x)
     device = model_device(model)
     if device is not None and device != x.device:
-        raise ValueError(f"the model is on {device}, the images on {x.device}: move one of them (x.to(...) or model.to(...))")
+        raise ValueError(
+            f"the model is on {device}, the images on {x.device}: move one of them (x.to(...) or model.to(...))"
+        )
     if y is not None:
         check_labels(y, len(x), x.device)
     if torch.is_tensor(eps) and eps.dim():
@@ -1807,11 +2227,21 @@ def check_attack_inputs(model: nn.Module, x: Tensor, y: Optional[Tensor], eps: f
         except RuntimeError:
             fits = False
         if not fits:
-            raise ValueError(f"a budget map of shape {tuple(eps.shape)} does not fit images of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"a budget map of shape {tuple(eps.shape)} does not fit images of shape {tuple(x.shape)}"
+            )
 
 
-def ascent_step(model: nn.Module, x_adv: Tensor, y: Tensor, aux: Optional[Tensor], lowest: Tensor, highest: Tensor,
-                step: float, loss: str) -> Tensor:
+def ascent_step(
+    model: nn.Module,
+    x_adv: Tensor,
+    y: Tensor,
+    aux: Optional[Tensor],
+    lowest: Tensor,
+    highest: Tensor,
+    step: float,
+    loss: str,
+) -> Tensor:
     """One signed-gradient ascent step of ATTACK_LOSSES[loss], projected onto [lowest, highest]."""
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -1820,8 +2250,16 @@ def ascent_step(model: nn.Module, x_adv: Tensor, y: Tensor, aux: Optional[Tensor
     return torch.clamp(x_adv.detach() + step * grad.sign(), lowest, highest)
 
 
-def _functional_ascent_step(model: nn.Module, x_adv: Tensor, y: Tensor, aux: Optional[Tensor], lowest: Tensor,
-                            highest: Tensor, step: float, loss: str) -> Tensor:
+def _functional_ascent_step(
+    model: nn.Module,
+    x_adv: Tensor,
+    y: Tensor,
+    aux: Optional[Tensor],
+    lowest: Tensor,
+    highest: Tensor,
+    step: float,
+    loss: str,
+) -> Tensor:
     """The same step written with torch.func.grad, which dynamo traces into one graph
     (torch.autograd.grad would break the graph): forward, input gradient, sign, projection."""
     grad = torch.func.grad(lambda z: ATTACK_LOSSES[loss](model(z), y, aux))(x_adv)
@@ -1841,22 +2279,35 @@ def compiled_ascent_step(mode: str = "default") -> Callable:
     `reduce-overhead` adds CUDA graphs, which pay off once shapes are fixed: `part.py bench
     --suite gpu` compares the modes."""
     if mode not in _compiled_steps:
-        _compiled_steps[mode] = torch.compile(_functional_ascent_step, fullgraph=True, dynamic=False, mode=mode)
+        _compiled_steps[mode] = torch.compile(
+            _functional_ascent_step, fullgraph=True, dynamic=False, mode=mode
+        )
     return _compiled_steps[mode]
 
 
 Stepper = Callable[..., Tensor]
 
 
-def _ascend(model: nn.Module, x_adv: Tensor, y: Tensor, aux: Optional[Tensor], box: tuple[Tensor, Tensor],
-            step: float, steps: int, loss: str, stepper: Optional[Stepper]) -> Tensor:
+def _ascend(
+    model: nn.Module,
+    x_adv: Tensor,
+    y: Tensor,
+    aux: Optional[Tensor],
+    box: tuple[Tensor, Tensor],
+    step: float,
+    steps: int,
+    loss: str,
+    stepper: Optional[Stepper],
+) -> Tensor:
     step_fn = stepper or ascent_step
     for _ in range(steps):
         x_adv = step_fn(model, x_adv, y, aux, *box, step, loss)
     return x_adv.detach()
 
 
-def start_point(x: Tensor, eps: float | Tensor, start: bool | float, box: tuple[Tensor, Tensor]) -> Tensor:
+def start_point(
+    x: Tensor, eps: float | Tensor, start: bool | float, box: tuple[Tensor, Tensor]
+) -> Tensor:
     """True: uniform in the per-pixel budget; a float s: x + s N(0, 1) (the TRADES/MART
     start); False: x itself. Projected onto the feasible box."""
     if start is True:
@@ -1868,8 +2319,19 @@ def start_point(x: Tensor, eps: float | Tensor, start: bool | float, box: tuple[
     return torch.clamp(x0, *box)
 
 
-def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, step: float, steps: int, loss: str = "ce",
-        random_start: bool | float = True, stepper: Optional[Stepper] = None, *, check: bool = True) -> Tensor:
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    step: float,
+    steps: int,
+    loss: str = "ce",
+    random_start: bool | float = True,
+    stepper: Optional[Stepper] = None,
+    *,
+    check: bool = True,
+) -> Tensor:
     """L-inf PGD inside a per-pixel budget; returns x' with |x' - x| <= eps element-wise and
     x' in [0, 1]. `eps` is a float or a tensor broadcastable to x ([0, 1] units).
     random_start: True = uniform in the per-pixel budget; a float s = N(0, s^2) noise (the
@@ -1887,7 +2349,9 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, step: float
         if loss == "kl":
             with torch.no_grad():
                 ref = F.softmax(upcast(model(x)), 1)
-        return _ascend(model, start_point(x, eps, random_start, box), y, ref, box, step, steps, loss, stepper)
+        return _ascend(
+            model, start_point(x, eps, random_start, box), y, ref, box, step, steps, loss, stepper
+        )
 
 
 def _tile(eps: float | Tensor, x: Tensor, k: int) -> float | Tensor:
@@ -1897,8 +2361,19 @@ def _tile(eps: float | Tensor, x: Tensor, k: int) -> float | Tensor:
     return eps.expand_as(x).repeat(k, 1, 1, 1) if eps.dim() == 4 else eps
 
 
-def mma(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, step: float, steps: int = 20, k: int = 3,
-        random_start: bool = True, stepper: Optional[Stepper] = None, *, check: bool = True) -> Tensor:
+def mma(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    step: float,
+    steps: int = 20,
+    k: int = 3,
+    random_start: bool = True,
+    stepper: Optional[Stepper] = None,
+    *,
+    check: bool = True,
+) -> Tensor:
     """Minimum-margin attack (as in the PART paper): a targeted PGD on the CW-type margin
     z_t - z_y (capped at 50) for each of the k highest wrong classes of the clean
     prediction, run as one batch of k*B; per example the candidate with the smallest true
@@ -1911,345 +2386,26 @@ def mma(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, step: float
         with torch.no_grad():
             logits = model(x).float()
         k = min(k, logits.shape[1] - 1)
-        targets = logits.scatter(1, y.view(-1, 1), float("-inf")).topk(k, 1).indices.T.reshape(-1)  # [k*B]
+        targets = (
+            logits.scatter(1, y.view(-1, 1), float("-inf")).topk(k, 1).indices.T.reshape(-1)
+        )  # [k*B]
         x_k, y_k, eps_k = x.repeat(k, 1, 1, 1), y.repeat(k), _tile(eps, x, k)
         box = budget_box(x_k, eps_k)
-        candidates = _ascend(model, start_point(x_k, eps_k, random_start, box), y_k, targets, box, step, steps,
-                             "target-margin", stepper)
+        candidates = _ascend(
+            model,
+            start_point(x_k, eps_k, random_start, box),
+            y_k,
+            targets,
+            box,
+            step,
+            steps,
+            "target-margin",
+            stepper,
+        )
         with torch.no_grad():
             margin = -cw_margin(model(candidates).float(), y_k, kappa=float("inf")).view(k, b)
     best = margin.argmin(0)
     return candidates.view(k, b, *x.shape[1:])[best, torch.arange(b, device=x.device)]
-
-
-# ============================================================================ config
-# The one list of training settings: each field of TrainConfig carries its help text,
-# its panel in `train --help`, its choices (from the registries above), its bounds and
-# whether --resume may change it. The `train` command's options, the preset checks and
-# the resume rules are all derived from it.
-
-
-def setting(default: Any, help: str, panel: Optional[str], *, choices: Optional[tuple] = None, bounds: Optional[tuple] = None,
-            levels: bool = False, on_resume: bool = False) -> Any:
-    """A TrainConfig field with what the command line and the checks need to know (panel
-    None: recorded, never an option)."""
-    meta = {"help": help, "panel": panel, "choices": choices, "bounds": bounds, "levels": levels, "on_resume": on_resume}
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
-
-
-DATA, MODEL, METHOD, THREAT, SCHEDULE, EVALUATION, RUN = "Data", "Model", "Method", "Threat model (1/255 levels)", \
-    "Schedule", "Evaluation during training", "Run"
-OPTIMIZERS, SCHEDULES = ("sgd", "adamw"), ("step", "cosine")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything a training run depends on. Defaults: the paper's CIFAR-10 settings."""
-
-    dataset: str = setting("cifar10", "Dataset.", DATA, choices=tuple(DATASETS))
-    data_dir: str = setting("data", "Dataset folder (torchvision copies download here when possible).", DATA, on_resume=True)
-    cache_dir: str = setting(DEFAULT_CACHE, "Where decoded image folders are cached.", DATA, on_resume=True)
-    image_size: int = setting(32, "Image side for --dataset imagefolder (fixed datasets use their own).", DATA, bounds=(8, MAX_IMAGE_SIZE))
-    train_subset: int = setting(0, "Train on the first N training images (0: all).", DATA, bounds=(0, 10**8))
-    val_size: int = setting(0, "Hold out N training images (class-balanced, chosen by the seed) to pick `best`; "
-                               "0: pick it on the first --eval-subset test images.", DATA, bounds=(0, 10**7))
-    model: str = setting("resnet18", f"Architecture: {ARCH_HELP}.", MODEL)
-    cam_layer: Optional[str] = setting(None, "Module whose output the CAM uses (default: the architecture's last block).", MODEL,
-                                       on_resume=True)
-    init: str = setting("", "Start from this checkpoint's weights (fine-tuning): ours (.safetensors) or a state dict of --model's "
-                            "architecture (.safetensors/.pt/.pth); a classifier for another number of classes starts afresh.",
-                        MODEL)
-    init_sha256: str = setting("", "sha256 of the --init file (recorded; checked when the config is run again).", None)
-    model_dir: str = setting("models", "RobustBench's model folder, for --init/--model robustbench:NAME (its layout: "
-                                       "DIR/<dataset>/Linf/<NAME>.pt).", MODEL)
-    method: str = setting("part", "at: uniform budget; part: pixel-reweighted after the warm-up.", METHOD, choices=METHODS)
-    loss: str = setting("ce", "Base loss: ce (AT/PART), trades (PART-T), mart (PART-M).", METHOD, choices=tuple(LOSSES))
-    beta: float = setting(6.0, "TRADES/MART regulariser weight.", METHOD, bounds=(0, 1e6))
-    generator: str = setting("pgd", "How training AEs are made.", METHOD, choices=GENERATORS)
-    cam: str = setting("gradcam", "CAM method.", METHOD, choices=CAM_METHODS)
-    mask_rule: str = setting("zscore", "zscore (paper), official (authors' code); controls: random, uniform (same budget, "
-                                       "no placement), inverse (the least important pixels); quadrant-tl, quadrant-tr, quadrant-bl, "
-                                       "quadrant-br (the paper's Fig. 1: eps-low on one quadrant, no CAM).", METHOD,
-                             choices=tuple(MASK_RULES))
-    eps: float = setting(DEFAULT_EPS_LEVELS, "Full budget: 8 or 8/255.", THREAT, levels=True)
-    eps_low: float = setting(DEFAULT_EPS_LOW_LEVELS, "Budget of the unimportant pixels.", THREAT, levels=True)
-    step: float = setting(DEFAULT_STEP_LEVELS, "Attack step.", THREAT, levels=True)
-    steps: int = setting(10, "Attack steps in training.", THREAT, bounds=(1, 10_000))
-    epochs: int = setting(80, "Total epochs (warm-up included).", SCHEDULE, bounds=(1, 100_000), on_resume=True)
-    warmup_epochs: int = setting(20, "Epochs of the base method at uniform eps before PART.", SCHEDULE, bounds=(0, 100_000))
-    batch_size: int = setting(128, "Global batch size (split across processes under torchrun).", SCHEDULE, bounds=(2, 65_536))
-    optimizer: str = setting("sgd", "sgd (the paper's) or adamw (--momentum unused).", SCHEDULE, choices=OPTIMIZERS)
-    lr: float = setting(0.01, "Learning rate.", SCHEDULE, bounds=(1e-12, 100))
-    momentum: float = setting(0.9, "SGD momentum.", SCHEDULE, bounds=(0, 1))
-    weight_decay: float = setting(2e-4, "Weight decay (decoupled with adamw).", SCHEDULE, bounds=(0, 1))
-    schedule: str = setting("step", "step: lr * gamma at each milestone (the paper's); cosine: linear warm-up over "
-                                    "--lr-warmup epochs, then down to 0, set at every step.", SCHEDULE, choices=SCHEDULES)
-    lr_milestones: list[int] = setting([79], "Global epochs where lr *= gamma, e.g. 79 or 60,75 (step schedule).", SCHEDULE)
-    lr_gamma: float = setting(0.1, "LR decay factor at each milestone (step schedule).", SCHEDULE, bounds=(1e-12, math.inf))
-    lr_warmup: float = setting(0.0, "Epochs of linear lr warm-up from 0 (cosine schedule; may be a fraction).", SCHEDULE,
-                               bounds=(0, 100_000))
-    ema: float = setting(0.0, "Decay of an exponential moving average of the weights (e.g. 0.999), evaluated and saved as "
-                              "the model; BatchNorm statistics copied (0: off).", SCHEDULE, bounds=(0, 0.999999))
-    eval_subset: int = setting(1000, "Evaluate on the first N test images (0: all).", EVALUATION, bounds=(0, 10**8))
-    eval_every: int = setting(1, "Evaluate every N epochs (and after the last).", EVALUATION, bounds=(1, 100_000), on_resume=True)
-    out: str = setting("", "Run folder.", RUN, on_resume=True)
-    seed: int = setting(0, "Random seed.", RUN, bounds=(0, MAX_SEED))
-    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps.", RUN, on_resume=True)
-    compile: Optional[bool] = setting(None, "torch.compile the attack step, CAM and update (default: on with CUDA).", RUN, on_resume=True)
-    compile_mode: str = setting("default", "torch.compile mode.", RUN, choices=COMPILE_MODES, on_resume=True)
-    amp: bool = setting(False, "bf16 autocast for the training attack and update (CUDA only).", RUN)
-    sync_bn: bool = setting(False, "SyncBatchNorm across processes (torchrun, CUDA).", RUN)
-    tensorboard: bool = setting(False, "Also log to TensorBoard (runs/X/tensorboard; needs the tensorboard package).", RUN, on_resume=True)
-    wandb: str = setting("", "Also log the config and every epoch to this Weights & Biases project (needs the wandb package; "
-                             "WANDB_MODE=offline keeps it in runs/X/wandb).", RUN, on_resume=True)
-    threads: int = setting(0, "CPU threads for PyTorch (0: its default, one per core; 1 is often fastest on a machine "
-                              "shared with other jobs). A resume is bit-exact only at the same count.", RUN,
-                           bounds=(0, 4096), on_resume=True)
-
-
-CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-CONFIG_TYPES = typing.get_type_hints(TrainConfig)
-# Settings that say where or how fast a run computes, not what: they may differ between
-# seeds of one experiment (and between a run and its resume).
-NOT_THE_EXPERIMENT = {"data_dir", "cache_dir", "out", "device", "compile", "compile_mode", "eval_every", "tensorboard", "seed",
-                      "threads", "init", "wandb", "model_dir"}  # init: the file's name; its sha256 is the experiment
-# Settings that only the PART phase reads: an AT run computes the same whatever they hold.
-PART_ONLY = {"cam", "cam_layer", "mask_rule", "eps_low", "warmup_epochs"}
-
-
-def _base_type(kind: Any) -> tuple[Any, bool]:
-    """(the type inside Optional[...] / X | None, whether None is allowed)."""
-    args = typing.get_args(kind)
-    if type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return kind, False
-
-
-def coerce(key: str, value: Any, origin: str) -> Any:
-    """Type-check one config value (from TOML or the command line), by the field's real type."""
-    field = CONFIG_FIELDS[key]
-    base, optional = _base_type(CONFIG_TYPES[key])
-    bad = CliError(f"{origin}: {key} = {value!r} is not a valid {getattr(base, '__name__', str(base))}")
-    if value is None:
-        if optional:
-            return None
-        raise bad
-    if field.metadata["levels"]:
-        return parse_levels(value, key)
-    if base is bool:
-        if not isinstance(value, bool):
-            raise bad
-    elif base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-    elif base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        value = float(value)
-    elif typing.get_origin(base) is list:
-        if isinstance(value, str):
-            try:
-                value = [int(v) for v in value.replace(" ", "").split(",") if v]
-            except ValueError:
-                raise bad from None
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise bad
-        value = list(value)
-    elif not isinstance(value, str):
-        raise bad
-    choices = field.metadata["choices"]
-    if choices is not None and value not in choices:
-        raise CliError(f"{origin}: {unknown(key.replace('_', '-'), value, choices)}")
-    return value
-
-
-def validate_config(cfg: TrainConfig) -> None:
-    """Bounds of every field, finite floats, and the checks that involve several fields."""
-    for name, field in CONFIG_FIELDS.items():
-        value, bounds = getattr(cfg, name), field.metadata["bounds"]
-        if isinstance(value, float) and not math.isfinite(value):
-            raise CliError(f"{name.replace('_', '-')} must be a finite number, got {value}")
-        if bounds and value is not None and not bounds[0] <= value <= bounds[1]:
-            low, high = bounds
-            what = ("positive" if 0 < low < 1e-9 else f"at least {low:g}") if value < low else f"at most {high:g}"
-            raise CliError(f"{name.replace('_', '-')} must be {what}, got {value}")
-    check_budget_levels(cfg.eps, cfg.eps_low, cfg.step, zero_eps=True)
-    if not is_zoo(cfg.model) and cfg.model not in BUILTIN_MODELS:
-        raise unknown("model", cfg.model, [ARCH_HELP])
-    if not DEVICE_PATTERN.match(cfg.device):
-        raise unknown("device", cfg.device, DEVICES)
-    if cfg.warmup_epochs > cfg.epochs:
-        raise CliError(f"warmup-epochs ({cfg.warmup_epochs}) must be between 0 and epochs ({cfg.epochs})")
-    if not all(1 <= m <= 100_000 for m in cfg.lr_milestones):
-        raise CliError("lr-milestones are global epochs, each at least 1")
-    if cfg.lr_warmup > cfg.epochs or (cfg.lr_warmup and cfg.schedule != "cosine"):
-        raise CliError(f"lr-warmup ({cfg.lr_warmup:g}) goes with --schedule cosine and at most --epochs ({cfg.epochs})")
-
-
-def config_paths() -> list[Path]:
-    """Where the presets live: beside part.py (a checkout or an editable install), then
-    where `pip install .` puts them (<prefix>/share/part/configs.toml)."""
-    return [Path(__file__).resolve().parent / "configs.toml", Path(sys.prefix) / "share" / "part" / "configs.toml"]
-
-
-def read_presets(path: Path) -> dict[str, dict]:
-    if not path.is_file():
-        raise CliError(f"config file {path} not found")
-    try:
-        return tomllib.loads(path.read_text())
-    except (RecursionError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise CliError(f"config file {path} is not valid TOML: {e}") from None
-
-
-def all_presets(presets_file: Optional[Path] = None) -> tuple[dict[str, dict], dict[str, Path]]:
-    """The shipped presets, then those of the user's --presets file (one of the same name
-    replaces the shipped one; `extends` may name either): the tables and where each is from."""
-    shipped = next((p for p in config_paths() if p.is_file()), None)
-    tables: dict[str, dict] = {}
-    where: dict[str, Path] = {}
-    for path in (shipped, presets_file):
-        for name, table in (read_presets(path) if path is not None else {}).items():
-            if isinstance(table, dict):
-                tables[name], where[name] = table, path
-    return tables, where
-
-
-def preset_values(presets: dict[str, dict], name: str, path: Path | dict, seen: tuple = ()) -> dict:
-    """The preset's values with `extends` resolved (the named preset first, then its own keys).
-    `path`: the file the presets are from, or a preset -> file table."""
-    at = path.get(name, "the presets") if isinstance(path, dict) else path
-    if name not in presets or not isinstance(presets[name], dict):
-        raise CliError(f"unknown preset {name!r} in {at} (presets: {', '.join(k for k, v in presets.items() if isinstance(v, dict))})")
-    if name in seen:
-        raise CliError(f"preset {name!r} in {at} extends itself")
-    table = dict(presets[name])
-    values = {}
-    if "extends" in table:
-        values = preset_values(presets, str(table.pop("extends")), path, seen + (name,))
-    for key, value in table.items():
-        if key not in CONFIG_FIELDS:
-            raise CliError(f"{at} [{name}]: unknown key {key!r}")
-        values[key] = coerce(key, value, f"{at} [{name}]")
-    return values
-
-
-def read_settings_file(path: Path) -> tuple[dict, Optional[str]]:
-    """--config: a run's config.json (every setting but its folder, `out`, and its preset's
-    name) or a TOML/JSON table of settings. Returns (values, preset name or None)."""
-    if not path.is_file():
-        raise CliError(f"--config {path} {'is a folder, not a file' if path.is_dir() else 'not found'}")
-    kind = "JSON" if path.suffix == ".json" else "TOML"
-    try:
-        text = path.read_text()
-        data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
-    except (RecursionError, OSError, ValueError) as e:  # JSONDecodeError, TOMLDecodeError, UnicodeDecodeError
-        raise CliError(f"--config {path} is not valid {kind}: {first_line(e)}") from None
-    if not isinstance(data, dict):
-        raise CliError(f"--config {path} is not a table of settings")
-    preset = None
-    if isinstance(data.get("config"), dict):  # a run's config.json: the new run goes to a new folder
-        preset = data.get("preset") if isinstance(data.get("preset"), str) else None
-        data = {k: v for k, v in data["config"].items() if k != "out"}
-    for key in data:
-        if key not in CONFIG_FIELDS:
-            raise CliError(f"--config {path}: unknown key {key!r}")
-    return {k: coerce(k, v, str(path)) for k, v in data.items()}, preset
-
-
-def preset_settings(preset: Optional[str], presets_file: Optional[Path], dataset: Optional[str],
-                    config_file: Optional[Path] = None) -> tuple[dict, Optional[str], dict[str, str]]:
-    """(the values, the preset's name, where each value is from): the preset's (without
-    --preset the dataset's own, when there is one), then the --config file's."""
-    from_file, file_preset = read_settings_file(config_file) if config_file is not None else ({}, None)
-    presets, where = all_presets(presets_file)
-    if preset is None:
-        preset = file_preset if file_preset in presets else None
-    if preset is None:
-        name = dataset or from_file.get("dataset") or "cifar10"
-        preset = name if name in presets else None
-    values = preset_values(presets, preset, where) if preset else {}
-    origins = {key: f"preset {preset}" for key in values} | {key: str(config_file) for key in from_file}
-    return {**values, **from_file}, preset or file_preset, origins
-
-
-def resolve_config(overrides: dict[str, Any], preset: Optional[str], presets_file: Optional[Path],
-                   config_file: Optional[Path] = None) -> tuple[TrainConfig, str]:
-    """Code defaults < preset (configs.toml, --presets) < --config file < command line.
-    Returns the config and the preset name."""
-    given = {k: coerce(k, v, "command line") for k, v in overrides.items() if v is not None}
-    values, preset, _ = preset_settings(preset, presets_file, given.get("dataset"), config_file)
-    if "init" in given:  # another file: its own hash is recorded at the start
-        values.pop("init_sha256", None)
-        if given["init"].startswith(ROBUSTBENCH) and "model" not in given:  # the zoo entry is the architecture too
-            given["model"] = given["init"]
-    cfg = TrainConfig(**{**values, **given})
-    if cfg.model.startswith(ROBUSTBENCH):
-        cfg.model = robustbench_arch(cfg.model, cfg.dataset)
-    validate_config(cfg)
-    return cfg, preset or cfg.dataset
-
-
-def config_from_dict(values: dict, origin: str) -> TrainConfig:
-    """A stored config (checkpoint metadata, config.json), every value checked again."""
-    if not isinstance(values, dict):
-        raise CliError(f"{origin}: the stored config is not a table of settings")
-    try:
-        cfg = TrainConfig(**{k: coerce(k, v, origin) for k, v in values.items() if k in CONFIG_FIELDS})
-        validate_config(cfg)
-    except CliError as e:  # the stored value is wrong, not an option the user gave: say where it is
-        text = str(e).replace("--", "")
-        raise CliError(text if text.startswith(origin) else f"{origin}: a stored setting is invalid: {text}") from None
-    return cfg
-
-
-@dataclasses.dataclass(frozen=True)
-class AttackSetup:
-    """One threat model in [0, 1] units, built once from the command line or a config,
-    with the settings of the PART map and of the evaluation that uses it."""
-
-    eps: float
-    step: float
-    restarts: int = 1
-    seed: int = 0
-    batch_size: int = 256
-    eps_low: float = from_levels(DEFAULT_EPS_LOW_LEVELS)
-    cam: str = "gradcam"
-    mask_rule: str = "zscore"
-    steps: int = 10
-
-    def __post_init__(self):
-        check_unit_budgets(self.eps, self.eps_low, self.step)
-        if not (isinstance(self.restarts, int) and 1 <= self.restarts <= 10_000):
-            raise CliError(f"restarts must be between 1 and 10000, got {self.restarts}")
-        if not (isinstance(self.batch_size, int) and 1 <= self.batch_size <= 1 << 20):
-            raise CliError(f"batch size must be between 1 and {1 << 20}, got {self.batch_size}")
-        if not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
-            raise CliError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
-        if self.cam not in CAM_WEIGHTS:
-            raise unknown("cam", self.cam, CAM_WEIGHTS)
-        if self.mask_rule not in MASK_RULES:
-            raise unknown("mask rule", self.mask_rule, MASK_RULES)
-
-    @classmethod
-    def from_levels(cls, eps_levels: float, step_levels: float, eps_low_levels: float = DEFAULT_EPS_LOW_LEVELS,
-                    where: str = "", **settings) -> "AttackSetup":
-        """The command line's budgets (1/255 levels), checked with the message a user needs."""
-        check_budget_levels(eps_levels, eps_low_levels, step_levels, where)
-        return cls(eps=from_levels(eps_levels), step=from_levels(step_levels), eps_low=from_levels(eps_low_levels), **settings)
-
-    @classmethod
-    def from_config(cls, cfg: TrainConfig) -> "AttackSetup":
-        """The training threat model of a run."""
-        return cls(eps=from_levels(cfg.eps), step=from_levels(cfg.step), eps_low=from_levels(cfg.eps_low), seed=cfg.seed,
-                   batch_size=cfg.batch_size, cam=cfg.cam, mask_rule=cfg.mask_rule, steps=cfg.steps)
-
-
-def eval_setup(batch_size: int) -> AttackSetup:
-    """The training-time evaluation: the standard PGD-20 at 8/255, step 2/255, whatever the training budget."""
-    return AttackSetup(eps=from_levels(EVAL_EPS_LEVELS), step=from_levels(EVAL_STEP_LEVELS), batch_size=batch_size, steps=EVAL_STEPS)
 
 
 # ============================================================================ training step and evaluation
@@ -2294,51 +2450,100 @@ class TrainingModules:
     model: nn.Module  # plain module: evaluation, checkpoints
     update: nn.Module  # MultiInput(model), under DDP and/or torch.compile
     stepper: Optional[Stepper] = None  # the compiled attack step; None: eager
-    cam: Optional[Callable[[nn.Module, Tensor, str], Tensor]] = None  # the compiled CAM; None: eager
+    cam: Optional[Callable[[nn.Module, Tensor, str], Tensor]] = (
+        None  # the compiled CAM; None: eager
+    )
 
 
-def wrap_for_training(model: nn.Module, cfg: TrainConfig, dist: Dist, device: torch.device) -> TrainingModules:
+def wrap_for_training(
+    model: nn.Module, cfg: TrainConfig, dist: Dist, device: torch.device
+) -> TrainingModules:
     """DDP under torchrun; torch.compile (default: on CUDA only; on a CPU it costs more than
     it saves) of the update, the attack step and the CAM."""
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     update: nn.Module = MultiInput(model)
     if dist.world > 1:
-        update = nn.parallel.DistributedDataParallel(update, device_ids=[device] if device.type == "cuda" else None)
+        update = nn.parallel.DistributedDataParallel(
+            update, device_ids=[device] if device.type == "cuda" else None
+        )
     if not use_compile:
         return TrainingModules(model, update)
-    splits = hasattr(model, "features") and hasattr(model, "head") and getattr(model, "cam_layer", None) is None
-    return TrainingModules(model, torch.compile(update, mode=cfg.compile_mode), compiled_ascent_step(cfg.compile_mode),
-                           compiled_cam(cfg.compile_mode) if splits else None)
+    splits = (
+        hasattr(model, "features")
+        and hasattr(model, "head")
+        and getattr(model, "cam_layer", None) is None
+    )
+    return TrainingModules(
+        model,
+        torch.compile(update, mode=cfg.compile_mode),
+        compiled_ascent_step(cfg.compile_mode),
+        compiled_cam(cfg.compile_mode) if splits else None,
+    )
 
 
-def budget_for(model: nn.Module, x: Tensor, setup: AttackSetup, part_phase: bool,
-               cam: Optional[Callable[[nn.Module, Tensor, str], Tensor]] = None) -> float | Tensor:
+def budget_for(
+    model: nn.Module,
+    x: Tensor,
+    setup: AttackSetup,
+    part_phase: bool,
+    cam: Optional[Callable[[nn.Module, Tensor, str], Tensor]] = None,
+) -> float | Tensor:
     """The per-pixel budget of this exact (augmented) batch: CAM -> eps map in PART epochs."""
     if not part_phase:
         return setup.eps
     if setup.mask_rule in NO_CAM_RULES:  # the batch size and device are all such a rule reads
-        return eps_map(x[:, :1, :1, :1].detach() * 0, setup.eps, setup.eps_low, setup.mask_rule, size=x.shape[-2:], check=False)
-    low_res = cam(model, x, setup.cam) if cam else class_activation(model, x, setup.cam, check=False)
-    return eps_map(low_res, setup.eps, setup.eps_low, setup.mask_rule, size=x.shape[-2:], check=False)
+        return eps_map(
+            x[:, :1, :1, :1].detach() * 0,
+            setup.eps,
+            setup.eps_low,
+            setup.mask_rule,
+            size=x.shape[-2:],
+            check=False,
+        )
+    low_res = (
+        cam(model, x, setup.cam) if cam else class_activation(model, x, setup.cam, check=False)
+    )
+    return eps_map(
+        low_res, setup.eps, setup.eps_low, setup.mask_rule, size=x.shape[-2:], check=False
+    )
 
 
-def make_adversarial(model: nn.Module, x: Tensor, y: Tensor, budget: float | Tensor, setup: AttackSetup,
-                     loss: str, generator: str, stepper: Optional[Stepper] = None) -> Tensor:
+def make_adversarial(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    budget: float | Tensor,
+    setup: AttackSetup,
+    loss: str,
+    generator: str,
+    stepper: Optional[Stepper] = None,
+) -> Tensor:
     """Training AEs: PGD with the base loss's inner loss and start, or MMA."""
     if generator == "mma":
         return mma(model, x, y, budget, setup.step, setup.steps, stepper=stepper, check=False)
     spec = LOSSES[loss]
-    return pgd(model, x, y, budget, setup.step, setup.steps, spec.inner, spec.start, stepper, check=False)
+    return pgd(
+        model, x, y, budget, setup.step, setup.steps, spec.inner, spec.start, stepper, check=False
+    )
 
 
-def train_step(parts: TrainingModules, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, cfg: TrainConfig,
-               setup: AttackSetup, part_phase: bool) -> tuple[Tensor, Tensor]:
+def train_step(
+    parts: TrainingModules,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    cfg: TrainConfig,
+    setup: AttackSetup,
+    part_phase: bool,
+) -> tuple[Tensor, Tensor]:
     """CAM + budget map on this batch, the adversarial examples, one SGD update.
     Returns (loss, #correct on x') on the device."""
     amp = autocast(x.device, cfg.amp)
     budget = budget_for(parts.model, x, setup, part_phase, parts.cam)
     with amp:
-        x_adv = make_adversarial(parts.model, x, y, budget, setup, cfg.loss, cfg.generator, parts.stepper)
+        x_adv = make_adversarial(
+            parts.model, x, y, budget, setup, cfg.loss, cfg.generator, parts.stepper
+        )
     parts.update.train()
     with amp:
         if LOSSES[cfg.loss].needs_natural:
@@ -2357,7 +2562,11 @@ def epoch_batches(n: int, batch: int, dist: Dist, shuffle: torch.Generator) -> l
     rank, each global batch cut into `world` contiguous parts (disjoint, together the whole
     batch). A last batch too small for two images per process (BatchNorm) is dropped."""
     order = torch.randperm(n, device=shuffle.device, generator=shuffle)
-    return [idx.tensor_split(dist.world)[dist.rank] for idx in order.split(batch) if len(idx) >= 2 * dist.world]
+    return [
+        idx.tensor_split(dist.world)[dist.rank]
+        for idx in order.split(batch)
+        if len(idx) >= 2 * dist.world
+    ]
 
 
 def lr_at(cfg: TrainConfig, epoch: int, step: int = 0, steps: int = 1) -> float:
@@ -2369,19 +2578,27 @@ def lr_at(cfg: TrainConfig, epoch: int, step: int = 0, steps: int = 1) -> float:
     done = epoch + step / steps  # epochs elapsed before this step
     if done < cfg.lr_warmup:
         return cfg.lr * (done + 1 / steps) / cfg.lr_warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (done - cfg.lr_warmup) / max(cfg.epochs - cfg.lr_warmup, 1e-12)))
+    return (
+        cfg.lr
+        * 0.5
+        * (1 + math.cos(math.pi * (done - cfg.lr_warmup) / max(cfg.epochs - cfg.lr_warmup, 1e-12)))
+    )
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
 
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema = decay * ema + (1 - decay) * weights; BatchNorm statistics (buffers) copied."""
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+    torch._foreach_lerp_(
+        list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay
+    )
     for mine, theirs in zip(ema.buffers(), model.buffers(), strict=True):
         mine.copy_(theirs)
 
@@ -2394,12 +2611,18 @@ def train_epoch(run: Run, epoch: int) -> dict:
     # Every random stream of an epoch is a function of (seed, epoch[, rank]): a resumed run
     # replays exactly what the uninterrupted one would have done.
     torch.manual_seed(derived_seed(cfg.seed, epoch, dist.rank))
-    shuffle = torch.Generator(device).manual_seed(derived_seed(cfg.seed, epoch, -1))  # the same on every rank
+    shuffle = torch.Generator(device).manual_seed(
+        derived_seed(cfg.seed, epoch, -1)
+    )  # the same on every rank
     aug = torch.Generator(device).manual_seed(derived_seed(cfg.seed, epoch, dist.rank, 1))
     batches = epoch_batches(len(run.train.y), cfg.batch_size, dist, shuffle)
-    lr = lr_at(cfg, epoch, 0, len(batches))  # the epoch's first lr: the one a step schedule keeps all epoch
+    lr = lr_at(
+        cfg, epoch, 0, len(batches)
+    )  # the epoch's first lr: the one a step schedule keeps all epoch
     totals = torch.zeros(3, device=device)  # loss sum, correct, count (this rank)
-    steady = None  # (time, images) after the first 10 steps: compilation and warm-up are over by then
+    steady = (
+        None  # (time, images) after the first 10 steps: compilation and warm-up are over by then
+    )
     with run.report.epoch(epoch + 1, len(batches)) as show:
         for i, index in enumerate(batches):
             x = to_float(augment(run.train.x[index], DATASETS[cfg.dataset].flip, aug))
@@ -2427,9 +2650,21 @@ def train_epoch(run: Run, epoch: int) -> dict:
         raise FloatingPointError
     phase = "PART" if part_phase else ("warm-up" if cfg.method == "part" else "AT")
     # images/s after the first 10 steps (all processes): what an epoch costs once compiled
-    rate = dist.world * (local_images - steady[1]) / (end - steady[0]) if steady and local_images > steady[1] else None
-    return {"epoch": epoch + 1, "phase": phase, "lr": lr, "train_loss": t[0] / t[2], "train_acc": t[1] / t[2],
-            "train_seconds": end - t0, "img_per_s": t[2] / (end - t0), "steady_img_per_s": rate}
+    rate = (
+        dist.world * (local_images - steady[1]) / (end - steady[0])
+        if steady and local_images > steady[1]
+        else None
+    )
+    return {
+        "epoch": epoch + 1,
+        "phase": phase,
+        "lr": lr,
+        "train_loss": t[0] / t[2],
+        "train_acc": t[1] / t[2],
+        "train_seconds": end - t0,
+        "img_per_s": t[2] / (end - t0),
+        "steady_img_per_s": rate,
+    }
 
 
 def on_model_device(model: nn.Module, data: Split | tuple) -> Split:
@@ -2442,12 +2677,18 @@ def on_model_device(model: nn.Module, data: Split | tuple) -> Split:
         with torch.no_grad(), eval_mode(model), full_fp32():
             outputs = model(to_float(data.x[:1])).shape[-1]
         if int(data.y.max()) >= outputs:
-            raise ValueError(f"labels go up to {int(data.y.max())}, but the model has {outputs} outputs (another data set?)")
+            raise ValueError(
+                f"labels go up to {int(data.y.max())}, but the model has {outputs} outputs (another data set?)"
+            )
     return data
 
 
-def evaluate(model: nn.Module, data: Split | tuple, setup: Optional[AttackSetup] = None,
-             dist: Dist = ONE_PROCESS) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    data: Split | tuple,
+    setup: Optional[AttackSetup] = None,
+    dist: Dist = ONE_PROCESS,
+) -> dict[str, float]:
     """Natural and PGD-`setup.steps` accuracy on `data` (a Split or (images, labels); moved
     to the model's device), fp32, eval mode, random start; sharded across processes,
     counts summed. The PGD result is named by its steps (pgd20 for the standard protocol,
@@ -2466,7 +2707,554 @@ def evaluate(model: nn.Module, data: Split | tuple, setup: Optional[AttackSetup]
                 counts[1] += (model(x_adv).argmax(1) == y).sum()
             counts[2] += len(y)
     counts = all_sum(counts, dist).tolist()
-    return {"natural": counts[0] / max(counts[2], 1), f"pgd{setup.steps}": counts[1] / max(counts[2], 1)}
+    return {
+        "natural": counts[0] / max(counts[2], 1),
+        f"pgd{setup.steps}": counts[1] / max(counts[2], 1),
+    }
+
+
+# ============================================================================ config
+# The one list of training settings: each field of TrainConfig carries its help text,
+# its panel in `train --help`, its choices (from the registries above), its bounds and
+# whether --resume may change it. The `train` command's options, the preset checks and
+# the resume rules are all derived from it.
+
+
+def setting(
+    default: Any,
+    help: str,
+    panel: Optional[str],
+    *,
+    choices: Optional[tuple] = None,
+    bounds: Optional[tuple] = None,
+    levels: bool = False,
+    on_resume: bool = False,
+) -> Any:
+    """A TrainConfig field with what the command line and the checks need to know (panel
+    None: recorded, never an option)."""
+    meta = {
+        "help": help,
+        "panel": panel,
+        "choices": choices,
+        "bounds": bounds,
+        "levels": levels,
+        "on_resume": on_resume,
+    }
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+DATA, MODEL, METHOD, THREAT, SCHEDULE, EVALUATION, RUN = (
+    "Data",
+    "Model",
+    "Method",
+    "Threat model (1/255 levels)",
+    "Schedule",
+    "Evaluation during training",
+    "Run",
+)
+OPTIMIZERS, SCHEDULES = ("sgd", "adamw"), ("step", "cosine")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run depends on. Defaults: the paper's CIFAR-10 settings."""
+
+    dataset: str = setting("cifar10", "Dataset.", DATA, choices=tuple(DATASETS))
+    data_dir: str = setting(
+        "data",
+        "Dataset folder (torchvision copies download here when possible).",
+        DATA,
+        on_resume=True,
+    )
+    cache_dir: str = setting(
+        DEFAULT_CACHE, "Where decoded image folders are cached.", DATA, on_resume=True
+    )
+    image_size: int = setting(
+        32,
+        "Image side for --dataset imagefolder (fixed datasets use their own).",
+        DATA,
+        bounds=(8, MAX_IMAGE_SIZE),
+    )
+    train_subset: int = setting(
+        0, "Train on the first N training images (0: all).", DATA, bounds=(0, 10**8)
+    )
+    val_size: int = setting(
+        0,
+        "Hold out N training images (class-balanced, chosen by the seed) to pick `best`; "
+        "0: pick it on the first --eval-subset test images.",
+        DATA,
+        bounds=(0, 10**7),
+    )
+    model: str = setting("resnet18", f"Architecture: {ARCH_HELP}.", MODEL)
+    cam_layer: Optional[str] = setting(
+        None,
+        "Module whose output the CAM uses (default: the architecture's last block).",
+        MODEL,
+        on_resume=True,
+    )
+    init: str = setting(
+        "",
+        "Start from this checkpoint's weights (fine-tuning): ours (.safetensors) or a state dict of --model's "
+        "architecture (.safetensors/.pt/.pth); a classifier for another number of classes starts afresh.",
+        MODEL,
+    )
+    init_sha256: str = setting(
+        "", "sha256 of the --init file (recorded; checked when the config is run again).", None
+    )
+    model_dir: str = setting(
+        "models",
+        "RobustBench's model folder, for --init/--model robustbench:NAME (its layout: "
+        "DIR/<dataset>/Linf/<NAME>.pt).",
+        MODEL,
+    )
+    method: str = setting(
+        "part",
+        "at: uniform budget; part: pixel-reweighted after the warm-up.",
+        METHOD,
+        choices=METHODS,
+    )
+    loss: str = setting(
+        "ce",
+        "Base loss: ce (AT/PART), trades (PART-T), mart (PART-M).",
+        METHOD,
+        choices=tuple(LOSSES),
+    )
+    beta: float = setting(6.0, "TRADES/MART regulariser weight.", METHOD, bounds=(0, 1e6))
+    generator: str = setting("pgd", "How training AEs are made.", METHOD, choices=GENERATORS)
+    cam: str = setting("gradcam", "CAM method.", METHOD, choices=CAM_METHODS)
+    mask_rule: str = setting(
+        "zscore",
+        "zscore (paper), official (authors' code); controls: random, uniform (same budget, "
+        "no placement), inverse (the least important pixels); quadrant-tl, quadrant-tr, quadrant-bl, "
+        "quadrant-br (the paper's Fig. 1: eps-low on one quadrant, no CAM).",
+        METHOD,
+        choices=tuple(MASK_RULES),
+    )
+    eps: float = setting(DEFAULT_EPS_LEVELS, "Full budget: 8 or 8/255.", THREAT, levels=True)
+    eps_low: float = setting(
+        DEFAULT_EPS_LOW_LEVELS, "Budget of the unimportant pixels.", THREAT, levels=True
+    )
+    step: float = setting(DEFAULT_STEP_LEVELS, "Attack step.", THREAT, levels=True)
+    steps: int = setting(10, "Attack steps in training.", THREAT, bounds=(1, 10_000))
+    epochs: int = setting(
+        80, "Total epochs (warm-up included).", SCHEDULE, bounds=(1, 100_000), on_resume=True
+    )
+    warmup_epochs: int = setting(
+        20, "Epochs of the base method at uniform eps before PART.", SCHEDULE, bounds=(0, 100_000)
+    )
+    batch_size: int = setting(
+        128,
+        "Global batch size (split across processes under torchrun).",
+        SCHEDULE,
+        bounds=(2, 65_536),
+    )
+    optimizer: str = setting(
+        "sgd", "sgd (the paper's) or adamw (--momentum unused).", SCHEDULE, choices=OPTIMIZERS
+    )
+    lr: float = setting(0.01, "Learning rate.", SCHEDULE, bounds=(1e-12, 100))
+    momentum: float = setting(0.9, "SGD momentum.", SCHEDULE, bounds=(0, 1))
+    weight_decay: float = setting(
+        2e-4, "Weight decay (decoupled with adamw).", SCHEDULE, bounds=(0, 1)
+    )
+    schedule: str = setting(
+        "step",
+        "step: lr * gamma at each milestone (the paper's); cosine: linear warm-up over "
+        "--lr-warmup epochs, then down to 0, set at every step.",
+        SCHEDULE,
+        choices=SCHEDULES,
+    )
+    lr_milestones: list[int] = setting(
+        [79], "Global epochs where lr *= gamma, e.g. 79 or 60,75 (step schedule).", SCHEDULE
+    )
+    lr_gamma: float = setting(
+        0.1,
+        "LR decay factor at each milestone (step schedule).",
+        SCHEDULE,
+        bounds=(1e-12, math.inf),
+    )
+    lr_warmup: float = setting(
+        0.0,
+        "Epochs of linear lr warm-up from 0 (cosine schedule; may be a fraction).",
+        SCHEDULE,
+        bounds=(0, 100_000),
+    )
+    ema: float = setting(
+        0.0,
+        "Decay of an exponential moving average of the weights (e.g. 0.999), evaluated and saved as "
+        "the model; BatchNorm statistics copied (0: off).",
+        SCHEDULE,
+        bounds=(0, 0.999999),
+    )
+    eval_subset: int = setting(
+        1000, "Evaluate on the first N test images (0: all).", EVALUATION, bounds=(0, 10**8)
+    )
+    eval_every: int = setting(
+        1,
+        "Evaluate every N epochs (and after the last).",
+        EVALUATION,
+        bounds=(1, 100_000),
+        on_resume=True,
+    )
+    out: str = setting("", "Run folder.", RUN, on_resume=True)
+    seed: int = setting(0, "Random seed.", RUN, bounds=(0, MAX_SEED))
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps.", RUN, on_resume=True)
+    compile: Optional[bool] = setting(
+        None,
+        "torch.compile the attack step, CAM and update (default: on with CUDA).",
+        RUN,
+        on_resume=True,
+    )
+    compile_mode: str = setting(
+        "default", "torch.compile mode.", RUN, choices=COMPILE_MODES, on_resume=True
+    )
+    amp: bool = setting(False, "bf16 autocast for the training attack and update (CUDA only).", RUN)
+    sync_bn: bool = setting(False, "SyncBatchNorm across processes (torchrun, CUDA).", RUN)
+    tensorboard: bool = setting(
+        False,
+        "Also log to TensorBoard (runs/X/tensorboard; needs the tensorboard package).",
+        RUN,
+        on_resume=True,
+    )
+    wandb: str = setting(
+        "",
+        "Also log the config and every epoch to this Weights & Biases project (needs the wandb package; "
+        "WANDB_MODE=offline keeps it in runs/X/wandb).",
+        RUN,
+        on_resume=True,
+    )
+    threads: int = setting(
+        0,
+        "CPU threads for PyTorch (0: its default, one per core; 1 is often fastest on a machine "
+        "shared with other jobs). A resume is bit-exact only at the same count.",
+        RUN,
+        bounds=(0, 4096),
+        on_resume=True,
+    )
+
+
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+CONFIG_TYPES = typing.get_type_hints(TrainConfig)
+# Settings that say where or how fast a run computes, not what: they may differ between
+# seeds of one experiment (and between a run and its resume).
+NOT_THE_EXPERIMENT = {
+    "data_dir",
+    "cache_dir",
+    "out",
+    "device",
+    "compile",
+    "compile_mode",
+    "eval_every",
+    "tensorboard",
+    "seed",
+    "threads",
+    "init",
+    "wandb",
+    "model_dir",
+}  # init: the file's name; its sha256 is the experiment
+# Settings that only the PART phase reads: an AT run computes the same whatever they hold.
+PART_ONLY = {"cam", "cam_layer", "mask_rule", "eps_low", "warmup_epochs"}
+
+
+def _base_type(kind: Any) -> tuple[Any, bool]:
+    """(the type inside Optional[...] / X | None, whether None is allowed)."""
+    args = typing.get_args(kind)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return kind, False
+
+
+def coerce(key: str, value: Any, origin: str) -> Any:
+    """Type-check one config value (from TOML or the command line), by the field's real type."""
+    field = CONFIG_FIELDS[key]
+    base, optional = _base_type(CONFIG_TYPES[key])
+    bad = CliError(
+        f"{origin}: {key} = {value!r} is not a valid {getattr(base, '__name__', str(base))}"
+    )
+    if value is None:
+        if optional:
+            return None
+        raise bad
+    if field.metadata["levels"]:
+        return parse_levels(value, key)
+    if base is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        value = float(value)
+    elif typing.get_origin(base) is list:
+        if isinstance(value, str):
+            try:
+                value = [int(v) for v in value.replace(" ", "").split(",") if v]
+            except ValueError:
+                raise bad from None
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise bad
+        value = list(value)
+    elif not isinstance(value, str):
+        raise bad
+    choices = field.metadata["choices"]
+    if choices is not None and value not in choices:
+        raise CliError(f"{origin}: {unknown(key.replace('_', '-'), value, choices)}")
+    return value
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Bounds of every field, finite floats, and the checks that involve several fields."""
+    for name, field in CONFIG_FIELDS.items():
+        value, bounds = getattr(cfg, name), field.metadata["bounds"]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CliError(f"{name.replace('_', '-')} must be a finite number, got {value}")
+        if bounds and value is not None and not bounds[0] <= value <= bounds[1]:
+            low, high = bounds
+            what = (
+                ("positive" if 0 < low < 1e-9 else f"at least {low:g}")
+                if value < low
+                else f"at most {high:g}"
+            )
+            raise CliError(f"{name.replace('_', '-')} must be {what}, got {value}")
+    check_budget_levels(cfg.eps, cfg.eps_low, cfg.step, zero_eps=True)
+    if not is_zoo(cfg.model) and cfg.model not in BUILTIN_MODELS:
+        raise unknown("model", cfg.model, [ARCH_HELP])
+    if not DEVICE_PATTERN.match(cfg.device):
+        raise unknown("device", cfg.device, DEVICES)
+    if cfg.warmup_epochs > cfg.epochs:
+        raise CliError(
+            f"warmup-epochs ({cfg.warmup_epochs}) must be between 0 and epochs ({cfg.epochs})"
+        )
+    if not all(1 <= m <= 100_000 for m in cfg.lr_milestones):
+        raise CliError("lr-milestones are global epochs, each at least 1")
+    if cfg.lr_warmup > cfg.epochs or (cfg.lr_warmup and cfg.schedule != "cosine"):
+        raise CliError(
+            f"lr-warmup ({cfg.lr_warmup:g}) goes with --schedule cosine and at most --epochs ({cfg.epochs})"
+        )
+
+
+def config_paths() -> list[Path]:
+    """Where the presets live: beside part.py (a checkout or an editable install), then
+    where `pip install .` puts them (<prefix>/share/part/configs.toml)."""
+    return [
+        Path(__file__).resolve().parent / "configs.toml",
+        Path(sys.prefix) / "share" / "part" / "configs.toml",
+    ]
+
+
+def read_presets(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        raise CliError(f"config file {path} not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except (RecursionError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise CliError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def all_presets(presets_file: Optional[Path] = None) -> tuple[dict[str, dict], dict[str, Path]]:
+    """The shipped presets, then those of the user's --presets file (one of the same name
+    replaces the shipped one; `extends` may name either): the tables and where each is from."""
+    shipped = next((p for p in config_paths() if p.is_file()), None)
+    tables: dict[str, dict] = {}
+    where: dict[str, Path] = {}
+    for path in (shipped, presets_file):
+        for name, table in (read_presets(path) if path is not None else {}).items():
+            if isinstance(table, dict):
+                tables[name], where[name] = table, path
+    return tables, where
+
+
+def preset_values(presets: dict[str, dict], name: str, path: Path | dict, seen: tuple = ()) -> dict:
+    """The preset's values with `extends` resolved (the named preset first, then its own keys).
+    `path`: the file the presets are from, or a preset -> file table."""
+    at = path.get(name, "the presets") if isinstance(path, dict) else path
+    if name not in presets or not isinstance(presets[name], dict):
+        raise CliError(
+            f"unknown preset {name!r} in {at} (presets: {', '.join(k for k, v in presets.items() if isinstance(v, dict))})"
+        )
+    if name in seen:
+        raise CliError(f"preset {name!r} in {at} extends itself")
+    table = dict(presets[name])
+    values = {}
+    if "extends" in table:
+        values = preset_values(presets, str(table.pop("extends")), path, seen + (name,))
+    for key, value in table.items():
+        if key not in CONFIG_FIELDS:
+            raise CliError(f"{at} [{name}]: unknown key {key!r}")
+        values[key] = coerce(key, value, f"{at} [{name}]")
+    return values
+
+
+def read_settings_file(path: Path) -> tuple[dict, Optional[str]]:
+    """--config: a run's config.json (every setting but its folder, `out`, and its preset's
+    name) or a TOML/JSON table of settings. Returns (values, preset name or None)."""
+    if not path.is_file():
+        raise CliError(
+            f"--config {path} {'is a folder, not a file' if path.is_dir() else 'not found'}"
+        )
+    kind = "JSON" if path.suffix == ".json" else "TOML"
+    try:
+        text = path.read_text()
+        data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+    except (
+        RecursionError,
+        OSError,
+        ValueError,
+    ) as e:  # JSONDecodeError, TOMLDecodeError, UnicodeDecodeError
+        raise CliError(f"--config {path} is not valid {kind}: {first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise CliError(f"--config {path} is not a table of settings")
+    preset = None
+    if isinstance(
+        data.get("config"), dict
+    ):  # a run's config.json: the new run goes to a new folder
+        preset = data.get("preset") if isinstance(data.get("preset"), str) else None
+        data = {k: v for k, v in data["config"].items() if k != "out"}
+    for key in data:
+        if key not in CONFIG_FIELDS:
+            raise CliError(f"--config {path}: unknown key {key!r}")
+    return {k: coerce(k, v, str(path)) for k, v in data.items()}, preset
+
+
+def preset_settings(
+    preset: Optional[str],
+    presets_file: Optional[Path],
+    dataset: Optional[str],
+    config_file: Optional[Path] = None,
+) -> tuple[dict, Optional[str], dict[str, str]]:
+    """(the values, the preset's name, where each value is from): the preset's (without
+    --preset the dataset's own, when there is one), then the --config file's."""
+    from_file, file_preset = (
+        read_settings_file(config_file) if config_file is not None else ({}, None)
+    )
+    presets, where = all_presets(presets_file)
+    if preset is None:
+        preset = file_preset if file_preset in presets else None
+    if preset is None:
+        name = dataset or from_file.get("dataset") or "cifar10"
+        preset = name if name in presets else None
+    values = preset_values(presets, preset, where) if preset else {}
+    origins = {key: f"preset {preset}" for key in values} | {
+        key: str(config_file) for key in from_file
+    }
+    return {**values, **from_file}, preset or file_preset, origins
+
+
+def resolve_config(
+    overrides: dict[str, Any],
+    preset: Optional[str],
+    presets_file: Optional[Path],
+    config_file: Optional[Path] = None,
+) -> tuple[TrainConfig, str]:
+    """Code defaults < preset (configs.toml, --presets) < --config file < command line.
+    Returns the config and the preset name."""
+    given = {k: coerce(k, v, "command line") for k, v in overrides.items() if v is not None}
+    values, preset, _ = preset_settings(preset, presets_file, given.get("dataset"), config_file)
+    if "init" in given:  # another file: its own hash is recorded at the start
+        values.pop("init_sha256", None)
+        if (
+            given["init"].startswith(ROBUSTBENCH) and "model" not in given
+        ):  # the zoo entry is the architecture too
+            given["model"] = given["init"]
+    cfg = TrainConfig(**{**values, **given})
+    if cfg.model.startswith(ROBUSTBENCH):
+        cfg.model = robustbench_arch(cfg.model, cfg.dataset)
+    validate_config(cfg)
+    return cfg, preset or cfg.dataset
+
+
+def config_from_dict(values: dict, origin: str) -> TrainConfig:
+    """A stored config (checkpoint metadata, config.json), every value checked again."""
+    if not isinstance(values, dict):
+        raise CliError(f"{origin}: the stored config is not a table of settings")
+    try:
+        cfg = TrainConfig(
+            **{k: coerce(k, v, origin) for k, v in values.items() if k in CONFIG_FIELDS}
+        )
+        validate_config(cfg)
+    except CliError as e:  # the stored value is wrong, not an option the user gave: say where it is
+        text = str(e).replace("--", "")
+        raise CliError(
+            text if text.startswith(origin) else f"{origin}: a stored setting is invalid: {text}"
+        ) from None
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSetup:
+    """One threat model in [0, 1] units, built once from the command line or a config,
+    with the settings of the PART map and of the evaluation that uses it."""
+
+    eps: float
+    step: float
+    restarts: int = 1
+    seed: int = 0
+    batch_size: int = 256
+    eps_low: float = from_levels(DEFAULT_EPS_LOW_LEVELS)
+    cam: str = "gradcam"
+    mask_rule: str = "zscore"
+    steps: int = 10
+
+    def __post_init__(self):
+        check_unit_budgets(self.eps, self.eps_low, self.step)
+        if not (isinstance(self.restarts, int) and 1 <= self.restarts <= 10_000):
+            raise CliError(f"restarts must be between 1 and 10000, got {self.restarts}")
+        if not (isinstance(self.batch_size, int) and 1 <= self.batch_size <= 1 << 20):
+            raise CliError(f"batch size must be between 1 and {1 << 20}, got {self.batch_size}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
+            raise CliError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        if self.cam not in CAM_WEIGHTS:
+            raise unknown("cam", self.cam, CAM_WEIGHTS)
+        if self.mask_rule not in MASK_RULES:
+            raise unknown("mask rule", self.mask_rule, MASK_RULES)
+
+    @classmethod
+    def from_levels(
+        cls,
+        eps_levels: float,
+        step_levels: float,
+        eps_low_levels: float = DEFAULT_EPS_LOW_LEVELS,
+        where: str = "",
+        **settings,
+    ) -> "AttackSetup":
+        """The command line's budgets (1/255 levels), checked with the message a user needs."""
+        check_budget_levels(eps_levels, eps_low_levels, step_levels, where)
+        return cls(
+            eps=from_levels(eps_levels),
+            step=from_levels(step_levels),
+            eps_low=from_levels(eps_low_levels),
+            **settings,
+        )
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "AttackSetup":
+        """The training threat model of a run."""
+        return cls(
+            eps=from_levels(cfg.eps),
+            step=from_levels(cfg.step),
+            eps_low=from_levels(cfg.eps_low),
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            cam=cfg.cam,
+            mask_rule=cfg.mask_rule,
+            steps=cfg.steps,
+        )
+
+
+def eval_setup(batch_size: int) -> AttackSetup:
+    """The training-time evaluation: the standard PGD-20 at 8/255, step 2/255, whatever the training budget."""
+    return AttackSetup(
+        eps=from_levels(EVAL_EPS_LEVELS),
+        step=from_levels(EVAL_STEP_LEVELS),
+        batch_size=batch_size,
+        steps=EVAL_STEPS,
+    )
 
 
 # ============================================================================ checkpoints
@@ -2500,30 +3288,46 @@ class CheckpointMeta:
     def to_metadata(self) -> dict[str, str]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values["config"] = dataclasses.asdict(self.config) if self.config else None
-        return {"format": self.format, **{k: json.dumps(v) for k, v in values.items() if k != "format"}}
+        return {
+            "format": self.format,
+            **{k: json.dumps(v) for k, v in values.items() if k != "format"},
+        }
 
     @classmethod
     def from_metadata(cls, raw: dict[str, str], path: Path) -> "CheckpointMeta":
         """Our metadata, every field checked: a damaged file gives one line, not a traceback."""
         try:
-            values = {k: json.loads(v) for k, v in raw.items() if k != "format" and k in CHECKPOINT_FIELDS}
+            values = {
+                k: json.loads(v) for k, v in raw.items() if k != "format" and k in CHECKPOINT_FIELDS
+            }
         except (RecursionError, json.JSONDecodeError, TypeError) as e:
             raise CliError(f"{path}: its metadata is damaged (not JSON: {first_line(e)})") from None
-        checks = {"arch": lambda v: isinstance(v, str), "num_classes": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2,
-                  "classes": lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
-                  "dataset": lambda v: v is None or v in DATASETS, "image_size": lambda v: v is None or (isinstance(v, int) and 8 <= v <= MAX_IMAGE_SIZE),
-                  "cam_layer": lambda v: v is None or isinstance(v, str), "epoch": lambda v: v is None or isinstance(v, int),
-                  "metrics": lambda v: v is None or isinstance(v, dict), "best": lambda v: v is None or isinstance(v, dict),
-                  "config": lambda v: v is None or isinstance(v, dict), "versions": lambda v: isinstance(v, dict),
-                  "machine": lambda v: isinstance(v, dict)}
+        checks = {
+            "arch": lambda v: isinstance(v, str),
+            "num_classes": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2,
+            "classes": lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+            "dataset": lambda v: v is None or v in DATASETS,
+            "image_size": lambda v: v is None or (isinstance(v, int) and 8 <= v <= MAX_IMAGE_SIZE),
+            "cam_layer": lambda v: v is None or isinstance(v, str),
+            "epoch": lambda v: v is None or isinstance(v, int),
+            "metrics": lambda v: v is None or isinstance(v, dict),
+            "best": lambda v: v is None or isinstance(v, dict),
+            "config": lambda v: v is None or isinstance(v, dict),
+            "versions": lambda v: isinstance(v, dict),
+            "machine": lambda v: isinstance(v, dict),
+        }
         for key in ("arch", "num_classes"):
             if key not in values:
                 raise CliError(f"{path}: its metadata lacks {key!r}; not a usable checkpoint")
         for key, ok in checks.items():
             if key in values and not ok(values[key]):
-                raise CliError(f"{path}: its metadata has an invalid {key} ({json.dumps(values[key])[:60]})")
+                raise CliError(
+                    f"{path}: its metadata has an invalid {key} ({json.dumps(values[key])[:60]})"
+                )
         if values.get("classes") and len(values["classes"]) != values["num_classes"]:
-            raise CliError(f"{path}: its metadata names {len(values['classes'])} classes for {values['num_classes']} outputs")
+            raise CliError(
+                f"{path}: its metadata names {len(values['classes'])} classes for {values['num_classes']} outputs"
+            )
         if values.get("config") is not None:
             values["config"] = config_from_dict(values["config"], f"{path} (stored config)")
         return cls(format=raw.get("format", FORMAT), **values)
@@ -2599,10 +3403,18 @@ def load_state_into(model: nn.Module, state: dict[str, Tensor], arch: str, path:
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
-                 f"{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})" if wrong else ""]
-        raise CliError(f"{path} does not match architecture {arch}: " + ", ".join(p for p in parts if p) + " keys")
+        parts = [
+            f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+            f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+            f"{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})"
+            if wrong
+            else "",
+        ]
+        raise CliError(
+            f"{path} does not match architecture {arch}: "
+            + ", ".join(p for p in parts if p)
+            + " keys"
+        )
     model.load_state_dict(state)
 
 
@@ -2616,10 +3428,21 @@ def _read_pickle(path: Path) -> tuple[Any, str]:
         with warnings.catch_warnings():  # torch's notes on pickle protocols; failures raise below
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError,
-            UnicodeDecodeError, TypeError) as e:
-        raise CliError(f"{path} was not loaded: {_unpickling_reason(e)}. part never unpickles files that need code "
-                       "(weights-only loading); convert it to a state dict of tensors with code you trust") from None
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        AttributeError,
+        ImportError,
+        UnicodeDecodeError,
+        TypeError,
+    ) as e:
+        raise CliError(
+            f"{path} was not loaded: {_unpickling_reason(e)}. part never unpickles files that need code "
+            "(weights-only loading); convert it to a state dict of tensors with code you trust"
+        ) from None
     return obj, hashlib.sha256(data).hexdigest()
 
 
@@ -2649,50 +3472,72 @@ def load_init(model: nn.Module, cfg: TrainConfig, num_classes: int) -> None:
     path = path / HF_WEIGHTS if path.is_dir() else path
     state, metadata, sha256 = read_weights(path)
     if cfg.init_sha256 and cfg.init_sha256 != sha256:
-        raise CliError(f"--init {path}: its sha256 ({sha256[:12]}...) is not the recorded {cfg.init_sha256[:12]}...: "
-                       "not the file this config started from")
+        raise CliError(
+            f"--init {path}: its sha256 ({sha256[:12]}...) is not the recorded {cfg.init_sha256[:12]}...: "
+            "not the file this config started from"
+        )
     fmt = metadata.get("format", "")
     if fmt == FORMAT:
         arch = CheckpointMeta.from_metadata(metadata, path).arch
         if arch != cfg.model:
             raise CliError(f"--init {path} holds a {arch} model, not --model {cfg.model}")
     elif fmt.startswith("part/"):
-        raise CliError(f"--init {path} is a file of part ({fmt}), not model weights; use last.safetensors or best.safetensors")
+        raise CliError(
+            f"--init {path} is a file of part ({fmt}), not model weights; use last.safetensors or best.safetensors"
+        )
     else:
         state = _clean_state_dict(state, path)
     if hasattr(model, "adapt_state"):
         state = model.adapt_state(state)
     own = model.state_dict()
-    head = [k for k, v in own.items() if k in state and state[k].shape != v.shape and v.dim() >= 1
-            and v.shape[0] == num_classes and state[k].shape[1:] == v.shape[1:]]
+    head = [
+        k
+        for k, v in own.items()
+        if k in state
+        and state[k].shape != v.shape
+        and v.dim() >= 1
+        and v.shape[0] == num_classes
+        and state[k].shape[1:] == v.shape[1:]
+    ]
     if head:
-        note(f"note: --init {path.name} has a classifier for {state[head[0]].shape[0]} classes: "
-             f"{', '.join(head)} start afresh for {num_classes}")
+        note(
+            f"note: --init {path.name} has a classifier for {state[head[0]].shape[0]} classes: "
+            f"{', '.join(head)} start afresh for {num_classes}"
+        )
     load_state_into(model, {**state, **{k: own[k] for k in head}}, cfg.model, path)
     cfg.init_sha256 = sha256
 
 
-def load_checkpoint(path: str | Path, arch: Optional[str] = None, device: str | torch.device = "cpu",
-                    cam_layer: Optional[str] = None) -> tuple[nn.Module, CheckpointMeta]:
+def load_checkpoint(
+    path: str | Path,
+    arch: Optional[str] = None,
+    device: str | torch.device = "cpu",
+    cam_layer: Optional[str] = None,
+) -> tuple[nn.Module, CheckpointMeta]:
     """Our .safetensors checkpoints (architecture and classes from the metadata), or a
     foreign state dict (.safetensors, or .pt/.pth opened with weights_only=True) with `arch`.
     Returns (model in eval mode, metadata)."""
     return _load_checkpoint(Path(path), arch, device, cam_layer)[:2]
 
 
-def _load_checkpoint(path: Path, arch: Optional[str], device: str | torch.device,
-                     cam_layer: Optional[str]) -> tuple[nn.Module, CheckpointMeta, str]:
+def _load_checkpoint(
+    path: Path, arch: Optional[str], device: str | torch.device, cam_layer: Optional[str]
+) -> tuple[nn.Module, CheckpointMeta, str]:
     """load_checkpoint, and the sha256 of the bytes the weights came from."""
     if arch is not None and arch not in BUILTIN_MODELS and not is_zoo(arch):
         raise unknown("architecture", arch, [ARCH_HELP])
     if path.is_dir() and (path / HF_WEIGHTS).is_file():  # a model folder (export --format hf)
         path = path / HF_WEIGHTS
     if not path.is_file():
-        raise CliError(f"checkpoint {path} {'is a folder, not a file' if path.is_dir() else 'not found'}")
+        raise CliError(
+            f"checkpoint {path} {'is a folder, not a file' if path.is_dir() else 'not found'}"
+        )
     state, metadata, sha256 = read_weights(path)
     fmt = metadata.get("format", "")
     if fmt == STATE_FORMAT or path.name.endswith(".state.safetensors"):
-        raise CliError(f"{path} is a resume state (for train --resume), not a model checkpoint; use last.safetensors or best.safetensors")
+        raise CliError(
+            f"{path} is a resume state (for train --resume), not a model checkpoint; use last.safetensors or best.safetensors"
+        )
     if fmt == FORMAT:
         meta = CheckpointMeta.from_metadata(metadata, path)
         if arch is not None and arch != meta.arch:
@@ -2701,33 +3546,52 @@ def _load_checkpoint(path: Path, arch: Optional[str], device: str | torch.device
         raise CliError(f"{path} is a file of part ({fmt}), not a model checkpoint")
     else:
         if arch is None:
-            raise CliError(f"{path} is a foreign state dict: say which architecture with --arch ({ARCH_HELP})")
+            raise CliError(
+                f"{path} is a foreign state dict: say which architecture with --arch ({ARCH_HELP})"
+            )
         state = _clean_state_dict(state, path)
         num_classes = _head_size(state, arch)
         if num_classes is None:
             raise CliError(f"{path} does not match architecture {arch}: no classifier weight found")
-        meta = CheckpointMeta(arch=arch, num_classes=num_classes, format="foreign", source=str(path))
+        meta = CheckpointMeta(
+            arch=arch, num_classes=num_classes, format="foreign", source=str(path)
+        )
     meta.cam_layer = cam_layer or meta.cam_layer
     model = build_model(meta.arch, meta.num_classes, meta.cam_layer, meta.image_size or 32)
     load_state_into(model, state, meta.arch, path)
-    broken = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
-              if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    broken = [
+        name
+        for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
     if broken:
-        raise CliError(f"{path}: {len(broken)} weight tensor(s) hold NaN or inf ({', '.join(broken[:3])}); "
-                       "a model that computes NaN cannot be scored")
+        raise CliError(
+            f"{path}: {len(broken)} weight tensor(s) hold NaN or inf ({', '.join(broken[:3])}); "
+            "a model that computes NaN cannot be scored"
+        )
     return model.to(device).eval(), meta, sha256
 
 
-def save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: CheckpointMeta,
-                      history: list[dict], ema: Optional[nn.Module] = None) -> None:
+def save_resume_state(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: CheckpointMeta,
+    history: list[dict],
+    ema: Optional[nn.Module] = None,
+) -> None:
     """One file with everything a run needs to continue from this epoch: the weights (and
     their moving average with --ema), the optimizer buffers, the checkpoint's metadata and
     the metrics of every epoch so far. The lr follows from (config, epoch, step) and the RNG
     streams from (seed, epoch, rank)."""
     sd = optimizer.state_dict()
-    tensors = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {
+        f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+    }
     if ema is not None:
-        tensors |= {f"ema.{k}": v.detach().to("cpu").contiguous() for k, v in ema.state_dict().items()}
+        tensors |= {
+            f"ema.{k}": v.detach().to("cpu").contiguous() for k, v in ema.state_dict().items()
+        }
     scalars = {}
     for idx, entry in sd["state"].items():
         for name, value in entry.items():
@@ -2735,12 +3599,20 @@ def save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optim
                 tensors[f"optim.{idx}.{name}"] = value.detach().to("cpu").contiguous()
             else:
                 scalars[f"{idx}.{name}"] = value
-    info = {"checkpoint": meta.to_metadata(), "param_groups": sd["param_groups"], "scalars": scalars, "history": history}
-    save_tensors(path, tensors, {"format": STATE_FORMAT, **{k: json.dumps(v) for k, v in info.items()}})
+    info = {
+        "checkpoint": meta.to_metadata(),
+        "param_groups": sd["param_groups"],
+        "scalars": scalars,
+        "history": history,
+    }
+    save_tensors(
+        path, tensors, {"format": STATE_FORMAT, **{k: json.dumps(v) for k, v in info.items()}}
+    )
 
 
-def load_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                      ema: Optional[nn.Module] = None) -> tuple[CheckpointMeta, list[dict]]:
+def load_resume_state(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Optional[nn.Module] = None
+) -> tuple[CheckpointMeta, list[dict]]:
     """Weights (and their average), optimizer from a resume state; returns its checkpoint
     metadata and history."""
     tensors, metadata, _ = read_safetensors(path)
@@ -2757,13 +3629,18 @@ def load_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optim
         for key, value in info["scalars"].items():
             idx, name = key.split(".", 1)
             optim_state.setdefault(int(idx), {})[name] = value
-        weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         history = list(info["history"])
     except (RecursionError, KeyError, ValueError, TypeError, AttributeError) as e:
         raise CliError(f"{path}: a damaged resume state ({first_line(e)})") from None
     load_state_into(model, weights, meta.arch, path)
     if ema is not None:
-        load_state_into(ema, {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}, meta.arch, path)
+        load_state_into(
+            ema,
+            {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")},
+            meta.arch,
+            path,
+        )
     try:
         optimizer.load_state_dict({"state": optim_state, "param_groups": info["param_groups"]})
     except (RecursionError, ValueError, KeyError, TypeError) as e:
@@ -2781,9 +3658,13 @@ def test_set_of(meta: CheckpointMeta, dataset: Optional[str]) -> tuple[str, int]
 
 def check_fits(meta: CheckpointMeta, data: Split, name: str, data_dir: str) -> None:
     if len(data.classes) != meta.num_classes:
-        raise CliError(f"the model predicts {meta.num_classes} classes but {name} in {data_dir} has {len(data.classes)}")
+        raise CliError(
+            f"the model predicts {meta.num_classes} classes but {name} in {data_dir} has {len(data.classes)}"
+        )
     if meta.classes and list(meta.classes) != list(data.classes):
-        raise CliError(f"the model's classes ({', '.join(meta.classes[:4])}, ...) differ from those of {name} in {data_dir}")
+        raise CliError(
+            f"the model's classes ({', '.join(meta.classes[:4])}, ...) differ from those of {name} in {data_dir}"
+        )
 
 
 @dataclasses.dataclass
@@ -2799,8 +3680,16 @@ class EvalTarget:
     sha256: str
 
 
-def load_for_eval(path: Path, arch: Optional[str], device: torch.device, dataset: Optional[str], data_dir: str,
-                  cache_dir: str, cam_layer: Optional[str] = None, splits: Optional[dict] = None) -> EvalTarget:
+def load_for_eval(
+    path: Path,
+    arch: Optional[str],
+    device: torch.device,
+    dataset: Optional[str],
+    data_dir: str,
+    cache_dir: str,
+    cam_layer: Optional[str] = None,
+    splits: Optional[dict] = None,
+) -> EvalTarget:
     """The chain `attack` and `cam` share: load, channels-last, the test split the model
     belongs to (read once per data set when `splits` is shared), and the checks that the
     two fit."""
@@ -2812,7 +3701,9 @@ def load_for_eval(path: Path, arch: Optional[str], device: torch.device, dataset
         splits[key] = load_split(key[0], "test", data_dir, cache_dir, key[1])
     check_fits(meta, splits[key], key[0], data_dir)
     if tuple(splits[key].x.shape[-2:]) != (key[1], key[1]):
-        raise CliError(f"the model was trained on {key[1]} px images, the test images of {key[0]} are {splits[key].x.shape[-1]} px")
+        raise CliError(
+            f"the model was trained on {key[1]} px images, the test images of {key[0]} are {splits[key].x.shape[-1]} px"
+        )
     return EvalTarget(Path(path), model, meta, key[0], splits[key], sha256)
 
 
@@ -2848,7 +3739,9 @@ def save_figure_png(fig: Any, path: Path) -> None:
         plt.close(fig)
 
 
-def plot_curves(path: Path, rows: list[dict], warmup_epochs: int, milestones: list[int], method: str) -> bool:
+def plot_curves(
+    path: Path, rows: list[dict], warmup_epochs: int, milestones: list[int], method: str
+) -> bool:
     """curves.png of a run: training loss, and accuracy (training AEs, natural, PGD-20)
     against epoch; the warm-up -> PART switch and the lr drops marked."""
     plt = pyplot()
@@ -2858,24 +3751,48 @@ def plot_curves(path: Path, rows: list[dict], warmup_epochs: int, milestones: li
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     left.plot(epochs, [r["train_loss"] for r in rows], marker=".", color="tab:gray")
     left.set(xlabel="epoch", ylabel="training loss", title="loss")
-    for key, label, colour in (("train_acc", "training AEs", "tab:gray"), ("natural", "natural", "tab:blue"), ("pgd20", "PGD-20", "tab:red")):
+    for key, label, colour in (
+        ("train_acc", "training AEs", "tab:gray"),
+        ("natural", "natural", "tab:blue"),
+        ("pgd20", "PGD-20", "tab:red"),
+    ):
         points = [(r["epoch"], 100 * r[key]) for r in rows if r.get(key) is not None]
         if points:
             right.plot(*zip(*points, strict=True), marker=".", label=label, color=colour)
     where = rows[-1].get("eval_on", "test")
-    right.set(xlabel="epoch", ylabel="accuracy (%)", title=f"accuracy (natural, PGD-20 on {where} images)")
+    right.set(
+        xlabel="epoch", ylabel="accuracy (%)", title=f"accuracy (natural, PGD-20 on {where} images)"
+    )
     for ax in (left, right):
         if method == "part" and 0 < warmup_epochs < epochs[-1] + 1:
-            ax.axvline(warmup_epochs + 0.5, color="tab:green", linestyle="--", linewidth=1, label="PART starts")
+            ax.axvline(
+                warmup_epochs + 0.5,
+                color="tab:green",
+                linestyle="--",
+                linewidth=1,
+                label="PART starts",
+            )
         for i, m in enumerate(m for m in milestones if m < epochs[-1]):
-            ax.axvline(m + 0.5, color="black", linestyle=":", linewidth=1, label="lr drop" if i == 0 else None)
+            ax.axvline(
+                m + 0.5,
+                color="black",
+                linestyle=":",
+                linewidth=1,
+                label="lr drop" if i == 0 else None,
+            )
         ax.grid(alpha=0.3)
     right.legend(fontsize=8)
     save_figure_png(fig, path)
     return True
 
 
-def plot_sweep(path: Path, curves: dict[str, list[tuple[int, int, float]]], n: int, eps_levels: float, title: str = "") -> bool:
+def plot_sweep(
+    path: Path,
+    curves: dict[str, list[tuple[int, int, float]]],
+    n: int,
+    eps_levels: float,
+    title: str = "",
+) -> bool:
     """Accuracy against attack steps (log axis), one line per family; restarts as crosses."""
     plt = pyplot()
     if plt is None:
@@ -2883,42 +3800,38 @@ def plot_sweep(path: Path, curves: dict[str, list[tuple[int, int, float]]], n: i
     fig, ax = plt.subplots(figsize=(6, 4))
     for family, points in curves.items():
         single = sorted((k, acc) for k, r, acc in points if r == 1)
-        line = ax.plot([k for k, _ in single], [100 * a for _, a in single], marker="o", label=f"{family}, 1 restart")
+        line = ax.plot(
+            [k for k, _ in single],
+            [100 * a for _, a in single],
+            marker="o",
+            label=f"{family}, 1 restart",
+        )
         for i, (k, r, acc) in enumerate(sorted(p for p in points if p[1] > 1)):
             ax.scatter([k], [100 * acc], marker="x", color=line[0].get_color())
-            ax.annotate(f"{r} restarts: {100 * acc:.2f}", (k, 100 * acc), textcoords="offset points", xytext=(-90, 8 + 11 * i), fontsize=8)
+            ax.annotate(
+                f"{r} restarts: {100 * acc:.2f}",
+                (k, 100 * acc),
+                textcoords="offset points",
+                xytext=(-90, 8 + 11 * i),
+                fontsize=8,
+            )
     steps = sorted({k for points in curves.values() for k, _, _ in points})
     ax.set_xscale("log")
     ax.set_xticks(steps, [str(k) for k in steps])
-    ax.set(xlabel="attack steps", ylabel="robust accuracy (%)", title=f"{title}attack strength, eps {eps_levels:g}/255, {n} points")
+    ax.set(
+        xlabel="attack steps",
+        ylabel="robust accuracy (%)",
+        title=f"{title}attack strength, eps {eps_levels:g}/255, {n} points",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     save_figure_png(fig, path)
     return True
 
 
-def plot_tradeoff(path: Path, groups: list[dict], robust_key: str) -> bool:
-    """One point per group: natural against robust accuracy, mean +- std, a marker per method."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    markers = {}
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for g in groups:
-        nat, rob = g["stats"].get("natural"), g["stats"].get(robust_key)
-        if not nat or not rob:
-            continue
-        marker = markers.setdefault(g.get("method", "?"), "osD^v<>p*h"[len(markers) % 10])
-        ax.errorbar(100 * rob["mean"], 100 * nat["mean"], xerr=100 * rob["std"], yerr=100 * nat["std"], marker=marker,
-                    capsize=3, linestyle="none", label=f"{g['label']} (n={nat['n']})")
-    ax.set(xlabel=f"{robust_key} accuracy (%)", ylabel="natural accuracy (%)", title="accuracy-robustness trade-off (mean +- std)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    save_figure_png(fig, path)
-    return True
-
-
-def text_table(title: str, headers: Iterable[str], rows: Iterable[Iterable[Any]], left: Iterable[str] = ()) -> Table:
+def text_table(
+    title: str, headers: Iterable[str], rows: Iterable[Iterable[Any]], left: Iterable[str] = ()
+) -> Table:
     """The one terminal table: columns named in `left` are left-aligned, the rest (numbers)
     right-aligned; cells are plain text (the console reads no markup)."""
     table, left = Table(title=title), set(left)
@@ -2973,15 +3886,36 @@ def stop_signals_deferred():
             raise KeyboardInterrupt
 
 
-SUMMARY_COLUMNS = ("epoch", "phase", "lr", "train_loss", "train_acc", "natural", "pgd20", "eval_on", "seconds", "img_per_s",
-                   "steady_img_per_s")
+SUMMARY_COLUMNS = (
+    "epoch",
+    "phase",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "natural",
+    "pgd20",
+    "eval_on",
+    "seconds",
+    "img_per_s",
+    "steady_img_per_s",
+)
 
 
 class Reporter:
     """Run output: the resolved config, a live progress bar per epoch on a terminal, and one
     row per epoch (plain lines when stdout is not a terminal). Silent on ranks other than 0."""
 
-    COLUMNS = (("epoch", 7), ("phase", 8), ("lr", 9), ("loss", 8), ("train%", 7), ("nat%", 7), ("pgd20%", 7), ("sec", 7), ("img/s", 8))
+    COLUMNS = (
+        ("epoch", 7),
+        ("phase", 8),
+        ("lr", 9),
+        ("loss", 8),
+        ("train%", 7),
+        ("nat%", 7),
+        ("pgd20%", 7),
+        ("sec", 7),
+        ("img/s", 8),
+    )
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -2990,7 +3924,9 @@ class Reporter:
         if self.enabled:
             console.print(*args, markup=False, **kwargs)
 
-    def config(self, cfg: TrainConfig, preset: str, out: Path, device: torch.device, extra: str = "") -> None:
+    def config(
+        self, cfg: TrainConfig, preset: str, out: Path, device: torch.device, extra: str = ""
+    ) -> None:
         items = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
         self.print(f"part train preset={preset} out={out} device={device}{extra}", style="bold")
         self.print(f"config: {items}")
@@ -3006,16 +3942,29 @@ class Reporter:
                 return
             task = bars.add_task(f"epoch {epoch}", total=total, extra="")
 
-            def update(done: int, loss: Optional[float] = None, acc: Optional[float] = None) -> None:
+            def update(
+                done: int, loss: Optional[float] = None, acc: Optional[float] = None
+            ) -> None:
                 stats = {} if loss is None else {"extra": f"loss {loss:.4f} acc {100 * acc:.1f}%"}
                 bars.update(task, completed=done, **stats)
 
             yield update
 
     def row(self, m: dict) -> None:
-        values = (f"{m['epoch']}", m["phase"], f"{m['lr']:.2e}", f"{m['train_loss']:.4f}", fmt_pct(m["train_acc"]),
-                  fmt_pct(m.get("natural")), fmt_pct(m.get("pgd20")), f"{m['seconds']:.1f}", f"{m['img_per_s']:.0f}")
-        self.print("  ".join(v.rjust(width) for v, (_, width) in zip(values, self.COLUMNS, strict=True)))
+        values = (
+            f"{m['epoch']}",
+            m["phase"],
+            f"{m['lr']:.2e}",
+            f"{m['train_loss']:.4f}",
+            fmt_pct(m["train_acc"]),
+            fmt_pct(m.get("natural")),
+            fmt_pct(m.get("pgd20")),
+            f"{m['seconds']:.1f}",
+            f"{m['img_per_s']:.0f}",
+        )
+        self.print(
+            "  ".join(v.rjust(width) for v, (_, width) in zip(values, self.COLUMNS, strict=True))
+        )
         console.file.flush()  # a row per epoch also reaches logs and pipes at once
 
 
@@ -3036,28 +3985,45 @@ class RunFiles:
 
     def present(self) -> list[Path]:
         """The files of a run that are there (any one of them makes the folder a run)."""
-        names = (self.last, self.state, self.best, self.metrics, self.config, self.summary, self.curves, self.tensorboard)
+        names = (
+            self.last,
+            self.state,
+            self.best,
+            self.metrics,
+            self.config,
+            self.summary,
+            self.curves,
+            self.tensorboard,
+        )
         return [p for p in names if p.exists()]
 
 
 def command_name() -> str:
     """How the user started us, for messages that tell what to run next (--nproc says so to
     the processes it starts)."""
-    return os.environ.get("PART_COMMAND") or ("python part.py" if Path(sys.argv[0]).name == "part.py" else "part")
+    return os.environ.get("PART_COMMAND") or (
+        "python part.py" if Path(sys.argv[0]).name == "part.py" else "part"
+    )
 
 
 def resume_command(folder: Path) -> str:
     nproc = os.environ.get("PART_NPROC")
-    return f"{command_name()} train --out {folder} --resume" + (f" --nproc {nproc}" if nproc else "")
+    return f"{command_name()} train --out {folder} --resume" + (
+        f" --nproc {nproc}" if nproc else ""
+    )
 
 
 def check_out_dir(files: RunFiles, resume: bool) -> None:
     """Under the folder's lock (check_output_folder made it): a run to resume, or none to overwrite."""
     out = files.folder
     if resume and not (files.state.is_file() or files.config.is_file()):
-        raise CliError(f"cannot resume: {out} holds no run (no {files.state.name} or {files.config.name})")
+        raise CliError(
+            f"cannot resume: {out} holds no run (no {files.state.name} or {files.config.name})"
+        )
     if not resume and files.present():
-        raise CliError(f"{out} already holds a run ({files.present()[0].name}); pass --resume to continue it, or choose another --out")
+        raise CliError(
+            f"{out} already holds a run ({files.present()[0].name}); pass --resume to continue it, or choose another --out"
+        )
 
 
 def with_way_forward(files: RunFiles, problem: str) -> str:
@@ -3065,8 +4031,10 @@ def with_way_forward(files: RunFiles, problem: str) -> str:
     done = _epoch_of(files.last)
     if not done:
         return problem
-    return (f"{problem}; {files.last.name} holds epoch {done}: `{resume_command(files.folder)} "
-            "--from-last` continues from its weights (not bit-identical: the optimizer's momentum starts again)")
+    return (
+        f"{problem}; {files.last.name} holds epoch {done}: `{resume_command(files.folder)} "
+        "--from-last` continues from its weights (not bit-identical: the optimizer's momentum starts again)"
+    )
 
 
 def last_checkpoint_meta(files: RunFiles) -> CheckpointMeta:
@@ -3088,8 +4056,17 @@ def stored_config(files: RunFiles, from_last: bool = False) -> tuple[TrainConfig
         try:
             _, metadata, _ = read_safetensors(files.state)
             meta = CheckpointMeta.from_metadata(json.loads(metadata["checkpoint"]), files.state)
-        except (RecursionError, KeyError, ValueError, TypeError) as e:  # CliError too: it is a ValueError
-            text = str(e) if isinstance(e, CliError) else f"{files.state}: not a resume state of this version of part ({first_line(e)})"
+        except (
+            RecursionError,
+            KeyError,
+            ValueError,
+            TypeError,
+        ) as e:  # CliError too: it is a ValueError
+            text = (
+                str(e)
+                if isinstance(e, CliError)
+                else f"{files.state}: not a resume state of this version of part ({first_line(e)})"
+            )
             raise CliError(with_way_forward(files, text)) from None
         if meta.config is None:
             raise CliError(f"{files.state} holds no config; the run cannot resume")
@@ -3099,12 +4076,19 @@ def stored_config(files: RunFiles, from_last: bool = False) -> tuple[TrainConfig
         cfg = config_from_dict(stored["config"], str(files.config))
         return cfg, str(stored.get("preset") or "") or cfg.dataset
     except (RecursionError, OSError, ValueError, KeyError, TypeError) as e:
-        raise CliError(f"{files.config} is damaged ({first_line(e)}); the run cannot resume") from None
+        raise CliError(
+            f"{files.config} is damaged ({first_line(e)}); the run cannot resume"
+        ) from None
 
 
-def resume_config(files: RunFiles, overrides: dict[str, Any], preset: Optional[str] = None,
-                  presets_file: Optional[Path] = None, from_last: bool = False,
-                  config_file: Optional[Path] = None) -> tuple[TrainConfig, str]:
+def resume_config(
+    files: RunFiles,
+    overrides: dict[str, Any],
+    preset: Optional[str] = None,
+    presets_file: Optional[Path] = None,
+    from_last: bool = False,
+    config_file: Optional[Path] = None,
+) -> tuple[TrainConfig, str]:
     """The run's own config. The command that started it may be given again (a pre-empted
     job reruns its own command line): a setting or preset it repeats must equal the run's;
     only a different value is refused, by name. Settings that do not change what is
@@ -3112,21 +4096,34 @@ def resume_config(files: RunFiles, overrides: dict[str, Any], preset: Optional[s
     cfg, run_preset = stored_config(files, from_last)
     values = dataclasses.asdict(cfg)
     given = {k: coerce(k, v, "command line") for k, v in overrides.items() if v is not None}
-    said, origins = dict(given), {}  # what this command line says about each setting, and where from
+    said, origins = (
+        dict(given),
+        {},
+    )  # what this command line says about each setting, and where from
     if preset is not None or presets_file is not None or config_file is not None:
-        from_preset, asked_preset, origins = preset_settings(preset, presets_file, given.get("dataset", cfg.dataset), config_file)
+        from_preset, asked_preset, origins = preset_settings(
+            preset, presets_file, given.get("dataset", cfg.dataset), config_file
+        )
         if preset is not None and asked_preset != run_preset:
-            raise CliError(f"--preset {preset}: this run was started from preset {run_preset!r}; "
-                           f"resume it with --preset {run_preset} or without --preset")
+            raise CliError(
+                f"--preset {preset}: this run was started from preset {run_preset!r}; "
+                f"resume it with --preset {run_preset} or without --preset"
+            )
         said = {**from_preset, **given}
     for key, value in said.items():
         if CONFIG_FIELDS[key].metadata["on_resume"]:
             if key in given:
                 values[key] = value
         elif value != values.get(key):
-            origin = "" if key in given else f" (from {origins.get(key, f'preset {preset or run_preset}')})"
-            raise CliError(f"--{key.replace('_', '-')} {value!r}{origin} differs from the run's own {values.get(key)!r}: "
-                           "a resumed run keeps its settings (drop the option, or start a new --out)")
+            origin = (
+                ""
+                if key in given
+                else f" (from {origins.get(key, f'preset {preset or run_preset}')})"
+            )
+            raise CliError(
+                f"--{key.replace('_', '-')} {value!r}{origin} differs from the run's own {values.get(key)!r}: "
+                "a resumed run keeps its settings (drop the option, or start a new --out)"
+            )
     values["out"] = str(files.folder)
     cfg = TrainConfig(**values)
     validate_config(cfg)
@@ -3151,7 +4148,9 @@ class Run:
     history: list[dict] = dataclasses.field(default_factory=list)
     best: dict = dataclasses.field(default_factory=lambda: {"pgd20": None, "epoch": None})
     start: int = 0
-    trackers: list = dataclasses.field(default_factory=list)  # TensorBoard / W&B writers, when asked for
+    trackers: list = dataclasses.field(
+        default_factory=list
+    )  # TensorBoard / W&B writers, when asked for
     estimated: bool = False  # the CPU time estimate has been said
     ema: Optional[nn.Module] = None  # --ema: the moving average of the weights
 
@@ -3170,7 +4169,9 @@ def load_run_data(cfg: TrainConfig) -> tuple[Split, Split, str, str]:
     train, val = carve_validation(full, cfg.val_size, cfg.seed)
     train = train.limited(cfg.train_subset)
     if len(train.y) < cfg.batch_size:
-        raise CliError(f"the training set has {len(train.y)} images, fewer than one batch ({cfg.batch_size})")
+        raise CliError(
+            f"the training set has {len(train.y)} images, fewer than one batch ({cfg.batch_size})"
+        )
     if cfg.val_size:
         return train, val, "val", fingerprint(full)
     return train, test.limited(cfg.eval_subset), "test", fingerprint(full)
@@ -3180,17 +4181,23 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
     """Data, model, optimizer and wrappers; on --resume the state of the last finished epoch."""
     device = process_device(cfg.device, dist)
     report = Reporter(enabled=dist.main)
-    extra = (f" threads={torch.get_num_threads()}" if device.type == "cpu" else "") + \
-        (f" processes={dist.world}" if dist.world > 1 else "")
+    extra = (f" threads={torch.get_num_threads()}" if device.type == "cpu" else "") + (
+        f" processes={dist.world}" if dist.world > 1 else ""
+    )
     report.config(cfg, preset, files.folder, device, extra)
     if cfg.amp and device.type != "cuda":
         report.print("note: --amp is CUDA-only; training in fp32")
     train, evaluation, eval_on, data_hash = load_run_data(cfg)
-    where = (f"{len(evaluation.y)} validation images held out of the training set" if eval_on == "val" else
-             f"the first {len(evaluation.y)} test images (--val-size 0: no validation split)")
+    where = (
+        f"{len(evaluation.y)} validation images held out of the training set"
+        if eval_on == "val"
+        else f"the first {len(evaluation.y)} test images (--val-size 0: no validation split)"
+    )
     report.print(f"natural / PGD-20 each epoch and `best` on {where}")
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
-    model = channels_last(build_model(cfg.model, len(train.classes), cfg.cam_layer, int(train.x.shape[-1])).to(device))
+    model = channels_last(
+        build_model(cfg.model, len(train.classes), cfg.cam_layer, int(train.x.shape[-1])).to(device)
+    )
     if cfg.sync_bn and dist.world > 1:
         if device.type != "cuda":
             raise CliError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
@@ -3200,17 +4207,45 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
     if cfg.method == "part" and cfg.mask_rule not in NO_CAM_RULES:
         check_cam_layer(model, to_float(train.x[:2]).to(device), cfg)
     optimizer = make_optimizer(model, cfg)
-    meta = CheckpointMeta(arch=cfg.model, num_classes=len(train.classes), classes=train.classes, dataset=cfg.dataset,
-                          image_size=int(train.x.shape[-1]), cam_layer=cfg.cam_layer, config=cfg, preset=preset,
-                          data_fingerprint=data_hash, versions=versions(), machine=machine())
-    run = Run(cfg, files, dist, device, train.to(device), evaluation.to(device), wrap_for_training(model, cfg, dist, device),
-              optimizer, AttackSetup.from_config(cfg), meta, report)
+    meta = CheckpointMeta(
+        arch=cfg.model,
+        num_classes=len(train.classes),
+        classes=train.classes,
+        dataset=cfg.dataset,
+        image_size=int(train.x.shape[-1]),
+        cam_layer=cfg.cam_layer,
+        config=cfg,
+        preset=preset,
+        data_fingerprint=data_hash,
+        versions=versions(),
+        machine=machine(),
+    )
+    run = Run(
+        cfg,
+        files,
+        dist,
+        device,
+        train.to(device),
+        evaluation.to(device),
+        wrap_for_training(model, cfg, dist, device),
+        optimizer,
+        AttackSetup.from_config(cfg),
+        meta,
+        report,
+    )
     if cfg.ema:
         run.ema = copy.deepcopy(model).requires_grad_(False).eval()
     done = _epoch_of(files.last) if resume is True and not files.state.is_file() else None
-    if done:  # a run without its resume state would start again at epoch 1 and overwrite later epochs
-        raise CliError(with_way_forward(files, f"{files.state} is missing: the run cannot continue exactly (its optimizer "
-                                               "state is gone)"))
+    if (
+        done
+    ):  # a run without its resume state would start again at epoch 1 and overwrite later epochs
+        raise CliError(
+            with_way_forward(
+                files,
+                f"{files.state} is missing: the run cannot continue exactly (its optimizer "
+                "state is gone)",
+            )
+        )
     saved = None
     if resume == "last":
         saved, run.history = continue_from_last(files, model)
@@ -3223,22 +4258,38 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
             raise CliError(with_way_forward(files, str(e))) from None
     if saved is not None:
         if cfg.epochs < (saved.epoch or 0):
-            raise CliError(f"--epochs {cfg.epochs}: this run has already finished {saved.epoch} epochs")
+            raise CliError(
+                f"--epochs {cfg.epochs}: this run has already finished {saved.epoch} epochs"
+            )
         if saved.classes != meta.classes or saved.data_fingerprint != data_hash:
-            raise CliError(f"the training data in {cfg.data_dir} differ from the data this run was trained on "
-                           f"(classes or fingerprint {saved.data_fingerprint} vs {data_hash}); give the run's own --data-dir")
+            raise CliError(
+                f"the training data in {cfg.data_dir} differ from the data this run was trained on "
+                f"(classes or fingerprint {saved.data_fingerprint} vs {data_hash}); give the run's own --data-dir"
+            )
         run.start, run.best = saved.epoch or 0, saved.best or run.best
         before, now = saved.machine.get("threads"), torch.get_num_threads()
         if dist.main and device.type == "cpu" and before not in (None, now):
-            note(f"note: the run used {threads_text(before)}, this resume {now}: it continues exactly, but floating-point "
-                 f"sums may round differently, so the weights will not be bit-identical to an uninterrupted run "
-                 f"(--threads {before} keeps them so)")
+            note(
+                f"note: the run used {threads_text(before)}, this resume {now}: it continues exactly, but floating-point "
+                f"sums may round differently, so the weights will not be bit-identical to an uninterrupted run "
+                f"(--threads {before} keeps them so)"
+            )
         run.history = [r for r in run.history if r["epoch"] <= run.start]
         if dist.main:
             repair_run_files(run, saved)
     if dist.main:
-        write_json(files.config, {"config": dataclasses.asdict(cfg), "preset": preset, "data_fingerprint": data_hash,
-                                  "eval_on": eval_on, "versions": versions(), "machine": machine(), "command": sys.argv[1:]})
+        write_json(
+            files.config,
+            {
+                "config": dataclasses.asdict(cfg),
+                "preset": preset,
+                "data_fingerprint": data_hash,
+                "eval_on": eval_on,
+                "versions": versions(),
+                "machine": machine(),
+                "command": sys.argv[1:],
+            },
+        )
         run.trackers = open_trackers(cfg, files, preset)
     return run
 
@@ -3252,13 +4303,19 @@ def continue_from_last(files: RunFiles, model: nn.Module) -> tuple[CheckpointMet
     load_state_into(model, state, meta.arch, files.last)
     try:
         rows = [json.loads(line) for line in files.metrics.read_text().splitlines() if line.strip()]
-        history = [r for r in rows if isinstance(r, dict) and isinstance(r.get("epoch"), int) and r["epoch"] <= meta.epoch]
+        history = [
+            r
+            for r in rows
+            if isinstance(r, dict) and isinstance(r.get("epoch"), int) and r["epoch"] <= meta.epoch
+        ]
     except (RecursionError, OSError, ValueError):
         history = []
     if [r["epoch"] for r in history] != list(range(1, meta.epoch + 1)):
         history = [meta.metrics] if meta.metrics else []
-    note(f"note: continuing from {files.last} (epoch {meta.epoch}) without the resume state: the optimizer's momentum "
-         "starts again, so the weights will be close to, not identical with, an uninterrupted run's")
+    note(
+        f"note: continuing from {files.last} (epoch {meta.epoch}) without the resume state: the optimizer's momentum "
+        "starts again, so the weights will be close to, not identical with, an uninterrupted run's"
+    )
     return meta, history
 
 
@@ -3269,8 +4326,10 @@ def check_cam_layer(model: nn.Module, x: Tensor, cfg: TrainConfig) -> None:
     low_res = class_activation(model, x, cfg.cam, check=False)
     if low_res.shape[-2] * low_res.shape[-1] < 2:
         layer = cfg.cam_layer or "the default CAM layer"
-        raise CliError(f"{layer} gives a 1x1 map at {x.shape[-1]} px: PART would give every pixel the same budget; "
-                       "choose an earlier layer with --cam-layer (--resume may change it)")
+        raise CliError(
+            f"{layer} gives a 1x1 map at {x.shape[-1]} px: PART would give every pixel the same budget; "
+            "choose an earlier layer with --cam-layer (--resume may change it)"
+        )
 
 
 TRACKED = ("train_loss", "train_acc", "natural", "pgd20", "lr", "img_per_s")
@@ -3292,16 +4351,28 @@ class TensorBoard:
         self.writer.close()
 
 
-def start_wandb(project: str, folder: Path, name: str, config: dict, job: str, run_id: Optional[str] = None) -> Any:
+def start_wandb(
+    project: str, folder: Path, name: str, config: dict, job: str, run_id: Optional[str] = None
+) -> Any:
     """A W&B run that writes under `folder` (resumed when `run_id` is given and known)."""
     import wandb
 
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        return wandb.init(project=project, dir=str(folder), name=name, config=config, job_type=job, id=run_id,
-                          resume="allow" if run_id else None, reinit="create_new")
+        return wandb.init(
+            project=project,
+            dir=str(folder),
+            name=name,
+            config=config,
+            job_type=job,
+            id=run_id,
+            resume="allow" if run_id else None,
+            reinit="create_new",
+        )
     except Exception as e:  # no login, no network, a bad project name: one line (what was asked for would be missing)
-        raise CliError(f"--wandb {project}: W&B did not start ({first_line(e)}); WANDB_MODE=offline logs without an account") from None
+        raise CliError(
+            f"--wandb {project}: W&B did not start ({first_line(e)}); WANDB_MODE=offline logs without an account"
+        ) from None
 
 
 class WandB:
@@ -3310,13 +4381,30 @@ class WandB:
 
     def __init__(self, cfg: TrainConfig, files: RunFiles, preset: str):
         id_file = files.folder / "wandb-id.txt"
-        run_id = id_file.read_text().strip() if id_file.is_file() else hashlib.sha256(os.urandom(16)).hexdigest()[:16]
+        run_id = (
+            id_file.read_text().strip()
+            if id_file.is_file()
+            else hashlib.sha256(os.urandom(16)).hexdigest()[:16]
+        )
         write_text(id_file, run_id + "\n")
-        self.run = start_wandb(cfg.wandb, files.folder, files.folder.name, {**dataclasses.asdict(cfg), "preset": preset},
-                               "train", run_id)
+        self.run = start_wandb(
+            cfg.wandb,
+            files.folder,
+            files.folder.name,
+            {**dataclasses.asdict(cfg), "preset": preset},
+            "train",
+            run_id,
+        )
 
     def log(self, metrics: dict, epoch: int) -> None:
-        self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=epoch)
+        self.run.log(
+            {
+                k: v
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            },
+            step=epoch,
+        )
 
     def close(self) -> None:
         self.run.finish()
@@ -3326,12 +4414,16 @@ def open_trackers(cfg: TrainConfig, files: RunFiles, preset: str) -> list:
     """The experiment trackers asked for; a missing package is said once and the run goes on
     (every figure is in metrics.jsonl and summary.csv anyway)."""
     trackers: list = []
-    for asked, package, make in ((cfg.tensorboard, "tensorboard", lambda: TensorBoard(files.tensorboard)),
-                                 (cfg.wandb, "wandb", lambda: WandB(cfg, files, preset))):
+    for asked, package, make in (
+        (cfg.tensorboard, "tensorboard", lambda: TensorBoard(files.tensorboard)),
+        (cfg.wandb, "wandb", lambda: WandB(cfg, files, preset)),
+    ):
         if not asked:
             continue
         if importlib.util.find_spec(package) is None:
-            note(f"note: --{package} needs the {package} package (pip install {package}); logging to the CSV only")
+            note(
+                f"note: --{package} needs the {package} package (pip install {package}); logging to the CSV only"
+            )
             continue
         trackers.append(make())
     return trackers
@@ -3362,7 +4454,10 @@ def write_history(run: Run) -> None:
     """metrics.jsonl, summary.csv and curves.png from the history of finished epochs."""
     files, rows = run.files, run.history
     write_text(files.metrics, "".join(json.dumps(r) + "\n" for r in rows))
-    write_text(files.summary, csv_text(list(SUMMARY_COLUMNS), [[r.get(c, "") for c in SUMMARY_COLUMNS] for r in rows]))
+    write_text(
+        files.summary,
+        csv_text(list(SUMMARY_COLUMNS), [[r.get(c, "") for c in SUMMARY_COLUMNS] for r in rows]),
+    )
     try:
         milestones = run.cfg.lr_milestones if run.cfg.schedule == "step" else []
         plot_curves(files.curves, rows, run.cfg.warmup_epochs, milestones, run.cfg.method)
@@ -3386,10 +4481,14 @@ def say_cpu_estimate(run: Run, epoch: int, epoch_seconds: float) -> None:
     if epoch_seconds < 300:
         return
     left = run.cfg.epochs - epoch
-    text = (f"note: on this CPU ({threads_text(torch.get_num_threads())}) an epoch takes about {fmt_duration(epoch_seconds)} "
-            f"(estimated from its first steps); {left} epoch{'s' * (left != 1)} to go: about {fmt_duration(left * epoch_seconds)}")
+    text = (
+        f"note: on this CPU ({threads_text(torch.get_num_threads())}) an epoch takes about {fmt_duration(epoch_seconds)} "
+        f"(estimated from its first steps); {left} epoch{'s' * (left != 1)} to go: about {fmt_duration(left * epoch_seconds)}"
+    )
     if run.cfg.model != "cnn":
-        text += f". {run.cfg.model} is a GPU recipe: on a CPU, --preset cifar10-cpu trains a small CNN"
+        text += (
+            f". {run.cfg.model} is a GPU recipe: on a CPU, --preset cifar10-cpu trains a small CNN"
+        )
     run.report.print(text)
 
 
@@ -3400,31 +4499,48 @@ def finish_epoch(run: Run, metrics: dict) -> dict:
     t0 = time.perf_counter()
     if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
         result = evaluate(run.scored, run.evaluation, eval_setup(2 * cfg.batch_size), run.dist)
-        metrics.update(natural=result["natural"], pgd20=result[f"pgd{EVAL_STEPS}"], eval_on="val" if cfg.val_size else "test")
+        metrics.update(
+            natural=result["natural"],
+            pgd20=result[f"pgd{EVAL_STEPS}"],
+            eval_on="val" if cfg.val_size else "test",
+        )
     metrics["seconds"] = metrics["train_seconds"] + time.perf_counter() - t0
-    improved = metrics.get("pgd20") is not None and (run.best["pgd20"] is None or metrics["pgd20"] > run.best["pgd20"])
+    improved = metrics.get("pgd20") is not None and (
+        run.best["pgd20"] is None or metrics["pgd20"] > run.best["pgd20"]
+    )
     if improved:
-        run.best = {"pgd20": metrics["pgd20"], "natural": metrics["natural"], "epoch": epoch, "eval_on": metrics["eval_on"]}
+        run.best = {
+            "pgd20": metrics["pgd20"],
+            "natural": metrics["natural"],
+            "epoch": epoch,
+            "eval_on": metrics["eval_on"],
+        }
     run.history.append(metrics)
     if run.dist.main:
         meta = dataclasses.replace(run.meta, epoch=epoch, metrics=metrics, best=dict(run.best))
         with stop_signals_deferred():
             try:
-                save_resume_state(run.files.state, run.parts.model, run.optimizer, meta, run.history, run.ema)
+                save_resume_state(
+                    run.files.state, run.parts.model, run.optimizer, meta, run.history, run.ema
+                )
                 save_checkpoint(run.files.last, run.scored, meta)
                 if improved:
                     save_checkpoint(run.files.best, run.scored, meta)
                 write_history(run)
             except OSError as e:
-                raise CliError(f"cannot write {e.filename or run.files.folder} ({e.strerror or first_line(e)}); the run keeps its "
-                               f"last complete epoch: free the space, then `{resume_command(run.files.folder)}`") from None
+                raise CliError(
+                    f"cannot write {e.filename or run.files.folder} ({e.strerror or first_line(e)}); the run keeps its "
+                    f"last complete epoch: free the space, then `{resume_command(run.files.folder)}`"
+                ) from None
         for tracker in run.trackers:
             tracker.log(metrics, epoch)
     run.report.row(metrics)
     return metrics
 
 
-def run_training(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, dist: Dist = ONE_PROCESS) -> dict:
+def run_training(
+    cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, dist: Dist = ONE_PROCESS
+) -> dict:
     """The whole run: data, model, warm-up + PART epochs, evaluation, checkpoints.
     Returns the last epoch's metrics."""
     out = files.folder
@@ -3435,7 +4551,9 @@ def run_training(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, d
         run = prepare_run(cfg, preset, files, resume, dist)
         run.report.header()
         if run.start >= cfg.epochs:
-            run.report.print(f"{out} already finished {run.start} of {cfg.epochs} epochs; nothing to do")
+            run.report.print(
+                f"{out} already finished {run.start} of {cfg.epochs} epochs; nothing to do"
+            )
         metrics = run.history[-1] if run.history else {}
         for epoch in range(run.start, cfg.epochs):
             metrics = finish_epoch(run, train_epoch(run, epoch))
@@ -3444,21 +4562,34 @@ def run_training(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, d
             if not files.config.is_file():
                 raise  # nothing was written: the same command starts again
             kept = "its files are as they were" if resume else "no epoch had finished"
-            raise CliError(f"interrupted while the run was set up ({kept}). Continue with: {resume_command(out)}",
-                           code=130) from None
+            raise CliError(
+                f"interrupted while the run was set up ({kept}). Continue with: {resume_command(out)}",
+                code=130,
+            ) from None
         done = len(run.history)
         kept = f"{run.files.last} holds epoch {done}" if done else "no epoch had finished"
-        raise CliError(f"interrupted in epoch {max(epoch, run.start) + 1} ({kept}). Continue with: {resume_command(out)}",
-                       code=130) from None
+        raise CliError(
+            f"interrupted in epoch {max(epoch, run.start) + 1} ({kept}). Continue with: {resume_command(out)}",
+            code=130,
+        ) from None
     except FloatingPointError:
-        kept = f"{run.files.last} keeps epoch {len(run.history)}" if run.history else "no checkpoint was written"
-        raise CliError(f"the training loss became NaN/inf in epoch {epoch + 1}; stopped ({kept}). Try a lower --lr", code=3) from None
+        kept = (
+            f"{run.files.last} keeps epoch {len(run.history)}"
+            if run.history
+            else "no checkpoint was written"
+        )
+        raise CliError(
+            f"the training loss became NaN/inf in epoch {epoch + 1}; stopped ({kept}). Try a lower --lr",
+            code=3,
+        ) from None
     finally:
         for tracker in run.trackers if run is not None else ():
             tracker.close()
     if dist.main and metrics and run.best["epoch"]:
-        run.report.print(f"done: {run.files.last}; best PGD-20 {fmt_pct(run.best['pgd20'])}% ({run.best.get('eval_on', 'test')}) "
-                         f"at epoch {run.best['epoch']} ({run.files.best})")
+        run.report.print(
+            f"done: {run.files.last}; best PGD-20 {fmt_pct(run.best['pgd20'])}% ({run.best.get('eval_on', 'test')}) "
+            f"at epoch {run.best['epoch']} ({run.files.best})"
+        )
     return metrics
 
 
@@ -3475,9 +4606,16 @@ class TrainedRun:
     best = property(lambda self: RunFiles(self.folder).best)
 
 
-def fit(config: TrainConfig | dict | None = None, *, preset: Optional[str] = None, out: str | Path | None = None,
-        resume: bool | str = False, presets: str | Path | None = None, config_file: str | Path | None = None,
-        **settings: Any) -> TrainedRun:
+def fit(
+    config: TrainConfig | dict | None = None,
+    *,
+    preset: Optional[str] = None,
+    out: str | Path | None = None,
+    resume: bool | str = False,
+    presets: str | Path | None = None,
+    config_file: str | Path | None = None,
+    **settings: Any,
+) -> TrainedRun:
     """Train from Python exactly as `python part.py train` does (same run folder, files,
     lock, checks and output). Settings: a TrainConfig (taken as it is), a dict, and/or
     keywords (epochs=10, eps=8, method="at", ...; budgets in 1/255 levels, as in
@@ -3507,18 +4645,26 @@ def fit(config: TrainConfig | dict | None = None, *, preset: Optional[str] = Non
     presets_path = Path(presets) if presets is not None else None
     config_path = Path(config_file) if config_file is not None else None
     if resume:
-        cfg, preset_name = resume_config(given, values, preset, presets_path, resume == "last", config_path)
+        cfg, preset_name = resume_config(
+            given, values, preset, presets_path, resume == "last", config_path
+        )
     else:
         cfg, preset_name = resolve_config(values, preset, presets_path, config_path)
         init = init_path(cfg)
-        if init is not None and not (init.is_file() or (init / HF_WEIGHTS).is_file()):  # before the run folder is made
-            raise CliError(f"--init {init} {'is a folder without ' + HF_WEIGHTS if init.is_dir() else 'not found'}")
+        if init is not None and not (
+            init.is_file() or (init / HF_WEIGHTS).is_file()
+        ):  # before the run folder is made
+            raise CliError(
+                f"--init {init} {'is a folder without ' + HF_WEIGHTS if init.is_dir() else 'not found'}"
+            )
     set_threads(cfg.threads)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     files = given or RunFiles(Path(cfg.out or f"runs/{preset_name}-{cfg.method}-{stamp}"))
     cfg.out = str(files.folder)
     if cfg.batch_size < 2 * dist.world:
-        raise CliError(f"--batch-size {cfg.batch_size} is too small for {dist.world} processes (at least 2 each)")
+        raise CliError(
+            f"--batch-size {cfg.batch_size} is too small for {dist.world} processes (at least 2 each)"
+        )
     lock = contextlib.nullcontext()
     if dist.main:
         check_output_folder(files.folder, "--out")
@@ -3558,7 +4704,9 @@ class AttackSpec:
         so more restarts can only find more (a tested property)."""
         if not ATTACKS[self.family].iterative:
             return self.family
-        return f"pgd{self.steps}-part" if self.family == "pgd-part" else f"{self.family}{self.steps}"
+        return (
+            f"pgd{self.steps}-part" if self.family == "pgd-part" else f"{self.family}{self.steps}"
+        )
 
 
 def fraction(flags: Tensor) -> float:
@@ -3574,12 +4722,16 @@ def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
         for chunk in x.split(batch_size):
             logits = model(chunk)
             if not bool(torch.isfinite(logits).all()):
-                raise CliError("the model's outputs are NaN or inf on some inputs: no accuracy is reported")
+                raise CliError(
+                    "the model's outputs are NaN or inf on some inputs: no accuracy is reported"
+                )
             found.append(logits.argmax(1))
     return torch.cat(found) if found else x.new_zeros(0, dtype=torch.long)
 
 
-def worst_of_restarts(model: nn.Module, y: Tensor, restarts: int, attack: Callable[[], Tensor]) -> Tensor:
+def worst_of_restarts(
+    model: nn.Module, y: Tensor, restarts: int, attack: Callable[[], Tensor]
+) -> Tensor:
     """Run `attack` up to `restarts` times, keeping per example an AE that fools the model."""
     best = attack()
     for _ in range(restarts - 1):
@@ -3600,21 +4752,41 @@ def _fgsm(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
 
 
 def _pgd(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "ce", check=False)), {}
+    return worst_of_restarts(
+        model,
+        y,
+        spec.restarts,
+        lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "ce", check=False),
+    ), {}
 
 
 def _cw(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "cw", check=False)), {}
+    return worst_of_restarts(
+        model,
+        y,
+        spec.restarts,
+        lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "cw", check=False),
+    ), {}
 
 
 def _mma(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(model, y, spec.restarts, lambda: mma(model, x, y, setup.eps, setup.step, spec.steps, k=3, check=False)), {}
+    return worst_of_restarts(
+        model,
+        y,
+        spec.restarts,
+        lambda: mma(model, x, y, setup.eps, setup.step, spec.steps, k=3, check=False),
+    ), {}
 
 
 def _pgd_part(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
     """PGD inside the model's own PART budget map of these clean images (for analysis)."""
     budget = budget_for(model, x, setup, part_phase=True)
-    return worst_of_restarts(model, y, spec.restarts, lambda: pgd(model, x, y, budget, setup.step, spec.steps, check=False)), {}
+    return worst_of_restarts(
+        model,
+        y,
+        spec.restarts,
+        lambda: pgd(model, x, y, budget, setup.step, spec.steps, check=False),
+    ), {}
 
 
 AA_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -3635,8 +4807,14 @@ def _aa_component(adversary: Any, name: str, x: Tensor, y: Tensor, seed: int) ->
     return adversary.square.perturb(x, y)
 
 
-def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int,
-               components: tuple[str, ...] = AA_STANDARD) -> tuple[Tensor, dict[str, Tensor]]:
+def autoattack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    seed: int,
+    components: tuple[str, ...] = AA_STANDARD,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The reference AutoAttack, standard version, from pyautoattack: its components run one
     after the other on the points still robust, each seeded as in run_standard_evaluation,
     so the result is what that gives (a test checks). Returns the AEs and, per component,
@@ -3644,12 +4822,18 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int,
     try:
         from pyautoattack import AutoAttack
     except ImportError:
-        raise CliError("AutoAttack needs the optional package pyautoattack: pip install pyautoattack") from None
+        raise CliError(
+            "AutoAttack needs the optional package pyautoattack: pip install pyautoattack"
+        ) from None
     with rng_fork(x.device), torch.no_grad():
-        adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=x.device)
+        adversary = AutoAttack(
+            model, norm="Linf", eps=eps, version="standard", seed=seed, device=x.device
+        )
         num_classes = model(x[:1]).shape[1]
         if num_classes < 10:  # the standard version targets 9 classes; fewer exist here
-            adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = num_classes - 1
+            adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = (
+                num_classes - 1
+            )
         x_adv, robust, after = x.clone(), model(x).argmax(1) == y, {}
         for name in components:
             idx = robust.nonzero().squeeze(1)
@@ -3693,12 +4877,28 @@ ATTACKS: dict[str, AttackFamily] = {
     "square": AttackFamily(_aa, white_box=False, needs="pyautoattack"),
 }
 # What shell completion offers for --attacks (any K steps and xR restarts work too).
-ATTACK_NAMES = ("natural", "fgsm", "pgd20", "pgd50", "pgd100", "cw20", "cw50", "mma", "pgd20-part", "aa", "apgd-ce", "apgd-t",
-                "fab-t", "square")
+ATTACK_NAMES = (
+    "natural",
+    "fgsm",
+    "pgd20",
+    "pgd50",
+    "pgd100",
+    "cw20",
+    "cw50",
+    "mma",
+    "pgd20-part",
+    "aa",
+    "apgd-ce",
+    "apgd-t",
+    "fab-t",
+    "square",
+)
 DEFAULT_ATTACKS = "natural,fgsm,pgd20,cw20,mma"
 ATTACK_HELP = "natural, fgsm, pgdK, cwK, mmaK, pgdK-part (K steps, e.g. pgd50; add xR for R restarts: pgd50x5), aa, apgd-ce, apgd-t, fab-t, square"
 MAX_ATTACK_STEPS, MAX_RESTARTS = 100_000, 10_000
-_ITERATIVE_NAME = re.compile(r"^(?P<family>pgd|cw|mma)(?P<steps>\d*)(?P<part>-part)?(?:x(?P<restarts>\d+))?$")
+_ITERATIVE_NAME = re.compile(
+    r"^(?P<family>pgd|cw|mma)(?P<steps>\d*)(?P<part>-part)?(?:x(?P<restarts>\d+))?$"
+)
 
 
 def parse_attack(name: str, restarts: int = 1) -> AttackSpec:
@@ -3711,7 +4911,9 @@ def parse_attack(name: str, restarts: int = 1) -> AttackSpec:
         steps = int(m["steps"]) if m["steps"] else ATTACKS[family].default_steps
         tries = int(m["restarts"]) if m["restarts"] else restarts
         if not (1 <= steps <= MAX_ATTACK_STEPS and 1 <= tries <= MAX_RESTARTS):
-            raise CliError(f"attack {name!r}: steps must be 1-{MAX_ATTACK_STEPS} and restarts 1-{MAX_RESTARTS}")
+            raise CliError(
+                f"attack {name!r}: steps must be 1-{MAX_ATTACK_STEPS} and restarts 1-{MAX_RESTARTS}"
+            )
         return AttackSpec(text, family, steps, tries)
     if text in ATTACKS and not ATTACKS[text].iterative:
         return AttackSpec(text, text)
@@ -3726,7 +4928,9 @@ def parse_attacks(text: str, restarts: int = 1) -> list[AttackSpec]:
     for spec in specs:
         needs = ATTACKS[spec.family].needs
         if needs and importlib.util.find_spec(needs) is None:
-            raise CliError(f"the {spec.name} attack needs the optional package {needs}: pip install {needs}")
+            raise CliError(
+                f"the {spec.name} attack needs the optional package {needs}: pip install {needs}"
+            )
     unique = {"natural": AttackSpec("natural", "natural")}
     for spec in specs:
         unique.setdefault(spec.key, spec)
@@ -3739,7 +4943,9 @@ def batch_seed(seed: int, attack_key: str, batch: int) -> int:
     return derived_seed(seed, attack_key, batch)
 
 
-def check_budget(x_adv: Tensor, x: Tensor, eps: float | Tensor, name: str, tolerance: float = 1e-6) -> None:
+def check_budget(
+    x_adv: Tensor, x: Tensor, eps: float | Tensor, name: str, tolerance: float = 1e-6
+) -> None:
     """Every AE inside the eps ball and [0, 1], finite: written so that NaN fails (a
     comparison with NaN is false). The tolerance admits float32 rounding of foreign attacks
     (AutoAttack's projection); ours hold the budget exactly."""
@@ -3748,8 +4954,15 @@ def check_budget(x_adv: Tensor, x: Tensor, eps: float | Tensor, name: str, toler
     inside = (x_adv - x).abs() <= torch.as_tensor(eps, dtype=x.dtype, device=x.device) + tolerance
     in_range = (x_adv >= 0) & (x_adv <= 1)
     if not bool((inside & in_range & torch.isfinite(x_adv)).all()):
-        excess = ((x_adv - x).abs() - torch.as_tensor(eps, dtype=x.dtype, device=x.device)).nan_to_num(math.inf).max().item()
-        raise CliError(f"{name} produced inputs outside the eps ball or [0, 1] (by {excess:.2e}) or not finite; no accuracy reported")
+        excess = (
+            ((x_adv - x).abs() - torch.as_tensor(eps, dtype=x.dtype, device=x.device))
+            .nan_to_num(math.inf)
+            .max()
+            .item()
+        )
+        raise CliError(
+            f"{name} produced inputs outside the eps ball or [0, 1] (by {excess:.2e}) or not finite; no accuracy reported"
+        )
 
 
 class Chunker:
@@ -3760,11 +4973,21 @@ class Chunker:
     def __init__(self, size: int):
         self.size, self.said = size, size
 
-    def __call__(self, fn: Callable[[Tensor, Tensor, int], tuple[Tensor, dict]], x: Tensor, y: Tensor, seed: int):
+    def __call__(
+        self,
+        fn: Callable[[Tensor, Tensor, int], tuple[Tensor, dict]],
+        x: Tensor,
+        y: Tensor,
+        seed: int,
+    ):
         while True:
             try:
-                pieces = [fn(xs, ys, seed if len(x) <= self.size else derived_seed(seed, k))
-                          for k, (xs, ys) in enumerate(zip(x.split(self.size), y.split(self.size), strict=True))]
+                pieces = [
+                    fn(xs, ys, seed if len(x) <= self.size else derived_seed(seed, k))
+                    for k, (xs, ys) in enumerate(
+                        zip(x.split(self.size), y.split(self.size), strict=True)
+                    )
+                ]
                 break
             except torch.OutOfMemoryError:
                 if self.size == 1:
@@ -3772,7 +4995,9 @@ class Chunker:
                 torch.cuda.empty_cache()
                 self.size = max(1, self.size // 2)
         if self.size < self.said:
-            note(f"note: out of memory with larger batches; attacking {self.size} images at a time from now on")
+            note(
+                f"note: out of memory with larger batches; attacking {self.size} images at a time from now on"
+            )
             self.said = self.size
         extras = {k: torch.cat([p[1][k] for p in pieces]) for k in pieces[0][1]}
         return torch.cat([p[0] for p in pieces]), extras
@@ -3783,20 +5008,30 @@ def sanity_warnings(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
     found = []
     with torch.no_grad():
         a, b = model(x), model(x)
-    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):  # NaN != NaN: not a randomised defence
+    if not (
+        bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
+    ):  # NaN != NaN: not a randomised defence
         raise CliError("the model's outputs are NaN or inf on some inputs: no accuracy is reported")
     if not torch.equal(a, b):
-        found.append("the model gives different outputs for the same input (a randomised defence?): "
-                     "these attacks do not average over its randomness, robustness may be overstated")
+        found.append(
+            "the model gives different outputs for the same input (a randomised defence?): "
+            "these attacks do not average over its randomness, robustness may be overstated"
+        )
     if (a >= 0).all() and torch.allclose(a.sum(1), torch.ones_like(a[:, 0]), atol=1e-4):
-        found.append("the outputs look like probabilities (non-negative, rows sum to 1): the attacks expect logits")
+        found.append(
+            "the outputs look like probabilities (non-negative, rows sum to 1): the attacks expect logits"
+        )
     x_ = x.clone().requires_grad_(True)
     with torch.enable_grad():
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_).float(), y, reduction="sum"), x_, allow_unused=True)
+        (grad,) = torch.autograd.grad(
+            F.cross_entropy(model(x_).float(), y, reduction="sum"), x_, allow_unused=True
+        )
     zero = 1.0 if grad is None else fraction(grad.flatten(1).abs().amax(1) == 0)
     if zero > 0:
-        found.append(f"{zero:.0%} of the inputs have an all-zero input gradient (gradient masking?): "
-                     "gradient-based accuracy may be overstated")
+        found.append(
+            f"{zero:.0%} of the inputs have an all-zero input gradient (gradient masking?): "
+            "gradient-based accuracy may be overstated"
+        )
     return found
 
 
@@ -3821,21 +5056,39 @@ class EvalState:
     def _load(self, path: Path) -> None:
         try:
             tensors, meta, _ = tensors_of(path)
-            signature, seconds = json.loads(meta["signature"]), json.loads(meta.get("seconds", "{}"))
+            signature, seconds = (
+                json.loads(meta["signature"]),
+                json.loads(meta.get("seconds", "{}")),
+            )
         except Exception as e:
-            raise CliError(f"the evaluation state {path} is damaged ({first_line(e)}); delete it to start again") from None
+            raise CliError(
+                f"the evaluation state {path} is damaged ({first_line(e)}); delete it to start again"
+            ) from None
         if signature != json.loads(json.dumps(self.signature)):
-            raise CliError(f"{path} holds the state of another evaluation (other checkpoints, points or settings); "
-                           "delete it, or give another --state")
+            raise CliError(
+                f"{path} holds the state of another evaluation (other checkpoints, points or settings); "
+                "delete it, or give another --state"
+            )
         n = self.signature.get("n")
-        for key, flags in tensors.items():  # only what part writes: int8 flags of n points, each -1, 0 or 1
-            if flags.dtype != torch.int8 or flags.dim() != 1 or (n is not None and len(flags) != n) \
-                    or not bool(((flags >= PENDING) & (flags <= 1)).all()):
-                raise CliError(f"the evaluation state {path} holds flags part never writes ({key}: {flags.dtype}, "
-                               f"{tuple(flags.shape)}); delete it to start again")
+        for (
+            key,
+            flags,
+        ) in tensors.items():  # only what part writes: int8 flags of n points, each -1, 0 or 1
+            if (
+                flags.dtype != torch.int8
+                or flags.dim() != 1
+                or (n is not None and len(flags) != n)
+                or not bool(((flags >= PENDING) & (flags <= 1)).all())
+            ):
+                raise CliError(
+                    f"the evaluation state {path} holds flags part never writes ({key}: {flags.dtype}, "
+                    f"{tuple(flags.shape)}); delete it to start again"
+                )
         if meta.get("checksum") != self._checksum(tensors):
-            raise CliError(f"the evaluation state {path} does not match its checksum (changed after it was written); "
-                           "delete it to start again")
+            raise CliError(
+                f"the evaluation state {path} does not match its checksum (changed after it was written); "
+                "delete it to start again"
+            )
         self.flags, self.seconds = dict(tensors), seconds
         note(f"resuming the evaluation from {path}")
 
@@ -3843,7 +5096,12 @@ class EvalState:
     def _checksum(flags: dict[str, Tensor]) -> str:
         h = hashlib.sha256()
         for key in sorted(flags):
-            h.update(key.encode() + b"\0" + flags[key].to(torch.int8).contiguous().numpy().tobytes() + b"\0")
+            h.update(
+                key.encode()
+                + b"\0"
+                + flags[key].to(torch.int8).contiguous().numpy().tobytes()
+                + b"\0"
+            )
         return h.hexdigest()
 
     def get(self, key: str, n: int, device: torch.device) -> Tensor:
@@ -3851,13 +5109,23 @@ class EvalState:
             self.flags[key] = torch.full((n,), PENDING, dtype=torch.int8)
         return self.flags[key].to(device)
 
-    def put(self, key: str, flags: Tensor, seconds: Optional[float] = None, force: bool = False) -> None:
+    def put(
+        self, key: str, flags: Tensor, seconds: Optional[float] = None, force: bool = False
+    ) -> None:
         self.flags[key] = flags.to("cpu", torch.int8)
         if seconds is not None:
             self.seconds[key] = seconds
-        if self.path is not None and self.writer and (force or time.monotonic() - self.saved_at >= self.SAVE_EVERY_S):
-            meta = {"format": "part/1-eval", "signature": json.dumps(self.signature), "seconds": json.dumps(self.seconds),
-                    "checksum": self._checksum(self.flags)}
+        if (
+            self.path is not None
+            and self.writer
+            and (force or time.monotonic() - self.saved_at >= self.SAVE_EVERY_S)
+        ):
+            meta = {
+                "format": "part/1-eval",
+                "signature": json.dumps(self.signature),
+                "seconds": json.dumps(self.seconds),
+                "checksum": self._checksum(self.flags),
+            }
             save_tensors(Path(self.path), {k: v.contiguous() for k, v in self.flags.items()}, meta)
             self.saved_at = time.monotonic()
 
@@ -3881,25 +5149,37 @@ class AdvWriter:
         parts = self.folder / ".parts"
         parts.mkdir(parents=True, exist_ok=True)
         for stale in [p for p in parts.glob("*.safetensors") if not p.name.startswith(self.id)]:
-            stale.unlink(missing_ok=True)  # left by a killed evaluation of other settings: never ours to merge
+            stale.unlink(
+                missing_ok=True
+            )  # left by a killed evaluation of other settings: never ours to merge
         for done in self.folder.glob("*.safetensors"):
             if safetensors_metadata(done).get("evaluation") != json.dumps(self.id):
-                raise CliError(f"--save-adv {self.folder} already holds examples of another evaluation ({done.name}); "
-                               "choose another folder or remove it")
+                raise CliError(
+                    f"--save-adv {self.folder} already holds examples of another evaluation ({done.name}); "
+                    "choose another folder or remove it"
+                )
 
     def _part(self, key: str, batch: int) -> Path:
         return self.folder / ".parts" / f"{self.id}-{key}-{batch:06d}.safetensors"
 
     def _complete(self, key: str) -> bool:
         """The attack's file of this very evaluation is already written (its parts are gone)."""
-        return safetensors_metadata(self.folder / f"{key}.safetensors").get("evaluation") == json.dumps(self.id)
+        return safetensors_metadata(self.folder / f"{key}.safetensors").get(
+            "evaluation"
+        ) == json.dumps(self.id)
 
     def has(self, key: str, batch: int) -> bool:
         return self._part(key, batch).is_file() or self._complete(key)
 
     def write(self, key: str, batch: int, index: Tensor, x_adv: Tensor) -> None:
-        save_tensors(self._part(key, batch), {"x_adv": x_adv.detach().float().cpu().contiguous(),
-                                              "indices": index.cpu().contiguous()}, {})
+        save_tensors(
+            self._part(key, batch),
+            {
+                "x_adv": x_adv.detach().float().cpu().contiguous(),
+                "indices": index.cpu().contiguous(),
+            },
+            {},
+        )
 
     def finish(self, spec: AttackSpec, x_all: Tensor, y_all: Tensor, attacked: Tensor) -> Path:
         """One file of the attack: saved examples where the points were attacked, the clean
@@ -3907,7 +5187,9 @@ class AdvWriter:
         must have its example."""
         path = self.folder / f"{spec.key}.safetensors"
         parts = sorted((self.folder / ".parts").glob(f"{self.id}-{spec.key}-*.safetensors"))
-        if not parts and self._complete(spec.key):  # written before an interruption: nothing left to add
+        if not parts and self._complete(
+            spec.key
+        ):  # written before an interruption: nothing left to add
             return path
         x_adv = x_all.detach().float().cpu().clone()
         covered = torch.zeros(len(y_all), dtype=torch.bool)
@@ -3917,11 +5199,25 @@ class AdvWriter:
             covered[t["indices"]] = True
         missing = int((attacked.cpu() & ~covered).sum())
         if missing:
-            raise CliError(f"--save-adv: the examples of {missing} attacked points of {spec.name} are missing from "
-                           f"{self.folder / '.parts'}; run the same command again to attack them again")
-        meta = {**{k: json.dumps(v) for k, v in self.info.items()}, "format": "part/1-adv", "attack": json.dumps(spec.key),
-                "evaluation": json.dumps(self.id)}
-        save_tensors(path, {"x_adv": x_adv.contiguous(), "indices": torch.arange(len(y_all)), "labels": y_all.cpu()}, meta)
+            raise CliError(
+                f"--save-adv: the examples of {missing} attacked points of {spec.name} are missing from "
+                f"{self.folder / '.parts'}; run the same command again to attack them again"
+            )
+        meta = {
+            **{k: json.dumps(v) for k, v in self.info.items()},
+            "format": "part/1-adv",
+            "attack": json.dumps(spec.key),
+            "evaluation": json.dumps(self.id),
+        }
+        save_tensors(
+            path,
+            {
+                "x_adv": x_adv.contiguous(),
+                "indices": torch.arange(len(y_all)),
+                "labels": y_all.cpu(),
+            },
+            meta,
+        )
         for part in parts:
             part.unlink(missing_ok=True)
         return path
@@ -3957,8 +5253,15 @@ class EvalHooks:
         self.state = self.state or EvalState(None, {})
 
 
-def _run_attack(spec: AttackSpec, model: nn.Module, x_all: Tensor, y_all: Tensor, clean: Tensor, setup: AttackSetup,
-                hooks: EvalHooks) -> dict[str, Tensor]:
+def _run_attack(
+    spec: AttackSpec,
+    model: nn.Module,
+    x_all: Tensor,
+    y_all: Tensor,
+    clean: Tensor,
+    setup: AttackSetup,
+    hooks: EvalHooks,
+) -> dict[str, Tensor]:
     """Per point: is it still classified correctly under `spec`? Only the points the model
     gets right are attacked, in batches of setup.batch_size; batch i is run by process
     i % world with its own seed. Returns the flags of the attack (and of AutoAttack's
@@ -3981,11 +5284,15 @@ def _run_attack(spec: AttackSpec, model: nn.Module, x_all: Tensor, y_all: Tensor
 
     for first in range(0, len(batches), dist.world):
         i = first + dist.rank
-        redo = adv is not None and i < len(batches) and not adv.has(spec.key, i)  # done, but its examples are gone
+        redo = (
+            adv is not None and i < len(batches) and not adv.has(spec.key, i)
+        )  # done, but its examples are gone
         if i < len(batches) and (redo or bool((flags[batches[i]] == PENDING).any())):
             idx = batches[i]
             with rng_fork(device):
-                x_adv, extras = chunker(one, x_all[idx], y_all[idx], batch_seed(setup.seed, spec.seed_key, i))
+                x_adv, extras = chunker(
+                    one, x_all[idx], y_all[idx], batch_seed(setup.seed, spec.seed_key, i)
+                )
             check_budget(x_adv, x_all[idx], setup.eps, spec.name)
             if adv is not None:
                 adv.write(spec.key, i, idx, x_adv)
@@ -4014,9 +5321,15 @@ def _component_summary(clean: Tensor, flags: Tensor, parts: dict[str, Tensor]) -
     return " | ".join(text)
 
 
-def evaluate_suite(model: nn.Module, data: Split | tuple, attacks: str | list[str] | list[AttackSpec],
-                   setup: Optional[AttackSetup] = None, progress: Optional[ProgressFn] = None, *,
-                   hooks: Optional[EvalHooks] = None) -> dict:
+def evaluate_suite(
+    model: nn.Module,
+    data: Split | tuple,
+    attacks: str | list[str] | list[AttackSpec],
+    setup: Optional[AttackSetup] = None,
+    progress: Optional[ProgressFn] = None,
+    *,
+    hooks: Optional[EvalHooks] = None,
+) -> dict:
     """Accuracy under every attack on `data` (a Split or (images, labels), uint8 or float in
     [0, 1]; moved to the model's device), each attack run on the points the model
     classifies correctly, fp32, eval mode; `worst` counts a point robust only if no attack
@@ -4026,10 +5339,15 @@ def evaluate_suite(model: nn.Module, data: Split | tuple, attacks: str | list[st
     does not depend on the process count or on interruptions; the global RNG is left alone.
     `progress(attack, done, total, extra)` is told as batches finish; `hooks` (EvalHooks)
     make it resumable, sharded or saving."""
-    data, setup = on_model_device(model, data), setup or AttackSetup(eps=from_levels(EVAL_EPS_LEVELS), step=from_levels(EVAL_STEP_LEVELS))
+    data, setup = (
+        on_model_device(model, data),
+        setup or AttackSetup(eps=from_levels(EVAL_EPS_LEVELS), step=from_levels(EVAL_STEP_LEVELS)),
+    )
     if isinstance(attacks, str):
         attacks = attacks.split(",")
-    specs = [a if isinstance(a, AttackSpec) else parse_attack(a.strip(), setup.restarts) for a in attacks]
+    specs = [
+        a if isinstance(a, AttackSpec) else parse_attack(a.strip(), setup.restarts) for a in attacks
+    ]
     hooks = hooks or EvalHooks()
     if progress is not None:  # the caller's hooks stay as they were
         hooks = dataclasses.replace(hooks, progress=progress)
@@ -4048,16 +5366,27 @@ def evaluate_suite(model: nn.Module, data: Split | tuple, attacks: str | list[st
                 adv.finish(spec, x_all, data.y, clean)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            seconds[spec.name] = state.seconds.get(f"{hooks.prefix}{spec.key}", time.perf_counter() - t0)
+            seconds[spec.name] = state.seconds.get(
+                f"{hooks.prefix}{spec.key}", time.perf_counter() - t0
+            )
     names = ["natural"] + [spec.name for spec in specs if spec.family != "natural"]
     keys = {spec.name: spec.key for spec in specs}
     main = {name: correct[keys.get(name, name)] for name in names}
     worst = torch.stack(list(main.values())).all(0)
     accuracy = {k: fraction(v) for k, v in main.items()}
     accuracy["worst"] = fraction(worst)
-    components = {spec.name: {c: fraction(correct[f"{spec.key}/{c}"]) for c in AA_STANDARD} for spec in specs if spec.family == "aa"}
+    components = {
+        spec.name: {c: fraction(correct[f"{spec.key}/{c}"]) for c in AA_STANDARD}
+        for spec in specs
+        if spec.family == "aa"
+    }
     per_class = per_class_accuracy(data, {**main, "worst": worst})
-    return {"accuracy": accuracy, "seconds": seconds, "per_class": per_class, **({"components": components} if components else {})}
+    return {
+        "accuracy": accuracy,
+        "seconds": seconds,
+        "per_class": per_class,
+        **({"components": components} if components else {}),
+    }
 
 
 def per_class_accuracy(data: Split, flags: dict[str, Tensor]) -> dict[str, dict[str, float]]:
@@ -4070,8 +5399,15 @@ def per_class_accuracy(data: Split, flags: dict[str, Tensor]) -> dict[str, dict[
     return found
 
 
-ADV_METADATA = {"eps": (int, float), "eps_levels": (int, float), "seed": int, "attack": str, "checkpoint_sha256": str,
-                "n": int, "evaluation": str}
+ADV_METADATA = {
+    "eps": (int, float),
+    "eps_levels": (int, float),
+    "seed": int,
+    "attack": str,
+    "checkpoint_sha256": str,
+    "n": int,
+    "evaluation": str,
+}
 
 
 def load_adversarial(path: Path) -> tuple[Tensor, Tensor, Tensor, dict]:
@@ -4088,27 +5424,46 @@ def load_adversarial(path: Path) -> tuple[Tensor, Tensor, Tensor, dict]:
         t = tensors_of(path)[0]
         x_adv, index, labels = t["x_adv"], t["indices"], t["labels"]
     except Exception as e:
-        raise CliError(f"{path}: not a readable file of adversarial examples ({first_line(e)})") from None
-    wrong = [f"{k} {meta.get(k)!r}" for k, kind in ADV_METADATA.items()
-             if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), kind)]
+        raise CliError(
+            f"{path}: not a readable file of adversarial examples ({first_line(e)})"
+        ) from None
+    wrong = [
+        f"{k} {meta.get(k)!r}"
+        for k, kind in ADV_METADATA.items()
+        if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), kind)
+    ]
     if wrong:
         raise CliError(f"{path}: its metadata is not what part writes ({', '.join(wrong)})")
     eps, levels = float(meta["eps"]), float(meta["eps_levels"])
-    if not (math.isfinite(eps) and 0 <= eps <= 1 and math.isclose(eps, from_levels(levels), rel_tol=1e-9, abs_tol=1e-12)):
-        raise CliError(f"{path}: its eps ({eps!r}) and eps_levels ({levels:g}/255) disagree; not a file part wrote")
+    if not (
+        math.isfinite(eps)
+        and 0 <= eps <= 1
+        and math.isclose(eps, from_levels(levels), rel_tol=1e-9, abs_tol=1e-12)
+    ):
+        raise CliError(
+            f"{path}: its eps ({eps!r}) and eps_levels ({levels:g}/255) disagree; not a file part wrote"
+        )
     if x_adv.dtype != torch.float32 or index.dtype != torch.int64 or labels.dtype != torch.int64:
-        raise CliError(f"{path}: x_adv {x_adv.dtype}, indices {index.dtype}, labels {labels.dtype}; "
-                       "part writes float32 examples and int64 indices and labels")
+        raise CliError(
+            f"{path}: x_adv {x_adv.dtype}, indices {index.dtype}, labels {labels.dtype}; "
+            "part writes float32 examples and int64 indices and labels"
+        )
     if x_adv.dim() != 4 or len(x_adv) != len(index) or len(index) != len(labels) or not len(index):
-        raise CliError(f"{path}: inconsistent adversarial examples ({tuple(x_adv.shape)}, {len(index)} indices, {len(labels)} labels)")
+        raise CliError(
+            f"{path}: inconsistent adversarial examples ({tuple(x_adv.shape)}, {len(index)} indices, {len(labels)} labels)"
+        )
     if meta["n"] != len(index) or not torch.equal(index, torch.arange(len(index))):
-        raise CliError(f"{path}: its indices are not the first {len(index)} test points in order (repeated, reordered or "
-                       "picked); part saves the first N, and a replay must score those")
+        raise CliError(
+            f"{path}: its indices are not the first {len(index)} test points in order (repeated, reordered or "
+            "picked); part saves the first N, and a replay must score those"
+        )
     meta["eps"] = eps
     return x_adv, index, labels, meta
 
 
-def transfer_flags(model: nn.Module, test: Split, path: Path, batch_size: int) -> tuple[Tensor, Tensor, dict]:
+def transfer_flags(
+    model: nn.Module, test: Split, path: Path, batch_size: int
+) -> tuple[Tensor, Tensor, dict]:
     """The model's results on saved adversarial examples (transfer / black-box studies), after
     checking that each lies inside the budget of the test point it claims.
     Returns (test indices, robust flags, metadata)."""
@@ -4117,14 +5472,20 @@ def transfer_flags(model: nn.Module, test: Split, path: Path, batch_size: int) -
         raise CliError(f"{path}: indices beyond the {len(test.y)} test images")
     points = test.select(index.to(test.y.device))
     if not torch.equal(labels.to(points.y.device), points.y):
-        raise CliError(f"{path}: its labels differ from those of the test points it names (another data set?)")
+        raise CliError(
+            f"{path}: its labels differ from those of the test points it names (another data set?)"
+        )
     x = to_float(points.x)
     x_adv = x_adv.to(x.device)
     if x_adv.shape != x.shape:
-        raise CliError(f"{path}: examples of shape {tuple(x_adv.shape[1:])}, test images of {tuple(x.shape[1:])}")
+        raise CliError(
+            f"{path}: examples of shape {tuple(x_adv.shape[1:])}, test images of {tuple(x.shape[1:])}"
+        )
     check_budget(x_adv, x, meta["eps"], f"{path.name} (saved examples)")
     with eval_mode(model), full_fp32():
-        robust = (predict(model, x, batch_size) == points.y) & (predict(model, x_adv, batch_size) == points.y)
+        robust = (predict(model, x, batch_size) == points.y) & (
+            predict(model, x_adv, batch_size) == points.y
+        )
     return index, robust, meta
 
 
@@ -4138,14 +5499,25 @@ def model_card(meta: CheckpointMeta, image_size: int, robustness: Optional[dict]
     """What a deployment needs to know, stored beside the exported files and inside the ONNX.
     `robustness`: the `attack` results of this checkpoint (export --report)."""
     return {
-        "input": {"name": "image", "dtype": "float32", "shape": ["N", 3, image_size, image_size], "layout": "NCHW, RGB",
-                  "range": [0.0, 1.0], "normalisation": "none: feed RGB values in [0, 1]; the model normalises inside"},
+        "input": {
+            "name": "image",
+            "dtype": "float32",
+            "shape": ["N", 3, image_size, image_size],
+            "layout": "NCHW, RGB",
+            "range": [0.0, 1.0],
+            "normalisation": "none: feed RGB values in [0, 1]; the model normalises inside",
+        },
         "output": {"name": "logits", "dtype": "float32", "shape": ["N", meta.num_classes]},
         "classes": meta.classes or [str(i) for i in range(meta.num_classes)],
-        "arch": meta.arch, "dataset": meta.dataset, "epoch": meta.epoch,
+        "arch": meta.arch,
+        "dataset": meta.dataset,
+        "epoch": meta.epoch,
         "config": dataclasses.asdict(meta.config) if meta.config else None,
-        "training_metrics": meta.metrics, "best": meta.best, "robustness": robustness,
-        "source": meta.source, "exported_with": {**versions(), "format": FORMAT},
+        "training_metrics": meta.metrics,
+        "best": meta.best,
+        "robustness": robustness,
+        "source": meta.source,
+        "exported_with": {**versions(), "format": FORMAT},
     }
 
 
@@ -4156,10 +5528,17 @@ def torchscript_warnings(say: bool):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
-    deprecated = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning)) and "deprecated" in str(w.message)]
+    deprecated = [
+        w
+        for w in caught
+        if issubclass(w.category, (FutureWarning, DeprecationWarning))
+        and "deprecated" in str(w.message)
+    ]
     if deprecated and say:
-        note(f"note: TorchScript is deprecated in torch {torch.__version__}; the .ts.pt file is for older "
-             "deployments, .pt2 and .onnx are the lasting formats")
+        note(
+            f"note: TorchScript is deprecated in torch {torch.__version__}; the .ts.pt file is for older "
+            "deployments, .pt2 and .onnx are the lasting formats"
+        )
     for w in caught:
         if w not in deprecated:
             note(f"warning: {w.category.__name__}: {first_line(w.message)}")
@@ -4178,8 +5557,17 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int, card:
     import onnx
 
     batch = torch.export.Dim("batch", min=1)
-    program = torch.onnx.export(model, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
-                                opset_version=opset, dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        dynamo=True,
+        input_names=["image"],
+        output_names=["logits"],
+        opset_version=opset,
+        dynamic_shapes=({0: batch},),
+        external_data=False,
+        verbose=False,
+    )
     proto = program.model_proto
     for key, value in card.items():
         entry = proto.metadata_props.add()
@@ -4189,15 +5577,19 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int, card:
 
 
 def export_pt2(model: nn.Module, example: Tensor, path: Path) -> None:
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    program = torch.export.export(
+        model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+    )
     buffer = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer, not our temporary name
     torch.export.save(program, buffer)
     write_bytes(path, buffer.getvalue())
 
 
-EXPORTERS = {"torchscript": lambda model, x, path, opset, card: export_torchscript(model, x, path),
-             "onnx": export_onnx,
-             "pt2": lambda model, x, path, opset, card: export_pt2(model, x, path)}
+EXPORTERS = {
+    "torchscript": lambda model, x, path, opset, card: export_torchscript(model, x, path),
+    "onnx": export_onnx,
+    "pt2": lambda model, x, path, opset, card: export_pt2(model, x, path),
+}
 
 
 def run_exported(fmt: str, path: Path, x: Tensor) -> Tensor:
@@ -4219,18 +5611,36 @@ def robustness_of(report: Path, sha256: str) -> dict:
     try:
         rows = json.loads(Path(report).read_text())["checkpoints"]
     except (RecursionError, OSError, ValueError, KeyError, TypeError) as e:
-        raise CliError(f"--report {report}: not an `attack --json` report ({first_line(e)})") from None
+        raise CliError(
+            f"--report {report}: not an `attack --json` report ({first_line(e)})"
+        ) from None
     matching = [r for r in rows if isinstance(r, dict) and r.get("sha256") == sha256]
     if not matching:
-        raise CliError(f"--report {report} has no results for this checkpoint (its sha256 {sha256[:12]}... is not there)")
+        raise CliError(
+            f"--report {report} has no results for this checkpoint (its sha256 {sha256[:12]}... is not there)"
+        )
     row = matching[-1]
-    keep = ("accuracy", "n_examples", "eps_levels", "step_levels", "restarts", "seed", "dataset", "selection", "components", "versions", "device")
+    keep = (
+        "accuracy",
+        "n_examples",
+        "eps_levels",
+        "step_levels",
+        "restarts",
+        "seed",
+        "dataset",
+        "selection",
+        "components",
+        "versions",
+        "device",
+    )
     return {k: row[k] for k in keep if k in row}
 
 
 # ============================================================================ commands
 
-_click = getattr(typer.core, "_click", None) or importlib.import_module("click")  # typer vendors click from 0.22 on
+_click = getattr(typer.core, "_click", None) or importlib.import_module(
+    "click"
+)  # typer vendors click from 0.22 on
 
 
 class OneLineErrors(typer.core.TyperGroup):
@@ -4258,8 +5668,13 @@ class OneLineErrors(typer.core.TyperGroup):
         return code
 
 
-app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
-                  help="PART: pixel-reweighted adversarial training, evaluation and export. Budgets in 1/255 levels.")
+app = typer.Typer(
+    cls=OneLineErrors,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    help="PART: pixel-reweighted adversarial training, evaluation and export. Budgets in 1/255 levels.",
+)
 
 
 def _show_version(value: bool) -> None:
@@ -4269,8 +5684,14 @@ def _show_version(value: bool) -> None:
 
 
 @app.callback()
-def cli_root(version: Annotated[bool, typer.Option("--version", help="Print the versions and exit.", callback=_show_version,
-                                               is_eager=True)] = False):
+def cli_root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the versions and exit.", callback=_show_version, is_eager=True
+        ),
+    ] = False,
+):
     """PART: pixel-reweighted adversarial training, evaluation and export. Budgets in 1/255 levels."""
 
 
@@ -4287,17 +5708,28 @@ def cli_errors():
         raise typer.Exit(130) from None
     except OSError as e:  # a folder that is a file, no permission, a full disk: writes are atomic, nothing is lost
         where = f": {e.filename}" if e.filename else ""
-        then = "; free some space, then run the same command again (finished work is kept)" if e.errno == errno.ENOSPC else ""
+        then = (
+            "; free some space, then run the same command again (finished work is kept)"
+            if e.errno == errno.ENOSPC
+            else ""
+        )
         err_console.print(f"error: {e.strerror or first_line(e)}{where}{then}", markup=False)
         raise typer.Exit(1) from None
     except (MemoryError, torch.OutOfMemoryError) as e:
-        err_console.print(f"error: out of memory ({first_line(e, 120)}); try a smaller --batch-size or image size", markup=False)
+        err_console.print(
+            f"error: out of memory ({first_line(e, 120)}); try a smaller --batch-size or image size",
+            markup=False,
+        )
         raise typer.Exit(1) from None
-    except Exception as e:  # a case nobody foresaw still ends in one line; PART_TRACEBACK=1 shows where
+    except (
+        Exception
+    ) as e:  # a case nobody foresaw still ends in one line; PART_TRACEBACK=1 shows where
         if os.environ.get("PART_TRACEBACK"):
             raise
-        err_console.print(f"error: unexpected {type(e).__name__}: {first_line(e)} (set PART_TRACEBACK=1 for the traceback)",
-                          markup=False)
+        err_console.print(
+            f"error: unexpected {type(e).__name__}: {first_line(e)} (set PART_TRACEBACK=1 for the traceback)",
+            markup=False,
+        )
         raise typer.Exit(1) from None
 
 
@@ -4311,21 +5743,43 @@ def _opt(help: str, *names: str, **kw):
 Device = Annotated[str, _opt("auto, cpu, cuda, cuda:N or mps.")]
 DataDir = Annotated[str, _opt("Dataset folder (only the test split is read).")]
 CacheDir = Annotated[str, _opt("Cache of decoded image folders.")]
-DatasetOpt = Annotated[Optional[Literal[tuple(DATASETS)]], _opt("Dataset (default: the checkpoint's, else cifar10).")]
+DatasetOpt = Annotated[
+    Optional[Literal[tuple(DATASETS)]], _opt("Dataset (default: the checkpoint's, else cifar10).")
+]
 Arch = Annotated[Optional[str], _opt(f"Architecture of a foreign state dict: {ARCH_HELP}.")]
-CamLayer = Annotated[Optional[str], _opt("Module whose output the CAM uses (default: the model's).")]
-Checkpoint = Annotated[Path, typer.Argument(help=escape_markup(
-    "Our .safetensors checkpoint, a model folder (export --format hf), a foreign state dict with --arch, or robustbench:NAME "
-    "(its file in --model-dir)."), show_default=False)]
+CamLayer = Annotated[
+    Optional[str], _opt("Module whose output the CAM uses (default: the model's).")
+]
+Checkpoint = Annotated[
+    Path,
+    typer.Argument(
+        help=escape_markup(
+            "Our .safetensors checkpoint, a model folder (export --format hf), a foreign state dict with --arch, or robustbench:NAME "
+            "(its file in --model-dir)."
+        ),
+        show_default=False,
+    ),
+]
 Threat = Annotated[str, _opt("Threat model of a robustbench:NAME model: linf, l2 or corruptions.")]
-ModelDir = Annotated[str, _opt("RobustBench's model folder (its layout: DIR/<dataset>/<Threat>/<NAME>.pt).")]
+ModelDir = Annotated[
+    str, _opt("RobustBench's model folder (its layout: DIR/<dataset>/<Threat>/<NAME>.pt).")
+]
 Levels = Annotated[Optional[str], _opt("1/255 levels, e.g. 8 or 8/255.")]
 Seed = Annotated[int, _opt("Random seed.", min=0, max=MAX_SEED)]
-Threads = Annotated[int, _opt("CPU threads for PyTorch (0: its default, one per core; 1 is often fastest on a machine "
-                              "shared with other jobs).", min=0, max=4096)]
+Threads = Annotated[
+    int,
+    _opt(
+        "CPU threads for PyTorch (0: its default, one per core; 1 is often fastest on a machine "
+        "shared with other jobs).",
+        min=0,
+        max=4096,
+    ),
+]
 JsonOut = Annotated[Optional[Path], _opt("Write the figures as JSON here.", "--json")]
-NPROC_HELP = ("Run as N processes on this machine (one per GPU on CUDA; gloo on a CPU), as torchrun would, with one "
-              "line per error and no launcher traceback.")
+NPROC_HELP = (
+    "Run as N processes on this machine (one per GPU on CUDA; gloo on a CPU), as torchrun would, with one "
+    "line per error and no launcher traceback."
+)
 NProc = Annotated[int, _opt(NPROC_HELP, min=1, max=1024)]
 
 
@@ -4359,22 +5813,50 @@ def run_processes(nproc: int, device: str) -> int:
     import threading
 
     if dist_from_env().world > 1:
-        raise CliError("--nproc cannot be given under torchrun: torchrun has started the processes already")
+        raise CliError(
+            "--nproc cannot be given under torchrun: torchrun has started the processes already"
+        )
     dev = pick_device(device)
     if dev.type == "cuda" and nproc > torch.cuda.device_count():
-        raise CliError(f"--nproc {nproc} is more than the {torch.cuda.device_count()} CUDA devices here")
+        raise CliError(
+            f"--nproc {nproc} is more than the {torch.cuda.device_count()} CUDA devices here"
+        )
     ctx = importlib.import_module(_click.__name__ + ".globals").get_current_context()
-    command = [sys.executable, str(Path(__file__).resolve()), ctx.info_name, *without_option(ctx.meta["part.args"], "--nproc")]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        ctx.info_name,
+        *without_option(ctx.meta["part.args"], "--nproc"),
+    ]
     with socket.socket() as s:  # a free port for the rendezvous on this machine
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
-           "LOCAL_WORLD_SIZE": str(nproc), "PYTHONUNBUFFERED": "1", "PART_COMMAND": command_name(), "PART_NPROC": str(nproc)}
-    if dev.type == "cpu" and "OMP_NUM_THREADS" not in env:  # N processes share the cores instead of each taking all
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "PYTHONUNBUFFERED": "1",
+        "PART_COMMAND": command_name(),
+        "PART_NPROC": str(nproc),
+    }
+    if (
+        dev.type == "cpu" and "OMP_NUM_THREADS" not in env
+    ):  # N processes share the cores instead of each taking all
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     # Their own process group: a terminal's Ctrl-C reaches this launcher only, which passes it on once.
-    procs = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE,
-                              text=True, errors="replace", process_group=0) for r in range(nproc)]
+    procs = [
+        subprocess.Popen(
+            command,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            process_group=0,
+        )
+        for r in range(nproc)
+    ]
     said: dict[str, int] = {}  # line -> the rank that said it first
     stopped: set[int] = set()
     lock = threading.Lock()
@@ -4386,11 +5868,15 @@ def run_processes(nproc: int, device: str) -> int:
                     sys.stderr.write(line)
                     sys.stderr.flush()
 
-    relays = [threading.Thread(target=relay, args=(r, p.stderr), daemon=True) for r, p in enumerate(procs)]
+    relays = [
+        threading.Thread(target=relay, args=(r, p.stderr), daemon=True) for r, p in enumerate(procs)
+    ]
     for t in relays:
         t.start()
 
-    def pass_on(signum, frame) -> None:  # each process stops and saves on its own, as it would alone
+    def pass_on(
+        signum, frame
+    ) -> None:  # each process stops and saves on its own, as it would alone
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -4399,10 +5885,18 @@ def run_processes(nproc: int, device: str) -> int:
     failures: list[int] = []
     try:
         deadline = math.inf
-        while None in [p.poll() for p in procs]:  # every one polled: any() would stop at the first still running
-            failures += [r for r, p in enumerate(procs) if p.returncode not in (None, 0) and r not in failures + list(stopped)]
+        while None in [
+            p.poll() for p in procs
+        ]:  # every one polled: any() would stop at the first still running
+            failures += [
+                r
+                for r, p in enumerate(procs)
+                if p.returncode not in (None, 0) and r not in failures + list(stopped)
+            ]
             if failures and deadline == math.inf:
-                deadline = time.monotonic() + 20  # the others fail too, or wait for ever on a dead peer
+                deadline = (
+                    time.monotonic() + 20
+                )  # the others fail too, or wait for ever on a dead peer
             for r, p in enumerate(procs):
                 if time.monotonic() > deadline and p.poll() is None:
                     if r not in stopped:
@@ -4417,10 +5911,16 @@ def run_processes(nproc: int, device: str) -> int:
     finally:
         signal.signal(signal.SIGINT, previous[0])
         signal.signal(signal.SIGTERM, previous[1])
-    failures += [r for r, p in enumerate(procs) if p.returncode != 0 and r not in failures and r not in stopped]
+    failures += [
+        r
+        for r, p in enumerate(procs)
+        if p.returncode != 0 and r not in failures and r not in stopped
+    ]
     if not failures:
         return 0
-    cause = next((r for r in failures if procs[r].returncode < 0), failures[0])  # a killed one takes its peers down
+    cause = next(
+        (r for r in failures if procs[r].returncode < 0), failures[0]
+    )  # a killed one takes its peers down
     code = procs[cause].returncode
     if code < 0:  # killed by a signal: it could not say so itself
         try:
@@ -4432,8 +5932,12 @@ def run_processes(nproc: int, device: str) -> int:
     return code
 
 
-NExamples = Annotated[Optional[int], _opt("The first N test images in canonical order (default: all).", "--n-examples", "--n",
-                                          min=1)]
+NExamples = Annotated[
+    Optional[int],
+    _opt(
+        "The first N test images in canonical order (default: all).", "--n-examples", "--n", min=1
+    ),
+]
 
 
 def shown_value(value: Any) -> Optional[str]:
@@ -4442,7 +5946,13 @@ def shown_value(value: Any) -> Optional[str]:
         return None
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
+    return (
+        ",".join(map(str, value))
+        if isinstance(value, list)
+        else f"{value:g}"
+        if isinstance(value, float)
+        else str(value)
+    )
 
 
 def _config_option(name: str, field: dataclasses.Field) -> inspect.Parameter:
@@ -4460,7 +5970,12 @@ def _config_option(name: str, field: dataclasses.Field) -> inspect.Parameter:
     flag = "--" + name.replace("_", "-")
     decls = (f"{flag}/--no-{flag[2:]}",) if base is bool else (flag,)
     option = _opt(meta["help"], *decls, rich_help_panel=meta["panel"], show_default=False)
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[cli_type], option])
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[Optional[cli_type], option],
+    )
 
 
 def preset_names(presets_file: Optional[Path] = None) -> list[str]:
@@ -4493,21 +6008,33 @@ class TrainCommand(KeepsArgs):
                     given[flag] = args[i + 1]
                 elif arg.startswith(flag + "="):
                     given[flag] = arg.split("=", 1)[1]
-        presets_file, config_file = (Path(given[f]) if f in given else None for f in ("--presets", "--config"))
+        presets_file, config_file = (
+            Path(given[f]) if f in given else None for f in ("--presets", "--config")
+        )
         try:
-            values, _, origins = preset_settings(given.get("--preset"), presets_file, given.get("--dataset"), config_file)
+            values, _, origins = preset_settings(
+                given.get("--preset"), presets_file, given.get("--dataset"), config_file
+            )
         except CliError:  # an unknown preset or a bad file is said when the command runs
             values, origins = {}, {}
         for param in self.params:
             if param.name == "preset":
                 names = preset_names(presets_file)
-                param.help = escape_markup(f"Preset: {', '.join(names) or 'none found'} (default: the dataset's own, else cifar10).")
+                param.help = escape_markup(
+                    f"Preset: {', '.join(names) or 'none found'} (default: the dataset's own, else cifar10)."
+                )
             elif param.name in CONFIG_FIELDS:
                 field = CONFIG_FIELDS[param.name]
-                default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+                default = (
+                    field.default_factory()
+                    if field.default_factory is not dataclasses.MISSING
+                    else field.default
+                )
                 text = shown_value(values.get(param.name, default))
                 if text is not None:
-                    text += f", from {origins[param.name]}" if param.name in origins else ", built in"
+                    text += (
+                        f", from {origins[param.name]}" if param.name in origins else ", built in"
+                    )
                 if param.name == "out":
                     text = "runs/<preset>-<method>-<timestamp>"
                 shown = f" [default: {text}]" if text is not None else ""
@@ -4515,8 +6042,16 @@ class TrainCommand(KeepsArgs):
         return super().parse_args(ctx, args)
 
 
-def train_command(preset: Optional[str] = None, presets: Optional[Path] = None, config: Optional[Path] = None,
-                  resume: bool = False, auto_resume: bool = False, from_last: bool = False, nproc: int = 1, **settings):
+def train_command(
+    preset: Optional[str] = None,
+    presets: Optional[Path] = None,
+    config: Optional[Path] = None,
+    resume: bool = False,
+    auto_resume: bool = False,
+    from_last: bool = False,
+    nproc: int = 1,
+    **settings,
+):
     """Train a PART (or plain AT) model; writes checkpoints, metrics, summary.csv and curves.png.
 
     Settings: built in < the preset (configs.toml, --presets) < --config < the options given here. Launch with
@@ -4525,11 +6060,15 @@ def train_command(preset: Optional[str] = None, presets: Optional[Path] = None, 
         with cli_errors():
             code = run_processes(nproc, settings.get("device") or "auto")
         raise typer.Exit(code)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop is handled like Ctrl-C
+    previous = signal.signal(
+        signal.SIGTERM, _interrupt
+    )  # a scheduler's stop is handled like Ctrl-C
     try:
         with cli_errors():
             if resume and auto_resume:
-                raise CliError("give --resume (continue a run) or --auto-resume (start or continue), not both")
+                raise CliError(
+                    "give --resume (continue a run) or --auto-resume (start or continue), not both"
+                )
             if from_last and not resume:
                 raise CliError("--from-last goes with --resume")
             mode = "auto" if auto_resume else "last" if from_last else resume
@@ -4538,30 +6077,101 @@ def train_command(preset: Optional[str] = None, presets: Optional[Path] = None, 
         signal.signal(signal.SIGTERM, previous)
 
 
-train_command.__signature__ = inspect.Signature([
-    inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[str], _opt(
-        "Preset in the config file (default: the dataset's own, else cifar10).", rich_help_panel="Presets",
-        autocompletion=complete_preset)]),
-    inspect.Parameter("presets", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[Path], _opt(
-        "Your own presets file (TOML, as configs.toml), added to the shipped presets.", rich_help_panel="Presets")]),
-    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[Path], _opt(
-        "Settings file: a run's config.json (re-runs it exactly, in a new --out) or a TOML/JSON table of settings; "
-        "over the preset, under the options given here.", rich_help_panel="Presets")]),
-    inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, _opt(
-        "Continue the run in --out exactly where it stopped. Its settings stay its own: options and a --preset that "
-        "repeat them are accepted, a different value is refused (where/how fast, --epochs and --threads may change).",
-        rich_help_panel="Presets")]),
-    inspect.Parameter("auto_resume", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, _opt(
-        "Start the run in --out, or continue it if --out already holds one: one command line for a job that is "
-        "pre-empted and rerun.", rich_help_panel="Presets")]),
-    inspect.Parameter("from_last", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, _opt(
-        "With --resume, when the resume state is missing or damaged: continue from last.safetensors (its weights, "
-        "epoch and history; the optimizer's momentum starts again, so not bit-identical).", rich_help_panel="Presets")]),
-    inspect.Parameter("nproc", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=Annotated[int, _opt(
-        NPROC_HELP, min=1, max=1024, rich_help_panel=RUN)]),
-    *(_config_option(name, field) for name, field in CONFIG_FIELDS.items() if field.metadata["panel"] is not None),
-])
-train_command.__annotations__ = {p.name: p.annotation for p in train_command.__signature__.parameters.values()}
+train_command.__signature__ = inspect.Signature(
+    [
+        inspect.Parameter(
+            "preset",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Optional[str],
+                _opt(
+                    "Preset in the config file (default: the dataset's own, else cifar10).",
+                    rich_help_panel="Presets",
+                    autocompletion=complete_preset,
+                ),
+            ],
+        ),
+        inspect.Parameter(
+            "presets",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Optional[Path],
+                _opt(
+                    "Your own presets file (TOML, as configs.toml), added to the shipped presets.",
+                    rich_help_panel="Presets",
+                ),
+            ],
+        ),
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Optional[Path],
+                _opt(
+                    "Settings file: a run's config.json (re-runs it exactly, in a new --out) or a TOML/JSON table of settings; "
+                    "over the preset, under the options given here.",
+                    rich_help_panel="Presets",
+                ),
+            ],
+        ),
+        inspect.Parameter(
+            "resume",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[
+                bool,
+                _opt(
+                    "Continue the run in --out exactly where it stopped. Its settings stay its own: options and a --preset that "
+                    "repeat them are accepted, a different value is refused (where/how fast, --epochs and --threads may change).",
+                    rich_help_panel="Presets",
+                ),
+            ],
+        ),
+        inspect.Parameter(
+            "auto_resume",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[
+                bool,
+                _opt(
+                    "Start the run in --out, or continue it if --out already holds one: one command line for a job that is "
+                    "pre-empted and rerun.",
+                    rich_help_panel="Presets",
+                ),
+            ],
+        ),
+        inspect.Parameter(
+            "from_last",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[
+                bool,
+                _opt(
+                    "With --resume, when the resume state is missing or damaged: continue from last.safetensors (its weights, "
+                    "epoch and history; the optimizer's momentum starts again, so not bit-identical).",
+                    rich_help_panel="Presets",
+                ),
+            ],
+        ),
+        inspect.Parameter(
+            "nproc",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=1,
+            annotation=Annotated[int, _opt(NPROC_HELP, min=1, max=1024, rich_help_panel=RUN)],
+        ),
+        *(
+            _config_option(name, field)
+            for name, field in CONFIG_FIELDS.items()
+            if field.metadata["panel"] is not None
+        ),
+    ]
+)
+train_command.__annotations__ = {
+    p.name: p.annotation for p in train_command.__signature__.parameters.values()
+}
 app.command("train", cls=TrainCommand)(train_command)
 
 
@@ -4574,7 +6184,13 @@ def attack_progress(enabled: bool):
         return
     with live_progress() as bars:
         if bars is None:
-            yield lambda name, done, total, extra: console.print(f"{name}: {done}/{total} points | {extra}", markup=False) if extra else None
+            yield (
+                lambda name, done, total, extra: (
+                    console.print(f"{name}: {done}/{total} points | {extra}", markup=False)
+                    if extra
+                    else None
+                )
+            )
             return
         tasks: dict[str, Any] = {}
 
@@ -4586,20 +6202,34 @@ def attack_progress(enabled: bool):
         yield show
 
 
-def expand_sweep(specs: list[AttackSpec], steps: list[int], restarts: list[int]) -> list[AttackSpec]:
+def expand_sweep(
+    specs: list[AttackSpec], steps: list[int], restarts: list[int]
+) -> list[AttackSpec]:
     """--sweep: every iterative family asked for (pgd when none) at each step count, and at
     the largest step count with each number of restarts."""
     families = [s.family for s in specs if s.family in ("pgd", "cw")] or ["pgd"]
     extra = [AttackSpec(f"{f}{k}", f, k, 1) for f in dict.fromkeys(families) for k in steps]
-    extra += [AttackSpec(f"{f}{max(steps)}x{r}", f, max(steps), r) for f in dict.fromkeys(families) for r in restarts if r > 1]
+    extra += [
+        AttackSpec(f"{f}{max(steps)}x{r}", f, max(steps), r)
+        for f in dict.fromkeys(families)
+        for r in restarts
+        if r > 1
+    ]
     unique = {s.key: s for s in specs}
     for s in extra:
         unique.setdefault(s.key, s)
-    swept = sorted((s for s in unique.values() if s.family in families), key=lambda s: (families.index(s.family), s.steps, s.restarts))
-    return [s for s in unique.values() if s.family not in families] + swept  # the curve's columns in order
+    swept = sorted(
+        (s for s in unique.values() if s.family in families),
+        key=lambda s: (families.index(s.family), s.steps, s.restarts),
+    )
+    return [
+        s for s in unique.values() if s.family not in families
+    ] + swept  # the curve's columns in order
 
 
-def robustness_warnings(specs: list[AttackSpec], result: dict, n: int, sweep_steps: list[int]) -> list[str]:
+def robustness_warnings(
+    specs: list[AttackSpec], result: dict, n: int, sweep_steps: list[int]
+) -> list[str]:
     """Signs that the numbers overstate robustness: an attack that has not converged, and a
     black-box attack (Square) that beats the white-box ones (gradient masking)."""
     acc, found, alpha = result["accuracy"], [], 0.002
@@ -4608,18 +6238,32 @@ def robustness_warnings(specs: list[AttackSpec], result: dict, n: int, sweep_ste
         a, b = sorted(sweep_steps)[-2:]
         for family in dict.fromkeys(s.family for s in specs if s.family in ("pgd", "cw")):
             before, after = by_key.get(f"{family}{a}"), by_key.get(f"{family}{b}")
-            if before is not None and after is not None and before - after > max(0.005, 1 / max(n, 1)) - 1e-12:
-                found.append(f"{family}: accuracy still falls from {a} to {b} steps ({fmt_pct(before)}% -> {fmt_pct(after)}%): "
-                             "the attack has not converged; try more steps or restarts")
-    white = [acc[s.name] for s in specs if ATTACKS[s.family].white_box and s.family != "natural" and s.name in acc]
+            if (
+                before is not None
+                and after is not None
+                and before - after > max(0.005, 1 / max(n, 1)) - 1e-12
+            ):
+                found.append(
+                    f"{family}: accuracy still falls from {a} to {b} steps ({fmt_pct(before)}% -> {fmt_pct(after)}%): "
+                    "the attack has not converged; try more steps or restarts"
+                )
+    white = [
+        acc[s.name]
+        for s in specs
+        if ATTACKS[s.family].white_box and s.family != "natural" and s.name in acc
+    ]
     square = [acc[s.name] for s in specs if s.family == "square" and s.name in acc]
     if square and white and square[0] < min(white) - alpha:
-        found.append(f"the black-box Square attack ({fmt_pct(square[0])}%) beats every white-box attack ({fmt_pct(min(white))}%): "
-                     "a sign of gradient masking; the white-box figures overstate robustness")
+        found.append(
+            f"the black-box Square attack ({fmt_pct(square[0])}%) beats every white-box attack ({fmt_pct(min(white))}%): "
+            "a sign of gradient masking; the white-box figures overstate robustness"
+        )
     for name, parts in result.get("components", {}).items():
         if parts["fab-t"] - parts["square"] > alpha:
-            found.append(f"{name}: Square broke {fmt_pct(parts['fab-t'] - parts['square'])}% of the points the white-box "
-                         "components left robust: a sign of gradient masking")
+            found.append(
+                f"{name}: Square broke {fmt_pct(parts['fab-t'] - parts['square'])}% of the points the white-box "
+                "components left robust: a sign of gradient masking"
+            )
     return found
 
 
@@ -4631,47 +6275,117 @@ def sweep_curves(specs: list[AttackSpec], acc: dict) -> dict[str, list[tuple[int
     return curves
 
 
-def _attack_row(target: EvalTarget, n: int, setup: AttackSetup, result: dict, specs: list[AttackSpec],
-                device: torch.device, warnings_found: list[str], eps_levels: float, step_levels: float) -> dict:
+def _attack_row(
+    target: EvalTarget,
+    n: int,
+    setup: AttackSetup,
+    result: dict,
+    specs: list[AttackSpec],
+    device: torch.device,
+    warnings_found: list[str],
+    eps_levels: float,
+    step_levels: float,
+) -> dict:
     meta = target.meta
-    return {"path": str(target.path), "sha256": target.sha256, "arch": meta.arch, "dataset": target.dataset, "n_examples": n,
-            "eps": setup.eps, "eps_levels": eps_levels, "step_levels": step_levels, "restarts": setup.restarts, "seed": setup.seed,
-            "selection": {"split": "test", "first": n, "order": "canonical (file order; class-interleaved for image folders)"},
-            "attacks": {s.name: s.key for s in specs}, "device": device_name(device), "versions": versions(), "machine": machine(),
-            "config": dataclasses.asdict(meta.config) if meta.config else None, "warnings": warnings_found, **result}
+    return {
+        "path": str(target.path),
+        "sha256": target.sha256,
+        "arch": meta.arch,
+        "dataset": target.dataset,
+        "n_examples": n,
+        "eps": setup.eps,
+        "eps_levels": eps_levels,
+        "step_levels": step_levels,
+        "restarts": setup.restarts,
+        "seed": setup.seed,
+        "selection": {
+            "split": "test",
+            "first": n,
+            "order": "canonical (file order; class-interleaved for image folders)",
+        },
+        "attacks": {s.name: s.key for s in specs},
+        "device": device_name(device),
+        "versions": versions(),
+        "machine": machine(),
+        "config": dataclasses.asdict(meta.config) if meta.config else None,
+        "warnings": warnings_found,
+        **result,
+    }
 
 
 def _write_reports(rows: list[dict], names: list[str], json_out, csv_out, markdown_out) -> None:
     if json_out is not None:
         write_json(json_out, {"checkpoints": rows, "versions": versions(), "machine": machine()})
     headers = ["checkpoint", "sha256", "arch", "dataset", "n", "eps (/255)", *names, "worst"]
-    values = [[r["path"], r["sha256"][:12], r["arch"], r["dataset"], r["n_examples"], f"{r['eps_levels']:g}",
-               *[fmt_pct(r["accuracy"].get(a)) for a in names], fmt_pct(r["accuracy"]["worst"])] for r in rows]
+    values = [
+        [
+            r["path"],
+            r["sha256"][:12],
+            r["arch"],
+            r["dataset"],
+            r["n_examples"],
+            f"{r['eps_levels']:g}",
+            *[fmt_pct(r["accuracy"].get(a)) for a in names],
+            fmt_pct(r["accuracy"]["worst"]),
+        ]
+        for r in rows
+    ]
     if csv_out is not None:  # full hashes and fractions, for programs
-        write_text(csv_out, csv_text(headers, [[r["path"], r["sha256"], *v[2:6], *[r["accuracy"].get(a) for a in names],
-                                                r["accuracy"]["worst"]] for v, r in zip(values, rows, strict=True)]))
+        write_text(
+            csv_out,
+            csv_text(
+                headers,
+                [
+                    [
+                        r["path"],
+                        r["sha256"],
+                        *v[2:6],
+                        *[r["accuracy"].get(a) for a in names],
+                        r["accuracy"]["worst"],
+                    ]
+                    for v, r in zip(values, rows, strict=True)
+                ],
+            ),
+        )
     if markdown_out is not None:
         first = rows[0]
-        footer = (f"\nAccuracy (%) on the first {first['n_examples']} {first['dataset']} test images (canonical order) at "
-                  f"eps {first['eps_levels']:g}/255, step {first['step_levels']:g}/255, seed {first['seed']}, "
-                  f"restarts {first['restarts']}; `worst`: robust to every attack. part {first['versions']['part']}, "
-                  f"torch {first['versions']['torch']}, {first['device']}.\n")
-        write_text(markdown_out, markdown_table(headers, [[str(c) for c in v] for v in values]) + footer)
+        footer = (
+            f"\nAccuracy (%) on the first {first['n_examples']} {first['dataset']} test images (canonical order) at "
+            f"eps {first['eps_levels']:g}/255, step {first['step_levels']:g}/255, seed {first['seed']}, "
+            f"restarts {first['restarts']}; `worst`: robust to every attack. part {first['versions']['part']}, "
+            f"torch {first['versions']['torch']}, {first['device']}.\n"
+        )
+        write_text(
+            markdown_out, markdown_table(headers, [[str(c) for c in v] for v in values]) + footer
+        )
 
 
-def check_robustbench_evaluation(specs: list[AttackSpec], n_examples: Optional[int], eps_levels: float, checkpoints: int,
-                                 partial: bool) -> None:
+def check_robustbench_evaluation(
+    specs: list[AttackSpec],
+    n_examples: Optional[int],
+    eps_levels: float,
+    checkpoints: int,
+    partial: bool,
+) -> None:
     """Before any attack runs: a leaderboard entry is the standard evaluation (AutoAttack on
     the 10,000 test points at eps 8/255) unless --partial says otherwise."""
     if checkpoints != 1:
         raise CliError("--robustbench-json describes one model: give one checkpoint")
     if partial:
         return
-    problems = ([] if any(s.family == "aa" for s in specs) else ["the attacks do not include aa (AutoAttack)"]) + \
-        ([] if eps_levels == 8 else [f"eps is {eps_levels:g}/255, not 8/255"]) + \
-        ([] if n_examples in (None, 10_000) else [f"{n_examples} points, not 10,000"])
+    problems = (
+        (
+            []
+            if any(s.family == "aa" for s in specs)
+            else ["the attacks do not include aa (AutoAttack)"]
+        )
+        + ([] if eps_levels == 8 else [f"eps is {eps_levels:g}/255, not 8/255"])
+        + ([] if n_examples in (None, 10_000) else [f"{n_examples} points, not 10,000"])
+    )
     if problems:
-        raise CliError(f"--robustbench-json is for the standard evaluation: {'; '.join(problems)} (add --partial for a partial one)")
+        raise CliError(
+            f"--robustbench-json is for the standard evaluation: {'; '.join(problems)} (add --partial for a partial one)"
+        )
 
 
 def robustbench_entry_of(row: dict, partial: bool) -> dict:
@@ -4679,17 +6393,33 @@ def robustbench_entry_of(row: dict, partial: bool) -> dict:
     percent strings with two decimals, eps as a fraction; what was run in the footnote."""
     n, acc = row["n_examples"], row["accuracy"]
     if n != 10_000 and not partial:
-        raise CliError(f"--robustbench-json is for the standard evaluation on 10,000 points; this one had {n} "
-                       "(the reports above are written; add --partial to write the entry too)")
+        raise CliError(
+            f"--robustbench-json is for the standard evaluation on 10,000 points; this one had {n} "
+            "(the reports above are written; add --partial to write the entry too)"
+        )
     aa = acc.get("aa")
-    footnote = (f"Evaluated with part {row['versions']['part']} (PART: Zhang et al., ICML 2024): {', '.join(acc)} on the "
-                f"first {n} {row['dataset']} test points at eps {row['eps_levels']:g}/255, checkpoint sha256 {row['sha256'][:12]}.")
+    footnote = (
+        f"Evaluated with part {row['versions']['part']} (PART: Zhang et al., ICML 2024): {', '.join(acc)} on the "
+        f"first {n} {row['dataset']} test points at eps {row['eps_levels']:g}/255, checkpoint sha256 {row['sha256'][:12]}."
+    )
     if partial:
         footnote += " A partial evaluation, not the leaderboard's standard one."
-    return {"link": "", "name": Path(row["path"]).stem, "authors": "", "additional_data": False, "number_forward_passes": 1,
-            "dataset": row["dataset"], "venue": "", "architecture": row["arch"], "eps": f"{row['eps_levels']:g}/255",
-            "clean_acc": f"{100 * acc['natural']:.2f}", "reported": f"{100 * aa:.2f}" if aa is not None else "",
-            "autoattack_acc": f"{100 * aa:.2f}" if aa is not None else "", "footnote": footnote, "unreliable": False}
+    return {
+        "link": "",
+        "name": Path(row["path"]).stem,
+        "authors": "",
+        "additional_data": False,
+        "number_forward_passes": 1,
+        "dataset": row["dataset"],
+        "venue": "",
+        "architecture": row["arch"],
+        "eps": f"{row['eps_levels']:g}/255",
+        "clean_acc": f"{100 * acc['natural']:.2f}",
+        "reported": f"{100 * aa:.2f}" if aa is not None else "",
+        "autoattack_acc": f"{100 * aa:.2f}" if aa is not None else "",
+        "footnote": footnote,
+        "unreliable": False,
+    }
 
 
 def log_attack_wandb(project: str, rows: list[dict], names: list[str], folder: Path) -> None:
@@ -4697,13 +6427,38 @@ def log_attack_wandb(project: str, rows: list[dict], names: list[str], folder: P
     import wandb
 
     first = rows[0]
-    run = start_wandb(project, folder, "attack " + ", ".join(Path(r["path"]).name for r in rows),
-                      {"attacks": names, "eps_levels": first["eps_levels"], "step_levels": first["step_levels"],
-                       "n_examples": first["n_examples"], "dataset": first["dataset"], "seed": first["seed"],
-                       "checkpoints": {r["path"]: r["sha256"] for r in rows}}, "attack")
+    run = start_wandb(
+        project,
+        folder,
+        "attack " + ", ".join(Path(r["path"]).name for r in rows),
+        {
+            "attacks": names,
+            "eps_levels": first["eps_levels"],
+            "step_levels": first["step_levels"],
+            "n_examples": first["n_examples"],
+            "dataset": first["dataset"],
+            "seed": first["seed"],
+            "checkpoints": {r["path"]: r["sha256"] for r in rows},
+        },
+        "attack",
+    )
     columns = ["checkpoint", "sha256", *names, "worst"]
-    run.log({"robust_accuracy": wandb.Table(columns=columns, data=[
-        [r["path"], r["sha256"], *[r["accuracy"].get(a) for a in names], r["accuracy"]["worst"]] for r in rows])})
+    run.log(
+        {
+            "robust_accuracy": wandb.Table(
+                columns=columns,
+                data=[
+                    [
+                        r["path"],
+                        r["sha256"],
+                        *[r["accuracy"].get(a) for a in names],
+                        r["accuracy"]["worst"],
+                    ]
+                    for r in rows
+                ],
+            )
+        }
+    )
     for r in rows:
         run.summary.update({f"{r['path']}/{a}": v for a, v in r["accuracy"].items()})
     run.finish()
@@ -4730,7 +6485,9 @@ def _model_paths(checkpoints: list[Path]) -> list[Path]:
     return kept
 
 
-def _eps_low_for(target: EvalTarget, eps_low: Optional[str], eps_levels: float, specs: list[AttackSpec]) -> float:
+def _eps_low_for(
+    target: EvalTarget, eps_low: Optional[str], eps_levels: float, specs: list[AttackSpec]
+) -> float:
     """pgdK-part's low budget: --eps-low, else the checkpoint's; unused (= eps) otherwise."""
     if not any(s.family == "pgd-part" for s in specs):
         return eps_levels
@@ -4738,7 +6495,9 @@ def _eps_low_for(target: EvalTarget, eps_low: Optional[str], eps_levels: float, 
         return parse_levels(eps_low, "eps_low")
     low = target.meta.config.eps_low if target.meta.config else DEFAULT_EPS_LOW_LEVELS
     if low > eps_levels:
-        raise CliError(f"{target.path}: its eps-low ({low:g}/255) exceeds --eps {eps_levels:g}/255; give --eps-low for pgd-part")
+        raise CliError(
+            f"{target.path}: its eps-low ({low:g}/255) exceeds --eps {eps_levels:g}/255; give --eps-low for pgd-part"
+        )
     return low
 
 
@@ -4775,10 +6534,22 @@ class AttackOptions:
 
 @app.command("attack", cls=KeepsArgs)
 def attack_command(
-    checkpoints: Annotated[list[Path], typer.Argument(help=escape_markup(
-        "Checkpoints: ours (.safetensors), model folders, foreign state dicts with --arch, or robustbench:NAME."), show_default=False)],
-    attacks: Annotated[Optional[str], _opt(f"Comma-separated: {ATTACK_HELP}. natural always runs. [default: {DEFAULT_ATTACKS}]",
-                                           autocompletion=complete_attacks)] = None,
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help=escape_markup(
+                "Checkpoints: ours (.safetensors), model folders, foreign state dicts with --arch, or robustbench:NAME."
+            ),
+            show_default=False,
+        ),
+    ],
+    attacks: Annotated[
+        Optional[str],
+        _opt(
+            f"Comma-separated: {ATTACK_HELP}. natural always runs. [default: {DEFAULT_ATTACKS}]",
+            autocompletion=complete_attacks,
+        ),
+    ] = None,
     dataset: DatasetOpt = None,
     data_dir: DataDir = "data",
     cache_dir: CacheDir = DEFAULT_CACHE,
@@ -4787,28 +6558,72 @@ def attack_command(
     model_dir: ModelDir = "models",
     cam_layer: CamLayer = None,
     n_examples: NExamples = None,
-    batch_size: Annotated[int, _opt("Batch size (halved automatically on CUDA out-of-memory).")] = 256,
-    eps: Annotated[Optional[str], _opt("L-inf budget, 1/255 levels (8 or 8/255). [default: 8]")] = None,
-    step: Annotated[Optional[str], _opt("Step of the PGD-type attacks, 1/255 levels. [default: 2]")] = None,
-    restarts: Annotated[Optional[int], _opt("Random restarts of every iterative attack without its own xR (worst case "
-                                            "kept). [default: 1]")] = None,
+    batch_size: Annotated[
+        int, _opt("Batch size (halved automatically on CUDA out-of-memory).")
+    ] = 256,
+    eps: Annotated[
+        Optional[str], _opt("L-inf budget, 1/255 levels (8 or 8/255). [default: 8]")
+    ] = None,
+    step: Annotated[
+        Optional[str], _opt("Step of the PGD-type attacks, 1/255 levels. [default: 2]")
+    ] = None,
+    restarts: Annotated[
+        Optional[int],
+        _opt(
+            "Random restarts of every iterative attack without its own xR (worst case "
+            "kept). [default: 1]"
+        ),
+    ] = None,
     eps_low: Levels = None,
     per_class: Annotated[bool, _opt("Also report accuracy per class.")] = False,
     json_out: JsonOut = None,
-    csv_out: Annotated[Optional[Path], _opt("Write a CSV table here (one row per checkpoint).", "--csv")] = None,
-    markdown_out: Annotated[Optional[Path], _opt("Write a markdown table here (for a paper).", "--markdown")] = None,
-    state: Annotated[Optional[Path], _opt("Keep per-point results here as batches finish; the same command resumes "
-                                          "(default: beside --json/--csv/--markdown).")] = None,
-    save_adv: Annotated[Optional[Path], _opt("Save the adversarial examples (float32 safetensors) in this folder.")] = None,
-    adv_from: Annotated[Optional[Path], _opt("Evaluate on saved adversarial examples (a --save-adv folder or file) instead of attacking.")] = None,
-    sweep: Annotated[bool, _opt("Accuracy against attack steps and restarts, with a plot and convergence warnings.")] = False,
+    csv_out: Annotated[
+        Optional[Path], _opt("Write a CSV table here (one row per checkpoint).", "--csv")
+    ] = None,
+    markdown_out: Annotated[
+        Optional[Path], _opt("Write a markdown table here (for a paper).", "--markdown")
+    ] = None,
+    state: Annotated[
+        Optional[Path],
+        _opt(
+            "Keep per-point results here as batches finish; the same command resumes "
+            "(default: beside --json/--csv/--markdown)."
+        ),
+    ] = None,
+    save_adv: Annotated[
+        Optional[Path], _opt("Save the adversarial examples (float32 safetensors) in this folder.")
+    ] = None,
+    adv_from: Annotated[
+        Optional[Path],
+        _opt(
+            "Evaluate on saved adversarial examples (a --save-adv folder or file) instead of attacking."
+        ),
+    ] = None,
+    sweep: Annotated[
+        bool,
+        _opt("Accuracy against attack steps and restarts, with a plot and convergence warnings."),
+    ] = False,
     sweep_steps: Annotated[str, _opt("Steps of the sweep.")] = "10,20,50,100,200",
-    sweep_restarts: Annotated[str, _opt("Restarts of the sweep (at its largest step count).")] = "1,2,4",
-    sweep_plot: Annotated[Optional[Path], _opt("PNG of the sweep (default: beside the first report, else sweep.png).")] = None,
-    wandb: Annotated[Optional[str], _opt("Also log the results to this Weights & Biases project (needs the wandb package).")] = None,
-    robustbench_json: Annotated[Optional[Path], _opt("Write RobustBench's model-info entry (clean and AutoAttack accuracy) "
-                                                     "here; the standard evaluation only: aa, 10,000 points, eps 8/255.")] = None,
-    partial: Annotated[bool, _opt("Allow --robustbench-json for a partial evaluation (its footnote says so).")] = False,
+    sweep_restarts: Annotated[
+        str, _opt("Restarts of the sweep (at its largest step count).")
+    ] = "1,2,4",
+    sweep_plot: Annotated[
+        Optional[Path], _opt("PNG of the sweep (default: beside the first report, else sweep.png).")
+    ] = None,
+    wandb: Annotated[
+        Optional[str],
+        _opt("Also log the results to this Weights & Biases project (needs the wandb package)."),
+    ] = None,
+    robustbench_json: Annotated[
+        Optional[Path],
+        _opt(
+            "Write RobustBench's model-info entry (clean and AutoAttack accuracy) "
+            "here; the standard evaluation only: aa, 10,000 points, eps 8/255."
+        ),
+    ] = None,
+    partial: Annotated[
+        bool, _opt("Allow --robustbench-json for a partial evaluation (its footnote says so).")
+    ] = False,
     seed: Seed = 0,
     device: Device = "auto",
     threads: Threads = 0,
@@ -4826,35 +6641,79 @@ def attack_command(
     with cli_errors():
         set_threads(threads)
         dist = dist_from_env()
-        if adv_from is not None:  # the saved files fix the attack, budget and points; a given value would mislabel them
-            given = [name for name, value in (("--attacks", attacks), ("--eps", eps), ("--step", step), ("--restarts", restarts),
-                                              ("--n-examples", n_examples), ("--eps-low", eps_low), ("--save-adv", save_adv),
-                                              ("--sweep", sweep or None), ("--state", state)) if value is not None]
+        if (
+            adv_from is not None
+        ):  # the saved files fix the attack, budget and points; a given value would mislabel them
+            given = [
+                name
+                for name, value in (
+                    ("--attacks", attacks),
+                    ("--eps", eps),
+                    ("--step", step),
+                    ("--restarts", restarts),
+                    ("--n-examples", n_examples),
+                    ("--eps-low", eps_low),
+                    ("--save-adv", save_adv),
+                    ("--sweep", sweep or None),
+                    ("--state", state),
+                )
+                if value is not None
+            ]
             if given:
-                raise CliError(f"{', '.join(given)} cannot be given with --adv-from: the saved examples fix the attack, "
-                               "the budget and the points")
-        eps_levels, step_levels = parse_levels(eps or DEFAULT_EPS_LEVELS, "eps"), parse_levels(step or DEFAULT_STEP_LEVELS, "step")
+                raise CliError(
+                    f"{', '.join(given)} cannot be given with --adv-from: the saved examples fix the attack, "
+                    "the budget and the points"
+                )
+        eps_levels, step_levels = (
+            parse_levels(eps or DEFAULT_EPS_LEVELS, "eps"),
+            parse_levels(step or DEFAULT_STEP_LEVELS, "step"),
+        )
         check_budget_levels(eps_levels, 0.0, step_levels)
         specs = parse_attacks(attacks or DEFAULT_ATTACKS, restarts or 1)
         steps_list = _int_list(sweep_steps, "--sweep-steps", MAX_ATTACK_STEPS) if sweep else []
         if sweep:
-            specs = expand_sweep(specs, steps_list, _int_list(sweep_restarts, "--sweep-restarts", MAX_RESTARTS))
+            specs = expand_sweep(
+                specs, steps_list, _int_list(sweep_restarts, "--sweep-restarts", MAX_RESTARTS)
+            )
         reports = [json_out, csv_out, markdown_out]
-        plot_path = sweep_plot or (next((p.with_name(p.stem + "-sweep.png") for p in reports if p), Path("sweep.png")) if sweep else None)
-        for path, option in zip([*reports, plot_path, state], ["--json", "--csv", "--markdown", "--sweep-plot", "--state"], strict=True):
+        plot_path = sweep_plot or (
+            next((p.with_name(p.stem + "-sweep.png") for p in reports if p), Path("sweep.png"))
+            if sweep
+            else None
+        )
+        for path, option in zip(
+            [*reports, plot_path, state],
+            ["--json", "--csv", "--markdown", "--sweep-plot", "--state"],
+            strict=True,
+        ):
             check_output_file(path, option)
         if wandb and importlib.util.find_spec("wandb") is None:
             raise CliError("--wandb needs the wandb package: pip install wandb")
         if robustbench_json is not None:
             check_output_file(robustbench_json, "--robustbench-json")
             check_robustbench_evaluation(specs, n_examples, eps_levels, len(checkpoints), partial)
-        options = AttackOptions(cam_layer=cam_layer, dataset=dataset, data_dir=data_dir, cache_dir=cache_dir,
-                                n_examples=n_examples, batch_size=batch_size, restarts=restarts or 1, eps_low=eps_low,
-                                seed=seed, per_class=per_class, state=_eval_state_path(state, reports), save_adv=save_adv,
-                                adv_from=adv_from, sweep_steps=steps_list)
+        options = AttackOptions(
+            cam_layer=cam_layer,
+            dataset=dataset,
+            data_dir=data_dir,
+            cache_dir=cache_dir,
+            n_examples=n_examples,
+            batch_size=batch_size,
+            restarts=restarts or 1,
+            eps_low=eps_low,
+            seed=seed,
+            per_class=per_class,
+            state=_eval_state_path(state, reports),
+            save_adv=save_adv,
+            adv_from=adv_from,
+            sweep_steps=steps_list,
+        )
         dev = process_device(device, dist)
         with process_group(dist, dev):
-            sources = [robustbench_source(p, arch, dataset, threat, model_dir) for p in _model_paths(checkpoints)]
+            sources = [
+                robustbench_source(p, arch, dataset, threat, model_dir)
+                for p in _model_paths(checkpoints)
+            ]
             rows = _attack_checkpoints(sources, specs, options, eps_levels, step_levels, dev, dist)
         if not dist.main:
             return
@@ -4862,86 +6721,181 @@ def attack_command(
         _print_attack_tables(rows, names, eps_levels, per_class)
         _write_reports(rows, names, json_out, csv_out, markdown_out)
         if wandb:
-            log_attack_wandb(wandb, rows, names, next((p.parent for p in reports if p is not None), Path(".")))
+            log_attack_wandb(
+                wandb, rows, names, next((p.parent for p in reports if p is not None), Path("."))
+            )
         if robustbench_json is not None:
             write_json(robustbench_json, robustbench_entry_of(rows[0], partial))
             console.print(f"RobustBench model info: {robustbench_json}", markup=False)
         if sweep:
             for row in rows:
                 curves = sweep_curves(specs, row["accuracy"])
-                console.print(f"{row['path']}: sweep " + "; ".join(
-                    f"{f}: " + ", ".join(f"{k}{'x' + str(r) if r > 1 else ''} {fmt_pct(a)}" for k, r, a in sorted(pts)) for f, pts in curves.items()),
-                    markup=False)
-            if plot_sweep(plot_path, sweep_curves(specs, rows[0]["accuracy"]), rows[0]["n_examples"], eps_levels, f"{rows[0]['path']}\n"):
+                console.print(
+                    f"{row['path']}: sweep "
+                    + "; ".join(
+                        f"{f}: "
+                        + ", ".join(
+                            f"{k}{'x' + str(r) if r > 1 else ''} {fmt_pct(a)}"
+                            for k, r, a in sorted(pts)
+                        )
+                        for f, pts in curves.items()
+                    ),
+                    markup=False,
+                )
+            if plot_sweep(
+                plot_path,
+                sweep_curves(specs, rows[0]["accuracy"]),
+                rows[0]["n_examples"],
+                eps_levels,
+                f"{rows[0]['path']}\n",
+            ):
                 console.print(f"sweep plot ({rows[0]['path']}): {plot_path}", markup=False)
         for row in rows:
             for warning in row["warnings"]:
                 note(f"warning: {row['path']}: {warning}")
         if options.state is not None:
-            options.state.unlink(missing_ok=True)  # the evaluation is complete: its reports hold everything
+            options.state.unlink(
+                missing_ok=True
+            )  # the evaluation is complete: its reports hold everything
 
 
-def _attack_checkpoints(sources: list[tuple[Path, Optional[str]]], specs: list[AttackSpec], o: AttackOptions,
-                        eps_levels: float, step_levels: float, dev: torch.device, dist: Dist) -> list[dict]:
+def _attack_checkpoints(
+    sources: list[tuple[Path, Optional[str]]],
+    specs: list[AttackSpec],
+    o: AttackOptions,
+    eps_levels: float,
+    step_levels: float,
+    dev: torch.device,
+    dist: Dist,
+) -> list[dict]:
     """Every checkpoint (path, architecture) through the attacks (or through saved examples
     with --adv-from)."""
     splits: dict = {}
-    targets = [load_for_eval(p, arch, dev, o.dataset, o.data_dir, o.cache_dir, o.cam_layer, splits) for p, arch in sources]
+    targets = [
+        load_for_eval(p, arch, dev, o.dataset, o.data_dir, o.cache_dir, o.cam_layer, splits)
+        for p, arch in sources
+    ]
     n = o.n_examples or min(len(t.test.y) for t in targets)
     for t in targets:
         if n > len(t.test.y):
-            raise CliError(f"--n-examples {n} is more than the {len(t.test.y)} test images of {t.dataset} in {o.data_dir}")
+            raise CliError(
+                f"--n-examples {n} is more than the {len(t.test.y)} test images of {t.dataset} in {o.data_dir}"
+            )
     if o.adv_from is not None:
         return [_transfer_row(t, o, dev) for t in targets]
-    signature = {"checkpoints": [t.sha256 for t in targets], "points": [fingerprint(t.test.first(n)) for t in targets],
-                 "attacks": [s.key for s in specs], "n": n, "eps": eps_levels,
-                 "step": step_levels, "eps_low": o.eps_low, "seed": o.seed, "batch_size": o.batch_size,
-                 "save_adv": str(o.save_adv) if o.save_adv else None}
-    with contextlib.ExitStack() as locks:  # one evaluation at a time writes a state file or a --save-adv folder
+    signature = {
+        "checkpoints": [t.sha256 for t in targets],
+        "points": [fingerprint(t.test.first(n)) for t in targets],
+        "attacks": [s.key for s in specs],
+        "n": n,
+        "eps": eps_levels,
+        "step": step_levels,
+        "eps_low": o.eps_low,
+        "seed": o.seed,
+        "batch_size": o.batch_size,
+        "save_adv": str(o.save_adv) if o.save_adv else None,
+    }
+    with (
+        contextlib.ExitStack() as locks
+    ):  # one evaluation at a time writes a state file or a --save-adv folder
         if dist.main and o.state is not None:
             o.state.parent.mkdir(parents=True, exist_ok=True)
-            locks.enter_context(file_lock(o.state.with_name(f".{o.state.name}.lock"), "an evaluation", str(o.state),
-                                                  remove=True))
+            locks.enter_context(
+                file_lock(
+                    o.state.with_name(f".{o.state.name}.lock"),
+                    "an evaluation",
+                    str(o.state),
+                    remove=True,
+                )
+            )
         if dist.main and o.save_adv is not None:
             check_output_folder(o.save_adv, "--save-adv")
             locks.enter_context(folder_lock(o.save_adv, "an evaluation"))
-        return _evaluate_targets(targets, n, specs, o, signature, eps_levels, step_levels, dev, dist)
+        return _evaluate_targets(
+            targets, n, specs, o, signature, eps_levels, step_levels, dev, dist
+        )
 
 
-def _evaluate_targets(targets: list[EvalTarget], n: int, specs: list[AttackSpec], o: AttackOptions, signature: dict,
-                      eps_levels: float, step_levels: float, dev: torch.device, dist: Dist) -> list[dict]:
+def _evaluate_targets(
+    targets: list[EvalTarget],
+    n: int,
+    specs: list[AttackSpec],
+    o: AttackOptions,
+    signature: dict,
+    eps_levels: float,
+    step_levels: float,
+    dev: torch.device,
+    dist: Dist,
+) -> list[dict]:
     state = EvalState(o.state, signature, writer=dist.main)
     rows = []
     for t in targets:
         low = _eps_low_for(t, o.eps_low, eps_levels, specs)
         trained = t.meta.config
-        setup = AttackSetup.from_levels(eps_levels, step_levels, low, where=str(t.path), restarts=o.restarts, seed=o.seed,
-                                        batch_size=o.batch_size, cam=trained.cam if trained else "gradcam",
-                                        mask_rule=trained.mask_rule if trained else "zscore")
+        setup = AttackSetup.from_levels(
+            eps_levels,
+            step_levels,
+            low,
+            where=str(t.path),
+            restarts=o.restarts,
+            seed=o.seed,
+            batch_size=o.batch_size,
+            cam=trained.cam if trained else "gradcam",
+            mask_rule=trained.mask_rule if trained else "zscore",
+        )
         points = t.test.first(n).to(dev)
         if dist.main:
-            for warning in sanity_warnings(t.model, to_float(points.x[:o.batch_size]), points.y[:o.batch_size]):
+            for warning in sanity_warnings(
+                t.model, to_float(points.x[: o.batch_size]), points.y[: o.batch_size]
+            ):
                 note(f"warning: {t.path}: {warning}")
         adv = None
         if o.save_adv is not None:
-            adv = AdvWriter(o.save_adv / f"{t.path.stem.split('.')[0]}-{t.sha256[:8]}",
-                            {"eps": setup.eps, "eps_levels": eps_levels, "step_levels": step_levels, "seed": o.seed,
-                             "checkpoint": str(t.path), "checkpoint_sha256": t.sha256, "dataset": t.dataset, "n": n,
-                             "versions": versions()}, {**signature, "checkpoint": t.sha256})
+            adv = AdvWriter(
+                o.save_adv / f"{t.path.stem.split('.')[0]}-{t.sha256[:8]}",
+                {
+                    "eps": setup.eps,
+                    "eps_levels": eps_levels,
+                    "step_levels": step_levels,
+                    "seed": o.seed,
+                    "checkpoint": str(t.path),
+                    "checkpoint_sha256": t.sha256,
+                    "dataset": t.dataset,
+                    "n": n,
+                    "versions": versions(),
+                },
+                {**signature, "checkpoint": t.sha256},
+            )
         with attack_progress(dist.main) as show:
-            result = evaluate_suite(t.model, points, specs, setup, show,
-                                    hooks=EvalHooks(state=state, prefix=f"{t.sha256[:16]}/", dist=dist, adv=adv))
+            result = evaluate_suite(
+                t.model,
+                points,
+                specs,
+                setup,
+                show,
+                hooks=EvalHooks(state=state, prefix=f"{t.sha256[:16]}/", dist=dist, adv=adv),
+            )
         if not o.per_class:
             result.pop("per_class")
         found = robustness_warnings(specs, result, n, o.sweep_steps)
         rows.append(_attack_row(t, n, setup, result, specs, dev, found, eps_levels, step_levels))
         if dist.main:
             acc = result["accuracy"]
-            console.print(f"{t.path}: " + ", ".join(f"{s.name} {fmt_pct(acc[s.name])}% ({result['seconds'][s.name]:.1f} s)"
-                                                    for s in specs) + f", worst {fmt_pct(acc['worst'])}%", markup=False)
+            console.print(
+                f"{t.path}: "
+                + ", ".join(
+                    f"{s.name} {fmt_pct(acc[s.name])}% ({result['seconds'][s.name]:.1f} s)"
+                    for s in specs
+                )
+                + f", worst {fmt_pct(acc['worst'])}%",
+                markup=False,
+            )
             for name, parts in result.get("components", {}).items():
-                console.print(f"{t.path}: {name} robust accuracy after " + ", ".join(f"{c.upper()} {fmt_pct(a)}%" for c, a in parts.items()),
-                              markup=False)
+                console.print(
+                    f"{t.path}: {name} robust accuracy after "
+                    + ", ".join(f"{c.upper()} {fmt_pct(a)}%" for c, a in parts.items()),
+                    markup=False,
+                )
     return rows
 
 
@@ -4952,7 +6906,11 @@ def _transfer_row(t: EvalTarget, o: AttackOptions, dev: torch.device) -> dict:
     source = Path(o.adv_from)
     if not source.is_dir():
         require_file(source, "--adv-from")
-    files = sorted(p for p in source.rglob("*.safetensors") if ".parts" not in p.parts and p.is_file()) if source.is_dir() else [source]
+    files = (
+        sorted(p for p in source.rglob("*.safetensors") if ".parts" not in p.parts and p.is_file())
+        if source.is_dir()
+        else [source]
+    )
     if not files:
         raise CliError(f"--adv-from {source}: no saved adversarial examples there")
     test = t.test.to(dev)
@@ -4960,15 +6918,28 @@ def _transfer_row(t: EvalTarget, o: AttackOptions, dev: torch.device) -> dict:
     for f in files:
         idx, robust, meta = transfer_flags(t.model, test, f, o.batch_size)
         if n is not None and len(idx) != n:
-            raise CliError(f"{f}: holds {len(idx)} test points, {files[0]} {n}; evaluate them separately")
+            raise CliError(
+                f"{f}: holds {len(idx)} test points, {files[0]} {n}; evaluate them separately"
+            )
         if eps_levels is not None and meta["eps_levels"] != eps_levels:
-            raise CliError(f"{f}: made at eps {meta['eps_levels']:g}/255, {files[0]} at {eps_levels:g}/255; evaluate them separately")
+            raise CliError(
+                f"{f}: made at eps {meta['eps_levels']:g}/255, {files[0]} at {eps_levels:g}/255; evaluate them separately"
+            )
         n, eps_levels = len(idx), meta["eps_levels"]
         name = f"adv:{f.parent.name}/{f.stem}" if source.is_dir() else f"adv:{f.stem}"
         flags[name] = robust
-        origins.append({"file": str(f), "column": name, "attack": meta["attack"], "eps_levels": eps_levels,
-                        "seed": meta["seed"], "checkpoint": meta.get("checkpoint"), "checkpoint_sha256": meta["checkpoint_sha256"],
-                        "replay": meta["checkpoint_sha256"] == t.sha256})
+        origins.append(
+            {
+                "file": str(f),
+                "column": name,
+                "attack": meta["attack"],
+                "eps_levels": eps_levels,
+                "seed": meta["seed"],
+                "checkpoint": meta.get("checkpoint"),
+                "checkpoint_sha256": meta["checkpoint_sha256"],
+                "replay": meta["checkpoint_sha256"] == t.sha256,
+            }
+        )
     points = test.first(n)
     with eval_mode(t.model), full_fp32():
         clean = predict(t.model, to_float(points.x), o.batch_size) == points.y
@@ -4978,28 +6949,58 @@ def _transfer_row(t: EvalTarget, o: AttackOptions, dev: torch.device) -> dict:
     result["accuracy"]["worst"] = fraction(worst)
     if o.per_class:
         result["per_class"] = per_class_accuracy(points, {**main, "worst": worst})
-    setup = AttackSetup(eps=from_levels(eps_levels), step=from_levels(DEFAULT_STEP_LEVELS), seed=o.seed)
+    setup = AttackSetup(
+        eps=from_levels(eps_levels), step=from_levels(DEFAULT_STEP_LEVELS), seed=o.seed
+    )
     row = _attack_row(t, n, setup, result, [], dev, [], eps_levels, 0.0)
     row["adv_from"] = origins
     for origin in origins:
-        kind = "a replay on the checkpoint that made them" if origin["replay"] else \
-            f"transferred from {origin['checkpoint']} (sha256 {origin['checkpoint_sha256'][:12]})"
+        kind = (
+            "a replay on the checkpoint that made them"
+            if origin["replay"]
+            else f"transferred from {origin['checkpoint']} (sha256 {origin['checkpoint_sha256'][:12]})"
+        )
         console.print(f"{t.path}: {origin['column']}: {kind}")
     return row
 
 
-def _print_attack_tables(rows: list[dict], names: list[str], eps_levels: float, per_class: bool) -> None:
-    console.print(text_table(f"accuracy (%) at eps {eps_levels:g}/255", ["checkpoint", "arch", "n", *names, "worst"],
-                             [[r["path"], r["arch"], r["n_examples"], *[fmt_pct(r["accuracy"].get(a)) for a in [*names, "worst"]]]
-                              for r in rows], left=("checkpoint", "arch")))
+def _print_attack_tables(
+    rows: list[dict], names: list[str], eps_levels: float, per_class: bool
+) -> None:
+    console.print(
+        text_table(
+            f"accuracy (%) at eps {eps_levels:g}/255",
+            ["checkpoint", "arch", "n", *names, "worst"],
+            [
+                [
+                    r["path"],
+                    r["arch"],
+                    r["n_examples"],
+                    *[fmt_pct(r["accuracy"].get(a)) for a in [*names, "worst"]],
+                ]
+                for r in rows
+            ],
+            left=("checkpoint", "arch"),
+        )
+    )
     for r in rows if per_class else []:
-        console.print(text_table(f"per class: {r['path']}", ["class", *names, "worst"],
-                                 [[cls, *[fmt_pct(acc[a]) for a in [*names, "worst"]]] for cls, acc in r["per_class"].items()],
-                                 left=("class",)))
+        console.print(
+            text_table(
+                f"per class: {r['path']}",
+                ["class", *names, "worst"],
+                [
+                    [cls, *[fmt_pct(acc[a]) for a in [*names, "worst"]]]
+                    for cls, acc in r["per_class"].items()
+                ],
+                left=("class",),
+            )
+        )
 
 
 def parse_formats(text: str) -> list[str]:
-    names = EXPORT_FORMATS if text == "all" else tuple(f.strip() for f in text.split(",") if f.strip())
+    names = (
+        EXPORT_FORMATS if text == "all" else tuple(f.strip() for f in text.split(",") if f.strip())
+    )
     bad = [f for f in names if f not in (*EXPORT_FORMATS, "hf")]
     if bad or not names:
         raise unknown("export format", ", ".join(bad) or text, (*EXPORT_FORMATS, "hf", "all"))
@@ -5009,32 +7010,79 @@ def parse_formats(text: str) -> list[str]:
 @app.command("export")
 def export_command(
     checkpoint: Checkpoint,
-    formats: Annotated[str, _opt("torchscript|onnx|pt2|all (the three), or hf: a model folder to share (model.safetensors, "
-                                 "config.json, README.md model card); a comma-separated list.", "--format")] = "all",
+    formats: Annotated[
+        str,
+        _opt(
+            "torchscript|onnx|pt2|all (the three), or hf: a model folder to share (model.safetensors, "
+            "config.json, README.md model card); a comma-separated list.",
+            "--format",
+        ),
+    ] = "all",
     out: Annotated[Path, _opt("Output folder.")] = Path("export"),
-    batch_size: Annotated[int, _opt("Batch size of the example input (the batch dimension stays dynamic).", min=2, max=4096)] = 2,
+    batch_size: Annotated[
+        int,
+        _opt(
+            "Batch size of the example input (the batch dimension stays dynamic).", min=2, max=4096
+        ),
+    ] = 2,
     opset: Annotated[int, _opt("ONNX opset.", min=18, max=30)] = 18,
-    verify: Annotated[bool, _opt("Run every exported file on a batch of another size and compare with PyTorch.", "--verify/--no-verify")] = True,
+    verify: Annotated[
+        bool,
+        _opt(
+            "Run every exported file on a batch of another size and compare with PyTorch.",
+            "--verify/--no-verify",
+        ),
+    ] = True,
     arch: Arch = None,
-    dataset: Annotated[Optional[str], _opt("Data set of a robustbench:NAME model (cifar10 or cifar100).")] = None,
+    dataset: Annotated[
+        Optional[str], _opt("Data set of a robustbench:NAME model (cifar10 or cifar100).")
+    ] = None,
     threat: Threat = "linf",
     model_dir: ModelDir = "models",
-    image_size: Annotated[Optional[int], _opt("Input side (default: the checkpoint's, else 32).", min=8, max=MAX_IMAGE_SIZE)] = None,
-    report: Annotated[Optional[Path], _opt("An `attack --json` report: its results for this checkpoint go into the model card.")] = None,
-    license: Annotated[str, _opt("License in the hf model card's front matter (an SPDX id or a Hub license name).")] = "mit",
+    image_size: Annotated[
+        Optional[int],
+        _opt("Input side (default: the checkpoint's, else 32).", min=8, max=MAX_IMAGE_SIZE),
+    ] = None,
+    report: Annotated[
+        Optional[Path],
+        _opt("An `attack --json` report: its results for this checkpoint go into the model card."),
+    ] = None,
+    license: Annotated[
+        str, _opt("License in the hf model card's front matter (an SPDX id or a Hub license name).")
+    ] = "mit",
 ):
     """Export a checkpoint for deployment: TorchScript, ONNX and/or torch.export (.pt2),
     with <name>.json beside them (input contract, classes, training config, robustness);
     or (--format hf) as a model folder to share on a model hub."""
     with cli_errors():
         checkpoint, arch = robustbench_source(checkpoint, arch, dataset, threat, model_dir)
-        export_checkpoint(checkpoint, out, formats, arch=arch, image_size=image_size, batch_size=batch_size, opset=opset,
-                          verify=verify, report=report, license=license)
+        export_checkpoint(
+            checkpoint,
+            out,
+            formats,
+            arch=arch,
+            image_size=image_size,
+            batch_size=batch_size,
+            opset=opset,
+            verify=verify,
+            report=report,
+            license=license,
+        )
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path = "export", formats: str | list[str] = "all", *,
-                      arch: Optional[str] = None, image_size: Optional[int] = None, batch_size: int = 2, opset: int = 18,
-                      verify: bool = True, report: str | Path | None = None, license: str = "mit") -> dict[str, Path]:
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path = "export",
+    formats: str | list[str] = "all",
+    *,
+    arch: Optional[str] = None,
+    image_size: Optional[int] = None,
+    batch_size: int = 2,
+    opset: int = 18,
+    verify: bool = True,
+    report: str | Path | None = None,
+    license: str = "mit",
+) -> dict[str, Path]:
     """What `export` does, from Python: the checkpoint as TorchScript / ONNX / torch.export
     files in `out` with the model card <name>.json; `verify` runs each file on a batch of
     another size against PyTorch. "hf" makes `out` a model folder (see export_hf).
@@ -5052,7 +7100,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path = "export", format
     files: dict[str, Path] = {}
     if "hf" in chosen:
         files["hf"] = export_hf(model, meta, card, out, name, license, checkpoint)
-        console.print(f"hf: {out} (model folder: {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))})", markup=False)
+        console.print(
+            f"hf: {out} (model folder: {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))})",
+            markup=False,
+        )
         if chosen == ["hf"]:
             return {"hf": out, "card": out / "README.md"}
     for fmt in (f for f in chosen if f != "hf"):
@@ -5077,10 +7128,23 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path = "export", format
     return {**files, "card": out / f"{name}.json"}
 
 
-HF_METRIC_NAMES = {"natural": "natural accuracy", "pgd20": "PGD-20", "aa": "AutoAttack", "worst": "worst case over the attacks"}
+HF_METRIC_NAMES = {
+    "natural": "natural accuracy",
+    "pgd20": "PGD-20",
+    "aa": "AutoAttack",
+    "worst": "worst case over the attacks",
+}
 
 
-def export_hf(model: nn.Module, meta: CheckpointMeta, card: dict, out: Path, name: str, license: str, source: Path) -> Path:
+def export_hf(
+    model: nn.Module,
+    meta: CheckpointMeta,
+    card: dict,
+    out: Path,
+    name: str,
+    license: str,
+    source: Path,
+) -> Path:
     """A model folder in the layout people share on a model hub: model.safetensors (our
     checkpoint format: `attack`, `cam` and `export` load the folder itself; our checkpoint's
     own bytes, so its sha256 and the reports that name it still hold), config.json
@@ -5091,49 +7155,112 @@ def export_hf(model: nn.Module, meta: CheckpointMeta, card: dict, out: Path, nam
         source = source / HF_WEIGHTS if source.is_dir() else source
         write_bytes(out / HF_WEIGHTS, source.read_bytes())
     else:
-        save_checkpoint(out / HF_WEIGHTS, model, dataclasses.replace(meta, format=FORMAT))  # now self-describing
+        save_checkpoint(
+            out / HF_WEIGHTS, model, dataclasses.replace(meta, format=FORMAT)
+        )  # now self-describing
     classes = card["classes"]
-    write_json(out / "config.json", {
-        "library_name": "part", "architecture": meta.arch, "num_classes": meta.num_classes,
-        "id2label": dict(enumerate(classes)), "label2id": {c: i for i, c in enumerate(classes)},
-        "input": card["input"], "dataset": meta.dataset, "format": FORMAT, "training_config": card["config"],
-        "cam_layer": meta.cam_layer, "versions": versions()})
+    write_json(
+        out / "config.json",
+        {
+            "library_name": "part",
+            "architecture": meta.arch,
+            "num_classes": meta.num_classes,
+            "id2label": dict(enumerate(classes)),
+            "label2id": {c: i for i, c in enumerate(classes)},
+            "input": card["input"],
+            "dataset": meta.dataset,
+            "format": FORMAT,
+            "training_config": card["config"],
+            "cam_layer": meta.cam_layer,
+            "versions": versions(),
+        },
+    )
     q = json.dumps  # a JSON string is a valid YAML scalar: no YAML writer needed
     dataset = meta.dataset or "unknown"
-    front = ["---", f"license: {q(license)}", "library_name: part", "pipeline_tag: image-classification", "tags:",
-             *(f"- {q(t)}" for t in ("image-classification", "adversarial-robustness", "adversarial-training", "part",
-                                     meta.arch)), *(["datasets:", f"- {q(dataset)}"] if meta.dataset else [])]
+    front = [
+        "---",
+        f"license: {q(license)}",
+        "library_name: part",
+        "pipeline_tag: image-classification",
+        "tags:",
+        *(
+            f"- {q(t)}"
+            for t in (
+                "image-classification",
+                "adversarial-robustness",
+                "adversarial-training",
+                "part",
+                meta.arch,
+            )
+        ),
+        *(["datasets:", f"- {q(dataset)}"] if meta.dataset else []),
+    ]
     robustness = card.get("robustness")
     cfg = meta.config
     if cfg is not None:
-        method = "pixel-reweighted adversarial training (PART, Zhang et al., ICML 2024)" if cfg.method == "part" else \
-            "adversarial training"
+        method = (
+            "pixel-reweighted adversarial training (PART, Zhang et al., ICML 2024)"
+            if cfg.method == "part"
+            else "adversarial training"
+        )
         how = f"trained with {method} ({cfg.loss} loss, eps {cfg.eps:g}/255) for {meta.epoch} epochs by `part`"
     else:
         how = f"weights from {Path(meta.source or name).name}"
-    lines = [f"# {name}", "", f"A {meta.arch} image classifier for {dataset} ({meta.num_classes} classes), {how}.", ""]
+    lines = [
+        f"# {name}",
+        "",
+        f"A {meta.arch} image classifier for {dataset} ({meta.num_classes} classes), {how}.",
+        "",
+    ]
     if robustness:
         n, eps = robustness.get("n_examples"), robustness.get("eps_levels")
-        front += ["model-index:", f"- name: {q(name)}", "  results:", "  - task:", "      type: image-classification",
-                  "      name: Image Classification", "    dataset:", f"      name: {q(dataset)}", f"      type: {q(dataset)}",
-                  "      split: test", "    metrics:"]
+        front += [
+            "model-index:",
+            f"- name: {q(name)}",
+            "  results:",
+            "  - task:",
+            "      type: image-classification",
+            "      name: Image Classification",
+            "    dataset:",
+            f"      name: {q(dataset)}",
+            f"      type: {q(dataset)}",
+            "      split: test",
+            "    metrics:",
+        ]
         lines += [f"| accuracy (%), eps {eps:g}/255, first {n} test images | |", "|---|---|"]
         for attack, value in robustness["accuracy"].items():
             label = HF_METRIC_NAMES.get(attack, attack)
-            front += ["    - type: accuracy", f"      name: {q(f'{label} (eps {eps:g}/255, {n} test images)')}",
-                      f"      value: {round(100 * value, 2)}"]
+            front += [
+                "    - type: accuracy",
+                f"      name: {q(f'{label} (eps {eps:g}/255, {n} test images)')}",
+                f"      value: {round(100 * value, 2)}",
+            ]
             lines.append(f"| {label} | {100 * value:.2f} |")
         lines.append("")
     front.append("---")
-    lines += ["## Use", "", "Inputs: float32 RGB in [0, 1], shape [N, 3, H, W]; the model normalises inside.", "", "```bash",
-              "python part.py attack MODEL_FOLDER --attacks natural,pgd20,aa   # this folder: evaluate it",
-              "python part.py export MODEL_FOLDER --format onnx --out export  # or deploy it", "```", "",
-              "```python", "import part", "model, meta = part.load_checkpoint('MODEL_FOLDER/model.safetensors')", "```", ""]
+    lines += [
+        "## Use",
+        "",
+        "Inputs: float32 RGB in [0, 1], shape [N, 3, H, W]; the model normalises inside.",
+        "",
+        "```bash",
+        "python part.py attack MODEL_FOLDER --attacks natural,pgd20,aa   # this folder: evaluate it",
+        "python part.py export MODEL_FOLDER --format onnx --out export  # or deploy it",
+        "```",
+        "",
+        "```python",
+        "import part",
+        "model, meta = part.load_checkpoint('MODEL_FOLDER/model.safetensors')",
+        "```",
+        "",
+    ]
     write_text(out / "README.md", "\n".join(front) + "\n\n" + "\n".join(lines))
     return out
 
 
-def check_exports(model: nn.Module, files: dict[str, Path], batch: int, size: int, tolerance: float = 1e-4) -> None:
+def check_exports(
+    model: nn.Module, files: dict[str, Path], batch: int, size: int, tolerance: float = 1e-4
+) -> None:
     """Each file against the PyTorch model on a random batch of another size than the export's."""
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -5150,633 +7277,41 @@ def check_exports(model: nn.Module, files: dict[str, Path], batch: int, size: in
             note(f"{fmt}: {first_line(e)}")
         ok = diff <= tolerance and same
         failed += [] if ok else [fmt]
-        rows.append([fmt, path.name, f"{diff:.2e}", "same" if same else "DIFFERENT", "ok" if ok else "FAILED"])
+        rows.append(
+            [
+                fmt,
+                path.name,
+                f"{diff:.2e}",
+                "same" if same else "DIFFERENT",
+                "ok" if ok else "FAILED",
+            ]
+        )
     headers = ["format", "file", "max |diff|", "argmax", "result"]
-    console.print(text_table(f"export check: batch of {batch}, max |diff| <= {tolerance:g}, same argmax", headers, rows,
-                             left=headers))
+    console.print(
+        text_table(
+            f"export check: batch of {batch}, max |diff| <= {tolerance:g}, same argmax",
+            headers,
+            rows,
+            left=headers,
+        )
+    )
     if failed:
         raise CliError(f"export check failed for {', '.join(failed)}")
 
 
-# ##################################################################################################
-# PART II: tools. Nothing above calls what follows: each section builds on Part I and ends
-# with its own command.
-# ##################################################################################################
-
-
-
-# ============================================================================ comparing runs
-# `report` reads run folders and `attack --json` reports, groups the runs whose configs
-# differ only in the seed (and in settings that do not change what is computed), and
-# gives mean +- std per group and, for two groups, the seed-paired difference with a 95%
-# confidence interval.
-
-# Student's t, 97.5% quantile, for 1..30 degrees of freedom (two-sided 95% intervals).
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t975(df: int) -> float:
-    if df <= len(T975):
-        return T975[df - 1]
-    z = 1.959964  # Cornish-Fisher expansion beyond the table (error < 1e-3)
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def mean_std(values: list[float]) -> dict:
-    """Mean, sample standard deviation (n - 1) and n."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "n": n}
-
-
-# Settings part 0.5 added, at the values that give what 0.4 computed (a 0.4 report groups with 0.5 runs).
-SETTINGS_ADDED_IN_0_5 = {"optimizer": "sgd", "schedule": "step", "lr_warmup": 0.0, "ema": 0.0, "init_sha256": ""}
-
-
-@dataclasses.dataclass
-class Observation:
-    """The figures of one trained model (one seed of one setting)."""
-
-    config: dict
-    figures: dict[str, float]  # natural, each attack, worst (fractions)
-    source: str
-    evaluation: str  # how the figures were measured (they are only compared like with like)
-
-    @property
-    def seed(self) -> int:
-        return int(self.config.get("seed", 0))
-
-    def setting(self) -> tuple:
-        """What was computed: the config without seed, paths and speed settings (and, for AT,
-        without the settings that only PART reads, so that AT runs group whatever they hold).
-        A config written before a setting existed reads as that setting's default, which is
-        what the code did then."""
-        ignored = NOT_THE_EXPERIMENT | (PART_ONLY if self.config.get("method") == "at" else set())
-        config = {**SETTINGS_ADDED_IN_0_5, **self.config}
-        return tuple(sorted((k, json.dumps(v)) for k, v in config.items() if k not in ignored))
-
-
-def checked_observation(config: Any, figures: Any, source: str, evaluation: str, where: str = "") -> Observation:
-    """An observation only with what part writes: a config with an integer seed, and
-    accuracies that are fractions in [0, 1] (NaN, 5.0 or a string would be averaged)."""
-    source, shown = str(source), where or str(source)
-    if not isinstance(config, dict):
-        raise CliError(f"{shown}: its config is not a table of settings")
-    seed = config.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CliError(f"{shown}: its seed {seed!r} is not an integer")
-    if not isinstance(figures, dict) or not figures:
-        raise CliError(f"{shown}: holds no accuracy figures")
-    bad = [f"{k}={v!r}" for k, v in figures.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1]
-    if bad:
-        raise CliError(f"{shown}: accuracies must be fractions in [0, 1], found {', '.join(bad[:3])}")
-    return Observation(config, dict(figures), source, evaluation)
-
-
-def _from_run_folder(folder: Path) -> Optional[Observation]:
-    """The training-time figures of a finished run; None (left out) for an unfinished one."""
-    files = RunFiles(folder)
+def main() -> None:
+    """The `part` command: the card's commands, and the tools' (report, cam, bench) where
+    part_tools.py is installed beside this file."""
     try:
-        stored = json.loads(files.config.read_text())
-        rows = [json.loads(line) for line in files.metrics.read_text().splitlines() if line.strip()]
-        last = rows[-1]
-        figures = {k: last[k] for k in ("natural", "pgd20") if last.get(k) is not None}
-        where, epoch, epochs = last.get("eval_on", "test"), last["epoch"], stored["config"]["epochs"]
-    except (RecursionError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise CliError(f"{folder}: not a finished run folder ({first_line(e)})") from None
-    if epoch != epochs:
-        return None
-    return checked_observation(stored["config"], figures, str(folder), f"training-time PGD-20 on {where} images, epoch {epoch}")
-
-
-def _from_attack_report(path: Path) -> list[Observation]:
-    try:
-        rows = json.loads(path.read_text())["checkpoints"]
-        found = []
-        for row in rows:
-            if row.get("config") is None:
-                raise CliError(f"{path}: {row['path']} has no training config (a foreign checkpoint); report compares our runs")
-            # what was computed: the attacks, the points, the budget, the attack seed (only like is compared with like)
-            attacks = ",".join(k for k in row["accuracy"] if k != "worst")
-            evaluation = (f"attack on {row['n_examples']} {row['dataset']} test points at eps {row['eps_levels']:g}/255, "
-                          f"seed {row['seed']}: {attacks}")
-            found.append(checked_observation(row["config"], row["accuracy"], row["path"], evaluation, f"{path} ({row['path']})"))
-        return found
-    except CliError:
-        raise
-    except (RecursionError, OSError, ValueError, KeyError, TypeError) as e:
-        raise CliError(f"{path}: not an `attack --json` report ({first_line(e)})") from None
-
-
-def _is_attack_report(path: Path) -> bool:
-    """A JSON file with the `checkpoints` of an `attack --json` report (a damaged JSON file
-    counts, so that its error is said; report's own JSON and other files do not)."""
-    if path.suffix.lower() != ".json":
-        return False
-    try:
-        return "checkpoints" in json.loads(path.read_text())
-    except (RecursionError, OSError, ValueError, TypeError):
-        return True
-
-
-def read_observations(paths: list[Path]) -> list[Observation]:
-    """Run folders and attack reports; a run evaluated by `attack` counts once, with the
-    attack figures. Other paths (a glob also picks up report.md, plots, exports) are
-    skipped with one note."""
-    found: list[Observation] = []
-    skipped, unfinished, empty = [], [], []
-    for path in paths:
-        if path.is_dir() and (RunFiles(path).config.exists() or RunFiles(path).metrics.exists()):
-            observation = _from_run_folder(path)
-            (found if observation else unfinished).append(observation or str(path))
-        elif path.is_file() and _is_attack_report(path):
-            observations = _from_attack_report(path)
-            found.extend(observations)
-            empty += [] if observations else [str(path)]
-        elif path.exists():
-            skipped.append(str(path))
-        else:
-            raise CliError(f"{path} not found")
-    if skipped:
-        note(f"note: skipped {len(skipped)} path(s) that are neither run folders nor `attack --json` reports: "
-             + ", ".join(skipped))
-    if unfinished:
-        note(f"note: left out {len(unfinished)} unfinished run(s) (fewer epochs than their config): " + ", ".join(unfinished))
-    if empty:
-        note(f"note: left out {len(empty)} report(s) that evaluated no checkpoint: " + ", ".join(empty))
-    if not found:
-        raise CliError("no run folder or `attack --json` report among the paths given")
-    attacked = {str(Path(o.source).parent.resolve()) for o in found if o.evaluation.startswith("attack")}
-    return [o for o in found if o.evaluation.startswith("attack") or str(Path(o.source).resolve()) not in attacked]
-
-
-def in_config_order(keys: Iterable[str]) -> list[str]:
-    """Setting names in TrainConfig's order (as `train --help` and config.json list them), others after."""
-    keys = set(keys)
-    return [k for k in CONFIG_FIELDS if k in keys] + sorted(keys - set(CONFIG_FIELDS))
-
-
-def group_observations(observations: list[Observation]) -> list[dict]:
-    """Groups of one setting and one kind of evaluation; labelled by the settings that
-    differ between groups (the rest is shared)."""
-    groups: dict[tuple, list[Observation]] = {}
-    for o in observations:
-        groups.setdefault((o.setting(), o.evaluation.split(", epoch")[0]), []).append(o)
-    settings = [dict(key[0]) for key in groups]
-    # A setting differs when two groups that have it hold different values (AT groups lack the PART-only ones).
-    differing = in_config_order({k for s in settings for k in s if any(k in t and t[k] != s[k] for t in settings)})
-    result = []
-    for (setting, evaluation), members in groups.items():
-        config = {k: json.loads(v) for k, v in setting}
-        label = ", ".join(f"{k}={config[k]}" for k in differing if k in config) or "all runs"
-        if any(g["label"] == label for g in result):
-            label += f" [{evaluation}]"
-        seeds = [o.seed for o in members]
-        if len(set(seeds)) < len(seeds):
-            raise CliError(f"two runs of the group {label} have the same seed ({', '.join(o.source for o in members)})")
-        columns = [k for k in members[0].figures if all(k in o.figures for o in members)]
-        stats = {k: mean_std([o.figures[k] for o in members]) for k in columns}
-        result.append({"label": label, "config": config, "method": config.get("method", "?"), "evaluation": evaluation,
-                       "seeds": seeds, "members": members, "stats": stats, "differing": differing})
-    return result
-
-
-def pick_group(groups: list[dict], selector: str) -> dict:
-    """A group by its label or by key=value pairs (comma-separated) that only it matches."""
-    wanted = dict(part.split("=", 1) for part in selector.split(",") if "=" in part)
-    matches = [g for g in groups if g["label"] == selector or (wanted and all(str(g["config"].get(k)) == v for k, v in wanted.items()))]
-    if len(matches) != 1:
-        labels = "; ".join(g["label"] for g in groups)
-        raise CliError(f"--compare {selector!r} matches {len(matches)} groups (groups: {labels})")
-    return matches[0]
-
-
-def paired_difference(a: dict, b: dict) -> dict:
-    """A - B per column over the seeds both groups have, with a 95% t interval."""
-    if a is b:
-        raise CliError(f"--compare names the group {a['label']} twice; compare two different groups")
-    measured = [g["evaluation"].split(": ")[0] for g in (a, b)]  # the points, budget and attack seed
-    if measured[0] != measured[1]:
-        raise CliError(f"the groups {a['label']} and {b['label']} were measured differently ({measured[0]} vs {measured[1]}); "
-                       "a paired comparison needs the same points, budget and seed")
-    by_seed = lambda g: {o.seed: o.figures for o in g["members"]}  # noqa: E731
-    fa, fb = by_seed(a), by_seed(b)
-    seeds = sorted(set(fa) & set(fb))
-    if not seeds:
-        raise CliError(f"the groups {a['label']} and {b['label']} share no seed; a paired comparison needs the same seeds")
-    result = {}
-    same_attacks = a["evaluation"] == b["evaluation"]  # `worst` is over each group's own attacks: like with like only
-    for key in [k for k in a["stats"] if k in b["stats"] and (k != "worst" or same_attacks)]:
-        d = [fa[s][key] - fb[s][key] for s in seeds]
-        stats = mean_std(d)
-        half = t975(len(d) - 1) * stats["std"] / math.sqrt(len(d)) if len(d) > 1 else math.inf
-        low, high = stats["mean"] - half, stats["mean"] + half
-        result[key] = {**stats, "ci95": [low, high], "differences": d,
-                       "distinguishable": bool(len(d) > 1 and (low > 0 or high < 0))}
-    return {"a": a["label"], "b": b["label"], "seeds": seeds, "columns": result}
-
-
-def difference_sentence(key: str, d: dict) -> str:
-    low, high = d["ci95"]
-    if d["n"] < 2:
-        return f"{key}: {100 * d['mean']:+.2f} points from a single pair; no interval, nothing can be concluded"
-    verdict = "distinguishable from zero" if d["distinguishable"] else "NOT distinguishable from zero"
-    return (f"{key}: {100 * d['mean']:+.2f} points (95% CI {100 * low:+.2f} to {100 * high:+.2f}, n={d['n']} seeds): {verdict}")
-
-
-@app.command("report")
-def report_command(
-    paths: Annotated[list[Path], typer.Argument(help=escape_markup("Run folders and/or `attack --json` reports (other paths are skipped)."), show_default=False)],
-    compare: Annotated[Optional[tuple[str, str]], _opt("Two groups, A B (labels or key=value), compared paired by seed.")] = None,
-    markdown_out: Annotated[Optional[Path], _opt("Write the table (and the comparison) as markdown here.", "--markdown")] = None,
-    csv_out: Annotated[Optional[Path], _opt("Write the table as CSV here.", "--csv")] = None,
-    json_out: JsonOut = None,
-    plot: Annotated[Optional[Path], _opt("Draw the accuracy-robustness trade-off here (PNG).")] = None,
-):
-    """Many runs -> a claim: mean +- std per group of runs that differ only in the seed,
-    the trade-off plot, and the seed-paired difference of two groups with a 95% CI."""
-    with cli_errors():
-        for path, option in ((markdown_out, "--markdown"), (csv_out, "--csv"), (json_out, "--json"), (plot, "--plot")):
-            check_output_file(path, option)
-        groups = group_observations(read_observations(paths))
-        columns = list(dict.fromkeys(k for g in groups for k in g["stats"]))
-        headers = ["group", "n", "seeds", *columns, "evaluation"]
-        def cell(g: dict, k: str) -> str:
-            if k not in g["stats"]:
-                return "-"
-            st = g["stats"][k]
-            return f"{100 * st['mean']:.2f} ± {100 * st['std']:.2f}" if st["n"] > 1 else f"{100 * st['mean']:.2f}"
-
-        rows = [[g["label"], str(len(g["members"])), ",".join(map(str, sorted(g["seeds"]))), *[cell(g, k) for k in columns],
-                 g["evaluation"]] for g in groups]
-        console.print(text_table("accuracy (%), mean ± std over seeds", headers, rows, left=("group", "evaluation", "seeds")))
-        values = {k: v for g in groups for k, v in g["config"].items() if k not in g["differing"]}  # AT groups lack PART-only keys
-        shared = {k: values[k] for k in in_config_order(values)}
-        console.print("shared settings: " + " ".join(f"{k}={v}" for k, v in shared.items()), markup=False)
-        comparison, lines = None, []
-        if compare is not None:
-            comparison = paired_difference(pick_group(groups, compare[0]), pick_group(groups, compare[1]))
-            lines = [f"{comparison['a']} minus {comparison['b']}, paired by seed {comparison['seeds']}:"]
-            lines += [difference_sentence(k, d) for k, d in comparison["columns"].items()]
-            for line in lines:
-                console.print(line, markup=False)
-        if markdown_out is not None:
-            text = markdown_table(headers, rows) + "\nShared settings: " + ", ".join(f"`{k}={v}`" for k, v in shared.items()) + "\n"
-            comparison_text = "\n" + lines[0] + "\n\n" + "\n".join(f"- {line}" for line in lines[1:]) + "\n" if lines else ""
-            write_text(markdown_out, text + comparison_text)
-        if csv_out is not None:
-            values = [[g["label"], len(g["members"]), " ".join(map(str, sorted(g["seeds"]))),
-                       *[v for k in columns for v in ((g["stats"][k]["mean"], g["stats"][k]["std"]) if k in g["stats"] else ("", ""))]]
-                      for g in groups]
-            write_text(csv_out, csv_text(["group", "n", "seeds", *[f"{k}_{m}" for k in columns for m in ("mean", "std")]], values))
-        if json_out is not None:
-            write_json(json_out, {"groups": [{k: v for k, v in g.items() if k != "members"} | {"sources": [o.source for o in g["members"]]}
-                                             for g in groups], "comparison": comparison, "versions": versions(),
-                                  "machine": machine()})
-        if plot is not None:
-            robust = "worst" if "worst" in columns else "pgd20"
-            if plot_tradeoff(plot, groups, robust):
-                console.print(f"trade-off plot: {plot}", markup=False)
-
-
-# ============================================================================ CAM figures
-# A PNG grid written with torch and Pillow (torchvision's own image library) only.
-
-TILE_PAD, HEADER_PX, CAPTION_PX = 2, 14, 14
-
-
-def overlay(x: Tensor, heat: Tensor, alpha: float = 0.5) -> Tensor:
-    """The CAM [B,1,H,W] in [0,1] coloured with jet over the image."""
-    return (1 - alpha) * x + alpha * jet(heat)
-
-
-def budget_picture(budget: Tensor, eps: float, eps_low: float, like: Tensor) -> Tensor:
-    """Black = eps_low, white = eps; a per-channel (official) map shows in colour."""
-    return ((budget - eps_low) / max(eps - eps_low, 1e-12)).clamp(0, 1).expand_as(like)
-
-
-def perturbation_picture(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
-    """delta magnified so that +-eps spans the whole range (grey = 0)."""
-    return (0.5 + (x_adv - x) / (2 * eps)).clamp(0, 1)
-
-
-def figure_size(n: int, columns: int, image_size: int, scale: int) -> tuple[int, int]:
-    """(width, height) in pixels of a figure with n rows."""
-    tile = image_size * scale
-    return TILE_PAD + columns * (tile + TILE_PAD), HEADER_PX + n * (tile + CAPTION_PX)
-
-
-def save_grid(path: Path, columns: list[tuple[str, Tensor]], captions: list[str], scale: int) -> tuple[int, int]:
-    """Columns of [N,3,H,W] tiles in [0,1] (upscaled `scale` x), a caption under each row."""
-    from PIL import Image, ImageDraw
-
-    n, _, h, _ = columns[0][1].shape
-    width, height = figure_size(n, len(columns), h, scale)
-    tile = h * scale
-    canvas = torch.ones(3, height, width)
-    for j, (_, pictures) in enumerate(columns):
-        big = F.interpolate(pictures.float().cpu(), scale_factor=scale, mode="nearest")
-        left = TILE_PAD + j * (tile + TILE_PAD)
-        for i in range(n):
-            top = HEADER_PX + i * (tile + CAPTION_PX)
-            canvas[:, top:top + tile, left:left + tile] = big[i]
-    image = Image.fromarray((canvas * 255).round().byte().permute(1, 2, 0).numpy())
-    draw = ImageDraw.Draw(image)
-    for j, (title, _) in enumerate(columns):
-        draw.text((TILE_PAD + j * (tile + TILE_PAD) + 2, 1), title, fill=(0, 0, 0))
-    for i, caption in enumerate(captions):
-        draw.text((TILE_PAD + 2, HEADER_PX + i * (tile + CAPTION_PX) + tile + 1), caption, fill=(0, 0, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = Image.registered_extensions()[path.suffix.lower()]
-    atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
-    return width, height
-
-
-@app.command("cam")
-def cam_command(
-    checkpoint: Checkpoint,
-    dataset: DatasetOpt = None,
-    data_dir: DataDir = "data",
-    cache_dir: CacheDir = DEFAULT_CACHE,
-    arch: Arch = None,
-    threat: Threat = "linf",
-    model_dir: ModelDir = "models",
-    cam_layer: CamLayer = None,
-    n_examples: Annotated[int, _opt("The first N test images.", "--n-examples", "--n", min=1, max=4096)] = 16,
-    cam_method: Annotated[Optional[Literal[CAM_METHODS]], _opt("CAM method (default: the checkpoint's).", "--cam")] = None,
-    mask_rule: Annotated[Optional[Literal[tuple(MASK_RULES)]], _opt("Mask rule (default: the checkpoint's).")] = None,
-    compare_rules: Annotated[bool, _opt("Add a budget-map column per rule (zscore, official, random).")] = False,
-    eps: Annotated[Optional[str], _opt("Full budget, 1/255 levels (default: the checkpoint's, else 8).")] = None,
-    eps_low: Annotated[Optional[str], _opt("Low budget, 1/255 levels (default: the checkpoint's, else 7).")] = None,
-    step: Annotated[str, _opt("Attack step, 1/255 levels.")] = "2",
-    steps: Annotated[int, _opt("Attack steps for the PART adversarial example.", min=1, max=10_000)] = 10,
-    scale: Annotated[int, _opt("Upscaling of every tile.", min=1, max=16)] = 4,
-    out: Annotated[Path, _opt("PNG to write.")] = Path("cams.png"),
-    seed: Seed = 0,
-    device: Device = "auto",
-    threads: Threads = 0,
-):
-    """What PART protects: image, CAM, budget map and a PART adversarial example per row."""
-    with cli_errors():
-        set_threads(threads)
-        from PIL import Image
-
-        if out.is_dir() or out.suffix.lower() not in Image.registered_extensions():
-            raise CliError(f"--out {out} is not an image file name (e.g. cams.png)")
-        check_output_file(out, "--out")
-        dev = pick_device(device)
-        checkpoint, arch = robustbench_source(checkpoint, arch, dataset, threat, model_dir)
-        target = load_for_eval(checkpoint, arch, dev, dataset, data_dir, cache_dir, cam_layer)
-        trained = target.meta.config or TrainConfig()
-        eps_levels = parse_levels(eps, "eps") if eps is not None else trained.eps
-        low_levels = parse_levels(eps_low, "eps_low") if eps_low is not None else min(trained.eps_low, eps_levels)
-        setup = AttackSetup.from_levels(eps_levels, parse_levels(step, "step"), low_levels, seed=seed, steps=steps,
-                                        cam=cam_method or trained.cam, mask_rule=mask_rule or trained.mask_rule)
-        if n_examples > len(target.test.y):
-            raise CliError(f"--n-examples {n_examples} is more than the {len(target.test.y)} test images")
-        _cam_figure(target, setup, n_examples, compare_rules, scale, out)
-
-
-def _cam_figure(target: EvalTarget, setup: AttackSetup, n: int, compare_rules: bool, scale: int, out: Path) -> None:
-    points = target.test.first(n).to(next(target.model.parameters()).device)
-    x, y, model = to_float(points.x), points.y, target.model
-    torch.manual_seed(setup.seed)
-    low_res = class_activation(model, x, setup.cam)
-    maps = {r: eps_map(low_res, setup.eps, setup.eps_low, r, size=x.shape[-2:]) for r in MASK_RULES}
-    x_adv = pgd(model, x, y, maps[setup.mask_rule], setup.step, setup.steps)
-    with torch.no_grad():
-        pred, adv_pred = model(x).argmax(1), model(x_adv).argmax(1)
-    heat = upsample(low_res, x.shape[-2:]).clamp(0, 1)
-    shown = ("zscore", "official", "random") if compare_rules else (setup.mask_rule,)
-    columns = [("image", x), (setup.cam, overlay(x, heat))]
-    columns += [(f"budget {r}", budget_picture(maps[r], setup.eps, setup.eps_low, x)) for r in shown]
-    columns += [("PART AE", x_adv), ("delta x eps", perturbation_picture(x_adv, x, setup.eps))]
-    names = points.classes
-    captions = [f"true {names[int(a)]} | pred {names[int(b)]} | adv {names[int(c)]}" for a, b, c in zip(y, pred, adv_pred, strict=True)]
-    width, height = save_grid(out, columns, captions, scale)
-    shares = {rule: fraction(m == torch.tensor(setup.eps, dtype=m.dtype, device=m.device)) for rule, m in maps.items()}
-    console.print(text_table(f"budget maps of {n} images ({setup.cam}, eps {to_levels(setup.eps):g}/255, "
-                             f"eps_low {to_levels(setup.eps_low):g}/255)", ("rule", "share at eps", "mean budget (/255)"),
-                             [[rule, f"{100 * shares[rule]:.1f}%", f"{to_levels(m.mean().item()):.3f}"] for rule, m in maps.items()],
-                             left=("rule",)))
-    console.print(f"wrote {out} ({width}x{height} px)", markup=False)
-
-
-# (label, compile, amp, compile mode): is compilation worth it, is bf16, are CUDA graphs on top
-
-
-# ============================================================================ benchmark
-# Pieces of a training step timed interleaved (A B C ... A B C ...), so that a machine
-# whose speed drifts affects every piece alike; medians and quartiles, the PART/AT ratio
-# per round, the first call (compilation) apart, peak memory, and achieved FLOP/s.
-
-# Dense peak TFLOP/s of known GPUs (bf16 with --amp, else TF32, which cuDNN convolutions use).
-PEAK_TFLOPS = {"H100": {"bf16": 989.0, "tf32": 494.7}, "H200": {"bf16": 989.0, "tf32": 494.7},
-               "A100": {"bf16": 312.0, "tf32": 156.0}}
-
-
-def quartiles(values: list[float]) -> list[float]:
-    """First quartile, median, third quartile (linear interpolation)."""
-    return torch.quantile(torch.tensor(values, dtype=torch.float64), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
-
-
-class PeakMemory:
-    """Peak memory a piece adds: CUDA's allocator statistics, else the process's resident
-    set sampled every millisecond by a thread (Linux /proc; 0 where unavailable)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    @staticmethod
-    def _rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            return 0
-
-    @contextlib.contextmanager
-    def measure(self, into: list):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            yield
-            torch.cuda.synchronize(self.device)
-            into.append(torch.cuda.max_memory_allocated(self.device) - base)
-            return
-        import threading
-
-        base, peak, stop = self._rss(), [0], threading.Event()
-
-        def sample():
-            while not stop.is_set():
-                peak[0] = max(peak[0], self._rss())
-                time.sleep(0.001)
-
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
-            into.append(max(peak[0], self._rss()) - base)
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """Floating-point operations of one call (forward and backward), counted with the
-    formulas of torch.utils.flop_counter (FlopCounterMode's own registry). FlopCounterMode
-    itself tracks modules with backward hooks that torch.autograd.grad, which every attack
-    step calls, does not allow; a plain dispatch mode needs no hooks."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
-
-    class Count(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            if func._overloadpacket in flop_registry:
-                Count.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
-            return out
-
-    with Count():
-        fn()
-    return Count.total
-
-
-def bench_pieces(net: nn.Module, parts: TrainingModules, cfg: TrainConfig, x: Tensor, y: Tensor) -> dict[str, Callable]:
-    """The pieces of a PART training step on one batch (the same calls training makes)."""
-    setup = AttackSetup.from_config(cfg)
-    optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
-    cam_fn = parts.cam or (lambda model, xs, method: class_activation(model, xs, method, check=False))
-    low_res = class_activation(net, x)
-    budget = budget_for(net, x, setup, part_phase=True)
-
-    def forward():
-        with torch.no_grad(), eval_mode(net):
-            net(x)
-
-    def attack():
-        with autocast(x.device, cfg.amp):
-            pgd(net, x, y, budget, setup.step, cfg.steps, stepper=parts.stepper, check=False)
-
-    return {"forward (eval, no grad)": forward,
-            "CAM (gradcam)": lambda: cam_fn(net, x, "gradcam"),
-            "budget map (zscore)": lambda: eps_map(low_res, setup.eps, setup.eps_low, size=x.shape[-2:], check=False),
-            f"PGD-{cfg.steps} attack": attack,
-            "AT step": lambda: train_step(parts, optimizer, x, y, cfg, setup, part_phase=False),
-            "PART step": lambda: train_step(parts, optimizer, x, y, cfg, setup, part_phase=True)}
-
-
-def bench_run(model: str, batch_size: int, image_size: int, steps: int, rounds: int, device: torch.device,
-              use_compile: bool, mode: str, amp: bool, peak_tflops: Optional[float]) -> dict:
-    """Every piece timed interleaved over `rounds` rounds after one first (compiling) call."""
-    torch.manual_seed(0)
-    net = channels_last(build_model(model, 10, image_size=image_size).to(device))
-    x = torch.rand(batch_size, 3, image_size, image_size, device=device)
-    y = torch.randint(0, 10, (batch_size,), device=device)
-    cfg = TrainConfig(model=model, steps=steps, amp=amp, compile=use_compile, compile_mode=mode, batch_size=batch_size)
-    parts = wrap_for_training(net, cfg, ONE_PROCESS, device)
-    eager = bench_pieces(net, wrap_for_training(net, dataclasses.replace(cfg, compile=False), ONE_PROCESS, device), cfg, x, y)
-    pieces = bench_pieces(net, parts, cfg, x, y)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    memory = PeakMemory(device)
-    first, times, peaks = {}, {k: [] for k in pieces}, {k: [] for k in pieces}
-    for label, fn in pieces.items():
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        first[label] = time.perf_counter() - t0
-    for _ in range(rounds):
-        for label, fn in pieces.items():
-            with memory.measure(peaks[label]):
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times[label].append(time.perf_counter() - t0)
-    flops = {label: count_flops(fn) for label, fn in eager.items()}
-    name = device_name(device)
-    peak = peak_tflops or next((v["bf16" if amp else "tf32"] for k, v in PEAK_TFLOPS.items() if k in name), None)
-    results = {}
-    for label in pieces:
-        q1, median, q3 = quartiles(times[label])
-        tflops = flops[label] / median / 1e12
-        results[label] = {"ms_median": 1000 * median, "ms_q1": 1000 * q1, "ms_q3": 1000 * q3, "images_per_s": batch_size / median,
-                          "first_call_ms": 1000 * first[label], "peak_memory_mb": max(peaks[label]) / 2**20,
-                          "gflop_per_image": flops[label] / batch_size / 1e9, "tflops": tflops,
-                          "share_of_peak": tflops / peak if peak else None}
-    ratios = [p / a for p, a in zip(times["PART step"], times["AT step"], strict=True)]
-    r1, r_median, r3 = quartiles(ratios)
-    return {"model": model, "batch_size": batch_size, "image_size": image_size, "steps": steps, "rounds": rounds,
-            "device": name, "compile": use_compile, "compile_mode": mode if use_compile else None, "amp": amp,
-            "peak_tflops": peak, "versions": versions(), "machine": machine(), "results": results,
-            "part_over_at": {"median": r_median, "q1": r1, "q3": r3, "per_round": ratios}}
-
-
-def bench_table(r: dict) -> Table:
-    title = (f"{r['model']}, batch {r['batch_size']}, {r['image_size']} px, {r['device']}, compile "
-             f"{r['compile_mode'] or 'off'}, amp {'on' if r['amp'] else 'off'}, {r['rounds']} interleaved rounds")
-    headers = ("piece", "ms median", "ms q1-q3", "images/s", "first call ms", "peak MB", "GFLOP/img", "TFLOP/s", "% of peak")
-    rows = [[label, f"{v['ms_median']:.1f}", f"{v['ms_q1']:.1f}-{v['ms_q3']:.1f}", f"{v['images_per_s']:.0f}",
-             f"{v['first_call_ms']:.0f}", f"{v['peak_memory_mb']:.0f}", f"{v['gflop_per_image']:.2f}", f"{v['tflops']:.3f}",
-             "-" if v["share_of_peak"] is None else f"{100 * v['share_of_peak']:.1f}"] for label, v in r["results"].items()]
-    return text_table(title, headers, rows, left=("piece",))
-
-
-GPU_SUITE = (("eager", False, False, "default"), ("compiled", True, False, "default"), ("compiled + bf16", True, True, "default"),
-             ("compiled + bf16 + CUDA graphs", True, True, "reduce-overhead"))
-
-
-@app.command("bench")
-def bench_command(
-    model: Annotated[str, _opt(f"Architecture: {ARCH_HELP}.")] = "resnet18",
-    batch_size: Annotated[int, _opt("Batch size.", min=2, max=65_536)] = 128,
-    image_size: Annotated[int, _opt("Input side.", min=8, max=MAX_IMAGE_SIZE)] = 32,
-    steps: Annotated[int, _opt("Attack steps (training uses 10).", min=1, max=10_000)] = 10,
-    rounds: Annotated[int, _opt("Interleaved timing rounds (each piece once per round).", "--rounds", min=1, max=10_000)] = 7,
-    device: Device = "auto",
-    compile: Annotated[Optional[bool], _opt("torch.compile the attack step, CAM and update (default: on with CUDA).", "--compile/--no-compile")] = None,
-    compile_mode: Annotated[Literal[COMPILE_MODES], _opt("torch.compile mode.")] = "default",
-    amp: Annotated[bool, _opt("bf16 autocast for the attack and update (CUDA only).", "--amp/--no-amp")] = False,
-    peak_tflops: Annotated[Optional[float], _opt("The device's peak TFLOP/s (default: known for H100/H200/A100).")] = None,
-    suite: Annotated[Optional[Literal["gpu"]], _opt("gpu: eager, compiled, compiled + bf16, + CUDA graphs (ignores --compile/--amp).")] = None,
-    json_out: JsonOut = None,
-    threads: Threads = 0,
-):
-    """Time each piece of a PART training step on this machine (random data): medians of
-    interleaved rounds, the PART/AT step ratio, compile time, peak memory, FLOP/s."""
-    with cli_errors():
-        set_threads(threads)
-        check_output_file(json_out, "--json")
-        if peak_tflops is not None and not (math.isfinite(peak_tflops) and peak_tflops > 0):
-            raise CliError(f"--peak-tflops must be a positive number, got {peak_tflops}")
-        dev = pick_device(device)
-        build_model(model, 10)  # an unknown name fails here, before any work
-        if suite == "gpu" and dev.type != "cuda":
-            raise CliError(f"--suite gpu compares compiled, bf16 and CUDA-graph steps: it needs a CUDA device, not {dev.type}")
-        configs = GPU_SUITE if suite == "gpu" else (("", compile if compile is not None else dev.type == "cuda", amp, compile_mode),)
-        runs = []
-        for label, use_compile, use_amp, mode in configs:
-            r = bench_run(model, batch_size, image_size, steps, rounds, dev, use_compile, mode, use_amp, peak_tflops)
-            r["label"] = label
-            console.print(bench_table(r))
-            ratio = r["part_over_at"]
-            console.print(f"PART step / AT step: {ratio['median']:.3f} (q1-q3 {ratio['q1']:.3f}-{ratio['q3']:.3f}, {rounds} rounds)",
-                          markup=False)
-            runs.append(r)
-        if suite == "gpu":
-            base = runs[0]["results"]["PART step"]["ms_median"]
-            for r in runs[1:]:
-                console.print(f"{r['label']}: PART step {base / r['results']['PART step']['ms_median']:.2f}x eager", markup=False)
-        if json_out is not None:
-            write_json(json_out, runs[0] if len(runs) == 1 else {"suite": suite, "runs": runs})
+        import part_tools  # noqa: F401  (it adds its commands to `app`)
+    except ModuleNotFoundError as e:
+        if e.name != "part_tools":
+            raise
+    app()
 
 
 if __name__ == "__main__":
-    app()
+    sys.modules.setdefault(
+        "part", sys.modules[__name__]
+    )  # the tools extend this module, not a second copy
+    main()

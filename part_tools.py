@@ -1,0 +1,1128 @@
+"""part_tools: what goes beyond the card. `part.py` is the method and its three commands
+(train, attack, export); this module adds the tools a researcher uses around them, each
+section ending with its command:
+
+    python part.py report runs/*/ eval/*.json --compare method=part method=at
+    python part.py cam runs/X/best.safetensors --data-dir DIR --out cam.png
+    python part.py bench --model resnet18
+
+It imports `part` and adds its commands to `part.app`; `part.py` never imports it except
+when run as a program (its `__main__` block and the `part` command), so `import part`
+stays the card alone. Optional packages (matplotlib) are imported where they are used.
+
+Sections: comparing runs (report), CAM figures (cam), benchmark (bench).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterable, Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import typer
+from rich.markup import escape as escape_markup
+from rich.table import Table
+
+from part import (
+    ARCH_HELP,
+    Arch,
+    AttackSetup,
+    CAM_METHODS,
+    COMPILE_MODES,
+    CONFIG_FIELDS,
+    CacheDir,
+    CamLayer,
+    Checkpoint,
+    CliError,
+    DEFAULT_CACHE,
+    DataDir,
+    DatasetOpt,
+    Device,
+    EvalTarget,
+    JsonOut,
+    MASK_RULES,
+    MAX_IMAGE_SIZE,
+    ModelDir,
+    NOT_THE_EXPERIMENT,
+    ONE_PROCESS,
+    PART_ONLY,
+    RunFiles,
+    Seed,
+    Tensor,
+    Threads,
+    Threat,
+    TrainConfig,
+    TrainingModules,
+    _opt,
+    app,
+    atomic_write,
+    autocast,
+    budget_for,
+    build_model,
+    channels_last,
+    check_output_file,
+    class_activation,
+    cli_errors,
+    console,
+    csv_text,
+    device_name,
+    eps_map,
+    eval_mode,
+    first_line,
+    fraction,
+    jet,
+    load_for_eval,
+    machine,
+    markdown_table,
+    note,
+    parse_levels,
+    pgd,
+    pick_device,
+    pyplot,
+    robustbench_source,
+    save_figure_png,
+    set_threads,
+    text_table,
+    to_float,
+    to_levels,
+    train_step,
+    upsample,
+    versions,
+    wrap_for_training,
+    write_json,
+    write_text,
+)
+
+
+# ============================================================================ comparing runs
+# `report` reads run folders and `attack --json` reports, groups the runs whose configs
+# differ only in the seed (and in settings that do not change what is computed), and
+# gives mean +- std per group and, for two groups, the seed-paired difference with a 95%
+# confidence interval.
+
+# Student's t, 97.5% quantile, for 1..30 degrees of freedom (two-sided 95% intervals).
+T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
+
+
+def plot_tradeoff(path: Path, groups: list[dict], robust_key: str) -> bool:
+    """One point per group: natural against robust accuracy, mean +- std, a marker per method."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    markers = {}
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for g in groups:
+        nat, rob = g["stats"].get("natural"), g["stats"].get(robust_key)
+        if not nat or not rob:
+            continue
+        marker = markers.setdefault(g.get("method", "?"), "osD^v<>p*h"[len(markers) % 10])
+        ax.errorbar(
+            100 * rob["mean"],
+            100 * nat["mean"],
+            xerr=100 * rob["std"],
+            yerr=100 * nat["std"],
+            marker=marker,
+            capsize=3,
+            linestyle="none",
+            label=f"{g['label']} (n={nat['n']})",
+        )
+    ax.set(
+        xlabel=f"{robust_key} accuracy (%)",
+        ylabel="natural accuracy (%)",
+        title="accuracy-robustness trade-off (mean +- std)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure_png(fig, path)
+    return True
+
+
+def t975(df: int) -> float:
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964  # Cornish-Fisher expansion beyond the table (error < 1e-3)
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean, sample standard deviation (n - 1) and n."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n}
+
+
+# Settings part 0.5 added, at the values that give what 0.4 computed (a 0.4 report groups with 0.5 runs).
+SETTINGS_ADDED_IN_0_5 = {
+    "optimizer": "sgd",
+    "schedule": "step",
+    "lr_warmup": 0.0,
+    "ema": 0.0,
+    "init_sha256": "",
+}
+
+
+@dataclasses.dataclass
+class Observation:
+    """The figures of one trained model (one seed of one setting)."""
+
+    config: dict
+    figures: dict[str, float]  # natural, each attack, worst (fractions)
+    source: str
+    evaluation: str  # how the figures were measured (they are only compared like with like)
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    def setting(self) -> tuple:
+        """What was computed: the config without seed, paths and speed settings (and, for AT,
+        without the settings that only PART reads, so that AT runs group whatever they hold).
+        A config written before a setting existed reads as that setting's default, which is
+        what the code did then."""
+        ignored = NOT_THE_EXPERIMENT | (PART_ONLY if self.config.get("method") == "at" else set())
+        config = {**SETTINGS_ADDED_IN_0_5, **self.config}
+        return tuple(sorted((k, json.dumps(v)) for k, v in config.items() if k not in ignored))
+
+
+def checked_observation(
+    config: Any, figures: Any, source: str, evaluation: str, where: str = ""
+) -> Observation:
+    """An observation only with what part writes: a config with an integer seed, and
+    accuracies that are fractions in [0, 1] (NaN, 5.0 or a string would be averaged)."""
+    source, shown = str(source), where or str(source)
+    if not isinstance(config, dict):
+        raise CliError(f"{shown}: its config is not a table of settings")
+    seed = config.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CliError(f"{shown}: its seed {seed!r} is not an integer")
+    if not isinstance(figures, dict) or not figures:
+        raise CliError(f"{shown}: holds no accuracy figures")
+    bad = [
+        f"{k}={v!r}"
+        for k, v in figures.items()
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1
+    ]
+    if bad:
+        raise CliError(
+            f"{shown}: accuracies must be fractions in [0, 1], found {', '.join(bad[:3])}"
+        )
+    return Observation(config, dict(figures), source, evaluation)
+
+
+def _from_run_folder(folder: Path) -> Optional[Observation]:
+    """The training-time figures of a finished run; None (left out) for an unfinished one."""
+    files = RunFiles(folder)
+    try:
+        stored = json.loads(files.config.read_text())
+        rows = [json.loads(line) for line in files.metrics.read_text().splitlines() if line.strip()]
+        last = rows[-1]
+        figures = {k: last[k] for k in ("natural", "pgd20") if last.get(k) is not None}
+        where, epoch, epochs = (
+            last.get("eval_on", "test"),
+            last["epoch"],
+            stored["config"]["epochs"],
+        )
+    except (RecursionError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise CliError(f"{folder}: not a finished run folder ({first_line(e)})") from None
+    if epoch != epochs:
+        return None
+    return checked_observation(
+        stored["config"],
+        figures,
+        str(folder),
+        f"training-time PGD-20 on {where} images, epoch {epoch}",
+    )
+
+
+def _from_attack_report(path: Path) -> list[Observation]:
+    try:
+        rows = json.loads(path.read_text())["checkpoints"]
+        found = []
+        for row in rows:
+            if row.get("config") is None:
+                raise CliError(
+                    f"{path}: {row['path']} has no training config (a foreign checkpoint); report compares our runs"
+                )
+            # what was computed: the attacks, the points, the budget, the attack seed (only like is compared with like)
+            attacks = ",".join(k for k in row["accuracy"] if k != "worst")
+            evaluation = (
+                f"attack on {row['n_examples']} {row['dataset']} test points at eps {row['eps_levels']:g}/255, "
+                f"seed {row['seed']}: {attacks}"
+            )
+            found.append(
+                checked_observation(
+                    row["config"],
+                    row["accuracy"],
+                    row["path"],
+                    evaluation,
+                    f"{path} ({row['path']})",
+                )
+            )
+        return found
+    except CliError:
+        raise
+    except (RecursionError, OSError, ValueError, KeyError, TypeError) as e:
+        raise CliError(f"{path}: not an `attack --json` report ({first_line(e)})") from None
+
+
+def _is_attack_report(path: Path) -> bool:
+    """A JSON file with the `checkpoints` of an `attack --json` report (a damaged JSON file
+    counts, so that its error is said; report's own JSON and other files do not)."""
+    if path.suffix.lower() != ".json":
+        return False
+    try:
+        return "checkpoints" in json.loads(path.read_text())
+    except (RecursionError, OSError, ValueError, TypeError):
+        return True
+
+
+def read_observations(paths: list[Path]) -> list[Observation]:
+    """Run folders and attack reports; a run evaluated by `attack` counts once, with the
+    attack figures. Other paths (a glob also picks up report.md, plots, exports) are
+    skipped with one note."""
+    found: list[Observation] = []
+    skipped, unfinished, empty = [], [], []
+    for path in paths:
+        if path.is_dir() and (RunFiles(path).config.exists() or RunFiles(path).metrics.exists()):
+            observation = _from_run_folder(path)
+            (found if observation else unfinished).append(observation or str(path))
+        elif path.is_file() and _is_attack_report(path):
+            observations = _from_attack_report(path)
+            found.extend(observations)
+            empty += [] if observations else [str(path)]
+        elif path.exists():
+            skipped.append(str(path))
+        else:
+            raise CliError(f"{path} not found")
+    if skipped:
+        note(
+            f"note: skipped {len(skipped)} path(s) that are neither run folders nor `attack --json` reports: "
+            + ", ".join(skipped)
+        )
+    if unfinished:
+        note(
+            f"note: left out {len(unfinished)} unfinished run(s) (fewer epochs than their config): "
+            + ", ".join(unfinished)
+        )
+    if empty:
+        note(
+            f"note: left out {len(empty)} report(s) that evaluated no checkpoint: "
+            + ", ".join(empty)
+        )
+    if not found:
+        raise CliError("no run folder or `attack --json` report among the paths given")
+    attacked = {
+        str(Path(o.source).parent.resolve()) for o in found if o.evaluation.startswith("attack")
+    }
+    return [
+        o
+        for o in found
+        if o.evaluation.startswith("attack") or str(Path(o.source).resolve()) not in attacked
+    ]
+
+
+def in_config_order(keys: Iterable[str]) -> list[str]:
+    """Setting names in TrainConfig's order (as `train --help` and config.json list them), others after."""
+    keys = set(keys)
+    return [k for k in CONFIG_FIELDS if k in keys] + sorted(keys - set(CONFIG_FIELDS))
+
+
+def group_observations(observations: list[Observation]) -> list[dict]:
+    """Groups of one setting and one kind of evaluation; labelled by the settings that
+    differ between groups (the rest is shared)."""
+    groups: dict[tuple, list[Observation]] = {}
+    for o in observations:
+        groups.setdefault((o.setting(), o.evaluation.split(", epoch")[0]), []).append(o)
+    settings = [dict(key[0]) for key in groups]
+    # A setting differs when two groups that have it hold different values (AT groups lack the PART-only ones).
+    differing = in_config_order(
+        {k for s in settings for k in s if any(k in t and t[k] != s[k] for t in settings)}
+    )
+    result = []
+    for (setting, evaluation), members in groups.items():
+        config = {k: json.loads(v) for k, v in setting}
+        label = ", ".join(f"{k}={config[k]}" for k in differing if k in config) or "all runs"
+        if any(g["label"] == label for g in result):
+            label += f" [{evaluation}]"
+        seeds = [o.seed for o in members]
+        if len(set(seeds)) < len(seeds):
+            raise CliError(
+                f"two runs of the group {label} have the same seed ({', '.join(o.source for o in members)})"
+            )
+        columns = [k for k in members[0].figures if all(k in o.figures for o in members)]
+        stats = {k: mean_std([o.figures[k] for o in members]) for k in columns}
+        result.append(
+            {
+                "label": label,
+                "config": config,
+                "method": config.get("method", "?"),
+                "evaluation": evaluation,
+                "seeds": seeds,
+                "members": members,
+                "stats": stats,
+                "differing": differing,
+            }
+        )
+    return result
+
+
+def pick_group(groups: list[dict], selector: str) -> dict:
+    """A group by its label or by key=value pairs (comma-separated) that only it matches."""
+    wanted = dict(part.split("=", 1) for part in selector.split(",") if "=" in part)
+    matches = [
+        g
+        for g in groups
+        if g["label"] == selector
+        or (wanted and all(str(g["config"].get(k)) == v for k, v in wanted.items()))
+    ]
+    if len(matches) != 1:
+        labels = "; ".join(g["label"] for g in groups)
+        raise CliError(f"--compare {selector!r} matches {len(matches)} groups (groups: {labels})")
+    return matches[0]
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """A - B per column over the seeds both groups have, with a 95% t interval."""
+    if a is b:
+        raise CliError(
+            f"--compare names the group {a['label']} twice; compare two different groups"
+        )
+    measured = [
+        g["evaluation"].split(": ")[0] for g in (a, b)
+    ]  # the points, budget and attack seed
+    if measured[0] != measured[1]:
+        raise CliError(
+            f"the groups {a['label']} and {b['label']} were measured differently ({measured[0]} vs {measured[1]}); "
+            "a paired comparison needs the same points, budget and seed"
+        )
+    by_seed = lambda g: {o.seed: o.figures for o in g["members"]}  # noqa: E731
+    fa, fb = by_seed(a), by_seed(b)
+    seeds = sorted(set(fa) & set(fb))
+    if not seeds:
+        raise CliError(
+            f"the groups {a['label']} and {b['label']} share no seed; a paired comparison needs the same seeds"
+        )
+    result = {}
+    same_attacks = (
+        a["evaluation"] == b["evaluation"]
+    )  # `worst` is over each group's own attacks: like with like only
+    for key in [k for k in a["stats"] if k in b["stats"] and (k != "worst" or same_attacks)]:
+        d = [fa[s][key] - fb[s][key] for s in seeds]
+        stats = mean_std(d)
+        half = t975(len(d) - 1) * stats["std"] / math.sqrt(len(d)) if len(d) > 1 else math.inf
+        low, high = stats["mean"] - half, stats["mean"] + half
+        result[key] = {
+            **stats,
+            "ci95": [low, high],
+            "differences": d,
+            "distinguishable": bool(len(d) > 1 and (low > 0 or high < 0)),
+        }
+    return {"a": a["label"], "b": b["label"], "seeds": seeds, "columns": result}
+
+
+def difference_sentence(key: str, d: dict) -> str:
+    low, high = d["ci95"]
+    if d["n"] < 2:
+        return f"{key}: {100 * d['mean']:+.2f} points from a single pair; no interval, nothing can be concluded"
+    verdict = (
+        "distinguishable from zero" if d["distinguishable"] else "NOT distinguishable from zero"
+    )
+    return f"{key}: {100 * d['mean']:+.2f} points (95% CI {100 * low:+.2f} to {100 * high:+.2f}, n={d['n']} seeds): {verdict}"
+
+
+@app.command("report")
+def report_command(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help=escape_markup(
+                "Run folders and/or `attack --json` reports (other paths are skipped)."
+            ),
+            show_default=False,
+        ),
+    ],
+    compare: Annotated[
+        Optional[tuple[str, str]],
+        _opt("Two groups, A B (labels or key=value), compared paired by seed."),
+    ] = None,
+    markdown_out: Annotated[
+        Optional[Path], _opt("Write the table (and the comparison) as markdown here.", "--markdown")
+    ] = None,
+    csv_out: Annotated[Optional[Path], _opt("Write the table as CSV here.", "--csv")] = None,
+    json_out: JsonOut = None,
+    plot: Annotated[
+        Optional[Path], _opt("Draw the accuracy-robustness trade-off here (PNG).")
+    ] = None,
+):
+    """Many runs -> a claim: mean +- std per group of runs that differ only in the seed,
+    the trade-off plot, and the seed-paired difference of two groups with a 95% CI."""
+    with cli_errors():
+        for path, option in (
+            (markdown_out, "--markdown"),
+            (csv_out, "--csv"),
+            (json_out, "--json"),
+            (plot, "--plot"),
+        ):
+            check_output_file(path, option)
+        groups = group_observations(read_observations(paths))
+        columns = list(dict.fromkeys(k for g in groups for k in g["stats"]))
+        headers = ["group", "n", "seeds", *columns, "evaluation"]
+
+        def cell(g: dict, k: str) -> str:
+            if k not in g["stats"]:
+                return "-"
+            st = g["stats"][k]
+            return (
+                f"{100 * st['mean']:.2f} ± {100 * st['std']:.2f}"
+                if st["n"] > 1
+                else f"{100 * st['mean']:.2f}"
+            )
+
+        rows = [
+            [
+                g["label"],
+                str(len(g["members"])),
+                ",".join(map(str, sorted(g["seeds"]))),
+                *[cell(g, k) for k in columns],
+                g["evaluation"],
+            ]
+            for g in groups
+        ]
+        console.print(
+            text_table(
+                "accuracy (%), mean ± std over seeds",
+                headers,
+                rows,
+                left=("group", "evaluation", "seeds"),
+            )
+        )
+        values = {
+            k: v for g in groups for k, v in g["config"].items() if k not in g["differing"]
+        }  # AT groups lack PART-only keys
+        shared = {k: values[k] for k in in_config_order(values)}
+        console.print(
+            "shared settings: " + " ".join(f"{k}={v}" for k, v in shared.items()), markup=False
+        )
+        comparison, lines = None, []
+        if compare is not None:
+            comparison = paired_difference(
+                pick_group(groups, compare[0]), pick_group(groups, compare[1])
+            )
+            lines = [
+                f"{comparison['a']} minus {comparison['b']}, paired by seed {comparison['seeds']}:"
+            ]
+            lines += [difference_sentence(k, d) for k, d in comparison["columns"].items()]
+            for line in lines:
+                console.print(line, markup=False)
+        if markdown_out is not None:
+            text = (
+                markdown_table(headers, rows)
+                + "\nShared settings: "
+                + ", ".join(f"`{k}={v}`" for k, v in shared.items())
+                + "\n"
+            )
+            comparison_text = (
+                "\n" + lines[0] + "\n\n" + "\n".join(f"- {line}" for line in lines[1:]) + "\n"
+                if lines
+                else ""
+            )
+            write_text(markdown_out, text + comparison_text)
+        if csv_out is not None:
+            values = [
+                [
+                    g["label"],
+                    len(g["members"]),
+                    " ".join(map(str, sorted(g["seeds"]))),
+                    *[
+                        v
+                        for k in columns
+                        for v in (
+                            (g["stats"][k]["mean"], g["stats"][k]["std"])
+                            if k in g["stats"]
+                            else ("", "")
+                        )
+                    ],
+                ]
+                for g in groups
+            ]
+            write_text(
+                csv_out,
+                csv_text(
+                    [
+                        "group",
+                        "n",
+                        "seeds",
+                        *[f"{k}_{m}" for k in columns for m in ("mean", "std")],
+                    ],
+                    values,
+                ),
+            )
+        if json_out is not None:
+            write_json(
+                json_out,
+                {
+                    "groups": [
+                        {k: v for k, v in g.items() if k != "members"}
+                        | {"sources": [o.source for o in g["members"]]}
+                        for g in groups
+                    ],
+                    "comparison": comparison,
+                    "versions": versions(),
+                    "machine": machine(),
+                },
+            )
+        if plot is not None:
+            robust = "worst" if "worst" in columns else "pgd20"
+            if plot_tradeoff(plot, groups, robust):
+                console.print(f"trade-off plot: {plot}", markup=False)
+
+
+# ============================================================================ CAM figures
+# A PNG grid written with torch and Pillow (torchvision's own image library) only.
+
+TILE_PAD, HEADER_PX, CAPTION_PX = 2, 14, 14
+
+
+def overlay(x: Tensor, heat: Tensor, alpha: float = 0.5) -> Tensor:
+    """The CAM [B,1,H,W] in [0,1] coloured with jet over the image."""
+    return (1 - alpha) * x + alpha * jet(heat)
+
+
+def budget_picture(budget: Tensor, eps: float, eps_low: float, like: Tensor) -> Tensor:
+    """Black = eps_low, white = eps; a per-channel (official) map shows in colour."""
+    return ((budget - eps_low) / max(eps - eps_low, 1e-12)).clamp(0, 1).expand_as(like)
+
+
+def perturbation_picture(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    """delta magnified so that +-eps spans the whole range (grey = 0)."""
+    return (0.5 + (x_adv - x) / (2 * eps)).clamp(0, 1)
+
+
+def figure_size(n: int, columns: int, image_size: int, scale: int) -> tuple[int, int]:
+    """(width, height) in pixels of a figure with n rows."""
+    tile = image_size * scale
+    return TILE_PAD + columns * (tile + TILE_PAD), HEADER_PX + n * (tile + CAPTION_PX)
+
+
+def save_grid(
+    path: Path, columns: list[tuple[str, Tensor]], captions: list[str], scale: int
+) -> tuple[int, int]:
+    """Columns of [N,3,H,W] tiles in [0,1] (upscaled `scale` x), a caption under each row."""
+    from PIL import Image, ImageDraw
+
+    n, _, h, _ = columns[0][1].shape
+    width, height = figure_size(n, len(columns), h, scale)
+    tile = h * scale
+    canvas = torch.ones(3, height, width)
+    for j, (_, pictures) in enumerate(columns):
+        big = F.interpolate(pictures.float().cpu(), scale_factor=scale, mode="nearest")
+        left = TILE_PAD + j * (tile + TILE_PAD)
+        for i in range(n):
+            top = HEADER_PX + i * (tile + CAPTION_PX)
+            canvas[:, top : top + tile, left : left + tile] = big[i]
+    image = Image.fromarray((canvas * 255).round().byte().permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(image)
+    for j, (title, _) in enumerate(columns):
+        draw.text((TILE_PAD + j * (tile + TILE_PAD) + 2, 1), title, fill=(0, 0, 0))
+    for i, caption in enumerate(captions):
+        draw.text(
+            (TILE_PAD + 2, HEADER_PX + i * (tile + CAPTION_PX) + tile + 1), caption, fill=(0, 0, 0)
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = Image.registered_extensions()[path.suffix.lower()]
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
+    return width, height
+
+
+@app.command("cam")
+def cam_command(
+    checkpoint: Checkpoint,
+    dataset: DatasetOpt = None,
+    data_dir: DataDir = "data",
+    cache_dir: CacheDir = DEFAULT_CACHE,
+    arch: Arch = None,
+    threat: Threat = "linf",
+    model_dir: ModelDir = "models",
+    cam_layer: CamLayer = None,
+    n_examples: Annotated[
+        int, _opt("The first N test images.", "--n-examples", "--n", min=1, max=4096)
+    ] = 16,
+    cam_method: Annotated[
+        Optional[Literal[CAM_METHODS]], _opt("CAM method (default: the checkpoint's).", "--cam")
+    ] = None,
+    mask_rule: Annotated[
+        Optional[Literal[tuple(MASK_RULES)]], _opt("Mask rule (default: the checkpoint's).")
+    ] = None,
+    compare_rules: Annotated[
+        bool, _opt("Add a budget-map column per rule (zscore, official, random).")
+    ] = False,
+    eps: Annotated[
+        Optional[str], _opt("Full budget, 1/255 levels (default: the checkpoint's, else 8).")
+    ] = None,
+    eps_low: Annotated[
+        Optional[str], _opt("Low budget, 1/255 levels (default: the checkpoint's, else 7).")
+    ] = None,
+    step: Annotated[str, _opt("Attack step, 1/255 levels.")] = "2",
+    steps: Annotated[
+        int, _opt("Attack steps for the PART adversarial example.", min=1, max=10_000)
+    ] = 10,
+    scale: Annotated[int, _opt("Upscaling of every tile.", min=1, max=16)] = 4,
+    out: Annotated[Path, _opt("PNG to write.")] = Path("cams.png"),
+    seed: Seed = 0,
+    device: Device = "auto",
+    threads: Threads = 0,
+):
+    """What PART protects: image, CAM, budget map and a PART adversarial example per row."""
+    with cli_errors():
+        set_threads(threads)
+        from PIL import Image
+
+        if out.is_dir() or out.suffix.lower() not in Image.registered_extensions():
+            raise CliError(f"--out {out} is not an image file name (e.g. cams.png)")
+        check_output_file(out, "--out")
+        dev = pick_device(device)
+        checkpoint, arch = robustbench_source(checkpoint, arch, dataset, threat, model_dir)
+        target = load_for_eval(checkpoint, arch, dev, dataset, data_dir, cache_dir, cam_layer)
+        trained = target.meta.config or TrainConfig()
+        eps_levels = parse_levels(eps, "eps") if eps is not None else trained.eps
+        low_levels = (
+            parse_levels(eps_low, "eps_low")
+            if eps_low is not None
+            else min(trained.eps_low, eps_levels)
+        )
+        setup = AttackSetup.from_levels(
+            eps_levels,
+            parse_levels(step, "step"),
+            low_levels,
+            seed=seed,
+            steps=steps,
+            cam=cam_method or trained.cam,
+            mask_rule=mask_rule or trained.mask_rule,
+        )
+        if n_examples > len(target.test.y):
+            raise CliError(
+                f"--n-examples {n_examples} is more than the {len(target.test.y)} test images"
+            )
+        _cam_figure(target, setup, n_examples, compare_rules, scale, out)
+
+
+def _cam_figure(
+    target: EvalTarget, setup: AttackSetup, n: int, compare_rules: bool, scale: int, out: Path
+) -> None:
+    points = target.test.first(n).to(next(target.model.parameters()).device)
+    x, y, model = to_float(points.x), points.y, target.model
+    torch.manual_seed(setup.seed)
+    low_res = class_activation(model, x, setup.cam)
+    maps = {r: eps_map(low_res, setup.eps, setup.eps_low, r, size=x.shape[-2:]) for r in MASK_RULES}
+    x_adv = pgd(model, x, y, maps[setup.mask_rule], setup.step, setup.steps)
+    with torch.no_grad():
+        pred, adv_pred = model(x).argmax(1), model(x_adv).argmax(1)
+    heat = upsample(low_res, x.shape[-2:]).clamp(0, 1)
+    shown = ("zscore", "official", "random") if compare_rules else (setup.mask_rule,)
+    columns = [("image", x), (setup.cam, overlay(x, heat))]
+    columns += [
+        (f"budget {r}", budget_picture(maps[r], setup.eps, setup.eps_low, x)) for r in shown
+    ]
+    columns += [("PART AE", x_adv), ("delta x eps", perturbation_picture(x_adv, x, setup.eps))]
+    names = points.classes
+    captions = [
+        f"true {names[int(a)]} | pred {names[int(b)]} | adv {names[int(c)]}"
+        for a, b, c in zip(y, pred, adv_pred, strict=True)
+    ]
+    width, height = save_grid(out, columns, captions, scale)
+    shares = {
+        rule: fraction(m == torch.tensor(setup.eps, dtype=m.dtype, device=m.device))
+        for rule, m in maps.items()
+    }
+    console.print(
+        text_table(
+            f"budget maps of {n} images ({setup.cam}, eps {to_levels(setup.eps):g}/255, "
+            f"eps_low {to_levels(setup.eps_low):g}/255)",
+            ("rule", "share at eps", "mean budget (/255)"),
+            [
+                [rule, f"{100 * shares[rule]:.1f}%", f"{to_levels(m.mean().item()):.3f}"]
+                for rule, m in maps.items()
+            ],
+            left=("rule",),
+        )
+    )
+    console.print(f"wrote {out} ({width}x{height} px)", markup=False)
+
+
+# (label, compile, amp, compile mode): is compilation worth it, is bf16, are CUDA graphs on top
+
+
+# ============================================================================ benchmark
+# Pieces of a training step timed interleaved (A B C ... A B C ...), so that a machine
+# whose speed drifts affects every piece alike; medians and quartiles, the PART/AT ratio
+# per round, the first call (compilation) apart, peak memory, and achieved FLOP/s.
+
+# Dense peak TFLOP/s of known GPUs (bf16 with --amp, else TF32, which cuDNN convolutions use).
+PEAK_TFLOPS = {
+    "H100": {"bf16": 989.0, "tf32": 494.7},
+    "H200": {"bf16": 989.0, "tf32": 494.7},
+    "A100": {"bf16": 312.0, "tf32": 156.0},
+}
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """First quartile, median, third quartile (linear interpolation)."""
+    return torch.quantile(
+        torch.tensor(values, dtype=torch.float64),
+        torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64),
+    ).tolist()
+
+
+class PeakMemory:
+    """Peak memory a piece adds: CUDA's allocator statistics, else the process's resident
+    set sampled every millisecond by a thread (Linux /proc; 0 where unavailable)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return 0
+
+    @contextlib.contextmanager
+    def measure(self, into: list):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield
+            torch.cuda.synchronize(self.device)
+            into.append(torch.cuda.max_memory_allocated(self.device) - base)
+            return
+        import threading
+
+        base, peak, stop = self._rss(), [0], threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], self._rss())
+                time.sleep(0.001)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            into.append(max(peak[0], self._rss()) - base)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """Floating-point operations of one call (forward and backward), counted with the
+    formulas of torch.utils.flop_counter (FlopCounterMode's own registry). FlopCounterMode
+    itself tracks modules with backward hooks that torch.autograd.grad, which every attack
+    step calls, does not allow; a plain dispatch mode needs no hooks."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func._overloadpacket in flop_registry:
+                Count.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+            return out
+
+    with Count():
+        fn()
+    return Count.total
+
+
+def bench_pieces(
+    net: nn.Module, parts: TrainingModules, cfg: TrainConfig, x: Tensor, y: Tensor
+) -> dict[str, Callable]:
+    """The pieces of a PART training step on one batch (the same calls training makes)."""
+    setup = AttackSetup.from_config(cfg)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
+    cam_fn = parts.cam or (
+        lambda model, xs, method: class_activation(model, xs, method, check=False)
+    )
+    low_res = class_activation(net, x)
+    budget = budget_for(net, x, setup, part_phase=True)
+
+    def forward():
+        with torch.no_grad(), eval_mode(net):
+            net(x)
+
+    def attack():
+        with autocast(x.device, cfg.amp):
+            pgd(net, x, y, budget, setup.step, cfg.steps, stepper=parts.stepper, check=False)
+
+    return {
+        "forward (eval, no grad)": forward,
+        "CAM (gradcam)": lambda: cam_fn(net, x, "gradcam"),
+        "budget map (zscore)": lambda: eps_map(
+            low_res, setup.eps, setup.eps_low, size=x.shape[-2:], check=False
+        ),
+        f"PGD-{cfg.steps} attack": attack,
+        "AT step": lambda: train_step(parts, optimizer, x, y, cfg, setup, part_phase=False),
+        "PART step": lambda: train_step(parts, optimizer, x, y, cfg, setup, part_phase=True),
+    }
+
+
+def bench_run(
+    model: str,
+    batch_size: int,
+    image_size: int,
+    steps: int,
+    rounds: int,
+    device: torch.device,
+    use_compile: bool,
+    mode: str,
+    amp: bool,
+    peak_tflops: Optional[float],
+) -> dict:
+    """Every piece timed interleaved over `rounds` rounds after one first (compiling) call."""
+    torch.manual_seed(0)
+    net = channels_last(build_model(model, 10, image_size=image_size).to(device))
+    x = torch.rand(batch_size, 3, image_size, image_size, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    cfg = TrainConfig(
+        model=model,
+        steps=steps,
+        amp=amp,
+        compile=use_compile,
+        compile_mode=mode,
+        batch_size=batch_size,
+    )
+    parts = wrap_for_training(net, cfg, ONE_PROCESS, device)
+    eager = bench_pieces(
+        net,
+        wrap_for_training(net, dataclasses.replace(cfg, compile=False), ONE_PROCESS, device),
+        cfg,
+        x,
+        y,
+    )
+    pieces = bench_pieces(net, parts, cfg, x, y)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    memory = PeakMemory(device)
+    first, times, peaks = {}, {k: [] for k in pieces}, {k: [] for k in pieces}
+    for label, fn in pieces.items():
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        first[label] = time.perf_counter() - t0
+    for _ in range(rounds):
+        for label, fn in pieces.items():
+            with memory.measure(peaks[label]):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[label].append(time.perf_counter() - t0)
+    flops = {label: count_flops(fn) for label, fn in eager.items()}
+    name = device_name(device)
+    peak = peak_tflops or next(
+        (v["bf16" if amp else "tf32"] for k, v in PEAK_TFLOPS.items() if k in name), None
+    )
+    results = {}
+    for label in pieces:
+        q1, median, q3 = quartiles(times[label])
+        tflops = flops[label] / median / 1e12
+        results[label] = {
+            "ms_median": 1000 * median,
+            "ms_q1": 1000 * q1,
+            "ms_q3": 1000 * q3,
+            "images_per_s": batch_size / median,
+            "first_call_ms": 1000 * first[label],
+            "peak_memory_mb": max(peaks[label]) / 2**20,
+            "gflop_per_image": flops[label] / batch_size / 1e9,
+            "tflops": tflops,
+            "share_of_peak": tflops / peak if peak else None,
+        }
+    ratios = [p / a for p, a in zip(times["PART step"], times["AT step"], strict=True)]
+    r1, r_median, r3 = quartiles(ratios)
+    return {
+        "model": model,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "steps": steps,
+        "rounds": rounds,
+        "device": name,
+        "compile": use_compile,
+        "compile_mode": mode if use_compile else None,
+        "amp": amp,
+        "peak_tflops": peak,
+        "versions": versions(),
+        "machine": machine(),
+        "results": results,
+        "part_over_at": {"median": r_median, "q1": r1, "q3": r3, "per_round": ratios},
+    }
+
+
+def bench_table(r: dict) -> Table:
+    title = (
+        f"{r['model']}, batch {r['batch_size']}, {r['image_size']} px, {r['device']}, compile "
+        f"{r['compile_mode'] or 'off'}, amp {'on' if r['amp'] else 'off'}, {r['rounds']} interleaved rounds"
+    )
+    headers = (
+        "piece",
+        "ms median",
+        "ms q1-q3",
+        "images/s",
+        "first call ms",
+        "peak MB",
+        "GFLOP/img",
+        "TFLOP/s",
+        "% of peak",
+    )
+    rows = [
+        [
+            label,
+            f"{v['ms_median']:.1f}",
+            f"{v['ms_q1']:.1f}-{v['ms_q3']:.1f}",
+            f"{v['images_per_s']:.0f}",
+            f"{v['first_call_ms']:.0f}",
+            f"{v['peak_memory_mb']:.0f}",
+            f"{v['gflop_per_image']:.2f}",
+            f"{v['tflops']:.3f}",
+            "-" if v["share_of_peak"] is None else f"{100 * v['share_of_peak']:.1f}",
+        ]
+        for label, v in r["results"].items()
+    ]
+    return text_table(title, headers, rows, left=("piece",))
+
+
+GPU_SUITE = (
+    ("eager", False, False, "default"),
+    ("compiled", True, False, "default"),
+    ("compiled + bf16", True, True, "default"),
+    ("compiled + bf16 + CUDA graphs", True, True, "reduce-overhead"),
+)
+
+
+@app.command("bench")
+def bench_command(
+    model: Annotated[str, _opt(f"Architecture: {ARCH_HELP}.")] = "resnet18",
+    batch_size: Annotated[int, _opt("Batch size.", min=2, max=65_536)] = 128,
+    image_size: Annotated[int, _opt("Input side.", min=8, max=MAX_IMAGE_SIZE)] = 32,
+    steps: Annotated[int, _opt("Attack steps (training uses 10).", min=1, max=10_000)] = 10,
+    rounds: Annotated[
+        int,
+        _opt(
+            "Interleaved timing rounds (each piece once per round).", "--rounds", min=1, max=10_000
+        ),
+    ] = 7,
+    device: Device = "auto",
+    compile: Annotated[
+        Optional[bool],
+        _opt(
+            "torch.compile the attack step, CAM and update (default: on with CUDA).",
+            "--compile/--no-compile",
+        ),
+    ] = None,
+    compile_mode: Annotated[Literal[COMPILE_MODES], _opt("torch.compile mode.")] = "default",
+    amp: Annotated[
+        bool, _opt("bf16 autocast for the attack and update (CUDA only).", "--amp/--no-amp")
+    ] = False,
+    peak_tflops: Annotated[
+        Optional[float], _opt("The device's peak TFLOP/s (default: known for H100/H200/A100).")
+    ] = None,
+    suite: Annotated[
+        Optional[Literal["gpu"]],
+        _opt("gpu: eager, compiled, compiled + bf16, + CUDA graphs (ignores --compile/--amp)."),
+    ] = None,
+    json_out: JsonOut = None,
+    threads: Threads = 0,
+):
+    """Time each piece of a PART training step on this machine (random data): medians of
+    interleaved rounds, the PART/AT step ratio, compile time, peak memory, FLOP/s."""
+    with cli_errors():
+        set_threads(threads)
+        check_output_file(json_out, "--json")
+        if peak_tflops is not None and not (math.isfinite(peak_tflops) and peak_tflops > 0):
+            raise CliError(f"--peak-tflops must be a positive number, got {peak_tflops}")
+        dev = pick_device(device)
+        build_model(model, 10)  # an unknown name fails here, before any work
+        if suite == "gpu" and dev.type != "cuda":
+            raise CliError(
+                f"--suite gpu compares compiled, bf16 and CUDA-graph steps: it needs a CUDA device, not {dev.type}"
+            )
+        configs = (
+            GPU_SUITE
+            if suite == "gpu"
+            else (("", compile if compile is not None else dev.type == "cuda", amp, compile_mode),)
+        )
+        runs = []
+        for label, use_compile, use_amp, mode in configs:
+            r = bench_run(
+                model,
+                batch_size,
+                image_size,
+                steps,
+                rounds,
+                dev,
+                use_compile,
+                mode,
+                use_amp,
+                peak_tflops,
+            )
+            r["label"] = label
+            console.print(bench_table(r))
+            ratio = r["part_over_at"]
+            console.print(
+                f"PART step / AT step: {ratio['median']:.3f} (q1-q3 {ratio['q1']:.3f}-{ratio['q3']:.3f}, {rounds} rounds)",
+                markup=False,
+            )
+            runs.append(r)
+        if suite == "gpu":
+            base = runs[0]["results"]["PART step"]["ms_median"]
+            for r in runs[1:]:
+                console.print(
+                    f"{r['label']}: PART step {base / r['results']['PART step']['ms_median']:.2f}x eager",
+                    markup=False,
+                )
+        if json_out is not None:
+            write_json(json_out, runs[0] if len(runs) == 1 else {"suite": suite, "runs": runs})

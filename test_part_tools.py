@@ -1,0 +1,460 @@
+"""Property tests for part_tools.py (report, cam, bench): CPU only, synthetic data.
+
+Run: python -m pytest -q test_part_tools.py (the README's test command runs both files).
+"""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+import part
+import part_tools  # it adds report, cam and bench to part.app
+from test_part import (
+    TINY,
+    _attack_json,
+    _row,
+    fake_ckpt,  # noqa: F401  (a fixture)
+    fake_run,  # noqa: F401  (a fixture)
+    in_terminal,
+    invoke,
+    seeded,
+)
+
+
+@pytest.mark.parametrize("command", ["cam", "bench"])
+def test_the_tools_say_an_unknown_device_in_one_line(fake_run, tmp_path, command):
+    target = [] if command == "bench" else [fake_run / "last.safetensors"]
+    extra = ["--out", tmp_path / "c.png"] if command == "cam" else []
+    for device in ("foo", "gpu"):
+        r = invoke(command, *target, "--device", device, *extra)
+        assert (
+            r.exit_code == 1
+            and f"unknown device '{device}'" in r.stderr
+            and len(r.stderr.strip().splitlines()) == 1
+        )
+
+
+# ---------------------------------------------------------------- comparing runs (report)
+
+
+def _report_file(path, rows, **settings):
+    """An `attack --json` report as `attack` writes it, with made-up figures."""
+    checkpoints = [
+        {
+            "path": f"runs/{method}-s{seed}/last.safetensors",
+            "n_examples": 1000,
+            "dataset": "cifar10",
+            "eps_levels": 8.0,
+            "seed": 0,
+            "accuracy": accuracy,
+            "config": dataclasses.asdict(
+                part.TrainConfig(method=method, seed=seed, out=f"runs/{method}-s{seed}", **settings)
+            ),
+        }
+        for method, seed, accuracy in rows
+    ]
+    path.write_text(json.dumps({"checkpoints": checkpoints}))
+    return path
+
+
+def test_report_gives_mean_std_and_the_seed_paired_difference_a_hand_computation_gives(tmp_path):
+    a = [
+        ("part", 0, {"natural": 0.52, "pgd20": 0.30, "worst": 0.26}),
+        ("part", 1, {"natural": 0.55, "pgd20": 0.29, "worst": 0.25}),
+    ]
+    b = [
+        ("at", 0, {"natural": 0.50, "pgd20": 0.31, "worst": 0.27}),
+        ("at", 1, {"natural": 0.51, "pgd20": 0.30, "worst": 0.25}),
+    ]
+    _report_file(tmp_path / "a.json", a)
+    _report_file(tmp_path / "b.json", b)
+    r = invoke(
+        "report",
+        tmp_path / "a.json",
+        tmp_path / "b.json",
+        "--compare",
+        "method=part",
+        "method=at",
+        "--json",
+        tmp_path / "r.json",
+        "--markdown",
+        tmp_path / "r.md",
+        "--csv",
+        tmp_path / "r.csv",
+        "--plot",
+        tmp_path / "tradeoff.png",
+    )
+    assert r.exit_code == 0, r.stderr
+    out = json.loads((tmp_path / "r.json").read_text())
+    groups = {g["label"]: g for g in out["groups"]}
+    assert set(groups) == {"method=part", "method=at"} and groups["method=part"]["seeds"] == [0, 1]
+    nat = groups["method=part"]["stats"]["natural"]
+    assert (
+        nat["mean"] == pytest.approx(0.535)
+        and nat["std"] == pytest.approx(math.sqrt(2 * 0.015**2))
+        and nat["n"] == 2
+    )
+    d = out["comparison"]["columns"]["natural"]
+    diffs = [0.52 - 0.50, 0.55 - 0.51]
+    mean, sd = sum(diffs) / 2, math.sqrt(sum((v - 0.03) ** 2 for v in diffs))
+    assert d["mean"] == pytest.approx(mean) and d["std"] == pytest.approx(sd)
+    assert d["ci95"] == pytest.approx(
+        [mean - 12.706 * sd / math.sqrt(2), mean + 12.706 * sd / math.sqrt(2)]
+    )
+    assert d["distinguishable"] is False and "NOT distinguishable from zero" in r.stdout
+    assert (
+        "method=part" in (tmp_path / "r.md").read_text()
+        and (tmp_path / "tradeoff.png").stat().st_size > 1000
+    )
+    assert "53.50 ± 2.12" in (tmp_path / "r.md").read_text()
+
+
+def test_report_compares_new_arms_measured_with_fewer_attacks_on_their_common_columns_and_reads_old_configs(
+    tmp_path,
+):
+    old = [
+        (
+            "part",
+            s,
+            {"natural": 0.42 + s / 100, "pgd20": 0.25, "cw20": 0.21, "aa": 0.20, "worst": 0.20},
+        )
+        for s in (0, 1, 2)
+    ]
+    new = [
+        ("part", s, {"natural": 0.40 + s / 100, "pgd20": 0.26, "cw20": 0.22, "worst": 0.22})
+        for s in (0, 1, 2)
+    ]
+    _report_file(tmp_path / "old.json", old)
+    added = set(
+        part_tools.SETTINGS_ADDED_IN_0_5
+    )  # written by part 0.4: no optimizer, schedule, ... keys
+    report = json.loads((tmp_path / "old.json").read_text())
+    for row in report["checkpoints"]:
+        row["config"] = {k: v for k, v in row["config"].items() if k not in added}
+    (tmp_path / "old.json").write_text(json.dumps(report))
+    _report_file(tmp_path / "new.json", new, mask_rule="inverse")
+    r = invoke(
+        "report",
+        tmp_path / "old.json",
+        tmp_path / "new.json",
+        "--compare",
+        "mask_rule=zscore",
+        "mask_rule=inverse",
+        "--json",
+        tmp_path / "r.json",
+    )
+    assert r.exit_code == 0, r.stderr
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert {g["label"] for g in out["groups"]} == {
+        "mask_rule=zscore",
+        "mask_rule=inverse",
+    }  # only the rule differs
+    columns = out["comparison"]["columns"]
+    assert set(columns) == {
+        "natural",
+        "pgd20",
+        "cw20",
+    }  # aa only in one; worst is over different attacks
+    assert columns["natural"]["mean"] == pytest.approx(0.02) and columns["pgd20"][
+        "mean"
+    ] == pytest.approx(-0.01)
+    _report_file(tmp_path / "other.json", [(m, s, f) for m, s, f in new], mask_rule="random")
+    report = json.loads((tmp_path / "other.json").read_text())
+    for row in report["checkpoints"]:
+        row["n_examples"] = 500
+    (tmp_path / "other.json").write_text(json.dumps(report))
+    r = invoke(
+        "report",
+        tmp_path / "old.json",
+        tmp_path / "other.json",
+        "--compare",
+        "mask_rule=zscore",
+        "mask_rule=random",
+    )
+    assert r.exit_code == 1 and "were measured differently" in r.stderr
+
+
+def test_report_groups_at_runs_whatever_their_part_only_settings_hold(tmp_path):
+    figures = {"natural": 0.5, "worst": 0.2}
+    _report_file(
+        tmp_path / "zscore.json", [("part", 0, figures), ("at", 0, figures)], mask_rule="zscore"
+    )
+    _report_file(
+        tmp_path / "uniform.json",
+        [("part", 0, figures), ("at", 1, figures)],
+        mask_rule="uniform",
+        cam="layercam",
+    )
+    r = invoke(
+        "report", tmp_path / "zscore.json", tmp_path / "uniform.json", "--json", tmp_path / "r.json"
+    )
+    assert r.exit_code == 0, r.stderr
+    groups = {
+        g["label"]: g["seeds"] for g in json.loads((tmp_path / "r.json").read_text())["groups"]
+    }
+    assert groups == {
+        "method=part, cam=gradcam, mask_rule=zscore": [0],
+        "method=at": [0, 1],
+        "method=part, cam=layercam, mask_rule=uniform": [0],
+    }
+
+
+def test_report_refuses_groups_that_cannot_be_paired(tmp_path):
+    _report_file(tmp_path / "a.json", [("part", 0, {"natural": 0.5, "worst": 0.2})])
+    _report_file(tmp_path / "b.json", [("at", 1, {"natural": 0.5, "worst": 0.2})])
+    r = invoke(
+        "report", tmp_path / "a.json", tmp_path / "b.json", "--compare", "method=part", "method=at"
+    )
+    assert r.exit_code == 1 and "share no seed" in r.stderr
+    r = invoke(
+        "report", tmp_path / "a.json", tmp_path / "b.json", "--compare", "method=mart", "method=at"
+    )
+    assert r.exit_code == 1 and "matches 0 groups" in r.stderr
+
+
+def test_report_reads_run_folders_too(tmp_path):
+    assert invoke("train", *TINY, "--out", tmp_path / "run").exit_code == 0
+    r = invoke("report", tmp_path / "run")
+    assert r.exit_code == 0 and "training-time PGD-20" in r.stdout
+
+
+def test_report_skips_what_is_not_a_run_or_an_attack_report_with_one_note(tmp_path):
+    for seed in (0, 1):
+        folder = tmp_path / f"at-s{seed}"
+        folder.mkdir()
+        cfg = dataclasses.asdict(part.TrainConfig(seed=seed, method="at", epochs=1))
+        (folder / "config.json").write_text(json.dumps({"config": cfg}))
+        (folder / "metrics.jsonl").write_text(
+            json.dumps({"epoch": 1, "natural": 0.5 + seed / 10, "pgd20": 0.2}) + "\n"
+        )
+    (tmp_path / "report.md").write_text("| a |")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "summary.json").write_text(json.dumps({"groups": []}))
+    paths = sorted(tmp_path.iterdir())
+    for _ in range(2):  # the second time its own report.md/json sit in the glob too
+        r = invoke(
+            "report",
+            *paths,
+            "--markdown",
+            tmp_path / "report.md",
+            "--json",
+            tmp_path / "summary.json",
+        )
+        assert r.exit_code == 0, r.output
+        assert "skipped 3 path(s)" in r.output and "55.00 ± 7.07" in r.output
+    assert invoke("report", tmp_path / "report.md").exit_code == 1
+
+
+def test_report_compares_only_what_is_comparable(tmp_path):
+    a = _attack_json(
+        tmp_path / "a.json",
+        [
+            _row(0, {"natural": 0.5, "pgd20": 0.2, "worst": 0.2}),
+            _row(1, {"natural": 0.6, "pgd20": 0.3, "worst": 0.3}),
+        ],
+    )
+    b = _attack_json(tmp_path / "b.json", [_row(2, {"natural": 0.5, "pgd50": 0.1, "worst": 0.1})])
+    r = invoke("report", a, b, "--json", tmp_path / "out.json")
+    assert r.exit_code == 0, r.stderr
+    groups = json.loads((tmp_path / "out.json").read_text())["groups"]
+    assert sorted(len(g["seeds"]) for g in groups) == [
+        1,
+        2,
+    ]  # other attacks: another group, never pooled
+    for name, accuracy, seed in (
+        ("nan", {"natural": math.nan, "worst": 0.1}, 0),
+        ("500", {"natural": 5.0, "worst": 0.1}, 0),
+        ("seed", {"natural": 0.5, "worst": 0.1}, "1"),
+    ):
+        row = _row(0, accuracy)
+        row["config"]["seed"] = seed
+        r = invoke("report", _attack_json(tmp_path / f"{name}.json", [row]))
+        assert r.exit_code == 1 and (
+            "fractions in [0, 1]" in r.stderr or "not an integer" in r.stderr
+        ), (name, r.stderr)
+    r = invoke("report", a, _attack_json(tmp_path / "empty.json", []))
+    assert r.exit_code == 0 and "evaluated no checkpoint" in r.stderr
+    r = invoke("report", a, "--compare", "method=part", "method=part")
+    assert r.exit_code == 1 and "twice" in r.stderr
+    for seed, epochs_done in (
+        (0, 4),
+        (1, 1),
+    ):  # a run killed after epoch 1 of 4 is left out, and said
+        folder = tmp_path / f"run{seed}"
+        folder.mkdir()
+        (folder / "config.json").write_text(
+            json.dumps({"config": dataclasses.asdict(part.TrainConfig(seed=seed, epochs=4))})
+        )
+        (folder / "metrics.jsonl").write_text(
+            "".join(
+                json.dumps({"epoch": e + 1, "natural": 0.5, "pgd20": 0.2}) + "\n"
+                for e in range(epochs_done)
+            )
+        )
+    r = invoke("report", tmp_path / "run0", tmp_path / "run1")
+    assert r.exit_code == 0 and "left out 1 unfinished run" in r.stderr and "run1" in r.stderr
+
+
+# ---------------------------------------------------------------- CAM figures (cam)
+
+
+def test_the_cam_figure_has_the_expected_size_and_reports_each_rule(fake_run, tmp_path):
+    out = tmp_path / "cams.png"
+    import numpy as np
+    from PIL import Image
+
+    r = invoke(
+        "cam",
+        fake_run / "best.safetensors",
+        "--n",
+        5,
+        "--compare-rules",
+        "--scale",
+        3,
+        "--out",
+        out,
+    )
+    assert r.exit_code == 0, r.output
+
+    with Image.open(out) as im:
+        assert (
+            im.size == part_tools.figure_size(5, 7, 32, 3) == (2 + 7 * (96 + 2), 14 + 5 * (96 + 14))
+        )
+        pixels = torch.from_numpy(np.asarray(im).copy()).float()
+    assert pixels.std() > 20  # a picture, not a blank page
+    for rule in part.MASK_RULES:
+        assert rule in r.stdout
+    assert "share at eps" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--step", "-5"], "--step must be"),
+        (["--step", "nan"], "finite"),
+        (["--eps", "1000"], "larger than the whole"),
+        (["--device", "foo"], "unknown device 'foo'"),
+        (["--seed", "99999999999999999999999"], "Invalid value for '--seed'"),
+    ],
+)
+def test_cam_refuses_bad_budgets_and_devices(fake_run, tmp_path, args, message):
+    r = invoke("cam", fake_run / "last.safetensors", "--n", 2, "--out", tmp_path / "c.png", *args)
+    assert r.exit_code != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (
+        r.stderr
+    )
+
+
+def test_cam_refuses_an_output_that_is_not_an_image_file_and_keeps_what_is_there(
+    fake_ckpt, tmp_path
+):
+    for out in (tmp_path, tmp_path / "cams.txt"):
+        r = invoke("cam", fake_ckpt, "--n", 2, "--out", out)
+        assert r.exit_code == 1 and "not an image file name" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cam_draws_from_a_model_folder_as_from_its_checkpoint(fake_ckpt, tmp_path):
+    assert invoke("export", fake_ckpt, "--format", "hf", "--out", tmp_path / "hf").exit_code == 0
+    assert (
+        invoke("cam", tmp_path / "hf", "--n-examples", 4, "--out", tmp_path / "cam.png").exit_code
+        == 0
+    )
+    assert (tmp_path / "cam.png").stat().st_size > 0
+
+
+def test_report_and_cam_in_a_terminal(fake_ckpt, tmp_path):
+    r = invoke(
+        "attack",
+        fake_ckpt,
+        "--attacks",
+        "natural,pgd2",
+        "--n-examples",
+        16,
+        "--json",
+        tmp_path / "r.json",
+    )
+    assert r.exit_code == 0, r.stderr
+    code, screen = in_terminal("cam", fake_ckpt, "--n-examples", 4, "--out", tmp_path / "cams.png")
+    assert code == 0 and (tmp_path / "cams.png").stat().st_size > 0, screen[-2000:]
+    (tmp_path / "export").mkdir()
+    code, screen = in_terminal(
+        "report", tmp_path / "r.json", tmp_path / "export"
+    )  # the folder is skipped, said once
+    assert code == 0 and "skipped 1 path" in screen and "natural" in screen, screen[-2000:]
+
+
+# ---------------------------------------------------------------- benchmark (bench)
+
+
+def test_the_bench_command_times_every_piece(tmp_path):
+    r = invoke(
+        "bench",
+        "--model",
+        "cnn",
+        "--batch-size",
+        4,
+        "--rounds",
+        1,
+        "--steps",
+        1,
+        "--json",
+        tmp_path / "b.json",
+    )
+    assert r.exit_code == 0, r.output
+    results = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert len(results) == 6 and all(v["images_per_s"] > 0 for v in results.values())
+
+
+def test_bench_interleaves_the_pieces_and_reports_ratio_memory_and_flops(tmp_path):
+    r = invoke(
+        "bench",
+        "--model",
+        "cnn",
+        "--batch-size",
+        4,
+        "--rounds",
+        3,
+        "--steps",
+        2,
+        "--json",
+        tmp_path / "b.json",
+    )
+    assert r.exit_code == 0, r.output
+    info = json.loads((tmp_path / "b.json").read_text())
+    results = info["results"]
+    assert len(results) == 6 and all(
+        v["ms_q1"] <= v["ms_median"] <= v["ms_q3"] for v in results.values()
+    )
+    assert len(info["part_over_at"]["per_round"]) == 3 and info["part_over_at"]["median"] > 0
+    forward = results["forward (eval, no grad)"]["gflop_per_image"]
+    assert forward == pytest.approx(
+        part_tools.count_flops(lambda: seeded()(torch.rand(1, 3, 32, 32))) / 1e9
+    )
+    assert results["PGD-2 attack"]["gflop_per_image"] == pytest.approx(
+        4 * forward, rel=0.05
+    )  # 2 x (forward + input gradient)
+    assert all(v["first_call_ms"] > 0 and v["peak_memory_mb"] >= 0 for v in results.values())
+    assert info["versions"]["torch"] == torch.__version__ and info["compile"] is False
+
+
+def test_bench_checks_its_options_before_the_work(tmp_path):
+    r = invoke(
+        "bench",
+        "--model",
+        "cnn",
+        "--batch-size",
+        4,
+        "--rounds",
+        1,
+        "--steps",
+        1,
+        "--json",
+        tmp_path / "new" / "b.json",
+    )
+    assert r.exit_code == 0 and (tmp_path / "new" / "b.json").is_file()
+    r = invoke("bench", "--suite", "gpu", "--device", "cpu")
+    assert r.exit_code == 1 and "needs a CUDA device" in r.stderr
