@@ -311,9 +311,14 @@ def threads_text(n: int) -> str:
 
 
 def machine() -> dict[str, Any]:
-    """Where a result was computed, stored beside the versions: the CPU and PyTorch's thread
-    count (CPU results are bit-exact only at the same count)."""
-    return {"cpu": cpu_model(), "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+    """Where a result was computed, stored beside the versions: the CPU, PyTorch's thread
+    count (CPU results are bit-exact only at the same count) and the number of processes."""
+    return {
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "processes": dist_from_env().world,
+    }
 
 
 # ============================================================================ files
@@ -679,6 +684,15 @@ def all_sum(t: Tensor, dist: Dist) -> Tensor:
     if dist.world > 1:
         torch.distributed.all_reduce(t)
     return t
+
+
+def same_buffers(model: Optional[nn.Module], dist: Dist) -> None:
+    """Every process takes rank 0's buffers (BatchNorm statistics, which each process
+    updates on its own shard): the epoch's figures, `best` and the saved weights are then
+    of one model, the one rank 0 saves, and a resumed run starts where every process was."""
+    if model is not None and dist.world > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
 
 
 # ============================================================================ data
@@ -2646,6 +2660,8 @@ def train_epoch(run: Run, epoch: int) -> dict:
                         say_cpu_estimate(run, epoch, (steady[0] - t0) / (i + 1) * len(batches))
     end, local_images = time.perf_counter(), totals[2].item()
     t = all_sum(totals, dist).tolist()
+    same_buffers(run.parts.model, dist)
+    same_buffers(run.ema, dist)
     if not math.isfinite(t[0]):
         raise FloatingPointError
     phase = "PART" if part_phase else ("warm-up" if cfg.method == "part" else "AT")
@@ -4014,60 +4030,41 @@ def resume_command(folder: Path) -> str:
 
 
 def check_out_dir(files: RunFiles, resume: bool) -> None:
-    """Under the folder's lock (check_output_folder made it): a run to resume, or none to overwrite."""
-    out = files.folder
-    if resume and not (files.state.is_file() or files.config.is_file()):
-        raise CliError(
-            f"cannot resume: {out} holds no run (no {files.state.name} or {files.config.name})"
-        )
+    """Under the folder's lock (check_output_folder made it): without --resume, no run to
+    overwrite."""
     if not resume and files.present():
         raise CliError(
-            f"{out} already holds a run ({files.present()[0].name}); pass --resume to continue it, or choose another --out"
+            f"{files.folder} already holds a run ({files.present()[0].name}); pass --resume to "
+            "continue it, or choose another --out"
         )
 
 
-def with_way_forward(files: RunFiles, problem: str) -> str:
-    """A lost or damaged resume state, and the way on when last.safetensors is intact."""
+def cannot_continue(files: RunFiles, problem: str) -> str:
+    """A lost or damaged resume state: the run cannot continue exactly; its weights can
+    start a new one."""
     done = _epoch_of(files.last)
     if not done:
         return problem
     return (
-        f"{problem}; {files.last.name} holds epoch {done}: `{resume_command(files.folder)} "
-        "--from-last` continues from its weights (not bit-identical: the optimizer's momentum starts again)"
+        f"{problem}; {files.last.name} holds epoch {done}: start a new --out with "
+        f"--init {files.last} to train on from its weights"
     )
 
 
-def last_checkpoint_meta(files: RunFiles) -> CheckpointMeta:
-    """The metadata of a run's last.safetensors (for --from-last)."""
-    _, metadata, _ = read_safetensors(files.last)
-    meta = CheckpointMeta.from_metadata(metadata, files.last)
-    if meta.config is None or not meta.epoch:
-        raise CliError(f"{files.last} holds no finished epoch of a run; nothing to continue from")
-    return meta
-
-
-def stored_config(files: RunFiles, from_last: bool = False) -> tuple[TrainConfig, str]:
-    """A run's own config and preset: from its resume state (or from last.safetensors with
-    --from-last), or config.json when no epoch finished."""
-    if from_last:
-        meta = last_checkpoint_meta(files)
-        return meta.config, meta.preset or meta.config.dataset
+def stored_config(files: RunFiles) -> tuple[TrainConfig, str]:
+    """A run's own config and preset: from its resume state, or config.json when no epoch
+    finished."""
     if files.state.is_file():
         try:
             _, metadata, _ = read_safetensors(files.state)
             meta = CheckpointMeta.from_metadata(json.loads(metadata["checkpoint"]), files.state)
-        except (
-            RecursionError,
-            KeyError,
-            ValueError,
-            TypeError,
-        ) as e:  # CliError too: it is a ValueError
+        except (RecursionError, KeyError, ValueError, TypeError) as e:  # CliError is a ValueError
             text = (
                 str(e)
                 if isinstance(e, CliError)
                 else f"{files.state}: not a resume state of this version of part ({first_line(e)})"
             )
-            raise CliError(with_way_forward(files, text)) from None
+            raise CliError(cannot_continue(files, text)) from None
         if meta.config is None:
             raise CliError(f"{files.state} holds no config; the run cannot resume")
         return meta.config, meta.preset or meta.config.dataset
@@ -4086,43 +4083,40 @@ def resume_config(
     overrides: dict[str, Any],
     preset: Optional[str] = None,
     presets_file: Optional[Path] = None,
-    from_last: bool = False,
     config_file: Optional[Path] = None,
 ) -> tuple[TrainConfig, str]:
     """The run's own config. The command that started it may be given again (a pre-empted
-    job reruns its own command line): a setting or preset it repeats must equal the run's;
-    only a different value is refused, by name. Settings that do not change what is
-    computed (device, data location, threads, more epochs, ...) may change."""
-    cfg, run_preset = stored_config(files, from_last)
+    job reruns its own command line): a setting it repeats, from an option, --config or
+    --preset, must equal the run's; only a different value is refused, by name. Settings
+    that do not change what is computed (device, data location, threads, more epochs, ...)
+    are taken from an option, the --config file or a given --preset alike."""
+    cfg, run_preset = stored_config(files)
     values = dataclasses.asdict(cfg)
     given = {k: coerce(k, v, "command line") for k, v in overrides.items() if v is not None}
-    said, origins = (
-        dict(given),
-        {},
-    )  # what this command line says about each setting, and where from
-    if preset is not None or presets_file is not None or config_file is not None:
-        from_preset, asked_preset, origins = preset_settings(
-            preset, presets_file, given.get("dataset", cfg.dataset), config_file
+    said, origins = {}, {}  # what the files named here say about each setting, and where from
+    if preset is not None or presets_file is not None:
+        said, asked, origins = preset_settings(
+            preset or run_preset, presets_file, given.get("dataset", cfg.dataset), config_file
         )
-        if preset is not None and asked_preset != run_preset:
+        if asked != run_preset:
             raise CliError(
                 f"--preset {preset}: this run was started from preset {run_preset!r}; "
                 f"resume it with --preset {run_preset} or without --preset"
             )
-        said = {**from_preset, **given}
-    for key, value in said.items():
+        if preset is None:  # --presets alone: the run's preset is compared, not applied
+            said = {k: v for k, v in said.items() if origins[k] == str(config_file)}
+    elif config_file is not None:
+        said = read_settings_file(config_file)[0]
+        origins = dict.fromkeys(said, str(config_file))
+    for key, value in {**said, **given}.items():
         if CONFIG_FIELDS[key].metadata["on_resume"]:
-            if key in given:
-                values[key] = value
+            values[key] = value
         elif value != values.get(key):
-            origin = (
-                ""
-                if key in given
-                else f" (from {origins.get(key, f'preset {preset or run_preset}')})"
-            )
+            origin = "" if key in given else f" (from {origins[key]})"
             raise CliError(
-                f"--{key.replace('_', '-')} {value!r}{origin} differs from the run's own {values.get(key)!r}: "
-                "a resumed run keeps its settings (drop the option, or start a new --out)"
+                f"--{key.replace('_', '-')} {value!r}{origin} differs from the run's own "
+                f"{values.get(key)!r}: a resumed run keeps its settings (drop the option, or "
+                "start a new --out)"
             )
     values["out"] = str(files.folder)
     cfg = TrainConfig(**values)
@@ -4202,8 +4196,8 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
         if device.type != "cuda":
             raise CliError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.init and not resume:  # a resumed run's weights come from its own files
-        load_init(model, cfg, len(train.classes))
+    if cfg.init and not (resume and files.state.is_file()):  # else the run's own weights
+        load_init(model, cfg, len(train.classes))  # also a run stopped before its first epoch
     if cfg.method == "part" and cfg.mask_rule not in NO_CAM_RULES:
         check_cam_layer(model, to_float(train.x[:2]).to(device), cfg)
     optimizer = make_optimizer(model, cfg)
@@ -4235,27 +4229,21 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
     )
     if cfg.ema:
         run.ema = copy.deepcopy(model).requires_grad_(False).eval()
-    done = _epoch_of(files.last) if resume is True and not files.state.is_file() else None
-    if (
-        done
-    ):  # a run without its resume state would start again at epoch 1 and overwrite later epochs
+    # a run without its resume state would start again at epoch 1 and overwrite later epochs
+    if resume and not files.state.is_file() and _epoch_of(files.last):
         raise CliError(
-            with_way_forward(
+            cannot_continue(
                 files,
                 f"{files.state} is missing: the run cannot continue exactly (its optimizer "
                 "state is gone)",
             )
         )
     saved = None
-    if resume == "last":
-        saved, run.history = continue_from_last(files, model)
-        if run.ema is not None:
-            run.ema.load_state_dict(model.state_dict())
-    elif resume and files.state.is_file():
+    if resume and files.state.is_file():
         try:
             saved, run.history = load_resume_state(files.state, model, optimizer, run.ema)
         except CliError as e:
-            raise CliError(with_way_forward(files, str(e))) from None
+            raise CliError(cannot_continue(files, str(e))) from None
     if saved is not None:
         if cfg.epochs < (saved.epoch or 0):
             raise CliError(
@@ -4273,6 +4261,13 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
                 f"note: the run used {threads_text(before)}, this resume {now}: it continues exactly, but floating-point "
                 f"sums may round differently, so the weights will not be bit-identical to an uninterrupted run "
                 f"(--threads {before} keeps them so)"
+            )
+        before = saved.machine.get("processes", 1)
+        if dist.main and before != dist.world:
+            note(
+                f"note: the run used {before} process{'es' * (before != 1)}, this resume {dist.world}: "
+                "each process takes another share of every batch, so the weights will not be "
+                f"bit-identical to an uninterrupted run (--nproc {before} keeps them so)"
             )
         run.history = [r for r in run.history if r["epoch"] <= run.start]
         if dist.main:
@@ -4292,31 +4287,6 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
         )
         run.trackers = open_trackers(cfg, files, preset)
     return run
-
-
-def continue_from_last(files: RunFiles, model: nn.Module) -> tuple[CheckpointMeta, list[dict]]:
-    """--from-last: the weights, epoch, best and history of last.safetensors when the resume
-    state is missing or damaged. The optimizer's momentum starts again, so the run is close
-    to, not identical with, an uninterrupted one (said)."""
-    meta = last_checkpoint_meta(files)
-    state, _, _ = read_safetensors(files.last)
-    load_state_into(model, state, meta.arch, files.last)
-    try:
-        rows = [json.loads(line) for line in files.metrics.read_text().splitlines() if line.strip()]
-        history = [
-            r
-            for r in rows
-            if isinstance(r, dict) and isinstance(r.get("epoch"), int) and r["epoch"] <= meta.epoch
-        ]
-    except (RecursionError, OSError, ValueError):
-        history = []
-    if [r["epoch"] for r in history] != list(range(1, meta.epoch + 1)):
-        history = [meta.metrics] if meta.metrics else []
-    note(
-        f"note: continuing from {files.last} (epoch {meta.epoch}) without the resume state: the optimizer's momentum "
-        "starts again, so the weights will be close to, not identical with, an uninterrupted run's"
-    )
-    return meta, history
 
 
 def check_cam_layer(model: nn.Module, x: Tensor, cfg: TrainConfig) -> None:
@@ -4611,7 +4581,7 @@ def fit(
     *,
     preset: Optional[str] = None,
     out: str | Path | None = None,
-    resume: bool | str = False,
+    resume: bool = False,
     presets: str | Path | None = None,
     config_file: str | Path | None = None,
     **settings: Any,
@@ -4622,11 +4592,10 @@ def fit(
     configs.toml), on top of `config_file` (a run's config.json, or a TOML/JSON table of
     settings), on top of `preset` (default: the dataset's own) from configs.toml and the
     user's `presets` file. `out`: the run folder, made if missing (default
-    runs/<preset>-<method>-<timestamp>). `resume=True` continues the run in `out` (an
-    error if there is none); `resume="auto"` starts it, or continues it when `out` already
-    holds one, so that the same call works again after an interruption; `resume="last"`
-    continues from last.safetensors when the resume state is lost (not bit-exact). Bad
-    settings raise ValueError with the message the command line prints."""
+    runs/<preset>-<method>-<timestamp>). `resume=True` starts the run in `out`, or
+    continues it exactly where it stopped when `out` already holds one, so that the same
+    call works again after an interruption. Bad settings raise ValueError with the message
+    the command line prints."""
     values = dataclasses.asdict(config) if isinstance(config, TrainConfig) else dict(config or {})
     values.update(settings)
     if out is not None:
@@ -4634,20 +4603,17 @@ def fit(
     for key in values:
         if key not in CONFIG_FIELDS:
             raise unknown("setting", key, CONFIG_FIELDS)
-    if resume not in (True, False, "auto", "last"):
-        raise CliError(f"resume must be True, False, 'auto' or 'last', got {resume!r}")
+    if not isinstance(resume, bool):
+        raise CliError(f"resume must be True or False, got {resume!r}")
     dist = dist_from_env()
     if resume and not values.get("out"):
-        raise CliError("--resume needs --out DIR, the run folder to continue")
+        raise CliError("--resume needs --out DIR, the run folder to start or continue")
     given = RunFiles(Path(values["out"])) if values.get("out") else None
-    if resume == "auto":
-        resume = given.state.is_file() or given.config.is_file()
+    resume = resume and (given.state.is_file() or given.config.is_file())  # else it starts
     presets_path = Path(presets) if presets is not None else None
     config_path = Path(config_file) if config_file is not None else None
     if resume:
-        cfg, preset_name = resume_config(
-            given, values, preset, presets_path, resume == "last", config_path
-        )
+        cfg, preset_name = resume_config(given, values, preset, presets_path, config_path)
     else:
         cfg, preset_name = resolve_config(values, preset, presets_path, config_path)
         init = init_path(cfg)
@@ -6042,21 +6008,30 @@ class TrainCommand(KeepsArgs):
         return super().parse_args(ctx, args)
 
 
+def recorded_processes(config: Path) -> int:
+    """The process count a run's config.json records (1 for any other settings file; a file
+    that cannot be read is said by the run itself)."""
+    try:
+        return max(1, int(json.loads(config.read_text())["machine"]["processes"]))
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return 1
+
+
 def train_command(
     preset: Optional[str] = None,
     presets: Optional[Path] = None,
     config: Optional[Path] = None,
     resume: bool = False,
-    auto_resume: bool = False,
-    from_last: bool = False,
-    nproc: int = 1,
+    nproc: Optional[int] = None,
     **settings,
 ):
     """Train a PART (or plain AT) model; writes checkpoints, metrics, summary.csv and curves.png.
 
     Settings: built in < the preset (configs.toml, --presets) < --config < the options given here. Launch with
     --nproc N (or torchrun) for several GPUs/processes: --batch-size stays the global batch."""
-    if nproc > 1:
+    if nproc is None and config is not None and dist_from_env().world == 1:
+        nproc = recorded_processes(config)  # a run's config.json re-runs it as it ran
+    if (nproc or 1) > 1:
         with cli_errors():
             code = run_processes(nproc, settings.get("device") or "auto")
         raise typer.Exit(code)
@@ -6065,14 +6040,7 @@ def train_command(
     )  # a scheduler's stop is handled like Ctrl-C
     try:
         with cli_errors():
-            if resume and auto_resume:
-                raise CliError(
-                    "give --resume (continue a run) or --auto-resume (start or continue), not both"
-                )
-            if from_last and not resume:
-                raise CliError("--from-last goes with --resume")
-            mode = "auto" if auto_resume else "last" if from_last else resume
-            fit(None, preset=preset, presets=presets, config_file=config, resume=mode, **settings)
+            fit(None, preset=preset, presets=presets, config_file=config, resume=resume, **settings)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -6124,34 +6092,10 @@ train_command.__signature__ = inspect.Signature(
             annotation=Annotated[
                 bool,
                 _opt(
-                    "Continue the run in --out exactly where it stopped. Its settings stay its own: options and a --preset that "
-                    "repeat them are accepted, a different value is refused (where/how fast, --epochs and --threads may change).",
-                    rich_help_panel="Presets",
-                ),
-            ],
-        ),
-        inspect.Parameter(
-            "auto_resume",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=False,
-            annotation=Annotated[
-                bool,
-                _opt(
-                    "Start the run in --out, or continue it if --out already holds one: one command line for a job that is "
-                    "pre-empted and rerun.",
-                    rich_help_panel="Presets",
-                ),
-            ],
-        ),
-        inspect.Parameter(
-            "from_last",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=False,
-            annotation=Annotated[
-                bool,
-                _opt(
-                    "With --resume, when the resume state is missing or damaged: continue from last.safetensors (its weights, "
-                    "epoch and history; the optimizer's momentum starts again, so not bit-identical).",
+                    "Start the run in --out, or continue it exactly where it stopped if --out holds one: one "
+                    "command line for a job that is stopped and run again. A continued run keeps its settings: "
+                    "options, --config and --preset that repeat them are accepted, a different value is refused "
+                    "(where/how fast, --epochs and --threads may change).",
                     rich_help_panel="Presets",
                 ),
             ],
@@ -6159,8 +6103,16 @@ train_command.__signature__ = inspect.Signature(
         inspect.Parameter(
             "nproc",
             inspect.Parameter.KEYWORD_ONLY,
-            default=1,
-            annotation=Annotated[int, _opt(NPROC_HELP, min=1, max=1024, rich_help_panel=RUN)],
+            default=None,
+            annotation=Annotated[
+                Optional[int],
+                _opt(
+                    NPROC_HELP + " [default: 1, or the count a --config run file records]",
+                    min=1,
+                    max=1024,
+                    rich_help_panel=RUN,
+                ),
+            ],
         ),
         *(
             _config_option(name, field)
