@@ -245,7 +245,7 @@ def check_budget_levels(
 # ============================================================================ console
 # Tables keep their columns in logs and pipes too (rich would assume 80 columns there).
 
-# markup=False: what we print holds user text (paths, class names, group labels) that rich
+# markup=False, set once here: what we print holds user text (paths, class names, group labels) that rich
 # would read as markup ("runs/[x]/best" lost its "[x]", "[/]" raised MarkupError).
 console = Console(
     highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 200
@@ -255,7 +255,7 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False
 
 def note(message: str) -> None:
     """A one-line notice on stderr (never markup: paths may hold brackets)."""
-    err_console.print(message, markup=False)
+    err_console.print(message)
 
 
 @contextlib.contextmanager
@@ -1886,22 +1886,22 @@ def cam_from(acts: Tensor, grads: Tensor, method: str) -> Tensor:
 
 
 def class_activation(
-    model: nn.Module,
-    x: Tensor,
-    method: str = "gradcam",
-    target: Optional[Tensor] = None,
-    *,
-    check: bool = True,
+    model: nn.Module, x: Tensor, method: str = "gradcam", target: Optional[Tensor] = None
 ) -> Tensor:
     """Batched CAM at the model's CAM layer, at feature resolution: [B, 1, h, w] in [0, 1].
     One forward and one backward for the whole batch; the gradient is taken with
     torch.autograd.grad w.r.t. the feature map only, so parameter .grad is never touched.
-    Y_c is the logit of `target` (default: the predicted class). Runs in eval mode.
-    check=False skips the input checks (each costs a GPU sync) for callers that made x."""
+    Y_c is the logit of `target` (default: the predicted class). Runs in eval mode. The
+    API's entry: its input is checked here; the loops call _class_activation."""
     if method not in CAM_WEIGHTS:
         raise unknown("CAM method", method, CAM_WEIGHTS)
-    if check:
-        check_attack_inputs(model, x, target)
+    check_attack_inputs(model, x, target)
+    return _class_activation(model, x, method, target)
+
+
+def _class_activation(
+    model: nn.Module, x: Tensor, method: str, target: Optional[Tensor] = None
+) -> Tensor:
     with eval_mode(model):
         acts, logits = activations_and_logits(model, x)
         with torch.enable_grad():
@@ -2053,17 +2053,26 @@ def eps_map(
     rule: str = "zscore",
     size: Optional[tuple[int, int]] = None,
     generator: Optional[torch.Generator] = None,
-    *,
-    check: bool = True,
 ) -> Tensor:
     """Per-pixel L-inf budget ([0, 1] units) from a CAM [B, 1, h, w] in [0, 1] by one of
-    MASK_RULES. `size` is the output (input image) size; default the CAM's own."""
+    MASK_RULES. `size` is the output (input image) size; default the CAM's own. The API's
+    entry: its input is checked here; the loops call _eps_map."""
     if rule not in MASK_RULES:
         raise unknown("mask rule", rule, MASK_RULES)
-    if check:
-        check_unit_images(cam, "cam")
+    check_unit_images(cam, "cam")
     check_unit_budgets(eps, eps_low)
-    return MASK_RULES[rule](cam.float(), eps, eps_low, tuple(size or cam.shape[-2:]), generator)
+    return _eps_map(cam, eps, eps_low, rule, tuple(size or cam.shape[-2:]), generator)
+
+
+def _eps_map(
+    cam: Tensor,
+    eps: float,
+    eps_low: float,
+    rule: str,
+    size: tuple[int, int],
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    return MASK_RULES[rule](cam.float(), eps, eps_low, tuple(size), generator)
 
 
 # ============================================================================ losses
@@ -2204,8 +2213,8 @@ def check_attack_arguments(eps: float | Tensor, step: float, steps: int) -> None
         or not 0 < step <= 1
     ):
         raise ValueError(f"step must be a finite number in (0, 1] ({UNITS_HINT}), got {step!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_ATTACK_STEPS:
+        raise ValueError(f"steps must be an integer from 1 to {MAX_ATTACK_STEPS}, got {steps!r}")
     if torch.is_tensor(eps):
         if not eps.is_floating_point() or not bool(
             ((eps >= 0) & (eps <= 1)).all()
@@ -2343,8 +2352,6 @@ def pgd(
     loss: str = "ce",
     random_start: bool | float = True,
     stepper: Optional[Stepper] = None,
-    *,
-    check: bool = True,
 ) -> Tensor:
     """L-inf PGD inside a per-pixel budget; returns x' with |x' - x| <= eps element-wise and
     x' in [0, 1]. `eps` is a float or a tensor broadcastable to x ([0, 1] units).
@@ -2352,11 +2359,24 @@ def pgd(
     TRADES/MART start, e.g. 0.001); False = start at x. loss: ce, cw or kl (TRADES' inner
     KL against the model's clean prediction). `stepper`: compiled_ascent_step() for the
     torch.compile'd step (default: eager). Runs the model in eval mode, restores it; the
-    input is never modified; no per-example Python. check=False skips the checks of x, y
-    and a budget map (GPU syncs) for the training and evaluation loops, which made them."""
-    check_attack_arguments(eps if check else 0.0, step, steps)
-    if check:
-        check_attack_inputs(model, x, y, eps)
+    input is never modified; no per-example Python. The API's entry: its input is checked
+    here (each check a device sync); the training and evaluation loops call _pgd."""
+    check_attack_arguments(eps, step, steps)
+    check_attack_inputs(model, x, y, eps)
+    return _pgd(model, x, y, eps, step, steps, loss, random_start, stepper)
+
+
+def _pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    step: float,
+    steps: int,
+    loss: str = "ce",
+    random_start: bool | float = True,
+    stepper: Optional[Stepper] = None,
+) -> Tensor:
     box = budget_box(x, eps)
     with eval_mode(model):
         ref = None
@@ -2385,16 +2405,28 @@ def mma(
     k: int = 3,
     random_start: bool = True,
     stepper: Optional[Stepper] = None,
-    *,
-    check: bool = True,
 ) -> Tensor:
     """Minimum-margin attack (as in the PART paper): a targeted PGD on the CW-type margin
     z_t - z_y (capped at 50) for each of the k highest wrong classes of the clean
     prediction, run as one batch of k*B; per example the candidate with the smallest true
-    margin z_y - max_{j != y} z_j is kept (so if any target succeeds, the result fails)."""
-    check_attack_arguments(eps if check else 0.0, step, steps)
-    if check:
-        check_attack_inputs(model, x, y, eps)
+    margin z_y - max_{j != y} z_j is kept (so if any target succeeds, the result fails).
+    The API's entry: its input is checked here; the loops call _mma."""
+    check_attack_arguments(eps, step, steps)
+    check_attack_inputs(model, x, y, eps)
+    return _mma(model, x, y, eps, step, steps, k, random_start, stepper)
+
+
+def _mma(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    step: float,
+    steps: int = 20,
+    k: int = 3,
+    random_start: bool = True,
+    stepper: Optional[Stepper] = None,
+) -> Tensor:
     b = x.shape[0]
     with eval_mode(model):
         with torch.no_grad():
@@ -2506,20 +2538,10 @@ def budget_for(
     if not part_phase:
         return setup.eps
     if setup.mask_rule in NO_CAM_RULES:  # the batch size and device are all such a rule reads
-        return eps_map(
-            x[:, :1, :1, :1].detach() * 0,
-            setup.eps,
-            setup.eps_low,
-            setup.mask_rule,
-            size=x.shape[-2:],
-            check=False,
-        )
-    low_res = (
-        cam(model, x, setup.cam) if cam else class_activation(model, x, setup.cam, check=False)
-    )
-    return eps_map(
-        low_res, setup.eps, setup.eps_low, setup.mask_rule, size=x.shape[-2:], check=False
-    )
+        zeros = x[:, :1, :1, :1].detach() * 0
+        return _eps_map(zeros, setup.eps, setup.eps_low, setup.mask_rule, x.shape[-2:])
+    low_res = (cam or _class_activation)(model, x, setup.cam)
+    return _eps_map(low_res, setup.eps, setup.eps_low, setup.mask_rule, x.shape[-2:])
 
 
 def make_adversarial(
@@ -2534,11 +2556,9 @@ def make_adversarial(
 ) -> Tensor:
     """Training AEs: PGD with the base loss's inner loss and start, or MMA."""
     if generator == "mma":
-        return mma(model, x, y, budget, setup.step, setup.steps, stepper=stepper, check=False)
+        return _mma(model, x, y, budget, setup.step, setup.steps, stepper=stepper)
     spec = LOSSES[loss]
-    return pgd(
-        model, x, y, budget, setup.step, setup.steps, spec.inner, spec.start, stepper, check=False
-    )
+    return _pgd(model, x, y, budget, setup.step, setup.steps, spec.inner, spec.start, stepper)
 
 
 def train_step(
@@ -2718,7 +2738,7 @@ def evaluate(
             x, y = to_float(data.x[chunk]), data.y[chunk]
             with torch.no_grad():
                 counts[0] += (model(x).argmax(1) == y).sum()
-            x_adv = pgd(model, x, y, setup.eps, setup.step, setup.steps, check=False)
+            x_adv = _pgd(model, x, y, setup.eps, setup.step, setup.steps)
             with torch.no_grad():
                 counts[1] += (model(x_adv).argmax(1) == y).sum()
             counts[2] += len(y)
@@ -3938,7 +3958,7 @@ class Reporter:
 
     def print(self, *args, **kwargs) -> None:
         if self.enabled:
-            console.print(*args, markup=False, **kwargs)
+            console.print(*args, **kwargs)
 
     def config(
         self, cfg: TrainConfig, preset: str, out: Path, device: torch.device, extra: str = ""
@@ -4293,7 +4313,7 @@ def check_cam_layer(model: nn.Module, x: Tensor, cfg: TrainConfig) -> None:
     """Before the first epoch, not after the warm-up: the CAM layer gives a feature map with
     more than one position (a 1 x 1 map gives every pixel the same budget: PART would be
     plain AT at eps_low)."""
-    low_res = class_activation(model, x, cfg.cam, check=False)
+    low_res = _class_activation(model, x, cfg.cam)
     if low_res.shape[-2] * low_res.shape[-1] < 2:
         layer = cfg.cam_layer or "the default CAM layer"
         raise CliError(
@@ -4709,49 +4729,49 @@ def worst_of_restarts(
     return best
 
 
-def _natural(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+def attack_natural(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
     return x, {}
 
 
-def _fgsm(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    return pgd(model, x, y, setup.eps, setup.eps, 1, random_start=False, check=False), {}
+def attack_fgsm(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    return _pgd(model, x, y, setup.eps, setup.eps, 1, random_start=False), {}
 
 
-def _pgd(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+def attack_pgd(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
     return worst_of_restarts(
         model,
         y,
         spec.restarts,
-        lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "ce", check=False),
+        lambda: _pgd(model, x, y, setup.eps, setup.step, spec.steps, "ce"),
     ), {}
 
 
-def _cw(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+def attack_cw(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
     return worst_of_restarts(
         model,
         y,
         spec.restarts,
-        lambda: pgd(model, x, y, setup.eps, setup.step, spec.steps, "cw", check=False),
+        lambda: _pgd(model, x, y, setup.eps, setup.step, spec.steps, "cw"),
     ), {}
 
 
-def _mma(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+def attack_mma(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
     return worst_of_restarts(
         model,
         y,
         spec.restarts,
-        lambda: mma(model, x, y, setup.eps, setup.step, spec.steps, k=3, check=False),
+        lambda: _mma(model, x, y, setup.eps, setup.step, spec.steps, k=3),
     ), {}
 
 
-def _pgd_part(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+def attack_pgd_part(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
     """PGD inside the model's own PART budget map of these clean images (for analysis)."""
     budget = budget_for(model, x, setup, part_phase=True)
     return worst_of_restarts(
         model,
         y,
         spec.restarts,
-        lambda: pgd(model, x, y, budget, setup.step, spec.steps, check=False),
+        lambda: _pgd(model, x, y, budget, setup.step, spec.steps),
     ), {}
 
 
@@ -4812,7 +4832,7 @@ def autoattack(
     return x_adv, after
 
 
-def _aa(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+def attack_aa(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
     """aa: the four components in order, with the robust flags after each (for its log);
     a component asked for alone (apgd-ce, ..., square): that one, its flags are the attack's."""
     if spec.family != "aa":
@@ -4830,17 +4850,17 @@ class AttackFamily:
 
 
 ATTACKS: dict[str, AttackFamily] = {
-    "natural": AttackFamily(_natural),
-    "fgsm": AttackFamily(_fgsm),
-    "pgd": AttackFamily(_pgd, iterative=True, default_steps=20),
-    "cw": AttackFamily(_cw, iterative=True, default_steps=20),
-    "mma": AttackFamily(_mma, iterative=True, default_steps=20),
-    "pgd-part": AttackFamily(_pgd_part, iterative=True, default_steps=20),
-    "aa": AttackFamily(_aa, needs="pyautoattack"),
-    "apgd-ce": AttackFamily(_aa, needs="pyautoattack"),
-    "apgd-t": AttackFamily(_aa, needs="pyautoattack"),
-    "fab-t": AttackFamily(_aa, needs="pyautoattack"),
-    "square": AttackFamily(_aa, white_box=False, needs="pyautoattack"),
+    "natural": AttackFamily(attack_natural),
+    "fgsm": AttackFamily(attack_fgsm),
+    "pgd": AttackFamily(attack_pgd, iterative=True, default_steps=20),
+    "cw": AttackFamily(attack_cw, iterative=True, default_steps=20),
+    "mma": AttackFamily(attack_mma, iterative=True, default_steps=20),
+    "pgd-part": AttackFamily(attack_pgd_part, iterative=True, default_steps=20),
+    "aa": AttackFamily(attack_aa, needs="pyautoattack"),
+    "apgd-ce": AttackFamily(attack_aa, needs="pyautoattack"),
+    "apgd-t": AttackFamily(attack_aa, needs="pyautoattack"),
+    "fab-t": AttackFamily(attack_aa, needs="pyautoattack"),
+    "square": AttackFamily(attack_aa, white_box=False, needs="pyautoattack"),
 }
 # What shell completion offers for --attacks (any K steps and xR restarts work too).
 ATTACK_NAMES = (
@@ -5622,7 +5642,7 @@ class OneLineErrors(typer.core.TyperGroup):
             if type(e).__name__ == "NoArgsIsHelpError":
                 e.show()
             else:
-                err_console.print(f"error: {first_line(e.format_message(), 400)}", markup=False)
+                err_console.print(f"error: {first_line(e.format_message(), 400)}")
             sys.exit(e.exit_code)
         except typer.Abort:
             if not standalone_mode:
@@ -5667,7 +5687,7 @@ def cli_errors():
     try:
         yield
     except CliError as e:
-        err_console.print(f"error: {e}", markup=False)
+        err_console.print(f"error: {e}")
         raise typer.Exit(e.code) from None
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -5679,12 +5699,11 @@ def cli_errors():
             if e.errno == errno.ENOSPC
             else ""
         )
-        err_console.print(f"error: {e.strerror or first_line(e)}{where}{then}", markup=False)
+        err_console.print(f"error: {e.strerror or first_line(e)}{where}{then}")
         raise typer.Exit(1) from None
     except (MemoryError, torch.OutOfMemoryError) as e:
         err_console.print(
             f"error: out of memory ({first_line(e, 120)}); try a smaller --batch-size or image size",
-            markup=False,
         )
         raise typer.Exit(1) from None
     except (
@@ -5694,7 +5713,6 @@ def cli_errors():
             raise
         err_console.print(
             f"error: unexpected {type(e).__name__}: {first_line(e)} (set PART_TRACEBACK=1 for the traceback)",
-            markup=False,
         )
         raise typer.Exit(1) from None
 
@@ -5893,7 +5911,7 @@ def run_processes(nproc: int, device: str) -> int:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        err_console.print(f"error: process {cause} of {nproc} was killed by {name}", markup=False)
+        err_console.print(f"error: process {cause} of {nproc} was killed by {name}")
         return 128 - code
     return code
 
@@ -6138,9 +6156,7 @@ def attack_progress(enabled: bool):
         if bars is None:
             yield (
                 lambda name, done, total, extra: (
-                    console.print(f"{name}: {done}/{total} points | {extra}", markup=False)
-                    if extra
-                    else None
+                    console.print(f"{name}: {done}/{total} points | {extra}") if extra else None
                 )
             )
             return
@@ -6678,7 +6694,7 @@ def attack_command(
             )
         if robustbench_json is not None:
             write_json(robustbench_json, robustbench_entry_of(rows[0], partial))
-            console.print(f"RobustBench model info: {robustbench_json}", markup=False)
+            console.print(f"RobustBench model info: {robustbench_json}")
         if sweep:
             for row in rows:
                 curves = sweep_curves(specs, row["accuracy"])
@@ -6692,7 +6708,6 @@ def attack_command(
                         )
                         for f, pts in curves.items()
                     ),
-                    markup=False,
                 )
             if plot_sweep(
                 plot_path,
@@ -6701,7 +6716,7 @@ def attack_command(
                 eps_levels,
                 f"{rows[0]['path']}\n",
             ):
-                console.print(f"sweep plot ({rows[0]['path']}): {plot_path}", markup=False)
+                console.print(f"sweep plot ({rows[0]['path']}): {plot_path}")
         for row in rows:
             for warning in row["warnings"]:
                 note(f"warning: {row['path']}: {warning}")
@@ -6840,13 +6855,11 @@ def _evaluate_targets(
                     for s in specs
                 )
                 + f", worst {fmt_pct(acc['worst'])}%",
-                markup=False,
             )
             for name, parts in result.get("components", {}).items():
                 console.print(
                     f"{t.path}: {name} robust accuracy after "
                     + ", ".join(f"{c.upper()} {fmt_pct(a)}%" for c, a in parts.items()),
-                    markup=False,
                 )
     return rows
 
@@ -7054,7 +7067,6 @@ def export_checkpoint(
         files["hf"] = export_hf(model, meta, card, out, name, license, checkpoint)
         console.print(
             f"hf: {out} (model folder: {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))})",
-            markup=False,
         )
         if chosen == ["hf"]:
             return {"hf": out, "card": out / "README.md"}
@@ -7070,10 +7082,10 @@ def export_checkpoint(
                 continue
             raise CliError(f"{fmt} export failed: {first_line(e)}") from None
         files[fmt] = path
-        console.print(f"{fmt}: {path} ({path.stat().st_size / 2**20:.1f} MiB)", markup=False)
+        console.print(f"{fmt}: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     card["files"] = {fmt: p.name for fmt, p in files.items()}
     write_json(out / f"{name}.json", card)
-    console.print(f"model card: {out / f'{name}.json'}", markup=False)
+    console.print(f"model card: {out / f'{name}.json'}")
     runtimes = {fmt: p for fmt, p in files.items() if fmt != "hf"}
     if verify and runtimes:
         check_exports(model, runtimes, batch_size + 3, size)

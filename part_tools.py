@@ -32,6 +32,9 @@ from rich.markup import escape as escape_markup
 from rich.table import Table
 
 from part import (
+    _class_activation,
+    _eps_map,
+    _pgd,
     ARCH_HELP,
     Arch,
     AttackSetup,
@@ -540,9 +543,7 @@ def report_command(
             k: v for g in groups for k, v in g["config"].items() if k not in g["differing"]
         }  # AT groups lack PART-only keys
         shared = {k: values[k] for k in in_config_order(values)}
-        console.print(
-            "shared settings: " + " ".join(f"{k}={v}" for k, v in shared.items()), markup=False
-        )
+        console.print("shared settings: " + " ".join(f"{k}={v}" for k, v in shared.items()))
         comparison, lines = None, []
         if compare is not None:
             comparison = paired_difference(
@@ -553,7 +554,7 @@ def report_command(
             ]
             lines += [difference_sentence(k, d) for k, d in comparison["columns"].items()]
             for line in lines:
-                console.print(line, markup=False)
+                console.print(line)
         if markdown_out is not None:
             text = (
                 markdown_table(headers, rows)
@@ -614,7 +615,7 @@ def report_command(
         if plot is not None:
             robust = "worst" if "worst" in columns else "pgd20"
             if plot_tradeoff(plot, groups, robust):
-                console.print(f"trade-off plot: {plot}", markup=False)
+                console.print(f"trade-off plot: {plot}")
 
 
 # ============================================================================ CAM figures
@@ -786,7 +787,7 @@ def _cam_figure(
             left=("rule",),
         )
     )
-    console.print(f"wrote {out} ({width}x{height} px)", markup=False)
+    console.print(f"wrote {out} ({width}x{height} px)")
 
 
 # (label, compile, amp, compile mode): is compilation worth it, is bf16, are CUDA graphs on top
@@ -886,9 +887,7 @@ def bench_pieces(
     """The pieces of a PART training step on one batch (the same calls training makes)."""
     setup = AttackSetup.from_config(cfg)
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
-    cam_fn = parts.cam or (
-        lambda model, xs, method: class_activation(model, xs, method, check=False)
-    )
+    cam_fn = parts.cam or _class_activation
     low_res = class_activation(net, x)
     budget = budget_for(net, x, setup, part_phase=True)
 
@@ -898,13 +897,13 @@ def bench_pieces(
 
     def attack():
         with autocast(x.device, cfg.amp):
-            pgd(net, x, y, budget, setup.step, cfg.steps, stepper=parts.stepper, check=False)
+            _pgd(net, x, y, budget, setup.step, cfg.steps, stepper=parts.stepper)
 
     return {
         "forward (eval, no grad)": forward,
         "CAM (gradcam)": lambda: cam_fn(net, x, "gradcam"),
-        "budget map (zscore)": lambda: eps_map(
-            low_res, setup.eps, setup.eps_low, size=x.shape[-2:], check=False
+        "budget map (zscore)": lambda: _eps_map(
+            low_res, setup.eps, setup.eps_low, "zscore", x.shape[-2:]
         ),
         f"PGD-{cfg.steps} attack": attack,
         "AT step": lambda: train_step(parts, optimizer, x, y, cfg, setup, part_phase=False),
@@ -1114,7 +1113,6 @@ def bench_command(
             ratio = r["part_over_at"]
             console.print(
                 f"PART step / AT step: {ratio['median']:.3f} (q1-q3 {ratio['q1']:.3f}-{ratio['q3']:.3f}, {rounds} rounds)",
-                markup=False,
             )
             runs.append(r)
         if suite == "gpu":
@@ -1122,7 +1120,6 @@ def bench_command(
             for r in runs[1:]:
                 console.print(
                     f"{r['label']}: PART step {base / r['results']['PART step']['ms_median']:.2f}x eager",
-                    markup=False,
                 )
         if json_out is not None:
             write_json(json_out, runs[0] if len(runs) == 1 else {"suite": suite, "runs": runs})

@@ -1957,6 +1957,64 @@ def test_one_read_gives_a_safetensors_files_tensors_metadata_and_hash(tmp_path):
     )
 
 
+BLOCKER = """
+import sys
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
+sys.meta_path.insert(0, Blocked())
+"""
+
+
+@pytest.mark.slow
+def test_part_py_alone_trains_attacks_and_exports_without_the_optional_packages(tmp_path):
+    optional = (
+        "timm",
+        "robustbench",
+        "wandb",
+        "huggingface_hub",
+        "tensorboard",
+        "matplotlib",
+        "pyautoattack",
+        "part_tools",
+    )
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER.format(blocked=set(optional)))
+    shutil.copy(ROOT / "part.py", tmp_path)
+    shutil.copy(ROOT / "configs.toml", tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    commands = [
+        ["train", *map(str, TINY), "--out", "run"],
+        ["attack", "run/best.safetensors", "--attacks", "natural,pgd3", "--n-examples", "16"],
+        ["export", "run/best.safetensors", "--format", "torchscript,onnx", "--out", "export"],
+    ]
+    for command in commands:
+        r = subprocess.run(
+            [sys.executable, "part.py", *command],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=600,
+        )
+        assert r.returncode == 0, f"{command}: {r.stderr[-2000:]}"
+    assert (
+        "report"
+        not in subprocess.run(
+            [sys.executable, "part.py", "--help"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+        ).stdout
+    )
+    probe = "import matplotlib"
+    r = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert r.returncode != 0 and "blocked" in r.stderr  # the blocker did block
+
+
 def test_import_part_is_the_card_alone_and_running_it_adds_the_tools():
     code = "import sys, part; print(sorted(c.name for c in part.app.registered_commands), 'part_tools' in sys.modules)"
     r = subprocess.run(
@@ -4037,6 +4095,7 @@ def test_the_readme_tour_runs_as_written_in_a_terminal_and_again(tmp_path):
     commands = readme_commands(readme_block("A tour of the other commands"))
     assert commands[0].startswith("python part.py train") and len(commands) >= 5
     shutil.copy(ROOT / "part.py", tmp_path)
+    shutil.copy(ROOT / "part_tools.py", tmp_path)
     shutil.copy(ROOT / "configs.toml", tmp_path)
     for round_ in (1, 2):
         for command in commands:
@@ -4122,6 +4181,9 @@ def test_api_calls_take_float_images_and_pairs_and_refuse_what_they_would_misrea
         part.pgd(model, test.x, y, 8 / 255, 2 / 255, 3)
     with pytest.raises(ValueError, match="does not fit"):
         part.pgd(model, x, y, torch.full((3, 3, 32, 32), 8 / 255), 2 / 255, 3)
+    for attack in (part.pgd, part.mma):  # no steps would return the random start as an attack
+        with pytest.raises(ValueError, match="steps must be an integer from 1"):
+            attack(model, x, y, 8 / 255, 2 / 255, 0)
     with pytest.raises(ValueError, match="8/255, not 8"):
         part.eps_map(part.class_activation(model, x), 8, 7)
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
