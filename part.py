@@ -483,55 +483,38 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def file_lock(lock: Path, what: str, used: str, remove: bool = False):
-    """An exclusive lock for the life of a process (released by the OS even after kill -9),
-    so that two runs never write the same files. `used` names what is locked in the message;
-    `remove` deletes the lock file when done (one left by a killed process is taken over)."""
+    """An exclusive lock for the life of a process (filelock's flock: released by the OS even
+    after kill -9), so that two runs never write the same files. The lock file names its
+    holder (`what`, pid) for the message a second process gets; `used` names what is
+    locked; `remove` deletes the lock file when done."""
+    import filelock
+
+    lock = Path(lock)
+    if lock.is_symlink():  # filelock refuses one too; this says what to do
+        raise CliError(f"{lock} is a symbolic link; part never writes through one: remove it")
+
+    def name_the_holder(fd: int) -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{what} (pid {os.getpid()})".encode(), 0)
+
+    held = filelock.FileLock(lock, timeout=0, is_singleton=False, on_acquired=name_the_holder)
     try:
-        import fcntl
-    except ImportError:  # no flock on this platform: run unlocked
-        yield
-        return
-    for _ in range(100):
-        try:  # O_NOFOLLOW: a lock file that is a link to elsewhere is refused, never written through
-            handle = os.fdopen(
-                os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644), "r+"
-            )
-        except OSError:
-            if Path(lock).is_symlink():
-                raise CliError(
-                    f"{lock} is a symbolic link; part never writes through one: remove it"
-                ) from None
-            raise
+        held.acquire()
+    except filelock.Timeout:
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            holder = lock.read_text().strip() or "another process"
         except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise CliError(
-                f"{used} is in use by {holder}; wait for it to finish or choose another"
-            ) from None
-        # A holder that removes its lock unlinks it while still holding it: the file locked here
-        # may be that unlinked one, so it counts only if it is still the file at `lock`.
-        try:
-            if os.path.samestat(os.fstat(handle.fileno()), os.stat(lock, follow_symlinks=False)):
-                break
-        except FileNotFoundError:
-            pass
-        handle.close()
-    else:
-        raise CliError(f"could not lock {used}: {lock} keeps being replaced")
+            holder = "another process"
+        raise CliError(
+            f"{used} is in use by {holder}; wait for it to finish or choose another"
+        ) from None
     try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{what} (pid {os.getpid()})")
-        handle.flush()
         yield
     finally:
         if remove:
             with contextlib.suppress(OSError):
-                os.unlink(lock)
-        handle.close()
+                lock.unlink()
+        held.release()
 
 
 def folder_lock(folder: Path, what: str):
@@ -6035,27 +6018,70 @@ def recorded_processes(config: Path) -> int:
         return 1
 
 
+PresetOpt = Annotated[
+    Optional[str],
+    _opt(
+        "Preset in the config file (default: the dataset's own, else cifar10).",
+        rich_help_panel="Presets",
+        autocompletion=complete_preset,
+    ),
+]
+PresetsOpt = Annotated[
+    Optional[Path],
+    _opt(
+        "Your own presets file (TOML, as configs.toml), added to the shipped presets.",
+        rich_help_panel="Presets",
+    ),
+]
+ConfigOpt = Annotated[
+    Optional[Path],
+    _opt(
+        "Settings file: a run's config.json (re-runs it exactly, in a new --out) or a TOML/JSON "
+        "table of settings; over the preset, under the options given here.",
+        rich_help_panel="Presets",
+    ),
+]
+ResumeOpt = Annotated[
+    bool,
+    _opt(
+        "Start the run in --out, or continue it exactly where it stopped if --out holds one: one "
+        "command line for a job that is stopped and run again. A continued run keeps its settings: "
+        "options, --config and --preset that repeat them are accepted, a different value is refused "
+        "(where/how fast, --epochs and --threads may change).",
+        rich_help_panel="Presets",
+    ),
+]
+TrainNProc = Annotated[
+    Optional[int],
+    _opt(
+        NPROC_HELP + " [default: 1, or the count a --config run file records]",
+        min=1,
+        max=1024,
+        rich_help_panel=RUN,
+    ),
+]
+
+
 def train_command(
-    preset: Optional[str] = None,
-    presets: Optional[Path] = None,
-    config: Optional[Path] = None,
-    resume: bool = False,
-    nproc: Optional[int] = None,
+    preset: PresetOpt = None,
+    presets: PresetsOpt = None,
+    config: ConfigOpt = None,
+    resume: ResumeOpt = False,
+    nproc: TrainNProc = None,
     **settings,
 ):
     """Train a PART (or plain AT) model; writes checkpoints, metrics, summary.csv and curves.png.
 
-    Settings: built in < the preset (configs.toml, --presets) < --config < the options given here. Launch with
-    --nproc N (or torchrun) for several GPUs/processes: --batch-size stays the global batch."""
+    Settings: built in < the preset (configs.toml, --presets) < --config < the options given here.
+    Launch with --nproc N (or torchrun) for several GPUs/processes: --batch-size stays the global
+    batch."""
     if nproc is None and config is not None and dist_from_env().world == 1:
         nproc = recorded_processes(config)  # a run's config.json re-runs it as it ran
     if (nproc or 1) > 1:
         with cli_errors():
             code = run_processes(nproc, settings.get("device") or "auto")
         raise typer.Exit(code)
-    previous = signal.signal(
-        signal.SIGTERM, _interrupt
-    )  # a scheduler's stop is handled like Ctrl-C
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop is like Ctrl-C
     try:
         with cli_errors():
             fit(None, preset=preset, presets=presets, config_file=config, resume=resume, **settings)
@@ -6063,81 +6089,12 @@ def train_command(
         signal.signal(signal.SIGTERM, previous)
 
 
+# typer reads a command's options from its signature: train's are its own five, then one per
+# TrainConfig field (made by _config_option), so that a new setting is one line in TrainConfig.
+_own = inspect.signature(train_command, eval_str=True).parameters.values()
 train_command.__signature__ = inspect.Signature(
-    [
-        inspect.Parameter(
-            "preset",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[
-                Optional[str],
-                _opt(
-                    "Preset in the config file (default: the dataset's own, else cifar10).",
-                    rich_help_panel="Presets",
-                    autocompletion=complete_preset,
-                ),
-            ],
-        ),
-        inspect.Parameter(
-            "presets",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[
-                Optional[Path],
-                _opt(
-                    "Your own presets file (TOML, as configs.toml), added to the shipped presets.",
-                    rich_help_panel="Presets",
-                ),
-            ],
-        ),
-        inspect.Parameter(
-            "config",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[
-                Optional[Path],
-                _opt(
-                    "Settings file: a run's config.json (re-runs it exactly, in a new --out) or a TOML/JSON table of settings; "
-                    "over the preset, under the options given here.",
-                    rich_help_panel="Presets",
-                ),
-            ],
-        ),
-        inspect.Parameter(
-            "resume",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=False,
-            annotation=Annotated[
-                bool,
-                _opt(
-                    "Start the run in --out, or continue it exactly where it stopped if --out holds one: one "
-                    "command line for a job that is stopped and run again. A continued run keeps its settings: "
-                    "options, --config and --preset that repeat them are accepted, a different value is refused "
-                    "(where/how fast, --epochs and --threads may change).",
-                    rich_help_panel="Presets",
-                ),
-            ],
-        ),
-        inspect.Parameter(
-            "nproc",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[
-                Optional[int],
-                _opt(
-                    NPROC_HELP + " [default: 1, or the count a --config run file records]",
-                    min=1,
-                    max=1024,
-                    rich_help_panel=RUN,
-                ),
-            ],
-        ),
-        *(
-            _config_option(name, field)
-            for name, field in CONFIG_FIELDS.items()
-            if field.metadata["panel"] is not None
-        ),
-    ]
+    [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in _own if p.kind != p.VAR_KEYWORD]
+    + [_config_option(k, f) for k, f in CONFIG_FIELDS.items() if f.metadata["panel"] is not None]
 )
 train_command.__annotations__ = {
     p.name: p.annotation for p in train_command.__signature__.parameters.values()

@@ -4541,28 +4541,6 @@ def test_a_running_evaluation_locks_its_state_and_its_saved_examples(fake_ckpt, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adv", "r.json"]
 
 
-def test_a_lock_file_removed_before_it_was_locked_is_opened_again(tmp_path, monkeypatch):
-    # The race a removed lock opens: this process opens the file, its holder unlinks it and
-    # lets go, this process locks the unlinked file. It must not count as holding the lock.
-    lock, real_open, opened = tmp_path / ".x.lock", os.open, []
-
-    def open_then_lose_it(path, *args):
-        fd = real_open(path, *args)
-        if not opened:
-            os.unlink(path)
-        opened.append(fd)
-        return fd
-
-    monkeypatch.setattr(part.os, "open", open_then_lose_it)
-    with part.file_lock(lock, "the holder", "x", remove=True):
-        assert len(opened) == 2 and lock.read_text() == "the holder (pid %d)" % os.getpid()
-        monkeypatch.setattr(part.os, "open", real_open)
-        with pytest.raises(part.CliError, match="in use by the holder"):
-            with part.file_lock(lock, "another", "x", remove=True):
-                pass
-    assert not lock.exists()
-
-
 def test_a_forged_evaluation_state_is_refused(tmp_path):
     path, signature = tmp_path / "s.safetensors", {"n": 8}
     state = part.EvalState(path, signature)
