@@ -4305,100 +4305,27 @@ def check_cam_layer(model: nn.Module, x: Tensor, cfg: TrainConfig) -> None:
         )
 
 
-TRACKED = ("train_loss", "train_acc", "natural", "pgd20", "lr", "img_per_s")
-
-
-class TensorBoard:
-    def __init__(self, folder: Path):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(folder))
-
-    def log(self, metrics: dict, epoch: int) -> None:
-        for key in TRACKED:
-            if metrics.get(key) is not None:
-                self.writer.add_scalar(key, metrics[key], epoch)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def start_wandb(
-    project: str, folder: Path, name: str, config: dict, job: str, run_id: Optional[str] = None
-) -> Any:
-    """A W&B run that writes under `folder` (resumed when `run_id` is given and known)."""
-    import wandb
-
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        return wandb.init(
-            project=project,
-            dir=str(folder),
-            name=name,
-            config=config,
-            job_type=job,
-            id=run_id,
-            resume="allow" if run_id else None,
-            reinit="create_new",
-        )
-    except Exception as e:  # no login, no network, a bad project name: one line (what was asked for would be missing)
-        raise CliError(
-            f"--wandb {project}: W&B did not start ({first_line(e)}); WANDB_MODE=offline logs without an account"
-        ) from None
-
-
-class WandB:
-    """One W&B run per training run: its id is kept in the run folder, so a resumed run
-    goes on logging into the same W&B run."""
-
-    def __init__(self, cfg: TrainConfig, files: RunFiles, preset: str):
-        id_file = files.folder / "wandb-id.txt"
-        run_id = (
-            id_file.read_text().strip()
-            if id_file.is_file()
-            else hashlib.sha256(os.urandom(16)).hexdigest()[:16]
-        )
-        write_text(id_file, run_id + "\n")
-        self.run = start_wandb(
-            cfg.wandb,
-            files.folder,
-            files.folder.name,
-            {**dataclasses.asdict(cfg), "preset": preset},
-            "train",
-            run_id,
-        )
-
-    def log(self, metrics: dict, epoch: int) -> None:
-        self.run.log(
-            {
-                k: v
-                for k, v in metrics.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)
-            },
-            step=epoch,
-        )
-
-    def close(self) -> None:
-        self.run.finish()
+# Experiment trackers, added by other modules (part_tools: tensorboard, wandb): name -> a
+# class made with (cfg, files, preset), with log(metrics, epoch) and close(), and a static
+# log_report(project, rows, names, folder) for `attack`'s results where it has one.
+TRACKERS: dict[str, Any] = {}
 
 
 def open_trackers(cfg: TrainConfig, files: RunFiles, preset: str) -> list:
-    """The experiment trackers asked for; a missing package is said once and the run goes on
+    """The experiment trackers asked for; a missing one is said once and the run goes on
     (every figure is in metrics.jsonl and summary.csv anyway)."""
     trackers: list = []
-    for asked, package, make in (
-        (cfg.tensorboard, "tensorboard", lambda: TensorBoard(files.tensorboard)),
-        (cfg.wandb, "wandb", lambda: WandB(cfg, files, preset)),
-    ):
-        if not asked:
-            continue
-        if importlib.util.find_spec(package) is None:
+    for name in (n for n in ("tensorboard", "wandb") if getattr(cfg, n)):
+        if name not in TRACKERS:
             note(
-                f"note: --{package} needs the {package} package (pip install {package}); logging to the CSV only"
+                f"note: --{name} comes with part_tools.py (pip install .); logging to the CSV only"
             )
-            continue
-        trackers.append(make())
+        elif importlib.util.find_spec(name) is None:
+            note(
+                f"note: --{name} needs the {name} package (pip install {name}); logging to the CSV only"
+            )
+        else:
+            trackers.append(TRACKERS[name](cfg, files, preset))
     return trackers
 
 
@@ -6347,48 +6274,6 @@ def robustbench_entry_of(row: dict, partial: bool) -> dict:
     }
 
 
-def log_attack_wandb(project: str, rows: list[dict], names: list[str], folder: Path) -> None:
-    """attack --wandb: the results table and each checkpoint's figures as the run's summary."""
-    import wandb
-
-    first = rows[0]
-    run = start_wandb(
-        project,
-        folder,
-        "attack " + ", ".join(Path(r["path"]).name for r in rows),
-        {
-            "attacks": names,
-            "eps_levels": first["eps_levels"],
-            "step_levels": first["step_levels"],
-            "n_examples": first["n_examples"],
-            "dataset": first["dataset"],
-            "seed": first["seed"],
-            "checkpoints": {r["path"]: r["sha256"] for r in rows},
-        },
-        "attack",
-    )
-    columns = ["checkpoint", "sha256", *names, "worst"]
-    run.log(
-        {
-            "robust_accuracy": wandb.Table(
-                columns=columns,
-                data=[
-                    [
-                        r["path"],
-                        r["sha256"],
-                        *[r["accuracy"].get(a) for a in names],
-                        r["accuracy"]["worst"],
-                    ]
-                    for r in rows
-                ],
-            )
-        }
-    )
-    for r in rows:
-        run.summary.update({f"{r['path']}/{a}": v for a, v in r["accuracy"].items()})
-    run.finish()
-
-
 def _eval_state_path(state: Optional[Path], outputs: list[Optional[Path]]) -> Optional[Path]:
     """--state, else beside the first report file: what makes the evaluation resumable."""
     if state is not None:
@@ -6612,6 +6497,10 @@ def attack_command(
             strict=True,
         ):
             check_output_file(path, option)
+        if wandb and "wandb" not in TRACKERS:
+            raise CliError(
+                "--wandb comes with part_tools.py: pip install . (or keep it beside part.py)"
+            )
         if wandb and importlib.util.find_spec("wandb") is None:
             raise CliError("--wandb needs the wandb package: pip install wandb")
         if robustbench_json is not None:
@@ -6646,9 +6535,8 @@ def attack_command(
         _print_attack_tables(rows, names, eps_levels, per_class)
         _write_reports(rows, names, json_out, csv_out, markdown_out)
         if wandb:
-            log_attack_wandb(
-                wandb, rows, names, next((p.parent for p in reports if p is not None), Path("."))
-            )
+            folder = next((p.parent for p in reports if p is not None), Path("."))
+            TRACKERS["wandb"].log_report(wandb, rows, names, folder)
         if robustbench_json is not None:
             write_json(robustbench_json, robustbench_entry_of(rows[0], partial))
             console.print(f"RobustBench model info: {robustbench_json}")
@@ -6919,13 +6807,19 @@ def _print_attack_tables(
         )
 
 
+# Exports that make a folder to share, added by other modules (part_tools: "hf", a model hub
+# folder): name -> fn(model, meta, card, out, name, license, source) -> the folder's card.
+FOLDER_EXPORTS: dict[str, Callable[..., Path]] = {}
+
+
 def parse_formats(text: str) -> list[str]:
     names = (
         EXPORT_FORMATS if text == "all" else tuple(f.strip() for f in text.split(",") if f.strip())
     )
-    bad = [f for f in names if f not in (*EXPORT_FORMATS, "hf")]
+    known = (*EXPORT_FORMATS, *FOLDER_EXPORTS)
+    bad = [f for f in names if f not in known]
     if bad or not names:
-        raise unknown("export format", ", ".join(bad) or text, (*EXPORT_FORMATS, "hf", "all"))
+        raise unknown("export format", ", ".join(bad) or text, (*known, "all"))
     return list(dict.fromkeys(names))
 
 
@@ -6936,7 +6830,7 @@ def export_command(
         str,
         _opt(
             "torchscript|onnx|pt2|all (the three), or hf: a model folder to share (model.safetensors, "
-            "config.json, README.md model card); a comma-separated list.",
+            "config.json, README.md model card; with part_tools.py); a comma-separated list.",
             "--format",
         ),
     ] = "all",
@@ -7007,7 +6901,8 @@ def export_checkpoint(
 ) -> dict[str, Path]:
     """What `export` does, from Python: the checkpoint as TorchScript / ONNX / torch.export
     files in `out` with the model card <name>.json; `verify` runs each file on a batch of
-    another size against PyTorch. "hf" makes `out` a model folder (see export_hf).
+    another size against PyTorch. A format of FOLDER_EXPORTS ("hf", with part_tools) makes
+    `out` a model folder to share.
     Returns {format: path, ..., "card": path}."""
     checkpoint, out = Path(checkpoint), Path(out)
     chosen = parse_formats(formats if isinstance(formats, str) else ",".join(formats))
@@ -7020,14 +6915,14 @@ def export_checkpoint(
     name = checkpoint.name.split(".")[0] if checkpoint.is_file() else checkpoint.name
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    if "hf" in chosen:
-        files["hf"] = export_hf(model, meta, card, out, name, license, checkpoint)
-        console.print(
-            f"hf: {out} (model folder: {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))})",
-        )
-        if chosen == ["hf"]:
-            return {"hf": out, "card": out / "README.md"}
-    for fmt in (f for f in chosen if f != "hf"):
+    for fmt in (f for f in chosen if f in FOLDER_EXPORTS):
+        folder_card = FOLDER_EXPORTS[fmt](model, meta, card, out, name, license, checkpoint)
+        files[fmt] = out
+        shown = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
+        console.print(f"{fmt}: {out} (model folder: {shown})")
+        if all(f in FOLDER_EXPORTS for f in chosen):
+            return {**files, "card": folder_card}
+    for fmt in (f for f in chosen if f not in FOLDER_EXPORTS):
         path = out / f"{name}{SUFFIX[fmt]}"
         try:
             EXPORTERS[fmt](model, example, path, opset, card)
@@ -7043,140 +6938,10 @@ def export_checkpoint(
     card["files"] = {fmt: p.name for fmt, p in files.items()}
     write_json(out / f"{name}.json", card)
     console.print(f"model card: {out / f'{name}.json'}")
-    runtimes = {fmt: p for fmt, p in files.items() if fmt != "hf"}
+    runtimes = {fmt: p for fmt, p in files.items() if fmt not in FOLDER_EXPORTS}
     if verify and runtimes:
         check_exports(model, runtimes, batch_size + 3, size)
     return {**files, "card": out / f"{name}.json"}
-
-
-HF_METRIC_NAMES = {
-    "natural": "natural accuracy",
-    "pgd20": "PGD-20",
-    "aa": "AutoAttack",
-    "worst": "worst case over the attacks",
-}
-
-
-def export_hf(
-    model: nn.Module,
-    meta: CheckpointMeta,
-    card: dict,
-    out: Path,
-    name: str,
-    license: str,
-    source: Path,
-) -> Path:
-    """A model folder in the layout people share on a model hub: model.safetensors (our
-    checkpoint format: `attack`, `cam` and `export` load the folder itself; our checkpoint's
-    own bytes, so its sha256 and the reports that name it still hold), config.json
-    (architecture, classes, input contract) and README.md, a model card whose YAML front
-    matter carries the license, tags, data set and, from `export --report`, the attack
-    results as `model-index` metrics (accuracy in %, at the report's eps and point count)."""
-    if meta.format == FORMAT:
-        source = source / HF_WEIGHTS if source.is_dir() else source
-        write_bytes(out / HF_WEIGHTS, source.read_bytes())
-    else:
-        save_checkpoint(
-            out / HF_WEIGHTS, model, dataclasses.replace(meta, format=FORMAT)
-        )  # now self-describing
-    classes = card["classes"]
-    write_json(
-        out / "config.json",
-        {
-            "library_name": "part",
-            "architecture": meta.arch,
-            "num_classes": meta.num_classes,
-            "id2label": dict(enumerate(classes)),
-            "label2id": {c: i for i, c in enumerate(classes)},
-            "input": card["input"],
-            "dataset": meta.dataset,
-            "format": FORMAT,
-            "training_config": card["config"],
-            "cam_layer": meta.cam_layer,
-            "versions": versions(),
-        },
-    )
-    q = json.dumps  # a JSON string is a valid YAML scalar: no YAML writer needed
-    dataset = meta.dataset or "unknown"
-    front = [
-        "---",
-        f"license: {q(license)}",
-        "library_name: part",
-        "pipeline_tag: image-classification",
-        "tags:",
-        *(
-            f"- {q(t)}"
-            for t in (
-                "image-classification",
-                "adversarial-robustness",
-                "adversarial-training",
-                "part",
-                meta.arch,
-            )
-        ),
-        *(["datasets:", f"- {q(dataset)}"] if meta.dataset else []),
-    ]
-    robustness = card.get("robustness")
-    cfg = meta.config
-    if cfg is not None:
-        method = (
-            "pixel-reweighted adversarial training (PART, Zhang et al., ICML 2024)"
-            if cfg.method == "part"
-            else "adversarial training"
-        )
-        how = f"trained with {method} ({cfg.loss} loss, eps {cfg.eps:g}/255) for {meta.epoch} epochs by `part`"
-    else:
-        how = f"weights from {Path(meta.source or name).name}"
-    lines = [
-        f"# {name}",
-        "",
-        f"A {meta.arch} image classifier for {dataset} ({meta.num_classes} classes), {how}.",
-        "",
-    ]
-    if robustness:
-        n, eps = robustness.get("n_examples"), robustness.get("eps_levels")
-        front += [
-            "model-index:",
-            f"- name: {q(name)}",
-            "  results:",
-            "  - task:",
-            "      type: image-classification",
-            "      name: Image Classification",
-            "    dataset:",
-            f"      name: {q(dataset)}",
-            f"      type: {q(dataset)}",
-            "      split: test",
-            "    metrics:",
-        ]
-        lines += [f"| accuracy (%), eps {eps:g}/255, first {n} test images | |", "|---|---|"]
-        for attack, value in robustness["accuracy"].items():
-            label = HF_METRIC_NAMES.get(attack, attack)
-            front += [
-                "    - type: accuracy",
-                f"      name: {q(f'{label} (eps {eps:g}/255, {n} test images)')}",
-                f"      value: {round(100 * value, 2)}",
-            ]
-            lines.append(f"| {label} | {100 * value:.2f} |")
-        lines.append("")
-    front.append("---")
-    lines += [
-        "## Use",
-        "",
-        "Inputs: float32 RGB in [0, 1], shape [N, 3, H, W]; the model normalises inside.",
-        "",
-        "```bash",
-        "python part.py attack MODEL_FOLDER --attacks natural,pgd20,aa   # this folder: evaluate it",
-        "python part.py export MODEL_FOLDER --format onnx --out export  # or deploy it",
-        "```",
-        "",
-        "```python",
-        "import part",
-        "model, meta = part.load_checkpoint('MODEL_FOLDER/model.safetensors')",
-        "```",
-        "",
-    ]
-    write_text(out / "README.md", "\n".join(front) + "\n\n" + "\n".join(lines))
-    return out
 
 
 def check_exports(

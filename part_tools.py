@@ -10,13 +10,15 @@ It imports `part` and adds its commands to `part.app`; `part.py` never imports i
 when run as a program (its `__main__` block and the `part` command), so `import part`
 stays the card alone. Optional packages (matplotlib) are imported where they are used.
 
-Sections: comparing runs (report), CAM figures (cam), benchmark (bench).
+Sections: model folders (export --format hf), trackers (TensorBoard, W&B), comparing runs (report), CAM figures (cam),
+benchmark (bench).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -31,7 +33,13 @@ import typer
 from rich.markup import escape as escape_markup
 from rich.table import Table
 
+import part
 from part import (
+    FORMAT,
+    HF_WEIGHTS,
+    CheckpointMeta,
+    save_checkpoint,
+    write_bytes,
     _class_activation,
     _eps_map,
     _pgd,
@@ -103,6 +111,262 @@ from part import (
     write_json,
     write_text,
 )
+
+
+# ============================================================================ model folders
+# `export --format hf`: a model folder in the layout people share on a model hub, its card
+# written by huggingface_hub's own ModelCardData / EvalResult (the Hub parses what it wrote).
+
+HF_METRIC_NAMES = {
+    "natural": "natural accuracy",
+    "pgd20": "PGD-20",
+    "aa": "AutoAttack",
+    "worst": "worst case over the attacks",
+}
+
+
+def export_hf(
+    model: nn.Module,
+    meta: CheckpointMeta,
+    card: dict,
+    out: Path,
+    name: str,
+    license: str,
+    source: Path,
+) -> Path:
+    """model.safetensors (our checkpoint format: `attack`, `cam` and `export` load the folder
+    itself; our checkpoint's own bytes, so its sha256 and the reports that name it still
+    hold), config.json (architecture, classes, input contract) and README.md, a model card
+    whose front matter carries the license, tags, data set and, from `export --report`, the
+    attack results as `model-index` metrics (accuracy in %, at the report's eps and point
+    count). Returns the card's path."""
+    try:
+        from huggingface_hub import EvalResult, ModelCardData
+    except ImportError:
+        raise CliError(
+            "--format hf needs the huggingface_hub package: pip install huggingface_hub"
+        ) from None
+    if meta.format == FORMAT:
+        source = source / HF_WEIGHTS if source.is_dir() else source
+        write_bytes(out / HF_WEIGHTS, source.read_bytes())
+    else:  # now self-describing
+        save_checkpoint(out / HF_WEIGHTS, model, dataclasses.replace(meta, format=FORMAT))
+    classes = card["classes"]
+    config = {
+        "library_name": "part",
+        "architecture": meta.arch,
+        "num_classes": meta.num_classes,
+        "id2label": dict(enumerate(classes)),
+        "label2id": {c: i for i, c in enumerate(classes)},
+        "input": card["input"],
+        "dataset": meta.dataset,
+        "format": FORMAT,
+        "training_config": card["config"],
+        "cam_layer": meta.cam_layer,
+        "versions": versions(),
+    }
+    write_json(out / "config.json", config)
+    dataset = meta.dataset or "unknown"
+    robustness = card.get("robustness") or {}
+    n, eps = robustness.get("n_examples"), robustness.get("eps_levels")
+    labels = {a: HF_METRIC_NAMES.get(a, a) for a in robustness.get("accuracy", {})}
+    results = [
+        EvalResult(
+            task_type="image-classification",
+            task_name="Image Classification",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split="test",
+            metric_type="accuracy",
+            metric_name=f"{labels[attack]} (eps {eps:g}/255, {n} test images)",
+            metric_value=round(100 * value, 2),
+        )
+        for attack, value in robustness.get("accuracy", {}).items()
+    ]
+    data = ModelCardData(
+        license=license,
+        library_name="part",
+        pipeline_tag="image-classification",
+        tags=["image-classification", "adversarial-robustness", "adversarial-training", "part"]
+        + [meta.arch],
+        datasets=[dataset] if meta.dataset else None,
+        model_name=name,
+        eval_results=results or None,
+    )
+    lines = [
+        f"# {name}",
+        "",
+        f"A {meta.arch} image classifier for {dataset} ({meta.num_classes} classes), {_how(meta, name)}.",
+        "",
+    ]
+    if results:
+        lines += [f"| accuracy (%), eps {eps:g}/255, first {n} test images | |", "|---|---|"]
+        lines += [f"| {labels[a]} | {100 * v:.2f} |" for a, v in robustness["accuracy"].items()]
+        lines.append("")
+    lines += HF_USE
+    path = out / "README.md"
+    write_text(path, f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    return path
+
+
+def _how(meta: CheckpointMeta, name: str) -> str:
+    cfg = meta.config
+    if cfg is None:
+        return f"weights from {Path(meta.source or name).name}"
+    method = (
+        "pixel-reweighted adversarial training (PART, Zhang et al., ICML 2024)"
+        if cfg.method == "part"
+        else "adversarial training"
+    )
+    return f"trained with {method} ({cfg.loss} loss, eps {cfg.eps:g}/255) for {meta.epoch} epochs by `part`"
+
+
+HF_USE = [
+    "## Use",
+    "",
+    "Inputs: float32 RGB in [0, 1], shape [N, 3, H, W]; the model normalises inside.",
+    "",
+    "```bash",
+    "python part.py attack MODEL_FOLDER --attacks natural,pgd20,aa   # this folder: evaluate it",
+    "python part.py export MODEL_FOLDER --format onnx --out export  # or deploy it",
+    "```",
+    "",
+    "```python",
+    "import part",
+    "model, meta = part.load_checkpoint('MODEL_FOLDER/model.safetensors')",
+    "```",
+    "",
+]
+part.FOLDER_EXPORTS["hf"] = export_hf
+
+
+# ============================================================================ trackers
+# train --tensorboard / --wandb and attack --wandb, added to part's TRACKERS: every figure is
+# in the run's metrics.jsonl and summary.csv anyway; these copy them where people look.
+
+TRACKED = ("train_loss", "train_acc", "natural", "pgd20", "lr", "img_per_s")
+
+
+class TensorBoard:
+    """train --tensorboard: the epoch's figures as scalars in runs/X/tensorboard."""
+
+    def __init__(self, cfg: TrainConfig, files: RunFiles, preset: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(files.tensorboard))
+
+    def log(self, metrics: dict, epoch: int) -> None:
+        for key in TRACKED:
+            if metrics.get(key) is not None:
+                self.writer.add_scalar(key, metrics[key], epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def start_wandb(
+    project: str, folder: Path, name: str, config: dict, job: str, run_id: Optional[str] = None
+) -> Any:
+    """A W&B run that writes under `folder` (resumed when `run_id` is given and known)."""
+    import wandb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return wandb.init(
+            project=project,
+            dir=str(folder),
+            name=name,
+            config=config,
+            job_type=job,
+            id=run_id,
+            resume="allow" if run_id else None,
+            reinit="create_new",
+        )
+    except Exception as e:  # no login, no network, a bad project name: one line (what was asked for would be missing)
+        raise CliError(
+            f"--wandb {project}: W&B did not start ({first_line(e)}); WANDB_MODE=offline logs without an account"
+        ) from None
+
+
+class WandB:
+    """One W&B run per training run: its id is kept in the run folder, so a resumed run
+    goes on logging into the same W&B run."""
+
+    def __init__(self, cfg: TrainConfig, files: RunFiles, preset: str):
+        id_file = files.folder / "wandb-id.txt"
+        run_id = (
+            id_file.read_text().strip()
+            if id_file.is_file()
+            else hashlib.sha256(os.urandom(16)).hexdigest()[:16]
+        )
+        write_text(id_file, run_id + "\n")
+        self.run = start_wandb(
+            cfg.wandb,
+            files.folder,
+            files.folder.name,
+            {**dataclasses.asdict(cfg), "preset": preset},
+            "train",
+            run_id,
+        )
+
+    def log(self, metrics: dict, epoch: int) -> None:
+        self.run.log(
+            {
+                k: v
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            },
+            step=epoch,
+        )
+
+    def close(self) -> None:
+        self.run.finish()
+
+    @staticmethod
+    def log_report(project: str, rows: list[dict], names: list[str], folder: Path) -> None:
+        """attack --wandb: the results table and each checkpoint's figures as the run's summary."""
+        import wandb
+
+        first = rows[0]
+        run = start_wandb(
+            project,
+            folder,
+            "attack " + ", ".join(Path(r["path"]).name for r in rows),
+            {
+                "attacks": names,
+                "eps_levels": first["eps_levels"],
+                "step_levels": first["step_levels"],
+                "n_examples": first["n_examples"],
+                "dataset": first["dataset"],
+                "seed": first["seed"],
+                "checkpoints": {r["path"]: r["sha256"] for r in rows},
+            },
+            "attack",
+        )
+        columns = ["checkpoint", "sha256", *names, "worst"]
+        run.log(
+            {
+                "robust_accuracy": wandb.Table(
+                    columns=columns,
+                    data=[
+                        [
+                            r["path"],
+                            r["sha256"],
+                            *[r["accuracy"].get(a) for a in names],
+                            r["accuracy"]["worst"],
+                        ]
+                        for r in rows
+                    ],
+                )
+            }
+        )
+        for r in rows:
+            run.summary.update({f"{r['path']}/{a}": v for a, v in r["accuracy"].items()})
+        run.finish()
+
+
+part.TRACKERS.update(tensorboard=TensorBoard, wandb=WandB)
 
 
 # ============================================================================ comparing runs

@@ -4,8 +4,10 @@ Run: python -m pytest -q test_part_tools.py (the README's test command runs both
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ import torch
 import part
 import part_tools  # it adds report, cam and bench to part.app
 from test_part import (
+    _accuracies,
+    needs_hub,
     TINY,
     _attack_json,
     _row,
@@ -35,6 +39,221 @@ def test_the_tools_say_an_unknown_device_in_one_line(fake_run, tmp_path, command
             and f"unknown device '{device}'" in r.stderr
             and len(r.stderr.strip().splitlines()) == 1
         )
+
+
+# ---------------------------------------------------------------- model folders (export --format hf)
+
+
+@needs_hub
+def test_an_hf_model_folder_has_a_card_the_hub_parses_and_loads_as_a_checkpoint(fake_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    ckpt = fake_run / "best.safetensors"
+    assert (
+        invoke(
+            "attack",
+            ckpt,
+            "--attacks",
+            "fgsm,pgd2",
+            "--n-examples",
+            16,
+            "--json",
+            tmp_path / "r.json",
+        ).exit_code
+        == 0
+    )
+    accuracy = _accuracies(tmp_path / "r.json")[0][1]
+    r = invoke(
+        "export",
+        ckpt,
+        "--format",
+        "hf",
+        "--out",
+        tmp_path / "hf",
+        "--report",
+        tmp_path / "r.json",
+        "--license",
+        "apache-2.0",
+    )
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
+    card = ModelCard.load(tmp_path / "hf" / "README.md")
+    assert (
+        card.data.license == "apache-2.0"
+        and card.data.library_name == "part"
+        and card.data.datasets == ["synthetic"]
+    )
+    found = {e.metric_name.split(" (")[0]: e.metric_value for e in card.data.eval_results}
+    assert found == {
+        part_tools.HF_METRIC_NAMES.get(k, k): round(100 * v, 2) for k, v in accuracy.items()
+    }
+    assert all(
+        e.dataset_type == "synthetic" and "16 test images" in e.metric_name
+        for e in card.data.eval_results
+    )
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architecture"] == "cnn" and config["id2label"]["0"] == part.SYNTHETIC_CLASSES[0]
+    # the folder is a checkpoint: same weights, same sha256 (so the report still matches it)
+    model, meta = part.load_checkpoint(tmp_path / "hf")
+    original = part.load_checkpoint(ckpt)[0]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), original.state_dict().values(), strict=True)
+    )
+    r = invoke(
+        "attack",
+        tmp_path / "hf",
+        "--attacks",
+        "fgsm,pgd2",
+        "--n-examples",
+        16,
+        "--json",
+        tmp_path / "again.json",
+    )
+    assert r.exit_code == 0 and _accuracies(tmp_path / "again.json")[0][1] == accuracy
+    r = invoke(
+        "export",
+        tmp_path / "hf",
+        "--format",
+        "onnx",
+        "--out",
+        tmp_path / "onnx",
+        "--report",
+        tmp_path / "r.json",
+    )
+    assert r.exit_code == 0 and (tmp_path / "onnx" / "hf.onnx").is_file(), r.stderr
+
+
+# ---------------------------------------------------------------- trackers (TensorBoard, W&B)
+
+
+def wandb_records(folder: Path) -> list:
+    """The records of W&B's offline run files under `folder` (a LevelDB-style log of
+    protobuf records after a 7-byte header), read the way `wandb sync` reads them."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    records = []
+    for path in sorted(folder.glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, pieces = path.read_bytes(), 7, b""
+        assert data.startswith(b":W&B")
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            pieces, pos = pieces + data[pos + 7 : pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):  # a whole record, or the last piece of one
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pieces)
+                records.append(record)
+                pieces = b""
+            elif kind == 0:
+                break
+    return records
+
+
+def wandb_key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("wandb") is None, reason="wandb not installed (pip install wandb)"
+)
+def test_wandb_offline_logs_the_config_and_every_epoch_and_a_resume_continues_the_same_run(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tiny = [
+        "--preset",
+        "smoke",
+        "--train-subset",
+        64,
+        "--eval-subset",
+        16,
+        "--val-size",
+        0,
+        "--warmup-epochs",
+        0,
+        "--steps",
+        1,
+        "--batch-size",
+        32,
+        "--wandb",
+        "part-test",
+        "--out",
+        tmp_path / "run",
+    ]
+    assert invoke("train", *tiny, "--epochs", 1).exit_code == 0
+    r = invoke("train", *tiny, "--epochs", 2, "--resume")
+    assert r.exit_code == 0, r.stderr
+    records = wandb_records(tmp_path / "run")
+    runs = [rec.run for rec in records if rec.WhichOneof("record_type") == "run"]
+    assert {run.project for run in runs} == {"part-test"} and len(
+        {run.run_id for run in runs}
+    ) == 1  # resumed: one W&B run
+    config = {wandb_key(u): json.loads(u.value_json) for u in runs[0].config.update}
+    assert config["method"] == "part" and config["preset"] == "smoke" and config["epochs"] == 1
+    history = [
+        {wandb_key(i): json.loads(i.value_json) for i in rec.history.item}
+        for rec in records
+        if rec.WhichOneof("record_type") == "history"
+    ]
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [h["epoch"] for h in history] == [1, 2] and [h["pgd20"] for h in history] == [
+        row["pgd20"] for row in rows
+    ]
+    r = invoke(
+        "attack",
+        tmp_path / "run" / "last.safetensors",
+        "--attacks",
+        "natural,fgsm",
+        "--n-examples",
+        16,
+        "--json",
+        tmp_path / "rep" / "r.json",
+        "--wandb",
+        "part-test",
+    )
+    assert r.exit_code == 0, r.stderr
+    summary = {
+        wandb_key(i): json.loads(i.value_json)
+        for rec in wandb_records(tmp_path / "rep")
+        if rec.WhichOneof("record_type") == "summary"
+        for i in rec.summary.update
+    }
+    assert (
+        summary[f"{tmp_path / 'run' / 'last.safetensors'}/fgsm"]
+        == _accuracies(tmp_path / "rep" / "r.json")[0][1]["fgsm"]
+    )
+
+
+@pytest.mark.slow
+def test_tensorboard_is_used_when_installed_and_otherwise_said(tmp_path):
+    r = invoke(
+        "train",
+        *TINY,
+        "--epochs",
+        1,
+        "--warmup-epochs",
+        0,
+        "--tensorboard",
+        "--out",
+        tmp_path / "run",
+    )
+    assert r.exit_code == 0, r.stderr
+    if importlib.util.find_spec("tensorboard") is None:
+        assert "needs the tensorboard package" in r.stderr
+    else:
+        assert any((tmp_path / "run" / "tensorboard").iterdir())
 
 
 # ---------------------------------------------------------------- comparing runs (report)
@@ -357,6 +576,7 @@ def test_cam_refuses_an_output_that_is_not_an_image_file_and_keeps_what_is_there
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_hub
 def test_cam_draws_from_a_model_folder_as_from_its_checkpoint(fake_ckpt, tmp_path):
     assert invoke("export", fake_ckpt, "--format", "hf", "--out", tmp_path / "hf").exit_code == 0
     assert (
