@@ -6212,68 +6212,6 @@ def _write_reports(rows: list[dict], names: list[str], json_out, csv_out, markdo
         )
 
 
-def check_robustbench_evaluation(
-    specs: list[AttackSpec],
-    n_examples: Optional[int],
-    eps_levels: float,
-    checkpoints: int,
-    partial: bool,
-) -> None:
-    """Before any attack runs: a leaderboard entry is the standard evaluation (AutoAttack on
-    the 10,000 test points at eps 8/255) unless --partial says otherwise."""
-    if checkpoints != 1:
-        raise CliError("--robustbench-json describes one model: give one checkpoint")
-    if partial:
-        return
-    problems = (
-        (
-            []
-            if any(s.family == "aa" for s in specs)
-            else ["the attacks do not include aa (AutoAttack)"]
-        )
-        + ([] if eps_levels == 8 else [f"eps is {eps_levels:g}/255, not 8/255"])
-        + ([] if n_examples in (None, 10_000) else [f"{n_examples} points, not 10,000"])
-    )
-    if problems:
-        raise CliError(
-            f"--robustbench-json is for the standard evaluation: {'; '.join(problems)} (add --partial for a partial one)"
-        )
-
-
-def robustbench_entry_of(row: dict, partial: bool) -> dict:
-    """RobustBench's model-info entry (model_info/<dataset>/Linf/<name>.json): accuracies as
-    percent strings with two decimals, eps as a fraction; what was run in the footnote."""
-    n, acc = row["n_examples"], row["accuracy"]
-    if n != 10_000 and not partial:
-        raise CliError(
-            f"--robustbench-json is for the standard evaluation on 10,000 points; this one had {n} "
-            "(the reports above are written; add --partial to write the entry too)"
-        )
-    aa = acc.get("aa")
-    footnote = (
-        f"Evaluated with part {row['versions']['part']} (PART: Zhang et al., ICML 2024): {', '.join(acc)} on the "
-        f"first {n} {row['dataset']} test points at eps {row['eps_levels']:g}/255, checkpoint sha256 {row['sha256'][:12]}."
-    )
-    if partial:
-        footnote += " A partial evaluation, not the leaderboard's standard one."
-    return {
-        "link": "",
-        "name": Path(row["path"]).stem,
-        "authors": "",
-        "additional_data": False,
-        "number_forward_passes": 1,
-        "dataset": row["dataset"],
-        "venue": "",
-        "architecture": row["arch"],
-        "eps": f"{row['eps_levels']:g}/255",
-        "clean_acc": f"{100 * acc['natural']:.2f}",
-        "reported": f"{100 * aa:.2f}" if aa is not None else "",
-        "autoattack_acc": f"{100 * aa:.2f}" if aa is not None else "",
-        "footnote": footnote,
-        "unreliable": False,
-    }
-
-
 def _eval_state_path(state: Optional[Path], outputs: list[Optional[Path]]) -> Optional[Path]:
     """--state, else beside the first report file: what makes the evaluation resumable."""
     if state is not None:
@@ -6424,16 +6362,6 @@ def attack_command(
         Optional[str],
         _opt("Also log the results to this Weights & Biases project (needs the wandb package)."),
     ] = None,
-    robustbench_json: Annotated[
-        Optional[Path],
-        _opt(
-            "Write RobustBench's model-info entry (clean and AutoAttack accuracy) "
-            "here; the standard evaluation only: aa, 10,000 points, eps 8/255."
-        ),
-    ] = None,
-    partial: Annotated[
-        bool, _opt("Allow --robustbench-json for a partial evaluation (its footnote says so).")
-    ] = False,
     seed: Seed = 0,
     device: Device = "auto",
     threads: Threads = 0,
@@ -6503,9 +6431,6 @@ def attack_command(
             )
         if wandb and importlib.util.find_spec("wandb") is None:
             raise CliError("--wandb needs the wandb package: pip install wandb")
-        if robustbench_json is not None:
-            check_output_file(robustbench_json, "--robustbench-json")
-            check_robustbench_evaluation(specs, n_examples, eps_levels, len(checkpoints), partial)
         options = AttackOptions(
             cam_layer=cam_layer,
             dataset=dataset,
@@ -6537,9 +6462,6 @@ def attack_command(
         if wandb:
             folder = next((p.parent for p in reports if p is not None), Path("."))
             TRACKERS["wandb"].log_report(wandb, rows, names, folder)
-        if robustbench_json is not None:
-            write_json(robustbench_json, robustbench_entry_of(rows[0], partial))
-            console.print(f"RobustBench model info: {robustbench_json}")
         if sweep:
             for row in rows:
                 curves = sweep_curves(specs, row["accuracy"])

@@ -10,7 +10,8 @@ It imports `part` and adds its commands to `part.app`; `part.py` never imports i
 when run as a program (its `__main__` block and the `part` command), so `import part`
 stays the card alone. Optional packages (matplotlib) are imported where they are used.
 
-Sections: model folders (export --format hf), trackers (TensorBoard, W&B), comparing runs (report), CAM figures (cam),
+Sections: model folders (export --format hf), trackers (TensorBoard, W&B), leaderboard
+entry (leaderboard), comparing runs (report), CAM figures (cam),
 benchmark (bench).
 """
 
@@ -35,6 +36,7 @@ from rich.table import Table
 
 import part
 from part import (
+    require_file,
     FORMAT,
     HF_WEIGHTS,
     CheckpointMeta,
@@ -367,6 +369,96 @@ class WandB:
 
 
 part.TRACKERS.update(tensorboard=TensorBoard, wandb=WandB)
+
+
+# ============================================================================ leaderboard entry
+# `leaderboard`: RobustBench's model-info entry from an `attack --json` report, for the
+# standard evaluation (AutoAttack on the 10,000 test points at eps 8/255) unless --partial.
+
+
+def leaderboard_row(report: Path) -> dict:
+    """The one checkpoint of an `attack --json` report, its figures checked as `report`
+    checks them (fractions in [0, 1]) before they go into a public entry."""
+    require_file(report, "the report")
+    try:
+        rows = json.loads(report.read_text())["checkpoints"]
+        row = rows[0]
+        keys = ("path", "sha256", "arch", "dataset", "n_examples", "eps_levels", "accuracy")
+        missing = [k for k in keys if k not in row]
+        fractions = list(row["accuracy"].values())
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
+        raise CliError(f"{report} is not an `attack --json` report") from None
+    if missing:
+        raise CliError(f"{report}: the report has no {', '.join(missing)}")
+    if len(rows) != 1:
+        raise CliError(f"{report} holds {len(rows)} checkpoints; an entry describes one model")
+    if not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in fractions):  # NaN fails too
+        raise CliError(f"{report}: accuracies must be fractions in [0, 1]")
+    return row
+
+
+def leaderboard_problems(row: dict) -> list[str]:
+    """How an evaluation differs from RobustBench's standard one."""
+    return (
+        ([] if "aa" in row["accuracy"] else ["the attacks do not include aa (AutoAttack)"])
+        + ([] if row["eps_levels"] == 8 else [f"eps is {row['eps_levels']:g}/255, not 8/255"])
+        + ([] if row["n_examples"] == 10_000 else [f"{row['n_examples']} points, not 10,000"])
+    )
+
+
+def robustbench_entry_of(row: dict, partial: bool) -> dict:
+    """RobustBench's model-info entry (model_info/<dataset>/Linf/<name>.json): accuracies as
+    percent strings with two decimals, eps as a fraction; what was run in the footnote."""
+    n, acc = row["n_examples"], row["accuracy"]
+    aa = acc.get("aa")
+    footnote = (
+        f"Evaluated with part {row['versions']['part']} (PART: Zhang et al., ICML 2024): {', '.join(acc)} on the "
+        f"first {n} {row['dataset']} test points at eps {row['eps_levels']:g}/255, checkpoint sha256 {row['sha256'][:12]}."
+    )
+    if partial:
+        footnote += " A partial evaluation, not the leaderboard's standard one."
+    return {
+        "link": "",
+        "name": Path(row["path"]).stem,
+        "authors": "",
+        "additional_data": False,
+        "number_forward_passes": 1,
+        "dataset": row["dataset"],
+        "venue": "",
+        "architecture": row["arch"],
+        "eps": f"{row['eps_levels']:g}/255",
+        "clean_acc": f"{100 * acc['natural']:.2f}",
+        "reported": f"{100 * aa:.2f}" if aa is not None else "",
+        "autoattack_acc": f"{100 * aa:.2f}" if aa is not None else "",
+        "footnote": footnote,
+        "unreliable": False,
+    }
+
+
+@app.command("leaderboard")
+def leaderboard_command(
+    report: Annotated[
+        Path,
+        typer.Argument(help="An `attack --json` report of one checkpoint.", show_default=False),
+    ],
+    out: Annotated[Path, _opt("Write RobustBench's model-info entry here.")] = Path("entry.json"),
+    partial: Annotated[
+        bool, _opt("Allow a partial evaluation (the entry's footnote says so).")
+    ] = False,
+):
+    """RobustBench's model-info entry (clean and AutoAttack accuracy) from an `attack --json`
+    report; the standard evaluation only (aa, 10,000 points, eps 8/255) unless --partial."""
+    with cli_errors():
+        check_output_file(out, "--out")
+        row = leaderboard_row(report)
+        problems = leaderboard_problems(row)
+        if problems and not partial:
+            raise CliError(
+                f"an entry is for the standard evaluation: {'; '.join(problems)} "
+                "(add --partial for a partial one)"
+            )
+        write_json(out, robustbench_entry_of(row, partial))
+        console.print(f"RobustBench model info: {out}")
 
 
 # ============================================================================ comparing runs

@@ -3555,51 +3555,6 @@ def test_a_robustbench_zoo_entry_in_its_own_layout_is_attacked_exported_and_fine
     )  # lr 1e-12: the zoo's weights
 
 
-def test_a_robustbench_entry_is_written_only_for_the_standard_evaluation_unless_partial(
-    fake_run, tmp_path
-):
-    ckpt = fake_run / "best.safetensors"
-    for args, message in [
-        (["--attacks", "natural,pgd2"], "do not include aa"),
-        (["--attacks", "aa", "--eps", "4"], "eps is 4/255"),
-        (["--attacks", "aa", "--n-examples", 100], "100 points, not 10,000"),
-        (["--attacks", "aa", fake_run / "last.safetensors"], "give one checkpoint"),
-    ]:
-        r = invoke("attack", ckpt, *args, "--robustbench-json", tmp_path / "rb.json")
-        assert (
-            r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
-        ), r.stderr
-    assert not (tmp_path / "rb.json").exists()
-    r = invoke(
-        "attack",
-        ckpt,
-        "--attacks",
-        "natural,fgsm",
-        "--n-examples",
-        32,
-        "--json",
-        tmp_path / "r.json",
-        "--robustbench-json",
-        tmp_path / "rb.json",
-        "--partial",
-    )
-    assert r.exit_code == 0, r.stderr
-    entry, accuracy = (
-        json.loads((tmp_path / "rb.json").read_text()),
-        _accuracies(tmp_path / "r.json")[0][1],
-    )
-    assert (
-        entry["clean_acc"] == f"{100 * accuracy['natural']:.2f}"
-        and entry["eps"] == "8/255"
-        and entry["autoattack_acc"] == ""
-    )
-    assert (
-        entry["architecture"] == "cnn"
-        and "partial" in entry["footnote"]
-        and "first 32 synthetic test points" in entry["footnote"]
-    )
-
-
 def torchrun_attack(*args):
     return subprocess.run(
         [
@@ -4138,6 +4093,7 @@ def test_no_module_level_name_is_bound_twice_and_commands_are_named_apart():
         "cam",
         "bench",
         "report",
+        "leaderboard",
     }
 
 

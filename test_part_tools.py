@@ -256,6 +256,39 @@ def test_tensorboard_is_used_when_installed_and_otherwise_said(tmp_path):
         assert any((tmp_path / "run" / "tensorboard").iterdir())
 
 
+# ---------------------------------------------------------------- leaderboard entry
+
+
+def test_a_leaderboard_entry_is_written_only_for_the_standard_evaluation_unless_partial(
+    fake_run, tmp_path
+):
+    ckpt, report = fake_run / "best.safetensors", tmp_path / "r.json"
+    args = ["--attacks", "natural,fgsm", "--n-examples", 32, "--json", report]
+    assert invoke("attack", ckpt, *args).exit_code == 0
+    two = tmp_path / "two.json"
+    assert invoke("attack", ckpt, fake_run / "last.safetensors", *args[:-1], two).exit_code == 0
+    edited = json.loads(report.read_text())
+    edited["checkpoints"][0]["accuracy"]["fgsm"] = 1.5
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    for path, message in [
+        (report, "do not include aa (AutoAttack); 32 points, not 10,000"),
+        (two, "holds 2 checkpoints"),
+        (tmp_path / "edited.json", "fractions in [0, 1]"),
+        (tmp_path / "missing.json", "not found"),
+    ]:
+        r = invoke("leaderboard", path, "--out", tmp_path / "rb.json")
+        assert r.exit_code == 1 and message in r.stderr and len(r.stderr.splitlines()) == 1, (
+            r.stderr
+        )
+    assert not (tmp_path / "rb.json").exists()
+    r = invoke("leaderboard", report, "--out", tmp_path / "rb.json", "--partial")
+    assert r.exit_code == 0, r.stderr
+    entry, accuracy = json.loads((tmp_path / "rb.json").read_text()), _accuracies(report)[0][1]
+    assert entry["clean_acc"] == f"{100 * accuracy['natural']:.2f}" and entry["eps"] == "8/255"
+    assert entry["autoattack_acc"] == "" and entry["architecture"] == "cnn"
+    assert "partial" in entry["footnote"] and "first 32 synthetic test points" in entry["footnote"]
+
+
 # ---------------------------------------------------------------- comparing runs (report)
 
 
