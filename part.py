@@ -346,9 +346,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files; keep the usual mode
         os.replace(tmp, path)
-        with contextlib.suppress(
-            OSError
-        ):  # make the rename itself durable (not possible everywhere)
+        # make the rename itself durable (not possible everywhere)
+        with contextlib.suppress(OSError):
             fd = os.open(path.parent, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -888,9 +887,8 @@ def _decode_image(path: Path, size: int) -> Tensor:
     import numpy as np
     from PIL import Image
 
-    with (
-        warnings.catch_warnings()
-    ):  # PIL warns of a bomb at open; the size check below says it in one line
+    # PIL warns of a bomb at open; the size check below says it in one line
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         opened = Image.open(path)  # reads the header only: the size is known before decoding
     with opened as im:
@@ -966,9 +964,8 @@ def _cached(
         try:
             from safetensors.torch import load_file
 
-            t = load_file(
-                str(path)
-            )  # memory-mapped: a data set's cache need not be read into memory twice or hashed
+            # memory-mapped: a data set's cache need not be read into memory twice or hashed
+            t = load_file(str(path))
             classes = json.loads(safetensors_metadata(path)["classes"])
             if _valid_cache_entry(t, classes, len(files), size):
                 return Split(t["x"], t["y"], list(classes))
@@ -1392,9 +1389,8 @@ class DMBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu_0(self.batchnorm_0(x))
-        if (
-            self.shortcut is not None
-        ):  # the pre-activation feeds both paths of a block that changes width
+        # the pre-activation feeds both paths of a block that changes width
+        if self.shortcut is not None:
             x = self.shortcut(out)
         return x + self.conv_1(self.relu_1(self.batchnorm_1(self.conv_0(F.pad(out, self.pad)))))
 
@@ -1531,17 +1527,15 @@ def robustbench_arch(text: str, dataset: Optional[str], threat: str = "linf") ->
 def robustbench_entry(dataset: str, threat: str, name: str) -> dict:
     """The robustbench package's zoo entry of a model (an unknown name said in one line)."""
     try:
-        with (
-            warnings.catch_warnings()
-        ):  # its imports warn about torch.jit and pkg_resources deprecations
+        # its imports warn about torch.jit and pkg_resources deprecations
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if (
                 importlib.util.find_spec("autoattack") is None
                 and importlib.util.find_spec("pyautoattack") is not None
             ):
-                sys.modules.setdefault(
-                    "autoattack", importlib.import_module("pyautoattack")
-                )  # its PyPI name
+                # its PyPI name
+                sys.modules.setdefault("autoattack", importlib.import_module("pyautoattack"))
             from robustbench.model_zoo import model_dicts
             from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
     except ImportError as e:
@@ -1842,9 +1836,8 @@ def activations_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]
             raise CliError(
                 f"the CAM layer {layer} gives {shape}, not a [N, C, H, W] feature map; choose another --cam-layer"
             )
-        torch.set_grad_enabled(
-            True
-        )  # the rest of the forward records a graph (undone by no_grad's exit)
+        # the rest of the forward records a graph (undone by no_grad's exit)
+        torch.set_grad_enabled(True)
         captured["acts"] = (
             output.detach()
             .to(torch.promote_types(output.dtype, torch.float32))
@@ -2176,9 +2169,8 @@ def check_unit_budgets(eps: float, eps_low: float, step: Optional[float] = None)
     for name, value in (("eps", eps), ("eps_low", eps_low), ("step", step)):
         if name == "step" and value is None:
             continue
-        if (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
-        ):  # NaN fails too
+        # NaN fails too
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise CliError(f"{name} must be a number in [0, 1] ({UNITS_HINT}), got {value!r}")
     if eps_low > eps:
         raise CliError(f"eps_low ({eps_low:g}) must not exceed eps ({eps:g})")
@@ -2199,9 +2191,8 @@ def check_attack_arguments(eps: float | Tensor, step: float, steps: int) -> None
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_ATTACK_STEPS:
         raise ValueError(f"steps must be an integer from 1 to {MAX_ATTACK_STEPS}, got {steps!r}")
     if torch.is_tensor(eps):
-        if not eps.is_floating_point() or not bool(
-            ((eps >= 0) & (eps <= 1)).all()
-        ):  # NaN fails too
+        # NaN fails too
+        if not eps.is_floating_point() or not bool(((eps >= 0) & (eps <= 1)).all()):
             raise ValueError(f"eps must hold finite budgets in [0, 1] ({UNITS_HINT})")
     elif (
         isinstance(eps, bool)
@@ -2415,9 +2406,8 @@ def _mma(
         with torch.no_grad():
             logits = model(x).float()
         k = min(k, logits.shape[1] - 1)
-        targets = (
-            logits.scatter(1, y.view(-1, 1), float("-inf")).topk(k, 1).indices.T.reshape(-1)
-        )  # [k*B]
+        # [k*B]
+        targets = logits.scatter(1, y.view(-1, 1), float("-inf")).topk(k, 1).indices.T.reshape(-1)
         x_k, y_k, eps_k = x.repeat(k, 1, 1, 1), y.repeat(k), _tile(eps, x, k)
         box = budget_box(x_k, eps_k)
         candidates = _ascend(
@@ -2628,14 +2618,12 @@ def train_epoch(run: Run, epoch: int) -> dict:
     # Every random stream of an epoch is a function of (seed, epoch[, rank]): a resumed run
     # replays exactly what the uninterrupted one would have done.
     torch.manual_seed(derived_seed(cfg.seed, epoch, dist.rank))
-    shuffle = torch.Generator(device).manual_seed(
-        derived_seed(cfg.seed, epoch, -1)
-    )  # the same on every rank
+    # the same on every rank
+    shuffle = torch.Generator(device).manual_seed(derived_seed(cfg.seed, epoch, -1))
     aug = torch.Generator(device).manual_seed(derived_seed(cfg.seed, epoch, dist.rank, 1))
     batches = epoch_batches(len(run.train.y), cfg.batch_size, dist, shuffle)
-    lr = lr_at(
-        cfg, epoch, 0, len(batches)
-    )  # the epoch's first lr: the one a step schedule keeps all epoch
+    # the epoch's first lr: the one a step schedule keeps all epoch
+    lr = lr_at(cfg, epoch, 0, len(batches))
     totals = torch.zeros(3, device=device)  # loss sum, correct, count (this rank)
     steady = (
         None  # (time, images) after the first 10 steps: compilation and warm-up are over by then
@@ -3130,9 +3118,8 @@ def read_settings_file(path: Path) -> tuple[dict, Optional[str]]:
     if not isinstance(data, dict):
         raise CliError(f"--config {path} is not a table of settings")
     preset = None
-    if isinstance(
-        data.get("config"), dict
-    ):  # a run's config.json: the new run goes to a new folder
+    # a run's config.json: the new run goes to a new folder
+    if isinstance(data.get("config"), dict):
         preset = data.get("preset") if isinstance(data.get("preset"), str) else None
         data = {k: v for k, v in data["config"].items() if k != "out"}
     for key in data:
@@ -3177,9 +3164,8 @@ def resolve_config(
     values, preset, _ = preset_settings(preset, presets_file, given.get("dataset"), config_file)
     if "init" in given:  # another file: its own hash is recorded at the start
         values.pop("init_sha256", None)
-        if (
-            given["init"].startswith(ROBUSTBENCH) and "model" not in given
-        ):  # the zoo entry is the architecture too
+        # the zoo entry is the architecture too
+        if given["init"].startswith(ROBUSTBENCH) and "model" not in given:
             given["model"] = given["init"]
     cfg = TrainConfig(**{**values, **given})
     if cfg.model.startswith(ROBUSTBENCH):
@@ -4145,9 +4131,8 @@ class Run:
     history: list[dict] = dataclasses.field(default_factory=list)
     best: dict = dataclasses.field(default_factory=lambda: {"pgd20": None, "epoch": None})
     start: int = 0
-    trackers: list = dataclasses.field(
-        default_factory=list
-    )  # TensorBoard / W&B writers, when asked for
+    # TensorBoard / W&B writers, when asked for
+    trackers: list = dataclasses.field(default_factory=list)
     estimated: bool = False  # the CPU time estimate has been said
     ema: Optional[nn.Module] = None  # --ema: the moving average of the weights
 
@@ -5045,9 +5030,8 @@ class AdvWriter:
         parts = self.folder / ".parts"
         parts.mkdir(parents=True, exist_ok=True)
         for stale in [p for p in parts.glob("*.safetensors") if not p.name.startswith(self.id)]:
-            stale.unlink(
-                missing_ok=True
-            )  # left by a killed evaluation of other settings: never ours to merge
+            # left by a killed evaluation of other settings: never ours to merge
+            stale.unlink(missing_ok=True)
         for done in self.folder.glob("*.safetensors"):
             if safetensors_metadata(done).get("evaluation") != json.dumps(self.id):
                 raise CliError(
@@ -5083,9 +5067,8 @@ class AdvWriter:
         must have its example."""
         path = self.folder / f"{spec.key}.safetensors"
         parts = sorted((self.folder / ".parts").glob(f"{self.id}-{spec.key}-*.safetensors"))
-        if not parts and self._complete(
-            spec.key
-        ):  # written before an interruption: nothing left to add
+        # written before an interruption: nothing left to add
+        if not parts and self._complete(spec.key):
             return path
         x_adv = x_all.detach().float().cpu().clone()
         covered = torch.zeros(len(y_all), dtype=torch.bool)
@@ -5180,9 +5163,8 @@ def _run_attack(
 
     for first in range(0, len(batches), dist.world):
         i = first + dist.rank
-        redo = (
-            adv is not None and i < len(batches) and not adv.has(spec.key, i)
-        )  # done, but its examples are gone
+        # done, but its examples are gone
+        redo = adv is not None and i < len(batches) and not adv.has(spec.key, i)
         if i < len(batches) and (redo or bool((flags[batches[i]] == PENDING).any())):
             idx = batches[i]
             with rng_fork(device):
@@ -5534,9 +5516,8 @@ def robustness_of(report: Path, sha256: str) -> dict:
 
 # ============================================================================ commands
 
-_click = getattr(typer.core, "_click", None) or importlib.import_module(
-    "click"
-)  # typer vendors click from 0.22 on
+# typer vendors click from 0.22 on
+_click = getattr(typer.core, "_click", None) or importlib.import_module("click")
 
 
 class OneLineErrors(typer.core.TyperGroup):
@@ -5735,9 +5716,8 @@ def run_processes(nproc: int, device: str) -> int:
         "PART_COMMAND": command_name(),
         "PART_NPROC": str(nproc),
     }
-    if (
-        dev.type == "cpu" and "OMP_NUM_THREADS" not in env
-    ):  # N processes share the cores instead of each taking all
+    # N processes share the cores instead of each taking all
+    if dev.type == "cpu" and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     # Their own process group: a terminal's Ctrl-C reaches this launcher only, which passes it on once.
     procs = [
@@ -5768,9 +5748,8 @@ def run_processes(nproc: int, device: str) -> int:
     for t in relays:
         t.start()
 
-    def pass_on(
-        signum, frame
-    ) -> None:  # each process stops and saves on its own, as it would alone
+    # each process stops and saves on its own, as it would alone
+    def pass_on(signum, frame) -> None:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -5788,9 +5767,8 @@ def run_processes(nproc: int, device: str) -> int:
                 if p.returncode not in (None, 0) and r not in failures + list(stopped)
             ]
             if failures and deadline == math.inf:
-                deadline = (
-                    time.monotonic() + 20
-                )  # the others fail too, or wait for ever on a dead peer
+                # the others fail too, or wait for ever on a dead peer
+                deadline = time.monotonic() + 20
             for r, p in enumerate(procs):
                 if time.monotonic() > deadline and p.poll() is None:
                     if r not in stopped:
@@ -5812,9 +5790,8 @@ def run_processes(nproc: int, device: str) -> int:
     ]
     if not failures:
         return 0
-    cause = next(
-        (r for r in failures if procs[r].returncode < 0), failures[0]
-    )  # a killed one takes its peers down
+    # a killed one takes its peers down
+    cause = next((r for r in failures if procs[r].returncode < 0), failures[0])
     code = procs[cause].returncode
     if code < 0:  # killed by a signal: it could not say so itself
         try:
@@ -6379,9 +6356,8 @@ def attack_command(
     with cli_errors():
         set_threads(threads)
         dist = dist_from_env()
-        if (
-            adv_from is not None
-        ):  # the saved files fix the attack, budget and points; a given value would mislabel them
+        # the saved files fix the attack, budget and points; a given value would mislabel them
+        if adv_from is not None:
             given = [
                 name
                 for name, value in (
@@ -6488,9 +6464,8 @@ def attack_command(
             for warning in row["warnings"]:
                 note(f"warning: {row['path']}: {warning}")
         if options.state is not None:
-            options.state.unlink(
-                missing_ok=True
-            )  # the evaluation is complete: its reports hold everything
+            # the evaluation is complete: its reports hold everything
+            options.state.unlink(missing_ok=True)
 
 
 def _attack_checkpoints(
@@ -6529,9 +6504,8 @@ def _attack_checkpoints(
         "batch_size": o.batch_size,
         "save_adv": str(o.save_adv) if o.save_adv else None,
     }
-    with (
-        contextlib.ExitStack() as locks
-    ):  # one evaluation at a time writes a state file or a --save-adv folder
+    # one evaluation at a time writes a state file or a --save-adv folder
+    with contextlib.ExitStack() as locks:
         if dist.main and o.state is not None:
             o.state.parent.mkdir(parents=True, exist_ok=True)
             locks.enter_context(
@@ -6919,7 +6893,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault(
-        "part", sys.modules[__name__]
-    )  # the tools extend this module, not a second copy
+    # the tools extend this module, not a second copy
+    sys.modules.setdefault("part", sys.modules[__name__])
     main()

@@ -802,9 +802,8 @@ def paired_difference(a: dict, b: dict) -> dict:
             f"the groups {a['label']} and {b['label']} share no seed; a paired comparison needs the same seeds"
         )
     result = {}
-    same_attacks = (
-        a["evaluation"] == b["evaluation"]
-    )  # `worst` is over each group's own attacks: like with like only
+    # `worst` is over each group's own attacks: like with like only
+    same_attacks = a["evaluation"] == b["evaluation"]
     for key in [k for k in a["stats"] if k in b["stats"] and (k != "worst" or same_attacks)]:
         d = [fa[s][key] - fb[s][key] for s in seeds]
         stats = mean_std(d)

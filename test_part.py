@@ -370,9 +370,8 @@ def test_inverse_has_zscores_count_on_the_least_important_pixels_and_a_quadrant_
     assert (
         torch.equal(z.sum(1), inv.sum(1)) and (z.sum(1) > 0).sum() >= 2
     )  # the same density and mean budget as PART
-    for h, full in zip(
-        heat, inv, strict=True
-    ):  # every full-budget pixel ranks at or below every other pixel
+    # every full-budget pixel ranks at or below every other pixel
+    for h, full in zip(heat, inv, strict=True):
         assert not full.any() or h[full].max() <= h[~full].min()
     for corner in ("tl", "tr", "bl", "br"):
         low = part.eps_map(cams, EPS, EPS_LOW, f"quadrant-{corner}", size=(32, 32)) == EPS_LOW
@@ -556,9 +555,8 @@ def test_the_channels_last_layout_changes_speed_not_results_and_checkpoints_stay
     for model in (plain, fast):
         xr = x.clone().requires_grad_()
         grads.append(torch.autograd.grad(F.cross_entropy(model(xr), y), xr)[0])
-    assert torch.allclose(
-        *grads, rtol=1e-3, atol=1e-7
-    )  # what the attacks follow (their sign may flip where ~0)
+    # what the attacks follow (their sign may flip where ~0)
+    assert torch.allclose(*grads, rtol=1e-3, atol=1e-7)
     part.save_checkpoint(
         tmp_path / "m.safetensors", fast, part.CheckpointMeta(arch=arch, num_classes=10)
     )
@@ -625,9 +623,8 @@ def test_foreign_state_dicts_load_with_wrappers_and_prefixes(batch, tmp_path):
 def test_a_trades_style_wrn_state_dict_with_module_prefix_and_spare_block_loads(batch):
     ref = seeded("wrn-34-10")
     state = {f"module.{k}": v for k, v in ref.state_dict().items()}
-    state.update(
-        {f"module.sub_block1.{k}": v for k, v in ref.block1.state_dict().items()}
-    )  # TRADES' unused block
+    # TRADES' unused block
+    state.update({f"module.sub_block1.{k}": v for k, v in ref.block1.state_dict().items()})
     ours = part.build_model("wrn-34-10").eval()
     part.load_state_into(
         ours, part._clean_state_dict(state, Path("wrn.pt")), "wrn-34-10", Path("wrn.pt")
@@ -712,9 +709,8 @@ def test_tinyimagenet_layout_reads_train_and_the_annotated_val_split(tmp_path):
             )
     (root / "val" / "images").mkdir(parents=True)
     for i in range(3):
-        Image.new("L", (64, 64), 100 + i).save(
-            root / "val" / "images" / f"val_{i}.JPEG"
-        )  # greyscale becomes RGB
+        # greyscale becomes RGB
+        Image.new("L", (64, 64), 100 + i).save(root / "val" / "images" / f"val_{i}.JPEG")
     (root / "val" / "val_annotations.txt").write_text(
         "val_0.JPEG\tn02\t0\t0\t1\t1\nval_1.JPEG\tn01\t0\t0\t1\t1\nval_2.JPEG\tn02\t0\t0\t1\t1\n"
     )
@@ -1010,9 +1006,8 @@ def test_a_run_is_rerun_exactly_from_its_config_json_and_user_presets_add_to_the
         "out": str(tmp_path / "b"),
     }
     a, b = (load_file(tmp_path / d / "last.safetensors") for d in "ab")
-    assert a.keys() == b.keys() and all(
-        torch.equal(a[k], b[k]) for k in a
-    )  # the same run, bit for bit
+    # the same run, bit for bit
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the options given win over the file; the help says where each default is from
     r = invoke(
         "train",
@@ -1073,9 +1068,8 @@ def test_a_run_is_rerun_exactly_from_its_config_json_and_user_presets_add_to_the
 def test_the_cosine_schedule_warms_up_linearly_then_falls_to_zero_and_ema_is_an_exact_moving_average():
     cfg = part.TrainConfig(lr=0.1, epochs=10, schedule="cosine", lr_warmup=2)
     lrs = [part.lr_at(cfg, e, i, 4) for e in range(10) for i in range(4)]
-    assert lrs[:8] == pytest.approx(
-        [0.1 * k / 8 for k in range(1, 9)]
-    )  # linear, per step, reaching lr
+    # linear, per step, reaching lr
+    assert lrs[:8] == pytest.approx([0.1 * k / 8 for k in range(1, 9)])
     assert (
         all(a >= b for a, b in zip(lrs[7:-1], lrs[8:], strict=True))
         and lrs[-1] < 0.1 * 0.01
@@ -1099,9 +1093,8 @@ def test_init_starts_a_run_from_given_weights_records_their_hash_and_a_new_head_
     tmp_path,
 ):
     torch.manual_seed(1)
-    five = part.build_model(
-        "cnn", 5
-    )  # a foreign state dict for 5 classes; the synthetic data have 10
+    # a foreign state dict for 5 classes; the synthetic data have 10
+    five = part.build_model("cnn", 5)
     torch.save(five.state_dict(), tmp_path / "five.pt")
     frozen = [
         "--preset",
@@ -1773,13 +1766,11 @@ def _ddp_worker(rank, world, init_file, x, y, loss, out):
 
     import torch.distributed as td
 
-    part.LOSSES[loss] = dataclasses.replace(
-        part.LOSSES[loss], start=False
-    )  # no random start: the step is deterministic
+    # no random start: the step is deterministic
+    part.LOSSES[loss] = dataclasses.replace(part.LOSSES[loss], start=False)
     td.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    _ddp_step(
-        rank, world, x, y, loss, out
-    )  # returns with the DDP wrapper (and its hold on the group) gone
+    # returns with the DDP wrapper (and its hold on the group) gone
+    _ddp_step(rank, world, x, y, loss, out)
     gc.collect()
     td.barrier()  # leave together (as part.process_group does)
     td.destroy_process_group()
@@ -1806,9 +1797,8 @@ def test_two_processes_holding_half_a_batch_each_make_the_same_update_as_one(
     start = NoBatchStats().state_dict()
     for key, value in single.state_dict().items():
         assert torch.allclose(value, synced[key], atol=1e-6), key
-    assert not torch.allclose(
-        start["linear.weight"], synced["linear.weight"]
-    )  # the step did move the weights
+    # the step did move the weights
+    assert not torch.allclose(start["linear.weight"], synced["linear.weight"])
 
 
 def torchrun(*args):
@@ -1944,9 +1934,8 @@ def test_one_read_gives_a_safetensors_files_tensors_metadata_and_hash(tmp_path):
     with safe_open(str(path), "pt") as f:
         assert metadata == f.metadata() == part.safetensors_metadata(path)
     assert sha == part.file_hash(path) and torch.equal(tensors["a"], load_file(str(path))["a"])
-    path.write_bytes(
-        path.read_bytes()[:-3]
-    )  # truncated: no tensors, and a clear error from the reader that says so
+    # truncated: no tensors, and a clear error from the reader that says so
+    path.write_bytes(path.read_bytes()[:-3])
     with pytest.raises(part.CliError, match="not a readable safetensors file"):
         part.read_safetensors(path)
     (tmp_path / "junk").write_bytes(b"\xff" * 64)
@@ -3048,9 +3037,8 @@ def test_a_killed_attack_continues_to_the_uninterrupted_report(
     assert len(replays) == 4 and all(
         row["accuracy"][o["column"]] == reported[row["path"]][o["attack"]] for row, o in replays
     )
-    r = cli(
-        *args[:-4], "--json", tmp_path / "r.json", "--seed", 5
-    )  # a state of another evaluation is never mixed in
+    # a state of another evaluation is never mixed in
+    r = cli(*args[:-4], "--json", tmp_path / "r.json", "--seed", 5)
     assert r.returncode == 0
 
 
@@ -3395,9 +3383,8 @@ def test_the_robust_architectures_of_our_registry_load_robustbench_state_dicts_a
                 m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
         state = {k: v for k, v in theirs.state_dict().items() if k not in ("mu", "sigma")}
         part.load_state_into(ours, state, arch, Path("x"))
-        normalised = (
-            (x - theirs.mu) / theirs.sigma if arch == "preact-resnet18-rb" else x
-        )  # Wong2020Fast's own, outside ours
+        # Wong2020Fast's own, outside ours
+        normalised = (x - theirs.mu) / theirs.sigma if arch == "preact-resnet18-rb" else x
         with torch.no_grad():
             expected, got = theirs.eval()(x), ours.eval()(normalised)
         assert torch.allclose(got, expected, atol=1e-5), arch
@@ -3473,9 +3460,8 @@ def test_a_robustbench_zoo_entry_in_its_own_layout_is_attacked_exported_and_fine
     points = part.load_split("cifar10", "test", tmp_path / "data", tmp_path / "cache")
     with torch.no_grad():
         right = (theirs(part.to_float(points.x)).argmax(1) == points.y).sum().item()
-    assert row["accuracy"]["natural"] == pytest.approx(
-        right / 20
-    )  # RobustBench's own model on the same points
+    # RobustBench's own model on the same points
+    assert row["accuracy"]["natural"] == pytest.approx(right / 20)
     r = invoke(
         "attack",
         folder / "Wong2020Fast.pt",
@@ -3550,9 +3536,8 @@ def test_a_robustbench_zoo_entry_in_its_own_layout_is_attacked_exported_and_fine
         == hashlib.sha256((folder / "Wong2020Fast.pt").read_bytes()).hexdigest()
     )
     tuned = load_file(tmp_path / "run" / "last.safetensors")
-    assert torch.allclose(
-        tuned["net.conv1.weight"], state["conv1.weight"], atol=1e-9
-    )  # lr 1e-12: the zoo's weights
+    # lr 1e-12: the zoo's weights
+    assert torch.allclose(tuned["net.conv1.weight"], state["conv1.weight"], atol=1e-9)
 
 
 def torchrun_attack(*args):
@@ -3689,9 +3674,8 @@ def test_zoo_models_train_with_part_and_their_batched_cam_equals_a_loop(batch, n
 
 def test_the_cam_layer_can_be_chosen_and_a_plain_torchvision_state_dict_loads(batch, tmp_path):
     x = batch[0][:2]
-    deeper = part.build_model(
-        "cnn", 10, cam_layer="body.5"
-    ).eval()  # the third block: 16 x 16 at 32 px
+    # the third block: 16 x 16 at 32 px
+    deeper = part.build_model("cnn", 10, cam_layer="body.5").eval()
     assert part.class_activation(deeper, x).shape == (2, 1, 16, 16)
     with pytest.raises(part.CliError, match="no such module"):
         part.build_model("cnn", 10, cam_layer="body.99")
@@ -3965,9 +3949,8 @@ def test_the_same_command_again_with_resume_continues_and_only_a_different_value
 ):
     out = tmp_path / "run"
     assert cli("train", *QUICK, "--out", out).returncode == 0
-    r = cli(
-        "train", *QUICK, "--epochs", 3, "--out", out, "--resume"
-    )  # the job script's own line, plus --resume
+    # the job script's own line, plus --resume
+    r = cli("train", *QUICK, "--epochs", 3, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr
     assert [
         json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
@@ -4019,9 +4002,8 @@ def test_every_help_text_is_shown_as_written():
     assert (
         "[default: 0.05, from preset smoke]" in text and "[default: 8, built in]" in text
     )  # lr from the preset; eps built in
-    assert all(
-        name in text for name in ("cifar10-cpu", "cifar10-study", "tinyimagenet")
-    )  # the presets are listed
+    # the presets are listed
+    assert all(name in text for name in ("cifar10-cpu", "cifar10-study", "tinyimagenet"))
 
 
 def test_shell_completion_offers_presets_and_attack_names():
@@ -4405,9 +4387,8 @@ def test_a_full_disk_while_exporting_is_one_line_and_leaves_no_temporary(
 
 
 def test_user_text_in_brackets_is_printed_as_text(fake_ckpt, tmp_path):
-    odd = (
-        tmp_path / "runs[" / "]odd[bold]" / "model.safetensors"
-    )  # the path holds "[/]" and "[bold]"
+    # the path holds "[/]" and "[bold]"
+    odd = tmp_path / "runs[" / "]odd[bold]" / "model.safetensors"
     odd.parent.mkdir(parents=True)
     shutil.copy(fake_ckpt, odd)
     r = invoke("attack", odd, "--attacks", "fgsm", "--n-examples", 8, "--json", tmp_path / "r.json")
@@ -4441,9 +4422,8 @@ def test_odd_inputs_give_one_clear_line(fake_ckpt, tmp_path):
 
     big = tmp_path / "folder" / "train" / "a"
     big.mkdir(parents=True)
-    Image.new("L", (12000, 12000)).save(
-        big / "big.png"
-    )  # about 140 KB on disk, 144 M pixels decoded
+    # about 140 KB on disk, 144 M pixels decoded
+    Image.new("L", (12000, 12000)).save(big / "big.png")
     with pytest.raises(part.CliError, match="more than part decodes"):
         part.load_split("imagefolder", "train", tmp_path / "folder", tmp_path / "cache")
     deep = "[" * 100_000 + "]" * 100_000

@@ -195,9 +195,8 @@ def test_wandb_offline_logs_the_config_and_every_epoch_and_a_resume_continues_th
     assert r.exit_code == 0, r.stderr
     records = wandb_records(tmp_path / "run")
     runs = [rec.run for rec in records if rec.WhichOneof("record_type") == "run"]
-    assert {run.project for run in runs} == {"part-test"} and len(
-        {run.run_id for run in runs}
-    ) == 1  # resumed: one W&B run
+    # resumed: one W&B run
+    assert {run.project for run in runs} == {"part-test"} and len({run.run_id for run in runs}) == 1
     config = {wandb_key(u): json.loads(u.value_json) for u in runs[0].config.update}
     assert config["method"] == "part" and config["preset"] == "smoke" and config["epochs"] == 1
     history = [
@@ -380,9 +379,8 @@ def test_report_compares_new_arms_measured_with_fewer_attacks_on_their_common_co
         for s in (0, 1, 2)
     ]
     _report_file(tmp_path / "old.json", old)
-    added = set(
-        part_tools.SETTINGS_ADDED_IN_0_5
-    )  # written by part 0.4: no optimizer, schedule, ... keys
+    # written by part 0.4: no optimizer, schedule, ... keys
+    added = set(part_tools.SETTINGS_ADDED_IN_0_5)
     report = json.loads((tmp_path / "old.json").read_text())
     for row in report["checkpoints"]:
         row["config"] = {k: v for k, v in row["config"].items() if k not in added}
@@ -634,9 +632,8 @@ def test_report_and_cam_in_a_terminal(fake_ckpt, tmp_path):
     code, screen = in_terminal("cam", fake_ckpt, "--n-examples", 4, "--out", tmp_path / "cams.png")
     assert code == 0 and (tmp_path / "cams.png").stat().st_size > 0, screen[-2000:]
     (tmp_path / "export").mkdir()
-    code, screen = in_terminal(
-        "report", tmp_path / "r.json", tmp_path / "export"
-    )  # the folder is skipped, said once
+    # the folder is skipped, said once
+    code, screen = in_terminal("report", tmp_path / "r.json", tmp_path / "export")
     assert code == 0 and "skipped 1 path" in screen and "natural" in screen, screen[-2000:]
 
 
@@ -687,9 +684,8 @@ def test_bench_interleaves_the_pieces_and_reports_ratio_memory_and_flops(tmp_pat
     assert forward == pytest.approx(
         part_tools.count_flops(lambda: seeded()(torch.rand(1, 3, 32, 32))) / 1e9
     )
-    assert results["PGD-2 attack"]["gflop_per_image"] == pytest.approx(
-        4 * forward, rel=0.05
-    )  # 2 x (forward + input gradient)
+    # 2 x (forward + input gradient)
+    assert results["PGD-2 attack"]["gflop_per_image"] == pytest.approx(4 * forward, rel=0.05)
     assert all(v["first_call_ms"] > 0 and v["peak_memory_mb"] >= 0 for v in results.values())
     assert info["versions"]["torch"] == torch.__version__ and info["compile"] is False
 
