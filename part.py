@@ -4217,49 +4217,8 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
     )
     if cfg.ema:
         run.ema = copy.deepcopy(model).requires_grad_(False).eval()
-    # a run without its resume state would start again at epoch 1 and overwrite later epochs
-    if resume and not files.state.is_file() and _epoch_of(files.last):
-        raise CliError(
-            cannot_continue(
-                files,
-                f"{files.state} is missing: the run cannot continue exactly (its optimizer "
-                "state is gone)",
-            )
-        )
-    saved = None
-    if resume and files.state.is_file():
-        try:
-            saved, run.history = load_resume_state(files.state, model, optimizer, run.ema)
-        except CliError as e:
-            raise CliError(cannot_continue(files, str(e))) from None
-    if saved is not None:
-        if cfg.epochs < (saved.epoch or 0):
-            raise CliError(
-                f"--epochs {cfg.epochs}: this run has already finished {saved.epoch} epochs"
-            )
-        if saved.classes != meta.classes or saved.data_fingerprint != data_hash:
-            raise CliError(
-                f"the training data in {cfg.data_dir} differ from the data this run was trained on "
-                f"(classes or fingerprint {saved.data_fingerprint} vs {data_hash}); give the run's own --data-dir"
-            )
-        run.start, run.best = saved.epoch or 0, saved.best or run.best
-        before, now = saved.machine.get("threads"), torch.get_num_threads()
-        if dist.main and device.type == "cpu" and before not in (None, now):
-            note(
-                f"note: the run used {threads_text(before)}, this resume {now}: it continues exactly, but floating-point "
-                f"sums may round differently, so the weights will not be bit-identical to an uninterrupted run "
-                f"(--threads {before} keeps them so)"
-            )
-        before = saved.machine.get("processes", 1)
-        if dist.main and before != dist.world:
-            note(
-                f"note: the run used {before} process{'es' * (before != 1)}, this resume {dist.world}: "
-                "each process takes another share of every batch, so the weights will not be "
-                f"bit-identical to an uninterrupted run (--nproc {before} keeps them so)"
-            )
-        run.history = [r for r in run.history if r["epoch"] <= run.start]
-        if dist.main:
-            repair_run_files(run, saved)
+    if resume:
+        continue_run(run, data_hash)
     if dist.main:
         write_json(
             files.config,
@@ -4275,6 +4234,46 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
         )
         run.trackers = open_trackers(cfg, files, preset)
     return run
+
+
+def continue_run(run: Run, data_hash: str) -> None:
+    """--resume on a folder that holds a run: the state of its last finished epoch, checked
+    against these settings and data; said where the result will not be bit-exact."""
+    cfg, files, dist = run.cfg, run.files, run.dist
+    if not files.state.is_file():
+        if _epoch_of(files.last):  # starting again at epoch 1 would overwrite later epochs
+            problem = f"{files.state} is missing: the run cannot continue exactly (its optimizer state is gone)"
+            raise CliError(cannot_continue(files, problem))
+        return  # stopped before its first epoch ended: it starts again
+    try:
+        saved, history = load_resume_state(files.state, run.parts.model, run.optimizer, run.ema)
+    except CliError as e:
+        raise CliError(cannot_continue(files, str(e))) from None
+    if cfg.epochs < (saved.epoch or 0):
+        raise CliError(f"--epochs {cfg.epochs}: this run has already finished {saved.epoch} epochs")
+    if saved.classes != run.meta.classes or saved.data_fingerprint != data_hash:
+        raise CliError(
+            f"the training data in {cfg.data_dir} differ from the data this run was trained on "
+            f"(classes or fingerprint {saved.data_fingerprint} vs {data_hash}); give the run's own --data-dir"
+        )
+    run.start, run.best = saved.epoch or 0, saved.best or run.best
+    run.history = [r for r in history if r["epoch"] <= run.start]
+    before, now = saved.machine.get("threads"), torch.get_num_threads()
+    if dist.main and run.device.type == "cpu" and before not in (None, now):
+        note(
+            f"note: the run used {threads_text(before)}, this resume {now}: it continues exactly, but floating-point "
+            f"sums may round differently, so the weights will not be bit-identical to an uninterrupted run "
+            f"(--threads {before} keeps them so)"
+        )
+    before = saved.machine.get("processes", 1)
+    if dist.main and before != dist.world:
+        note(
+            f"note: the run used {before} process{'es' * (before != 1)}, this resume {dist.world}: "
+            "each process takes another share of every batch, so the weights will not be "
+            f"bit-identical to an uninterrupted run (--nproc {before} keeps them so)"
+        )
+    if dist.main:
+        repair_run_files(run, saved)
 
 
 def check_cam_layer(model: nn.Module, x: Tensor, cfg: TrainConfig) -> None:
@@ -6356,28 +6355,12 @@ def attack_command(
     with cli_errors():
         set_threads(threads)
         dist = dist_from_env()
-        # the saved files fix the attack, budget and points; a given value would mislabel them
         if adv_from is not None:
-            given = [
-                name
-                for name, value in (
-                    ("--attacks", attacks),
-                    ("--eps", eps),
-                    ("--step", step),
-                    ("--restarts", restarts),
-                    ("--n-examples", n_examples),
-                    ("--eps-low", eps_low),
-                    ("--save-adv", save_adv),
-                    ("--sweep", sweep or None),
-                    ("--state", state),
-                )
-                if value is not None
-            ]
-            if given:
-                raise CliError(
-                    f"{', '.join(given)} cannot be given with --adv-from: the saved examples fix the attack, "
-                    "the budget and the points"
-                )
+            _refuse_with_adv_from(
+                {"--attacks": attacks, "--eps": eps, "--step": step, "--restarts": restarts}
+                | {"--n-examples": n_examples, "--eps-low": eps_low, "--save-adv": save_adv}
+                | {"--sweep": sweep or None, "--state": state}
+            )
         eps_levels, step_levels = (
             parse_levels(eps or DEFAULT_EPS_LEVELS, "eps"),
             parse_levels(step or DEFAULT_STEP_LEVELS, "step"),
@@ -6401,12 +6384,7 @@ def attack_command(
             strict=True,
         ):
             check_output_file(path, option)
-        if wandb and "wandb" not in TRACKERS:
-            raise CliError(
-                "--wandb comes with part_tools.py: pip install . (or keep it beside part.py)"
-            )
-        if wandb and importlib.util.find_spec("wandb") is None:
-            raise CliError("--wandb needs the wandb package: pip install wandb")
+        _check_wandb(wandb)
         options = AttackOptions(
             cam_layer=cam_layer,
             dataset=dataset,
@@ -6439,33 +6417,50 @@ def attack_command(
             folder = next((p.parent for p in reports if p is not None), Path("."))
             TRACKERS["wandb"].log_report(wandb, rows, names, folder)
         if sweep:
-            for row in rows:
-                curves = sweep_curves(specs, row["accuracy"])
-                console.print(
-                    f"{row['path']}: sweep "
-                    + "; ".join(
-                        f"{f}: "
-                        + ", ".join(
-                            f"{k}{'x' + str(r) if r > 1 else ''} {fmt_pct(a)}"
-                            for k, r, a in sorted(pts)
-                        )
-                        for f, pts in curves.items()
-                    ),
-                )
-            if plot_sweep(
-                plot_path,
-                sweep_curves(specs, rows[0]["accuracy"]),
-                rows[0]["n_examples"],
-                eps_levels,
-                f"{rows[0]['path']}\n",
-            ):
-                console.print(f"sweep plot ({rows[0]['path']}): {plot_path}")
+            _show_sweep(rows, specs, plot_path, eps_levels)
         for row in rows:
             for warning in row["warnings"]:
                 note(f"warning: {row['path']}: {warning}")
         if options.state is not None:
             # the evaluation is complete: its reports hold everything
             options.state.unlink(missing_ok=True)
+
+
+def _refuse_with_adv_from(given: dict[str, Any]) -> None:
+    """--adv-from: the saved files fix the attack, budget and points; a value given beside
+    them would mislabel the result."""
+    named = [option for option, value in given.items() if value is not None]
+    if named:
+        raise CliError(
+            f"{', '.join(named)} cannot be given with --adv-from: the saved examples fix the "
+            "attack, the budget and the points"
+        )
+
+
+def _check_wandb(project: Optional[str]) -> None:
+    if project and "wandb" not in TRACKERS:
+        raise CliError(
+            "--wandb comes with part_tools.py: pip install . (or keep it beside part.py)"
+        )
+    if project and importlib.util.find_spec("wandb") is None:
+        raise CliError("--wandb needs the wandb package: pip install wandb")
+
+
+def _show_sweep(rows: list[dict], specs: list[AttackSpec], plot: Path, eps_levels: float) -> None:
+    """--sweep: each checkpoint's curve in a line, and the first one's plot."""
+    for row in rows:
+        curves = sweep_curves(specs, row["accuracy"])
+        points = {
+            f: ", ".join(
+                f"{k}{'x' + str(r) if r > 1 else ''} {fmt_pct(a)}" for k, r, a in sorted(p)
+            )
+            for f, p in curves.items()
+        }
+        console.print(f"{row['path']}: sweep " + "; ".join(f"{f}: {p}" for f, p in points.items()))
+    first = rows[0]
+    curves = sweep_curves(specs, first["accuracy"])
+    if plot_sweep(plot, curves, first["n_examples"], eps_levels, f"{first['path']}\n"):
+        console.print(f"sweep plot ({first['path']}): {plot}")
 
 
 def _attack_checkpoints(
