@@ -2542,6 +2542,7 @@ def _same_weights(a, b) -> bool:
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "stop, code", [(KeyboardInterrupt, 130), (FloatingPointError, 3)], ids=["ctrl-c", "nan"]
 )
@@ -3761,6 +3762,7 @@ QUICK = [
 ]
 
 
+@pytest.mark.slow
 def test_train_in_a_terminal_draws_its_bars_and_finishes(tmp_path):
     code, screen = in_terminal(
         "train", *QUICK, "--epochs", 1, "--warmup-epochs", 0, "--out", tmp_path / "run"
