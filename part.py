@@ -1576,6 +1576,51 @@ def is_zoo(name: str) -> bool:
     return name.startswith(ZOOS)
 
 
+def _torchvision_net(name: str, num_classes: int) -> nn.Module:
+    import torchvision.models as tvm
+
+    if name not in tvm.list_models(module=tvm):
+        raise CliError(
+            f"unknown torchvision classifier {name!r} (e.g. resnet18, resnet50, mobilenet_v3_small, "
+            f"efficientnet_b0, convnext_tiny, densenet121)"
+        )
+    extra = (
+        {"aux_logits": False, "init_weights": True}
+        if name.startswith(("googlenet", "inception"))
+        else {}
+    )
+    return tvm.get_model(name, weights=None, num_classes=num_classes, **extra)
+
+
+def torchvision_zoo(name: str, num_classes: int, image_size: int) -> tuple:
+    """torchvision's classifier with ImageNet's normalisation; its family's CAM layer."""
+    family = max((f for f in TORCHVISION_CAM_LAYERS if name.startswith(f)), key=len, default=None)
+    net = _torchvision_net(name, num_classes)
+    return net, IMAGENET_MEAN, IMAGENET_STD, None, TORCHVISION_CAM_LAYERS.get(family)
+
+
+def _robustbench_net(spec: str) -> nn.Module:
+    """A RobustBench zoo architecture (random weights), built by the robustbench package."""
+    if spec.count("/") != 2:
+        raise CliError(
+            f"robustbench:{spec}: give --dataset and --threat, or name it robustbench:<dataset>/<threat>/<name>"
+        )
+    return robustbench_entry(*spec.split("/"))["model"]()
+
+
+def robustbench_zoo(name: str, num_classes: int, image_size: int) -> tuple:
+    """RobustBench's architecture: it takes [0, 1] and normalises itself."""
+    return _robustbench_net(name), (0.0,) * 3, (1.0,) * 3, None, None
+
+
+# Model zoos: prefix -> builder(name, num_classes, image_size) -> (net, mean, std, its stages
+# or None, the preferred CAM stage). part_tools adds timm's.
+ZOO_BUILDERS: dict[str, Callable[..., tuple]] = {
+    "torchvision": torchvision_zoo,
+    "robustbench": robustbench_zoo,
+}
+
+
 class ZooNet(nn.Module):
     """A torchvision, timm or RobustBench classifier (random weights until loaded) that takes
     images in [0, 1]: the normalisation of its recipes (ImageNet's; a timm model's own) is the
@@ -1588,28 +1633,9 @@ class ZooNet(nn.Module):
         super().__init__()
         zoo, name = name.split(":", 1)
         self.zoo = zoo
-        if zoo == "robustbench":  # RobustBench models take [0, 1] and normalise themselves
-            self.net, mean, std, stages, preferred = (
-                self._robustbench(name),
-                (0.0,) * 3,
-                (1.0,) * 3,
-                None,
-                None,
-            )
-        elif zoo == "timm":
-            self.net, mean, std, stages = self._timm(name, num_classes, image_size)
-            preferred = stages[-1] if stages else None
-        else:
-            self.net, mean, std, stages = (
-                self._torchvision(name, num_classes),
-                IMAGENET_MEAN,
-                IMAGENET_STD,
-                None,
-            )
-            family = max(
-                (f for f in TORCHVISION_CAM_LAYERS if name.startswith(f)), key=len, default=None
-            )
-            preferred = TORCHVISION_CAM_LAYERS.get(family)
+        if zoo not in ZOO_BUILDERS:
+            raise CliError(f"{zoo}:NAME models come with part_tools.py (pip install .)")
+        self.net, mean, std, stages, preferred = ZOO_BUILDERS[zoo](name, num_classes, image_size)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         if cam_layer:
@@ -1619,70 +1645,6 @@ class ZooNet(nn.Module):
             self.cam_layer = self._default_cam_layer(
                 None if tokens else preferred, image_size, [] if tokens else stages
             )
-
-    @staticmethod
-    def _torchvision(name: str, num_classes: int) -> nn.Module:
-        import torchvision.models as tvm
-
-        if name not in tvm.list_models(module=tvm):
-            raise CliError(
-                f"unknown torchvision classifier {name!r} (e.g. resnet18, resnet50, mobilenet_v3_small, "
-                f"efficientnet_b0, convnext_tiny, densenet121)"
-            )
-        extra = (
-            {"aux_logits": False, "init_weights": True}
-            if name.startswith(("googlenet", "inception"))
-            else {}
-        )
-        return tvm.get_model(name, weights=None, num_classes=num_classes, **extra)
-
-    @staticmethod
-    def _timm(
-        name: str, num_classes: int, image_size: int
-    ) -> tuple[nn.Module, tuple, tuple, list[str]]:
-        """The model, its own input normalisation and its stages (last one first choice for the
-        CAM). Transformers are built for the image size (their position embeddings depend on it)."""
-        try:
-            import timm
-        except ImportError:
-            raise CliError("timm:NAME needs the timm package: pip install timm") from None
-        if not timm.is_model(name):
-            raise CliError(
-                f"unknown timm model {name!r} (e.g. resnet18, convnext_atto, mobilenetv3_small_050, "
-                "efficientnet_b0; timm.list_models() lists them)"
-            )
-        try:
-            net = timm.create_model(
-                name,
-                pretrained=False,
-                num_classes=num_classes,
-                **({"img_size": image_size} if name.startswith(TOKEN_FAMILIES) else {}),
-            )
-        except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-            raise CliError(
-                f"timm model {name!r} cannot be built for {image_size} px images ({first_line(e)})"
-            ) from None
-        cfg = getattr(net, "pretrained_cfg", None) or {}
-        mean, std = tuple(cfg.get("mean") or IMAGENET_MEAN), tuple(cfg.get("std") or IMAGENET_STD)
-        if len(mean) != 3 or len(std) != 3:
-            raise CliError(
-                f"timm model {name!r} does not take RGB images (its normalisation has {len(mean)} channels)"
-            )
-        stages = [
-            f["module"]
-            for f in getattr(net, "feature_info", [])
-            if isinstance(f, dict) and f.get("module")
-        ]
-        return net, mean, std, stages
-
-    @staticmethod
-    def _robustbench(spec: str) -> nn.Module:
-        """A RobustBench zoo architecture (random weights), built by the robustbench package."""
-        if spec.count("/") != 2:
-            raise CliError(
-                f"robustbench:{spec}: give --dataset and --threat, or name it robustbench:<dataset>/<threat>/<name>"
-            )
-        return robustbench_entry(*spec.split("/"))["model"]()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net((x - self.mean) / self.std)

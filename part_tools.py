@@ -10,7 +10,7 @@ It imports `part` and adds its commands to `part.app`; `part.py` never imports i
 when run as a program (its `__main__` block and the `part` command), so `import part`
 stays the card alone. Optional packages (matplotlib) are imported where they are used.
 
-Sections: model folders (export --format hf), trackers (TensorBoard, W&B), leaderboard
+Sections: timm models (timm:NAME), model folders (export --format hf), trackers (TensorBoard, W&B), leaderboard
 entry (leaderboard), comparing runs (report), CAM figures (cam),
 benchmark (bench).
 """
@@ -72,6 +72,8 @@ from part import (
     FORMAT,
     fraction,
     HF_WEIGHTS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     jet,
     JsonOut,
     load_for_eval,
@@ -103,6 +105,7 @@ from part import (
     Threat,
     to_float,
     to_levels,
+    TOKEN_FAMILIES,
     train_step,
     TrainConfig,
     TrainingModules,
@@ -113,6 +116,51 @@ from part import (
     write_json,
     write_text,
 )
+
+
+# ============================================================================ timm models
+# `timm:NAME` (train --model, --arch, --init): added to part's ZOO_BUILDERS.
+
+
+def timm_zoo(name: str, num_classes: int, image_size: int) -> tuple:
+    """The model, its own input normalisation and its stages (the last one the CAM's first
+    choice). Transformers are built for the image size (their position embeddings depend on
+    it)."""
+    try:
+        import timm
+    except ImportError:
+        raise CliError("timm:NAME needs the timm package: pip install timm") from None
+    if not timm.is_model(name):
+        raise CliError(
+            f"unknown timm model {name!r} (e.g. resnet18, convnext_atto, mobilenetv3_small_050, "
+            "efficientnet_b0; timm.list_models() lists them)"
+        )
+    try:
+        net = timm.create_model(
+            name,
+            pretrained=False,
+            num_classes=num_classes,
+            **({"img_size": image_size} if name.startswith(TOKEN_FAMILIES) else {}),
+        )
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise CliError(
+            f"timm model {name!r} cannot be built for {image_size} px images ({first_line(e)})"
+        ) from None
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    mean, std = tuple(cfg.get("mean") or IMAGENET_MEAN), tuple(cfg.get("std") or IMAGENET_STD)
+    if len(mean) != 3 or len(std) != 3:
+        raise CliError(
+            f"timm model {name!r} does not take RGB images (its normalisation has {len(mean)} channels)"
+        )
+    stages = [
+        f["module"]
+        for f in getattr(net, "feature_info", [])
+        if isinstance(f, dict) and f.get("module")
+    ]
+    return net, mean, std, stages, stages[-1] if stages else None
+
+
+part.ZOO_BUILDERS["timm"] = timm_zoo
 
 
 # ============================================================================ model folders
