@@ -2307,18 +2307,7 @@ def test_16_bit_pngs_decode_to_8_bits_instead_of_saturating(tmp_path):
 
 # ---------------------------------------------------------------- no lost or stuck runs
 
-TINY = [
-    "--preset",
-    "smoke",
-    "--train-subset",
-    192,
-    "--eval-subset",
-    32,
-    "--epochs",
-    2,
-    "--warmup-epochs",
-    1,
-]
+TINY = "--preset smoke --train-subset 192 --eval-subset 32 --epochs 2 --warmup-epochs 1".split()
 
 KILLER = """
 import os, signal, sys
@@ -3694,18 +3683,7 @@ def test_the_cam_layer_can_be_chosen_and_a_plain_torchvision_state_dict_loads(ba
 
 # ---------------------------------------------------------------- as people use it: a terminal, a notebook, a second run
 
-QUICK = [
-    "--preset",
-    "smoke",
-    "--train-subset",
-    256,
-    "--eval-subset",
-    64,
-    "--epochs",
-    2,
-    "--warmup-epochs",
-    1,
-]
+QUICK = "--preset smoke --train-subset 256 --eval-subset 64 --epochs 2 --warmup-epochs 1".split()
 
 
 @pytest.mark.slow
