@@ -433,8 +433,7 @@ def test_the_fig1_presets_run_the_papers_quadrant_experiment_without_a_cam(tmp_p
         )
     r = invoke(
         "train",
-        "--preset",
-        "smoke",
+        *MICRO,
         "--mask-rule",
         "quadrant-br",
         "--eps",
@@ -445,16 +444,6 @@ def test_the_fig1_presets_run_the_papers_quadrant_experiment_without_a_cam(tmp_p
         0,
         "--epochs",
         1,
-        "--train-subset",
-        64,
-        "--eval-subset",
-        16,
-        "--val-size",
-        0,
-        "--steps",
-        1,
-        "--batch-size",
-        32,
         "--model",
         "torchvision:resnet18",
         "--cam-layer",
@@ -847,6 +836,8 @@ def fake_model(fake_ckpt):
 # ---------------------------------------------------------------- training through the CLI
 
 SMALL = ["--preset", "smoke", "--train-subset", 512, "--eval-subset", 128]
+# the smallest real run: the options every quick training test shares
+MICRO = "--preset smoke --train-subset 64 --eval-subset 16 --val-size 0 --steps 1 --batch-size 32".split()
 
 
 @pytest.fixture(scope="session")
@@ -976,22 +967,11 @@ def test_a_run_is_rerun_exactly_from_its_config_json_and_user_presets_add_to_the
     tmp_path,
 ):
     tiny = [
-        "--preset",
-        "smoke",
-        "--train-subset",
-        64,
-        "--eval-subset",
-        16,
-        "--val-size",
-        0,
+        *MICRO,
         "--epochs",
         1,
         "--warmup-epochs",
         0,
-        "--steps",
-        1,
-        "--batch-size",
-        32,
         "--seed",
         3,
         "--lr",
@@ -1097,22 +1077,11 @@ def test_init_starts_a_run_from_given_weights_records_their_hash_and_a_new_head_
     five = part.build_model("cnn", 5)
     torch.save(five.state_dict(), tmp_path / "five.pt")
     frozen = [
-        "--preset",
-        "smoke",
-        "--train-subset",
-        64,
-        "--eval-subset",
-        16,
-        "--val-size",
-        0,
+        *MICRO,
         "--epochs",
         1,
         "--warmup-epochs",
         0,
-        "--steps",
-        1,
-        "--batch-size",
-        32,
         "--lr",
         1e-12,
         "--momentum",
