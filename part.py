@@ -415,13 +415,18 @@ def writable(folder: Path) -> bool:
         return False
 
 
-def require_file(path: Path, what: str) -> None:
+def require_file(path: Path, what: str, folder: str = "is a folder, not a file") -> None:
     """An input that must be a regular file: a FIFO or a device would hang the read."""
     path = Path(path)
-    if not path.exists():
-        raise CliError(f"{what} {path} not found")
     if not path.is_file():
-        raise CliError(f"{what} {path} is not a regular file")
+        why = (
+            "not found"
+            if not path.exists()
+            else folder
+            if path.is_dir()
+            else "is not a regular file"
+        )
+        raise CliError(f"{what} {path} {why}")
 
 
 def check_output_folder(folder: Path, option: str) -> None:
@@ -3018,8 +3023,7 @@ def config_paths() -> list[Path]:
 
 
 def read_presets(path: Path) -> dict[str, dict]:
-    if not path.is_file():
-        raise CliError(f"config file {path} not found")
+    require_file(path, "config file")
     try:
         return tomllib.loads(path.read_text())
     except (RecursionError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -3063,10 +3067,7 @@ def preset_values(presets: dict[str, dict], name: str, path: Path | dict, seen: 
 def read_settings_file(path: Path) -> tuple[dict, Optional[str]]:
     """--config: a run's config.json (every setting but its folder, `out`, and its preset's
     name) or a TOML/JSON table of settings. Returns (values, preset name or None)."""
-    if not path.is_file():
-        raise CliError(
-            f"--config {path} {'is a folder, not a file' if path.is_dir() else 'not found'}"
-        )
+    require_file(path, "--config")
     kind = "JSON" if path.suffix == ".json" else "TOML"
     try:
         text = path.read_text()
@@ -3495,10 +3496,7 @@ def _load_checkpoint(
         raise unknown("architecture", arch, [ARCH_HELP])
     if path.is_dir() and (path / HF_WEIGHTS).is_file():  # a model folder (export --format hf)
         path = path / HF_WEIGHTS
-    if not path.is_file():
-        raise CliError(
-            f"checkpoint {path} {'is a folder, not a file' if path.is_dir() else 'not found'}"
-        )
+    require_file(path, "checkpoint")
     state, metadata, sha256 = read_weights(path)
     fmt = metadata.get("format", "")
     if fmt == STATE_FORMAT or path.name.endswith(".state.safetensors"):
@@ -3749,49 +3747,6 @@ def plot_curves(
             )
         ax.grid(alpha=0.3)
     right.legend(fontsize=8)
-    save_figure_png(fig, path)
-    return True
-
-
-def plot_sweep(
-    path: Path,
-    curves: dict[str, list[tuple[int, int, float]]],
-    n: int,
-    eps_levels: float,
-    title: str = "",
-) -> bool:
-    """Accuracy against attack steps (log axis), one line per family; restarts as crosses."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for family, points in curves.items():
-        single = sorted((k, acc) for k, r, acc in points if r == 1)
-        line = ax.plot(
-            [k for k, _ in single],
-            [100 * a for _, a in single],
-            marker="o",
-            label=f"{family}, 1 restart",
-        )
-        for i, (k, r, acc) in enumerate(sorted(p for p in points if p[1] > 1)):
-            ax.scatter([k], [100 * acc], marker="x", color=line[0].get_color())
-            ax.annotate(
-                f"{r} restarts: {100 * acc:.2f}",
-                (k, 100 * acc),
-                textcoords="offset points",
-                xytext=(-90, 8 + 11 * i),
-                fontsize=8,
-            )
-    steps = sorted({k for points in curves.values() for k, _, _ in points})
-    ax.set_xscale("log")
-    ax.set_xticks(steps, [str(k) for k in steps])
-    ax.set(
-        xlabel="attack steps",
-        ylabel="robust accuracy (%)",
-        title=f"{title}attack strength, eps {eps_levels:g}/255, {n} points",
-    )
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
     save_figure_png(fig, path)
     return True
 
@@ -4493,12 +4448,8 @@ def fit(
     else:
         cfg, preset_name = resolve_config(values, preset, presets_path, config_path)
         init = init_path(cfg)
-        if init is not None and not (
-            init.is_file() or (init / HF_WEIGHTS).is_file()
-        ):  # before the run folder is made
-            raise CliError(
-                f"--init {init} {'is a folder without ' + HF_WEIGHTS if init.is_dir() else 'not found'}"
-            )
+        if init is not None and not (init / HF_WEIGHTS).is_file():  # before the run folder is made
+            require_file(init, "--init", folder=f"is a folder without {HF_WEIGHTS}")
     set_threads(cfg.threads)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     files = given or RunFiles(Path(cfg.out or f"runs/{preset_name}-{cfg.method}-{stamp}"))
@@ -4880,71 +4831,14 @@ def sanity_warnings(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
 PENDING = -1  # a point's flag before its batch is done; then 0 (broken) or 1 (robust)
 
 
-class EvalState:
-    """An evaluation's per-point flags on disk, so that the same command continues where an
-    interrupted one stopped. Saved atomically at most every few seconds and at the end of
-    each attack; refused when it belongs to another evaluation (another signature)."""
+class PointFlags:
+    """An evaluation's per-point results by key (int8: PENDING, 0 broken, 1 robust) and the
+    seconds of each attack, in memory. part_tools' EvalState keeps them on disk as well (its
+    `put` saves), which makes an interrupted evaluation continue where it stopped."""
 
-    SAVE_EVERY_S = 2.0  # at most one write every 2 s: a kill loses at most that much work
-
-    def __init__(self, path: Optional[Path], signature: dict, writer: bool = True):
-        self.path, self.signature, self.writer = path, signature, writer
+    def __init__(self):
         self.flags: dict[str, Tensor] = {}
         self.seconds: dict[str, float] = {}
-        self.saved_at = time.monotonic()
-        if path is not None and Path(path).is_file():
-            self._load(Path(path))
-
-    def _load(self, path: Path) -> None:
-        try:
-            tensors, meta, _ = tensors_of(path)
-            signature, seconds = (
-                json.loads(meta["signature"]),
-                json.loads(meta.get("seconds", "{}")),
-            )
-        except Exception as e:
-            raise CliError(
-                f"the evaluation state {path} is damaged ({first_line(e)}); delete it to start again"
-            ) from None
-        if signature != json.loads(json.dumps(self.signature)):
-            raise CliError(
-                f"{path} holds the state of another evaluation (other checkpoints, points or settings); "
-                "delete it, or give another --state"
-            )
-        n = self.signature.get("n")
-        for (
-            key,
-            flags,
-        ) in tensors.items():  # only what part writes: int8 flags of n points, each -1, 0 or 1
-            if (
-                flags.dtype != torch.int8
-                or flags.dim() != 1
-                or (n is not None and len(flags) != n)
-                or not bool(((flags >= PENDING) & (flags <= 1)).all())
-            ):
-                raise CliError(
-                    f"the evaluation state {path} holds flags part never writes ({key}: {flags.dtype}, "
-                    f"{tuple(flags.shape)}); delete it to start again"
-                )
-        if meta.get("checksum") != self._checksum(tensors):
-            raise CliError(
-                f"the evaluation state {path} does not match its checksum (changed after it was written); "
-                "delete it to start again"
-            )
-        self.flags, self.seconds = dict(tensors), seconds
-        note(f"resuming the evaluation from {path}")
-
-    @staticmethod
-    def _checksum(flags: dict[str, Tensor]) -> str:
-        h = hashlib.sha256()
-        for key in sorted(flags):
-            h.update(
-                key.encode()
-                + b"\0"
-                + flags[key].to(torch.int8).contiguous().numpy().tobytes()
-                + b"\0"
-            )
-        return h.hexdigest()
 
     def get(self, key: str, n: int, device: torch.device) -> Tensor:
         if key not in self.flags:
@@ -4954,113 +4848,10 @@ class EvalState:
     def put(
         self, key: str, flags: Tensor, seconds: Optional[float] = None, force: bool = False
     ) -> None:
+        """After every round of batches; `force` at the end of each attack."""
         self.flags[key] = flags.to("cpu", torch.int8)
         if seconds is not None:
             self.seconds[key] = seconds
-        if (
-            self.path is not None
-            and self.writer
-            and (force or time.monotonic() - self.saved_at >= self.SAVE_EVERY_S)
-        ):
-            meta = {
-                "format": "part/1-eval",
-                "signature": json.dumps(self.signature),
-                "seconds": json.dumps(self.seconds),
-                "checksum": self._checksum(self.flags),
-            }
-            save_tensors(Path(self.path), {k: v.contiguous() for k, v in self.flags.items()}, meta)
-            self.saved_at = time.monotonic()
-
-    def remove(self) -> None:
-        if self.path is not None and self.writer:
-            Path(self.path).unlink(missing_ok=True)
-
-
-class AdvWriter:
-    """--save-adv: the adversarial examples of one checkpoint, float32 (uint8 rounding would
-    change results), one safetensors file per attack with the test indices, labels, eps,
-    step, attack, seed, the checkpoint's sha256 and the id of the evaluation (a hash of
-    everything that decides the examples). Batches land in .parts/ as they finish, named by
-    that id, so a resumed evaluation keeps its own and never merges another's; a batch the
-    state calls done but whose examples are missing is attacked again (same seed, same
-    result). The folder is locked for the run by the caller."""
-
-    def __init__(self, folder: Path, info: dict, evaluation: dict):
-        self.folder, self.info = Path(folder), info
-        self.id = hashlib.sha256(json.dumps(evaluation, sort_keys=True).encode()).hexdigest()[:16]
-        parts = self.folder / ".parts"
-        parts.mkdir(parents=True, exist_ok=True)
-        for stale in [p for p in parts.glob("*.safetensors") if not p.name.startswith(self.id)]:
-            # left by a killed evaluation of other settings: never ours to merge
-            stale.unlink(missing_ok=True)
-        for done in self.folder.glob("*.safetensors"):
-            if safetensors_metadata(done).get("evaluation") != json.dumps(self.id):
-                raise CliError(
-                    f"--save-adv {self.folder} already holds examples of another evaluation ({done.name}); "
-                    "choose another folder or remove it"
-                )
-
-    def _part(self, key: str, batch: int) -> Path:
-        return self.folder / ".parts" / f"{self.id}-{key}-{batch:06d}.safetensors"
-
-    def _complete(self, key: str) -> bool:
-        """The attack's file of this very evaluation is already written (its parts are gone)."""
-        return safetensors_metadata(self.folder / f"{key}.safetensors").get(
-            "evaluation"
-        ) == json.dumps(self.id)
-
-    def has(self, key: str, batch: int) -> bool:
-        return self._part(key, batch).is_file() or self._complete(key)
-
-    def write(self, key: str, batch: int, index: Tensor, x_adv: Tensor) -> None:
-        save_tensors(
-            self._part(key, batch),
-            {
-                "x_adv": x_adv.detach().float().cpu().contiguous(),
-                "indices": index.cpu().contiguous(),
-            },
-            {},
-        )
-
-    def finish(self, spec: AttackSpec, x_all: Tensor, y_all: Tensor, attacked: Tensor) -> Path:
-        """One file of the attack: saved examples where the points were attacked, the clean
-        image where the model was already wrong (no attack needed). Every attacked point
-        must have its example."""
-        path = self.folder / f"{spec.key}.safetensors"
-        parts = sorted((self.folder / ".parts").glob(f"{self.id}-{spec.key}-*.safetensors"))
-        # written before an interruption: nothing left to add
-        if not parts and self._complete(spec.key):
-            return path
-        x_adv = x_all.detach().float().cpu().clone()
-        covered = torch.zeros(len(y_all), dtype=torch.bool)
-        for part in parts:
-            t = tensors_of(part)[0]
-            x_adv[t["indices"]] = t["x_adv"]
-            covered[t["indices"]] = True
-        missing = int((attacked.cpu() & ~covered).sum())
-        if missing:
-            raise CliError(
-                f"--save-adv: the examples of {missing} attacked points of {spec.name} are missing from "
-                f"{self.folder / '.parts'}; run the same command again to attack them again"
-            )
-        meta = {
-            **{k: json.dumps(v) for k, v in self.info.items()},
-            "format": "part/1-adv",
-            "attack": json.dumps(spec.key),
-            "evaluation": json.dumps(self.id),
-        }
-        save_tensors(
-            path,
-            {
-                "x_adv": x_adv.contiguous(),
-                "indices": torch.arange(len(y_all)),
-                "labels": y_all.cpu(),
-            },
-            meta,
-        )
-        for part in parts:
-            part.unlink(missing_ok=True)
-        return path
 
 
 def _sync_flags(flags: list[Tensor], dist: Dist) -> None:
@@ -5079,18 +4870,17 @@ ProgressFn = Callable[[str, int, int, str], None]  # (attack, points done, total
 
 @dataclasses.dataclass
 class EvalHooks:
-    """What the `attack` command adds around the core loop of evaluate_suite, all optional:
-    a progress callback, per-point state that makes it resumable (keys under `prefix`),
-    the processes that share the batches out, and the writer of --save-adv."""
+    """What a caller adds around the core loop of evaluate_suite, all optional: a progress
+    callback, where the per-point results live (keys under `prefix`; part_tools' EvalState
+    makes them resumable), the processes that share the batches out, and a writer of the
+    adversarial examples (part_tools' --save-adv: `has(key, batch)`, `write(key, batch,
+    indices, x_adv)`, `finish(spec, x, y, attacked)`)."""
 
     progress: ProgressFn = lambda name, done, total, extra: None
-    state: Optional[EvalState] = None
+    state: PointFlags = dataclasses.field(default_factory=PointFlags)
     prefix: str = ""
     dist: Dist = ONE_PROCESS
-    adv: Optional[AdvWriter] = None
-
-    def __post_init__(self):
-        self.state = self.state or EvalState(None, {})
+    adv: Optional[Any] = None
 
 
 def _run_attack(
@@ -5236,96 +5026,6 @@ def per_class_accuracy(data: Split, flags: dict[str, Tensor]) -> dict[str, dict[
         if members.any():
             found[name] = {k: fraction(v[members]) for k, v in flags.items()}
     return found
-
-
-ADV_METADATA = {
-    "eps": (int, float),
-    "eps_levels": (int, float),
-    "seed": int,
-    "attack": str,
-    "checkpoint_sha256": str,
-    "n": int,
-    "evaluation": str,
-}
-
-
-def load_adversarial(path: Path) -> tuple[Tensor, Tensor, Tensor, dict]:
-    """A --save-adv file: (x_adv, test indices, labels, metadata), every part of its claim
-    checked: the metadata part writes with the types it writes, eps and eps_levels that
-    agree, float32 examples, int64 indices that are the first N test points in order."""
-
-    require_file(path, "--adv-from")
-    try:
-        raw = safetensors_metadata(path)
-        if raw.get("format") != "part/1-adv":
-            raise ValueError("not a file written by part attack --save-adv")
-        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
-        t = tensors_of(path)[0]
-        x_adv, index, labels = t["x_adv"], t["indices"], t["labels"]
-    except Exception as e:
-        raise CliError(
-            f"{path}: not a readable file of adversarial examples ({first_line(e)})"
-        ) from None
-    wrong = [
-        f"{k} {meta.get(k)!r}"
-        for k, kind in ADV_METADATA.items()
-        if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), kind)
-    ]
-    if wrong:
-        raise CliError(f"{path}: its metadata is not what part writes ({', '.join(wrong)})")
-    eps, levels = float(meta["eps"]), float(meta["eps_levels"])
-    if not (
-        math.isfinite(eps)
-        and 0 <= eps <= 1
-        and math.isclose(eps, from_levels(levels), rel_tol=1e-9, abs_tol=1e-12)
-    ):
-        raise CliError(
-            f"{path}: its eps ({eps!r}) and eps_levels ({levels:g}/255) disagree; not a file part wrote"
-        )
-    if x_adv.dtype != torch.float32 or index.dtype != torch.int64 or labels.dtype != torch.int64:
-        raise CliError(
-            f"{path}: x_adv {x_adv.dtype}, indices {index.dtype}, labels {labels.dtype}; "
-            "part writes float32 examples and int64 indices and labels"
-        )
-    if x_adv.dim() != 4 or len(x_adv) != len(index) or len(index) != len(labels) or not len(index):
-        raise CliError(
-            f"{path}: inconsistent adversarial examples ({tuple(x_adv.shape)}, {len(index)} indices, {len(labels)} labels)"
-        )
-    if meta["n"] != len(index) or not torch.equal(index, torch.arange(len(index))):
-        raise CliError(
-            f"{path}: its indices are not the first {len(index)} test points in order (repeated, reordered or "
-            "picked); part saves the first N, and a replay must score those"
-        )
-    meta["eps"] = eps
-    return x_adv, index, labels, meta
-
-
-def transfer_flags(
-    model: nn.Module, test: Split, path: Path, batch_size: int
-) -> tuple[Tensor, Tensor, dict]:
-    """The model's results on saved adversarial examples (transfer / black-box studies), after
-    checking that each lies inside the budget of the test point it claims.
-    Returns (test indices, robust flags, metadata)."""
-    x_adv, index, labels, meta = load_adversarial(path)
-    if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(test.y)):
-        raise CliError(f"{path}: indices beyond the {len(test.y)} test images")
-    points = test.select(index.to(test.y.device))
-    if not torch.equal(labels.to(points.y.device), points.y):
-        raise CliError(
-            f"{path}: its labels differ from those of the test points it names (another data set?)"
-        )
-    x = to_float(points.x)
-    x_adv = x_adv.to(x.device)
-    if x_adv.shape != x.shape:
-        raise CliError(
-            f"{path}: examples of shape {tuple(x_adv.shape[1:])}, test images of {tuple(x.shape[1:])}"
-        )
-    check_budget(x_adv, x, meta["eps"], f"{path.name} (saved examples)")
-    with eval_mode(model), full_fp32():
-        robust = (predict(model, x, batch_size) == points.y) & (
-            predict(model, x_adv, batch_size) == points.y
-        )
-    return index, robust, meta
 
 
 # ============================================================================ export
@@ -5992,79 +5692,6 @@ def attack_progress(enabled: bool):
         yield show
 
 
-def expand_sweep(
-    specs: list[AttackSpec], steps: list[int], restarts: list[int]
-) -> list[AttackSpec]:
-    """--sweep: every iterative family asked for (pgd when none) at each step count, and at
-    the largest step count with each number of restarts."""
-    families = [s.family for s in specs if s.family in ("pgd", "cw")] or ["pgd"]
-    extra = [AttackSpec(f"{f}{k}", f, k, 1) for f in dict.fromkeys(families) for k in steps]
-    extra += [
-        AttackSpec(f"{f}{max(steps)}x{r}", f, max(steps), r)
-        for f in dict.fromkeys(families)
-        for r in restarts
-        if r > 1
-    ]
-    unique = {s.key: s for s in specs}
-    for s in extra:
-        unique.setdefault(s.key, s)
-    swept = sorted(
-        (s for s in unique.values() if s.family in families),
-        key=lambda s: (families.index(s.family), s.steps, s.restarts),
-    )
-    return [
-        s for s in unique.values() if s.family not in families
-    ] + swept  # the curve's columns in order
-
-
-def robustness_warnings(
-    specs: list[AttackSpec], result: dict, n: int, sweep_steps: list[int]
-) -> list[str]:
-    """Signs that the numbers overstate robustness: an attack that has not converged, and a
-    black-box attack (Square) that beats the white-box ones (gradient masking)."""
-    acc, found, alpha = result["accuracy"], [], 0.002
-    by_key = {s.key: acc[s.name] for s in specs if s.name in acc}
-    if len(sweep_steps) > 1:
-        a, b = sorted(sweep_steps)[-2:]
-        for family in dict.fromkeys(s.family for s in specs if s.family in ("pgd", "cw")):
-            before, after = by_key.get(f"{family}{a}"), by_key.get(f"{family}{b}")
-            if (
-                before is not None
-                and after is not None
-                and before - after > max(0.005, 1 / max(n, 1)) - 1e-12
-            ):
-                found.append(
-                    f"{family}: accuracy still falls from {a} to {b} steps ({fmt_pct(before)}% -> {fmt_pct(after)}%): "
-                    "the attack has not converged; try more steps or restarts"
-                )
-    white = [
-        acc[s.name]
-        for s in specs
-        if ATTACKS[s.family].white_box and s.family != "natural" and s.name in acc
-    ]
-    square = [acc[s.name] for s in specs if s.family == "square" and s.name in acc]
-    if square and white and square[0] < min(white) - alpha:
-        found.append(
-            f"the black-box Square attack ({fmt_pct(square[0])}%) beats every white-box attack ({fmt_pct(min(white))}%): "
-            "a sign of gradient masking; the white-box figures overstate robustness"
-        )
-    for name, parts in result.get("components", {}).items():
-        if parts["fab-t"] - parts["square"] > alpha:
-            found.append(
-                f"{name}: Square broke {fmt_pct(parts['fab-t'] - parts['square'])}% of the points the white-box "
-                "components left robust: a sign of gradient masking"
-            )
-    return found
-
-
-def sweep_curves(specs: list[AttackSpec], acc: dict) -> dict[str, list[tuple[int, int, float]]]:
-    curves: dict[str, list] = {}
-    for spec in specs:
-        if spec.family in ("pgd", "cw") and spec.name in acc:
-            curves.setdefault(spec.family, []).append((spec.steps, spec.restarts, acc[spec.name]))
-    return curves
-
-
 def _attack_row(
     target: EvalTarget,
     n: int,
@@ -6073,10 +5700,11 @@ def _attack_row(
     specs: list[AttackSpec],
     device: torch.device,
     warnings_found: list[str],
-    eps_levels: float,
-    step_levels: float,
+    levels: tuple[float, float],
 ) -> dict:
-    meta = target.meta
+    """A checkpoint's line of the report: what was evaluated, how, where, and the result.
+    `levels`: the budget and the step as given (1/255 levels)."""
+    meta, (eps_levels, step_levels) = target.meta, levels
     return {
         "path": str(target.path),
         "sha256": target.sha256,
@@ -6103,7 +5731,8 @@ def _attack_row(
     }
 
 
-def _write_reports(rows: list[dict], names: list[str], json_out, csv_out, markdown_out) -> None:
+def _write_reports(rows: list[dict], names: list[str], reports: dict[str, Optional[Path]]) -> None:
+    json_out, csv_out, markdown_out = reports["--json"], reports["--csv"], reports["--markdown"]
     if json_out is not None:
         write_json(json_out, {"checkpoints": rows, "versions": versions(), "machine": machine()})
     headers = ["checkpoint", "sha256", "arch", "dataset", "n", "eps (/255)", *names, "worst"]
@@ -6150,14 +5779,6 @@ def _write_reports(rows: list[dict], names: list[str], json_out, csv_out, markdo
         )
 
 
-def _eval_state_path(state: Optional[Path], outputs: list[Optional[Path]]) -> Optional[Path]:
-    """--state, else beside the first report file: what makes the evaluation resumable."""
-    if state is not None:
-        return state
-    first = next((p for p in outputs if p is not None), None)
-    return None if first is None else first.with_name(first.name + ".state.safetensors")
-
-
 def _model_paths(checkpoints: list[Path]) -> list[Path]:
     """The checkpoints to evaluate; resume states picked up by a glob are skipped."""
     kept = []
@@ -6185,446 +5806,6 @@ def _eps_low_for(
             f"{target.path}: its eps-low ({low:g}/255) exceeds --eps {eps_levels:g}/255; give --eps-low for pgd-part"
         )
     return low
-
-
-def _int_list(text: str, option: str, high: int) -> list[int]:
-    """A comma-separated list of integers in [1, high] (the bounds pgdK and xR have)."""
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise CliError(f"{option}: expected integers like 10,20,50, got {text!r}") from None
-    if not values or min(values) < 1 or max(values) > high:
-        raise CliError(f"{option}: expected integers from 1 to {high}, got {text!r}")
-    return sorted(set(values))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class AttackOptions:
-    """What `attack` was asked, for the helpers that carry it out."""
-
-    cam_layer: Optional[str]
-    dataset: Optional[str]
-    data_dir: str
-    cache_dir: str
-    n_examples: Optional[int]
-    batch_size: int
-    restarts: int
-    eps_low: Optional[str]
-    seed: int
-    per_class: bool
-    state: Optional[Path]
-    save_adv: Optional[Path]
-    adv_from: Optional[Path]
-    sweep_steps: list[int]
-
-
-@app.command("attack", cls=KeepsArgs)
-def attack_command(
-    checkpoints: Annotated[
-        list[Path],
-        typer.Argument(
-            help=escape_markup(
-                "Checkpoints: ours (.safetensors), model folders, foreign state dicts with --arch, or robustbench:NAME."
-            ),
-            show_default=False,
-        ),
-    ],
-    attacks: Annotated[
-        Optional[str],
-        _opt(
-            f"Comma-separated: {ATTACK_HELP}. natural always runs. [default: {DEFAULT_ATTACKS}]",
-            autocompletion=complete_attacks,
-        ),
-    ] = None,
-    dataset: DatasetOpt = None,
-    data_dir: DataDir = "data",
-    cache_dir: CacheDir = DEFAULT_CACHE,
-    arch: Arch = None,
-    threat: Threat = "linf",
-    model_dir: ModelDir = "models",
-    cam_layer: CamLayer = None,
-    n_examples: NExamples = None,
-    batch_size: Annotated[
-        int, _opt("Batch size (halved automatically on CUDA out-of-memory).")
-    ] = 256,
-    eps: Annotated[
-        Optional[str], _opt("L-inf budget, 1/255 levels (8 or 8/255). [default: 8]")
-    ] = None,
-    step: Annotated[
-        Optional[str], _opt("Step of the PGD-type attacks, 1/255 levels. [default: 2]")
-    ] = None,
-    restarts: Annotated[
-        Optional[int],
-        _opt(
-            "Random restarts of every iterative attack without its own xR (worst case "
-            "kept). [default: 1]"
-        ),
-    ] = None,
-    eps_low: Levels = None,
-    per_class: Annotated[bool, _opt("Also report accuracy per class.")] = False,
-    json_out: JsonOut = None,
-    csv_out: Annotated[
-        Optional[Path], _opt("Write a CSV table here (one row per checkpoint).", "--csv")
-    ] = None,
-    markdown_out: Annotated[
-        Optional[Path], _opt("Write a markdown table here (for a paper).", "--markdown")
-    ] = None,
-    state: Annotated[
-        Optional[Path],
-        _opt(
-            "Keep per-point results here as batches finish; the same command resumes "
-            "(default: beside --json/--csv/--markdown)."
-        ),
-    ] = None,
-    save_adv: Annotated[
-        Optional[Path], _opt("Save the adversarial examples (float32 safetensors) in this folder.")
-    ] = None,
-    adv_from: Annotated[
-        Optional[Path],
-        _opt(
-            "Evaluate on saved adversarial examples (a --save-adv folder or file) instead of attacking."
-        ),
-    ] = None,
-    sweep: Annotated[
-        bool,
-        _opt("Accuracy against attack steps and restarts, with a plot and convergence warnings."),
-    ] = False,
-    sweep_steps: Annotated[str, _opt("Steps of the sweep.")] = "10,20,50,100,200",
-    sweep_restarts: Annotated[
-        str, _opt("Restarts of the sweep (at its largest step count).")
-    ] = "1,2,4",
-    sweep_plot: Annotated[
-        Optional[Path], _opt("PNG of the sweep (default: beside the first report, else sweep.png).")
-    ] = None,
-    wandb: Annotated[
-        Optional[str],
-        _opt("Also log the results to this Weights & Biases project (needs the wandb package)."),
-    ] = None,
-    seed: Seed = 0,
-    device: Device = "auto",
-    threads: Threads = 0,
-    nproc: NProc = 1,
-):
-    """Robust accuracy of checkpoints on the first N test images: a table, optionally JSON/CSV/markdown.
-
-    Standard protocol: inputs in [0, 1], eval mode, fp32; each attack runs on the points the
-    model gets right; `worst` counts a point robust only if no attack broke it. Interrupted,
-    the same command continues where it stopped. With --nproc N (or torchrun) the points are shared out."""
-    if nproc > 1:
-        with cli_errors():
-            code = run_processes(nproc, device)
-        raise typer.Exit(code)
-    with cli_errors():
-        set_threads(threads)
-        dist = dist_from_env()
-        if adv_from is not None:
-            _refuse_with_adv_from(
-                {"--attacks": attacks, "--eps": eps, "--step": step, "--restarts": restarts}
-                | {"--n-examples": n_examples, "--eps-low": eps_low, "--save-adv": save_adv}
-                | {"--sweep": sweep or None, "--state": state}
-            )
-        eps_levels, step_levels = (
-            parse_levels(eps or DEFAULT_EPS_LEVELS, "eps"),
-            parse_levels(step or DEFAULT_STEP_LEVELS, "step"),
-        )
-        check_budget_levels(eps_levels, 0.0, step_levels)
-        specs = parse_attacks(attacks or DEFAULT_ATTACKS, restarts or 1)
-        steps_list = _int_list(sweep_steps, "--sweep-steps", MAX_ATTACK_STEPS) if sweep else []
-        if sweep:
-            specs = expand_sweep(
-                specs, steps_list, _int_list(sweep_restarts, "--sweep-restarts", MAX_RESTARTS)
-            )
-        reports = [json_out, csv_out, markdown_out]
-        plot_path = sweep_plot or (
-            next((p.with_name(p.stem + "-sweep.png") for p in reports if p), Path("sweep.png"))
-            if sweep
-            else None
-        )
-        for path, option in zip(
-            [*reports, plot_path, state],
-            ["--json", "--csv", "--markdown", "--sweep-plot", "--state"],
-            strict=True,
-        ):
-            check_output_file(path, option)
-        _check_wandb(wandb)
-        options = AttackOptions(
-            cam_layer=cam_layer,
-            dataset=dataset,
-            data_dir=data_dir,
-            cache_dir=cache_dir,
-            n_examples=n_examples,
-            batch_size=batch_size,
-            restarts=restarts or 1,
-            eps_low=eps_low,
-            seed=seed,
-            per_class=per_class,
-            state=_eval_state_path(state, reports),
-            save_adv=save_adv,
-            adv_from=adv_from,
-            sweep_steps=steps_list,
-        )
-        dev = process_device(device, dist)
-        with process_group(dist, dev):
-            sources = [
-                robustbench_source(p, arch, dataset, threat, model_dir)
-                for p in _model_paths(checkpoints)
-            ]
-            rows = _attack_checkpoints(sources, specs, options, eps_levels, step_levels, dev, dist)
-        if not dist.main:
-            return
-        names = [s.name for s in specs] if adv_from is None else list(rows[0]["accuracy"])[:-1]
-        _print_attack_tables(rows, names, eps_levels, per_class)
-        _write_reports(rows, names, json_out, csv_out, markdown_out)
-        if wandb:
-            folder = next((p.parent for p in reports if p is not None), Path("."))
-            TRACKERS["wandb"].log_report(wandb, rows, names, folder)
-        if sweep:
-            _show_sweep(rows, specs, plot_path, eps_levels)
-        for row in rows:
-            for warning in row["warnings"]:
-                note(f"warning: {row['path']}: {warning}")
-        if options.state is not None:
-            # the evaluation is complete: its reports hold everything
-            options.state.unlink(missing_ok=True)
-
-
-def _refuse_with_adv_from(given: dict[str, Any]) -> None:
-    """--adv-from: the saved files fix the attack, budget and points; a value given beside
-    them would mislabel the result."""
-    named = [option for option, value in given.items() if value is not None]
-    if named:
-        raise CliError(
-            f"{', '.join(named)} cannot be given with --adv-from: the saved examples fix the "
-            "attack, the budget and the points"
-        )
-
-
-def _check_wandb(project: Optional[str]) -> None:
-    if project and "wandb" not in TRACKERS:
-        raise CliError(
-            "--wandb comes with part_tools.py: pip install . (or keep it beside part.py)"
-        )
-    if project and importlib.util.find_spec("wandb") is None:
-        raise CliError("--wandb needs the wandb package: pip install wandb")
-
-
-def _show_sweep(rows: list[dict], specs: list[AttackSpec], plot: Path, eps_levels: float) -> None:
-    """--sweep: each checkpoint's curve in a line, and the first one's plot."""
-    for row in rows:
-        curves = sweep_curves(specs, row["accuracy"])
-        points = {
-            f: ", ".join(
-                f"{k}{'x' + str(r) if r > 1 else ''} {fmt_pct(a)}" for k, r, a in sorted(p)
-            )
-            for f, p in curves.items()
-        }
-        console.print(f"{row['path']}: sweep " + "; ".join(f"{f}: {p}" for f, p in points.items()))
-    first = rows[0]
-    curves = sweep_curves(specs, first["accuracy"])
-    if plot_sweep(plot, curves, first["n_examples"], eps_levels, f"{first['path']}\n"):
-        console.print(f"sweep plot ({first['path']}): {plot}")
-
-
-def _attack_checkpoints(
-    sources: list[tuple[Path, Optional[str]]],
-    specs: list[AttackSpec],
-    o: AttackOptions,
-    eps_levels: float,
-    step_levels: float,
-    dev: torch.device,
-    dist: Dist,
-) -> list[dict]:
-    """Every checkpoint (path, architecture) through the attacks (or through saved examples
-    with --adv-from)."""
-    splits: dict = {}
-    targets = [
-        load_for_eval(p, arch, dev, o.dataset, o.data_dir, o.cache_dir, o.cam_layer, splits)
-        for p, arch in sources
-    ]
-    n = o.n_examples or min(len(t.test.y) for t in targets)
-    for t in targets:
-        if n > len(t.test.y):
-            raise CliError(
-                f"--n-examples {n} is more than the {len(t.test.y)} test images of {t.dataset} in {o.data_dir}"
-            )
-    if o.adv_from is not None:
-        return [_transfer_row(t, o, dev) for t in targets]
-    signature = {
-        "checkpoints": [t.sha256 for t in targets],
-        "points": [fingerprint(t.test.first(n)) for t in targets],
-        "attacks": [s.key for s in specs],
-        "n": n,
-        "eps": eps_levels,
-        "step": step_levels,
-        "eps_low": o.eps_low,
-        "seed": o.seed,
-        "batch_size": o.batch_size,
-        "save_adv": str(o.save_adv) if o.save_adv else None,
-    }
-    # one evaluation at a time writes a state file or a --save-adv folder
-    with contextlib.ExitStack() as locks:
-        if dist.main and o.state is not None:
-            o.state.parent.mkdir(parents=True, exist_ok=True)
-            locks.enter_context(
-                file_lock(
-                    o.state.with_name(f".{o.state.name}.lock"),
-                    "an evaluation",
-                    str(o.state),
-                    remove=True,
-                )
-            )
-        if dist.main and o.save_adv is not None:
-            check_output_folder(o.save_adv, "--save-adv")
-            locks.enter_context(folder_lock(o.save_adv, "an evaluation"))
-        return _evaluate_targets(
-            targets, n, specs, o, signature, eps_levels, step_levels, dev, dist
-        )
-
-
-def _evaluate_targets(
-    targets: list[EvalTarget],
-    n: int,
-    specs: list[AttackSpec],
-    o: AttackOptions,
-    signature: dict,
-    eps_levels: float,
-    step_levels: float,
-    dev: torch.device,
-    dist: Dist,
-) -> list[dict]:
-    state = EvalState(o.state, signature, writer=dist.main)
-    rows = []
-    for t in targets:
-        low = _eps_low_for(t, o.eps_low, eps_levels, specs)
-        trained = t.meta.config
-        setup = AttackSetup.from_levels(
-            eps_levels,
-            step_levels,
-            low,
-            where=str(t.path),
-            restarts=o.restarts,
-            seed=o.seed,
-            batch_size=o.batch_size,
-            cam=trained.cam if trained else "gradcam",
-            mask_rule=trained.mask_rule if trained else "zscore",
-        )
-        points = t.test.first(n).to(dev)
-        if dist.main:
-            for warning in sanity_warnings(
-                t.model, to_float(points.x[: o.batch_size]), points.y[: o.batch_size]
-            ):
-                note(f"warning: {t.path}: {warning}")
-        adv = None
-        if o.save_adv is not None:
-            adv = AdvWriter(
-                o.save_adv / f"{t.path.stem.split('.')[0]}-{t.sha256[:8]}",
-                {
-                    "eps": setup.eps,
-                    "eps_levels": eps_levels,
-                    "step_levels": step_levels,
-                    "seed": o.seed,
-                    "checkpoint": str(t.path),
-                    "checkpoint_sha256": t.sha256,
-                    "dataset": t.dataset,
-                    "n": n,
-                    "versions": versions(),
-                },
-                {**signature, "checkpoint": t.sha256},
-            )
-        with attack_progress(dist.main) as show:
-            result = evaluate_suite(
-                t.model,
-                points,
-                specs,
-                setup,
-                show,
-                hooks=EvalHooks(state=state, prefix=f"{t.sha256[:16]}/", dist=dist, adv=adv),
-            )
-        if not o.per_class:
-            result.pop("per_class")
-        found = robustness_warnings(specs, result, n, o.sweep_steps)
-        rows.append(_attack_row(t, n, setup, result, specs, dev, found, eps_levels, step_levels))
-        if dist.main:
-            acc = result["accuracy"]
-            console.print(
-                f"{t.path}: "
-                + ", ".join(
-                    f"{s.name} {fmt_pct(acc[s.name])}% ({result['seconds'][s.name]:.1f} s)"
-                    for s in specs
-                )
-                + f", worst {fmt_pct(acc['worst'])}%",
-            )
-            for name, parts in result.get("components", {}).items():
-                console.print(
-                    f"{t.path}: {name} robust accuracy after "
-                    + ", ".join(f"{c.upper()} {fmt_pct(a)}%" for c, a in parts.items()),
-                )
-    return rows
-
-
-def _transfer_row(t: EvalTarget, o: AttackOptions, dev: torch.device) -> dict:
-    """--adv-from: the checkpoint on every saved file (a folder of them, or one file). The
-    row says where each file came from; a file made on this very checkpoint is a replay and
-    gives exactly the accuracy its evaluation reported."""
-    source = Path(o.adv_from)
-    if not source.is_dir():
-        require_file(source, "--adv-from")
-    files = (
-        sorted(p for p in source.rglob("*.safetensors") if ".parts" not in p.parts and p.is_file())
-        if source.is_dir()
-        else [source]
-    )
-    if not files:
-        raise CliError(f"--adv-from {source}: no saved adversarial examples there")
-    test = t.test.to(dev)
-    flags, origins, n, eps_levels = {}, [], None, None
-    for f in files:
-        idx, robust, meta = transfer_flags(t.model, test, f, o.batch_size)
-        if n is not None and len(idx) != n:
-            raise CliError(
-                f"{f}: holds {len(idx)} test points, {files[0]} {n}; evaluate them separately"
-            )
-        if eps_levels is not None and meta["eps_levels"] != eps_levels:
-            raise CliError(
-                f"{f}: made at eps {meta['eps_levels']:g}/255, {files[0]} at {eps_levels:g}/255; evaluate them separately"
-            )
-        n, eps_levels = len(idx), meta["eps_levels"]
-        name = f"adv:{f.parent.name}/{f.stem}" if source.is_dir() else f"adv:{f.stem}"
-        flags[name] = robust
-        origins.append(
-            {
-                "file": str(f),
-                "column": name,
-                "attack": meta["attack"],
-                "eps_levels": eps_levels,
-                "seed": meta["seed"],
-                "checkpoint": meta.get("checkpoint"),
-                "checkpoint_sha256": meta["checkpoint_sha256"],
-                "replay": meta["checkpoint_sha256"] == t.sha256,
-            }
-        )
-    points = test.first(n)
-    with eval_mode(t.model), full_fp32():
-        clean = predict(t.model, to_float(points.x), o.batch_size) == points.y
-    main = {"natural": clean, **flags}
-    result = {"accuracy": {k: fraction(v) for k, v in main.items()}, "seconds": {}}
-    worst = torch.stack(list(main.values())).all(0)
-    result["accuracy"]["worst"] = fraction(worst)
-    if o.per_class:
-        result["per_class"] = per_class_accuracy(points, {**main, "worst": worst})
-    setup = AttackSetup(
-        eps=from_levels(eps_levels), step=from_levels(DEFAULT_STEP_LEVELS), seed=o.seed
-    )
-    row = _attack_row(t, n, setup, result, [], dev, [], eps_levels, 0.0)
-    row["adv_from"] = origins
-    for origin in origins:
-        kind = (
-            "a replay on the checkpoint that made them"
-            if origin["replay"]
-            else f"transferred from {origin['checkpoint']} (sha256 {origin['checkpoint_sha256'][:12]})"
-        )
-        console.print(f"{t.path}: {origin['column']}: {kind}")
-    return row
 
 
 def _print_attack_tables(
@@ -6658,6 +5839,270 @@ def _print_attack_tables(
                 left=("class",),
             )
         )
+
+
+def robustness_warnings(specs: list[AttackSpec], result: dict) -> list[str]:
+    """Signs that the numbers overstate robustness (gradient masking): a black-box attack
+    (Square) that beats the white-box ones, alone or inside AutoAttack."""
+    acc, found, alpha = result["accuracy"], [], 0.002
+    white = [
+        acc[s.name]
+        for s in specs
+        if ATTACKS[s.family].white_box and s.family != "natural" and s.name in acc
+    ]
+    square = [acc[s.name] for s in specs if s.family == "square" and s.name in acc]
+    if square and white and square[0] < min(white) - alpha:
+        found.append(
+            f"the black-box Square attack ({fmt_pct(square[0])}%) beats every white-box attack ({fmt_pct(min(white))}%): "
+            "a sign of gradient masking; the white-box figures overstate robustness"
+        )
+    for name, parts in result.get("components", {}).items():
+        if parts["fab-t"] - parts["square"] > alpha:
+            found.append(
+                f"{name}: Square broke {fmt_pct(parts['fab-t'] - parts['square'])}% of the points the white-box "
+                "components left robust: a sign of gradient masking"
+            )
+    return found
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttackRequest:
+    """What `attack` was asked, checked where it came in; budgets in 1/255 levels."""
+
+    arch: Optional[str]
+    dataset: Optional[str]
+    data_dir: str
+    cache_dir: str
+    cam_layer: Optional[str]
+    n_examples: Optional[int]
+    batch_size: int
+    eps_levels: float
+    step_levels: float
+    restarts: int
+    eps_low: Optional[str]
+    seed: int
+    per_class: bool
+    reports: dict[str, Optional[Path]]  # --json, --csv, --markdown -> file or None
+    device: str
+
+
+def attack_request(o: dict[str, Any]) -> tuple[AttackRequest, list[AttackSpec]]:
+    """`attack`'s options (as typed) checked once: the request and its attacks."""
+    eps_levels = parse_levels(o["eps"] or DEFAULT_EPS_LEVELS, "eps")
+    step_levels = parse_levels(o["step"] or DEFAULT_STEP_LEVELS, "step")
+    check_budget_levels(eps_levels, 0.0, step_levels)
+    reports = {"--json": o["json_out"], "--csv": o["csv_out"], "--markdown": o["markdown_out"]}
+    for option, path in reports.items():
+        check_output_file(path, option)
+    request = AttackRequest(
+        **{k: o[k] for k in ("arch", "dataset", "data_dir", "cache_dir", "cam_layer")},
+        **{k: o[k] for k in ("n_examples", "batch_size", "eps_low", "seed", "per_class")},
+        eps_levels=eps_levels,
+        step_levels=step_levels,
+        restarts=o["restarts"] or 1,
+        reports=reports,
+        device=o["device"],
+    )
+    return request, parse_attacks(o["attacks"] or DEFAULT_ATTACKS, request.restarts)
+
+
+class AttackExtras:
+    """What another module adds to `attack` (part_tools: RobustBench models, sweeps, saved
+    and replayed adversarial examples, a resumable state, W&B); this one adds nothing. In
+    the order `attack` calls them: `sources` (the models to load), `specs` (the attacks),
+    `replaces` (rows made instead of attacking), `evaluation` (around the attacks: yields
+    each checkpoint's EvalHooks), `warnings` (per checkpoint), `finish` (after the reports,
+    on the main process)."""
+
+    def sources(self, paths: list[Path], request: AttackRequest) -> list[tuple[Path, Any]]:
+        if any(str(p).startswith(ROBUSTBENCH) for p in [*paths, request.arch or ""]):
+            raise CliError("robustbench:NAME models come with part_tools.py (pip install .)")
+        return [(path, request.arch) for path in paths]
+
+    def specs(self, specs: list[AttackSpec]) -> list[AttackSpec]:
+        return specs
+
+    def replaces(self, targets: list[EvalTarget], n: int, request: AttackRequest, dev):
+        return None
+
+    @contextlib.contextmanager
+    def evaluation(self, targets: list[EvalTarget], n: int, specs, request, dist: Dist):
+        yield lambda target, setup: EvalHooks(dist=dist)
+
+    def warnings(self, specs: list[AttackSpec], result: dict, n: int) -> list[str]:
+        return []
+
+    def finish(self, rows: list[dict], names: list[str], specs: list[AttackSpec]) -> None:
+        pass
+
+
+def attack_with(options: dict[str, Any], extras: AttackExtras) -> None:
+    """The `attack` command with what `extras` adds; `options` as typed."""
+    if options["nproc"] > 1:
+        with cli_errors():
+            code = run_processes(options["nproc"], options["device"])
+        raise typer.Exit(code)
+    with cli_errors():
+        set_threads(options["threads"])
+        request, specs = attack_request(options)
+        specs, dist = extras.specs(specs), dist_from_env()
+        dev = process_device(request.device, dist)
+        with process_group(dist, dev):
+            sources = extras.sources(_model_paths(options["checkpoints"]), request)
+            targets, n = load_targets(sources, request, dev)
+            rows = extras.replaces(targets, n, request, dev)
+            if rows is None:
+                with extras.evaluation(targets, n, specs, request, dist) as hooks_for:
+                    rows = [
+                        evaluate_target(t, n, specs, request, (dev, dist), hooks_for, extras)
+                        for t in targets
+                    ]
+        if dist.main:
+            names = [k for k in rows[0]["accuracy"] if k != "worst"]
+            _print_attack_tables(rows, names, request.eps_levels, request.per_class)
+            _write_reports(rows, names, request.reports)
+            for row in rows:
+                for warning in row["warnings"]:
+                    note(f"warning: {row['path']}: {warning}")
+            extras.finish(rows, names, specs)
+
+
+def load_targets(
+    sources: list[tuple[Path, Optional[str]]], request: AttackRequest, dev: torch.device
+) -> tuple[list[EvalTarget], int]:
+    """The checkpoints (path, architecture) ready to evaluate, and the number of points:
+    --n-examples, else the whole (smallest) test set."""
+    r, splits = request, {}
+    targets = [
+        load_for_eval(p, arch, dev, r.dataset, r.data_dir, r.cache_dir, r.cam_layer, splits)
+        for p, arch in sources
+    ]
+    n = r.n_examples or min(len(t.test.y) for t in targets)
+    for t in targets:
+        if n > len(t.test.y):
+            raise CliError(
+                f"--n-examples {n} is more than the {len(t.test.y)} test images of {t.dataset} in {r.data_dir}"
+            )
+    return targets, n
+
+
+def evaluate_target(
+    t: EvalTarget,
+    n: int,
+    specs: list[AttackSpec],
+    request: AttackRequest,
+    where: tuple[torch.device, Dist],
+    hooks_for: Callable[[EvalTarget, AttackSetup], EvalHooks],
+    extras: AttackExtras,
+) -> dict:
+    """One checkpoint's report row: its first n test points through every attack."""
+    (dev, dist), r, trained = where, request, t.meta.config
+    setup = AttackSetup.from_levels(
+        r.eps_levels,
+        r.step_levels,
+        _eps_low_for(t, r.eps_low, r.eps_levels, specs),
+        where=str(t.path),
+        restarts=r.restarts,
+        seed=r.seed,
+        batch_size=r.batch_size,
+        cam=trained.cam if trained else "gradcam",
+        mask_rule=trained.mask_rule if trained else "zscore",
+    )
+    points = t.test.first(n).to(dev)
+    if dist.main:
+        for warning in sanity_warnings(
+            t.model, to_float(points.x[: r.batch_size]), points.y[: r.batch_size]
+        ):
+            note(f"warning: {t.path}: {warning}")
+    with attack_progress(dist.main) as show:
+        result = evaluate_suite(t.model, points, specs, setup, show, hooks=hooks_for(t, setup))
+    if not r.per_class:
+        result.pop("per_class")
+    found = robustness_warnings(specs, result) + extras.warnings(specs, result, n)
+    if dist.main:
+        _say_result(t, specs, result)
+    levels = (r.eps_levels, r.step_levels)
+    return _attack_row(t, n, setup, result, specs, dev, found, levels)
+
+
+def _say_result(t: EvalTarget, specs: list[AttackSpec], result: dict) -> None:
+    acc = result["accuracy"]
+    console.print(
+        f"{t.path}: "
+        + ", ".join(
+            f"{s.name} {fmt_pct(acc[s.name])}% ({result['seconds'][s.name]:.1f} s)" for s in specs
+        )
+        + f", worst {fmt_pct(acc['worst'])}%",
+    )
+    for name, parts in result.get("components", {}).items():
+        console.print(
+            f"{t.path}: {name} robust accuracy after "
+            + ", ".join(f"{c.upper()} {fmt_pct(a)}%" for c, a in parts.items()),
+        )
+
+
+@app.command("attack", cls=KeepsArgs)
+def attack_command(
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help=escape_markup(
+                "Checkpoints: ours (.safetensors), model folders, or foreign state dicts with --arch."
+            ),
+            show_default=False,
+        ),
+    ],
+    attacks: Annotated[
+        Optional[str],
+        _opt(
+            f"Comma-separated: {ATTACK_HELP}. natural always runs. [default: {DEFAULT_ATTACKS}]",
+            autocompletion=complete_attacks,
+        ),
+    ] = None,
+    dataset: DatasetOpt = None,
+    data_dir: DataDir = "data",
+    cache_dir: CacheDir = DEFAULT_CACHE,
+    arch: Arch = None,
+    cam_layer: CamLayer = None,
+    n_examples: NExamples = None,
+    batch_size: Annotated[
+        int, _opt("Batch size (halved automatically on CUDA out-of-memory).", min=1, max=1 << 20)
+    ] = 256,
+    eps: Annotated[
+        Optional[str], _opt("L-inf budget, 1/255 levels (8 or 8/255). [default: 8]")
+    ] = None,
+    step: Annotated[
+        Optional[str], _opt("Step of the PGD-type attacks, 1/255 levels. [default: 2]")
+    ] = None,
+    restarts: Annotated[
+        Optional[int],
+        _opt(
+            "Random restarts of every iterative attack without its own xR (worst case "
+            "kept). [default: 1]",
+            min=1,
+            max=MAX_RESTARTS,
+        ),
+    ] = None,
+    eps_low: Levels = None,
+    per_class: Annotated[bool, _opt("Also report accuracy per class.")] = False,
+    json_out: JsonOut = None,
+    csv_out: Annotated[
+        Optional[Path], _opt("Write a CSV table here (one row per checkpoint).", "--csv")
+    ] = None,
+    markdown_out: Annotated[
+        Optional[Path], _opt("Write a markdown table here (for a paper).", "--markdown")
+    ] = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    threads: Threads = 0,
+    nproc: NProc = 1,
+):
+    """Robust accuracy of checkpoints on the first N test images: a table, optionally JSON/CSV/markdown.
+
+    Standard protocol: inputs in [0, 1], eval mode, fp32; each attack runs on the points the
+    model gets right; `worst` counts a point robust only if no attack broke it. With --nproc N
+    (or torchrun) the points are shared out."""
+    attack_with(dict(locals()), AttackExtras())
 
 
 # Exports that make a folder to share, added by other modules (part_tools: "hf", a model hub

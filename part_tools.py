@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
+import inspect
 import json
 import math
 import os
@@ -40,7 +42,10 @@ from part import (
     Arch,
     ARCH_HELP,
     atomic_write,
+    _attack_row,
+    AttackRequest,
     AttackSetup,
+    AttackSpec,
     autocast,
     budget_for,
     build_model,
@@ -48,11 +53,12 @@ from part import (
     CAM_METHODS,
     CamLayer,
     channels_last,
+    check_budget,
     check_output_file,
     Checkpoint,
     CheckpointMeta,
-    _class_activation,
     class_activation,
+    _class_activation,
     cli_errors,
     CliError,
     COMPILE_MODES,
@@ -62,15 +68,20 @@ from part import (
     DataDir,
     DatasetOpt,
     DEFAULT_CACHE,
+    DEFAULT_STEP_LEVELS,
     Device,
     device_name,
-    _eps_map,
     eps_map,
+    _eps_map,
     eval_mode,
+    EvalHooks,
     EvalTarget,
     first_line,
+    fmt_pct,
     FORMAT,
     fraction,
+    from_levels,
+    full_fp32,
     HF_WEIGHTS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -88,18 +99,26 @@ from part import (
     _opt,
     parse_levels,
     PART_ONLY,
-    _pgd,
+    PENDING,
+    per_class_accuracy,
     pgd,
+    _pgd,
     pick_device,
+    PointFlags,
+    predict,
     pyplot,
     require_file,
     robustbench_source,
     RunFiles,
+    safetensors_metadata,
     save_checkpoint,
     save_figure_png,
+    save_tensors,
     Seed,
     set_threads,
+    Split,
     Tensor,
+    tensors_of,
     text_table,
     Threads,
     Threat,
@@ -417,6 +436,694 @@ class WandB:
 
 
 part.TRACKERS.update(tensorboard=TensorBoard, wandb=WandB)
+
+
+# ============================================================================ attack's tools
+# Added to `attack` when this module is there (its options in the help's panel "part_tools"):
+# robustbench:NAME models, sweeps of the attack's strength, saved and replayed adversarial
+# examples, an evaluation state that makes an interrupted evaluation continue, W&B.
+
+
+class EvalState(PointFlags):
+    """An evaluation's per-point flags on disk, so that the same command continues where an
+    interrupted one stopped. Saved atomically at most every few seconds and at the end of
+    each attack; refused when it belongs to another evaluation (another signature)."""
+
+    SAVE_EVERY_S = 2.0  # at most one write every 2 s: a kill loses at most that much work
+
+    def __init__(self, path: Optional[Path], signature: dict, writer: bool = True):
+        super().__init__()
+        self.path, self.signature, self.writer = path, signature, writer
+        self.saved_at = time.monotonic()
+        if path is not None and Path(path).is_file():
+            self._load(Path(path))
+
+    def _load(self, path: Path) -> None:
+        try:
+            tensors, meta, _ = tensors_of(path)
+            signature, seconds = (
+                json.loads(meta["signature"]),
+                json.loads(meta.get("seconds", "{}")),
+            )
+        except Exception as e:
+            raise CliError(
+                f"the evaluation state {path} is damaged ({first_line(e)}); delete it to start again"
+            ) from None
+        if signature != json.loads(json.dumps(self.signature)):
+            raise CliError(
+                f"{path} holds the state of another evaluation (other checkpoints, points or settings); "
+                "delete it, or give another --state"
+            )
+        n = self.signature.get("n")
+        for (
+            key,
+            flags,
+        ) in tensors.items():  # only what part writes: int8 flags of n points, each -1, 0 or 1
+            if (
+                flags.dtype != torch.int8
+                or flags.dim() != 1
+                or (n is not None and len(flags) != n)
+                or not bool(((flags >= PENDING) & (flags <= 1)).all())
+            ):
+                raise CliError(
+                    f"the evaluation state {path} holds flags part never writes ({key}: {flags.dtype}, "
+                    f"{tuple(flags.shape)}); delete it to start again"
+                )
+        if meta.get("checksum") != self._checksum(tensors):
+            raise CliError(
+                f"the evaluation state {path} does not match its checksum (changed after it was written); "
+                "delete it to start again"
+            )
+        self.flags, self.seconds = dict(tensors), seconds
+        note(f"resuming the evaluation from {path}")
+
+    @staticmethod
+    def _checksum(flags: dict[str, Tensor]) -> str:
+        h = hashlib.sha256()
+        for key in sorted(flags):
+            h.update(
+                key.encode()
+                + b"\0"
+                + flags[key].to(torch.int8).contiguous().numpy().tobytes()
+                + b"\0"
+            )
+        return h.hexdigest()
+
+    def put(
+        self, key: str, flags: Tensor, seconds: Optional[float] = None, force: bool = False
+    ) -> None:
+        super().put(key, flags, seconds)
+        if (
+            self.path is not None
+            and self.writer
+            and (force or time.monotonic() - self.saved_at >= self.SAVE_EVERY_S)
+        ):
+            meta = {
+                "format": "part/1-eval",
+                "signature": json.dumps(self.signature),
+                "seconds": json.dumps(self.seconds),
+                "checksum": self._checksum(self.flags),
+            }
+            save_tensors(Path(self.path), {k: v.contiguous() for k, v in self.flags.items()}, meta)
+            self.saved_at = time.monotonic()
+
+
+class AdvWriter:
+    """--save-adv: the adversarial examples of one checkpoint, float32 (uint8 rounding would
+    change results), one safetensors file per attack with the test indices, labels, eps,
+    step, attack, seed, the checkpoint's sha256 and the id of the evaluation (a hash of
+    everything that decides the examples). Batches land in .parts/ as they finish, named by
+    that id, so a resumed evaluation keeps its own and never merges another's; a batch the
+    state calls done but whose examples are missing is attacked again (same seed, same
+    result). The folder is locked for the run by the caller."""
+
+    def __init__(self, folder: Path, info: dict, evaluation: dict):
+        self.folder, self.info = Path(folder), info
+        self.id = hashlib.sha256(json.dumps(evaluation, sort_keys=True).encode()).hexdigest()[:16]
+        parts = self.folder / ".parts"
+        parts.mkdir(parents=True, exist_ok=True)
+        for stale in [p for p in parts.glob("*.safetensors") if not p.name.startswith(self.id)]:
+            # left by a killed evaluation of other settings: never ours to merge
+            stale.unlink(missing_ok=True)
+        for done in self.folder.glob("*.safetensors"):
+            if safetensors_metadata(done).get("evaluation") != json.dumps(self.id):
+                raise CliError(
+                    f"--save-adv {self.folder} already holds examples of another evaluation ({done.name}); "
+                    "choose another folder or remove it"
+                )
+
+    def _part(self, key: str, batch: int) -> Path:
+        return self.folder / ".parts" / f"{self.id}-{key}-{batch:06d}.safetensors"
+
+    def _complete(self, key: str) -> bool:
+        """The attack's file of this very evaluation is already written (its parts are gone)."""
+        return safetensors_metadata(self.folder / f"{key}.safetensors").get(
+            "evaluation"
+        ) == json.dumps(self.id)
+
+    def has(self, key: str, batch: int) -> bool:
+        return self._part(key, batch).is_file() or self._complete(key)
+
+    def write(self, key: str, batch: int, index: Tensor, x_adv: Tensor) -> None:
+        save_tensors(
+            self._part(key, batch),
+            {
+                "x_adv": x_adv.detach().float().cpu().contiguous(),
+                "indices": index.cpu().contiguous(),
+            },
+            {},
+        )
+
+    def finish(self, spec: AttackSpec, x_all: Tensor, y_all: Tensor, attacked: Tensor) -> Path:
+        """One file of the attack: saved examples where the points were attacked, the clean
+        image where the model was already wrong (no attack needed). Every attacked point
+        must have its example."""
+        path = self.folder / f"{spec.key}.safetensors"
+        parts = sorted((self.folder / ".parts").glob(f"{self.id}-{spec.key}-*.safetensors"))
+        # written before an interruption: nothing left to add
+        if not parts and self._complete(spec.key):
+            return path
+        x_adv = x_all.detach().float().cpu().clone()
+        covered = torch.zeros(len(y_all), dtype=torch.bool)
+        for piece in parts:
+            t = tensors_of(piece)[0]
+            x_adv[t["indices"]] = t["x_adv"]
+            covered[t["indices"]] = True
+        missing = int((attacked.cpu() & ~covered).sum())
+        if missing:
+            raise CliError(
+                f"--save-adv: the examples of {missing} attacked points of {spec.name} are missing from "
+                f"{self.folder / '.parts'}; run the same command again to attack them again"
+            )
+        meta = {
+            **{k: json.dumps(v) for k, v in self.info.items()},
+            "format": "part/1-adv",
+            "attack": json.dumps(spec.key),
+            "evaluation": json.dumps(self.id),
+        }
+        save_tensors(
+            path,
+            {
+                "x_adv": x_adv.contiguous(),
+                "indices": torch.arange(len(y_all)),
+                "labels": y_all.cpu(),
+            },
+            meta,
+        )
+        for piece in parts:
+            piece.unlink(missing_ok=True)
+        return path
+
+
+ADV_METADATA = {
+    "eps": (int, float),
+    "eps_levels": (int, float),
+    "seed": int,
+    "attack": str,
+    "checkpoint_sha256": str,
+    "n": int,
+    "evaluation": str,
+}
+
+
+def load_adversarial(path: Path) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """A --save-adv file: (x_adv, test indices, labels, metadata), every part of its claim
+    checked: the metadata part writes with the types it writes, eps and eps_levels that
+    agree, float32 examples, int64 indices that are the first N test points in order."""
+
+    require_file(path, "--adv-from")
+    try:
+        raw = safetensors_metadata(path)
+        if raw.get("format") != "part/1-adv":
+            raise ValueError("not a file written by part attack --save-adv")
+        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+        t = tensors_of(path)[0]
+        x_adv, index, labels = t["x_adv"], t["indices"], t["labels"]
+    except Exception as e:
+        raise CliError(
+            f"{path}: not a readable file of adversarial examples ({first_line(e)})"
+        ) from None
+    wrong = [
+        f"{k} {meta.get(k)!r}"
+        for k, kind in ADV_METADATA.items()
+        if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), kind)
+    ]
+    if wrong:
+        raise CliError(f"{path}: its metadata is not what part writes ({', '.join(wrong)})")
+    eps, levels = float(meta["eps"]), float(meta["eps_levels"])
+    if not (
+        math.isfinite(eps)
+        and 0 <= eps <= 1
+        and math.isclose(eps, from_levels(levels), rel_tol=1e-9, abs_tol=1e-12)
+    ):
+        raise CliError(
+            f"{path}: its eps ({eps!r}) and eps_levels ({levels:g}/255) disagree; not a file part wrote"
+        )
+    if x_adv.dtype != torch.float32 or index.dtype != torch.int64 or labels.dtype != torch.int64:
+        raise CliError(
+            f"{path}: x_adv {x_adv.dtype}, indices {index.dtype}, labels {labels.dtype}; "
+            "part writes float32 examples and int64 indices and labels"
+        )
+    if x_adv.dim() != 4 or len(x_adv) != len(index) or len(index) != len(labels) or not len(index):
+        raise CliError(
+            f"{path}: inconsistent adversarial examples ({tuple(x_adv.shape)}, {len(index)} indices, {len(labels)} labels)"
+        )
+    if meta["n"] != len(index) or not torch.equal(index, torch.arange(len(index))):
+        raise CliError(
+            f"{path}: its indices are not the first {len(index)} test points in order (repeated, reordered or "
+            "picked); part saves the first N, and a replay must score those"
+        )
+    meta["eps"] = eps
+    return x_adv, index, labels, meta
+
+
+def transfer_flags(
+    model: nn.Module, test: Split, path: Path, batch_size: int
+) -> tuple[Tensor, Tensor, dict]:
+    """The model's results on saved adversarial examples (transfer / black-box studies), after
+    checking that each lies inside the budget of the test point it claims.
+    Returns (test indices, robust flags, metadata)."""
+    x_adv, index, labels, meta = load_adversarial(path)
+    if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(test.y)):
+        raise CliError(f"{path}: indices beyond the {len(test.y)} test images")
+    points = test.select(index.to(test.y.device))
+    if not torch.equal(labels.to(points.y.device), points.y):
+        raise CliError(
+            f"{path}: its labels differ from those of the test points it names (another data set?)"
+        )
+    x = to_float(points.x)
+    x_adv = x_adv.to(x.device)
+    if x_adv.shape != x.shape:
+        raise CliError(
+            f"{path}: examples of shape {tuple(x_adv.shape[1:])}, test images of {tuple(x.shape[1:])}"
+        )
+    check_budget(x_adv, x, meta["eps"], f"{path.name} (saved examples)")
+    with eval_mode(model), full_fp32():
+        robust = (predict(model, x, batch_size) == points.y) & (
+            predict(model, x_adv, batch_size) == points.y
+        )
+    return index, robust, meta
+
+
+def _transfer_row(t: EvalTarget, source: Path, request: AttackRequest, dev: torch.device) -> dict:
+    """--adv-from: the checkpoint on every saved file (a folder of them, or one file). The
+    row says where each file came from; a file made on this very checkpoint is a replay and
+    gives exactly the accuracy its evaluation reported."""
+    if not source.is_dir():
+        require_file(source, "--adv-from")
+    files = (
+        sorted(p for p in source.rglob("*.safetensors") if ".parts" not in p.parts and p.is_file())
+        if source.is_dir()
+        else [source]
+    )
+    if not files:
+        raise CliError(f"--adv-from {source}: no saved adversarial examples there")
+    test = t.test.to(dev)
+    flags, origins, n, eps_levels = {}, [], None, None
+    for f in files:
+        idx, robust, meta = transfer_flags(t.model, test, f, request.batch_size)
+        if n is not None and len(idx) != n:
+            raise CliError(
+                f"{f}: holds {len(idx)} test points, {files[0]} {n}; evaluate them separately"
+            )
+        if eps_levels is not None and meta["eps_levels"] != eps_levels:
+            raise CliError(
+                f"{f}: made at eps {meta['eps_levels']:g}/255, {files[0]} at {eps_levels:g}/255; evaluate them separately"
+            )
+        n, eps_levels = len(idx), meta["eps_levels"]
+        name = f"adv:{f.parent.name}/{f.stem}" if source.is_dir() else f"adv:{f.stem}"
+        flags[name] = robust
+        origins.append(
+            {
+                "file": str(f),
+                "column": name,
+                "attack": meta["attack"],
+                "eps_levels": eps_levels,
+                "seed": meta["seed"],
+                "checkpoint": meta.get("checkpoint"),
+                "checkpoint_sha256": meta["checkpoint_sha256"],
+                "replay": meta["checkpoint_sha256"] == t.sha256,
+            }
+        )
+    points = test.first(n)
+    with eval_mode(t.model), full_fp32():
+        clean = predict(t.model, to_float(points.x), request.batch_size) == points.y
+    main = {"natural": clean, **flags}
+    result = {"accuracy": {k: fraction(v) for k, v in main.items()}, "seconds": {}}
+    worst = torch.stack(list(main.values())).all(0)
+    result["accuracy"]["worst"] = fraction(worst)
+    if request.per_class:
+        result["per_class"] = per_class_accuracy(points, {**main, "worst": worst})
+    setup = AttackSetup(
+        eps=from_levels(eps_levels), step=from_levels(DEFAULT_STEP_LEVELS), seed=request.seed
+    )
+    row = _attack_row(t, n, setup, result, [], dev, [], (eps_levels, 0.0))
+    row["adv_from"] = origins
+    for origin in origins:
+        kind = (
+            "a replay on the checkpoint that made them"
+            if origin["replay"]
+            else f"transferred from {origin['checkpoint']} (sha256 {origin['checkpoint_sha256'][:12]})"
+        )
+        console.print(f"{t.path}: {origin['column']}: {kind}")
+    return row
+
+
+def expand_sweep(
+    specs: list[AttackSpec], steps: list[int], restarts: list[int]
+) -> list[AttackSpec]:
+    """--sweep: every iterative family asked for (pgd when none) at each step count, and at
+    the largest step count with each number of restarts."""
+    families = [s.family for s in specs if s.family in ("pgd", "cw")] or ["pgd"]
+    extra = [AttackSpec(f"{f}{k}", f, k, 1) for f in dict.fromkeys(families) for k in steps]
+    extra += [
+        AttackSpec(f"{f}{max(steps)}x{r}", f, max(steps), r)
+        for f in dict.fromkeys(families)
+        for r in restarts
+        if r > 1
+    ]
+    unique = {s.key: s for s in specs}
+    for s in extra:
+        unique.setdefault(s.key, s)
+    swept = sorted(
+        (s for s in unique.values() if s.family in families),
+        key=lambda s: (families.index(s.family), s.steps, s.restarts),
+    )
+    return [
+        s for s in unique.values() if s.family not in families
+    ] + swept  # the curve's columns in order
+
+
+def sweep_curves(specs: list[AttackSpec], acc: dict) -> dict[str, list[tuple[int, int, float]]]:
+    curves: dict[str, list] = {}
+    for spec in specs:
+        if spec.family in ("pgd", "cw") and spec.name in acc:
+            curves.setdefault(spec.family, []).append((spec.steps, spec.restarts, acc[spec.name]))
+    return curves
+
+
+def convergence_warnings(
+    specs: list[AttackSpec], result: dict, n: int, steps: list[int]
+) -> list[str]:
+    """--sweep: an attack whose accuracy still falls between the two largest step counts has
+    not converged (its figure overstates robustness)."""
+    if len(steps) < 2:
+        return []
+    acc, (a, b), found = result["accuracy"], sorted(steps)[-2:], []
+    by_key = {s.key: acc[s.name] for s in specs if s.name in acc}
+    for family in dict.fromkeys(s.family for s in specs if s.family in ("pgd", "cw")):
+        before, after = by_key.get(f"{family}{a}"), by_key.get(f"{family}{b}")
+        if (
+            before is not None
+            and after is not None
+            and before - after > max(0.005, 1 / max(n, 1)) - 1e-12
+        ):
+            found.append(
+                f"{family}: accuracy still falls from {a} to {b} steps ({fmt_pct(before)}% -> {fmt_pct(after)}%): "
+                "the attack has not converged; try more steps or restarts"
+            )
+    return found
+
+
+def plot_sweep(
+    path: Path,
+    curves: dict[str, list[tuple[int, int, float]]],
+    n: int,
+    eps_levels: float,
+    title: str = "",
+) -> bool:
+    """Accuracy against attack steps (log axis), one line per family; restarts as crosses."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for family, points in curves.items():
+        single = sorted((k, acc) for k, r, acc in points if r == 1)
+        line = ax.plot(
+            [k for k, _ in single],
+            [100 * a for _, a in single],
+            marker="o",
+            label=f"{family}, 1 restart",
+        )
+        for i, (k, r, acc) in enumerate(sorted(p for p in points if p[1] > 1)):
+            ax.scatter([k], [100 * acc], marker="x", color=line[0].get_color())
+            ax.annotate(
+                f"{r} restarts: {100 * acc:.2f}",
+                (k, 100 * acc),
+                textcoords="offset points",
+                xytext=(-90, 8 + 11 * i),
+                fontsize=8,
+            )
+    steps = sorted({k for points in curves.values() for k, _, _ in points})
+    ax.set_xscale("log")
+    ax.set_xticks(steps, [str(k) for k in steps])
+    ax.set(
+        xlabel="attack steps",
+        ylabel="robust accuracy (%)",
+        title=f"{title}attack strength, eps {eps_levels:g}/255, {n} points",
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    save_figure_png(fig, path)
+    return True
+
+
+def show_sweep(rows: list[dict], specs: list[AttackSpec], plot: Path, eps_levels: float) -> None:
+    """--sweep: each checkpoint's curve in a line, and the first one's plot."""
+    for row in rows:
+        curves = sweep_curves(specs, row["accuracy"])
+        points = {
+            f: ", ".join(
+                f"{k}{'x' + str(r) if r > 1 else ''} {fmt_pct(a)}" for k, r, a in sorted(p)
+            )
+            for f, p in curves.items()
+        }
+        console.print(f"{row['path']}: sweep " + "; ".join(f"{f}: {p}" for f, p in points.items()))
+    first = rows[0]
+    curves = sweep_curves(specs, first["accuracy"])
+    if plot_sweep(plot, curves, first["n_examples"], eps_levels, f"{first['path']}\n"):
+        console.print(f"sweep plot ({first['path']}): {plot}")
+
+
+def _int_list(text: str, option: str, high: int) -> list[int]:
+    """A comma-separated list of integers in [1, high] (the bounds pgdK and xR have)."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise CliError(f"{option}: expected integers like 10,20,50, got {text!r}") from None
+    if not values or min(values) < 1 or max(values) > high:
+        raise CliError(f"{option}: expected integers from 1 to {high}, got {text!r}")
+    return sorted(set(values))
+
+
+def _refuse_with_adv_from(given: dict[str, Any]) -> None:
+    """--adv-from: the saved files fix the attack, budget and points; a value given beside
+    them would mislabel the result."""
+    named = [option for option, value in given.items() if value is not None]
+    if named:
+        raise CliError(
+            f"{', '.join(named)} cannot be given with --adv-from: the saved examples fix the "
+            "attack, the budget and the points"
+        )
+
+
+@dataclasses.dataclass
+class AttackTools(part.AttackExtras):
+    """What this module adds to `attack`, from its options (checked by `from_options`)."""
+
+    threat: str
+    model_dir: str
+    state: Optional[Path]  # None: the evaluation is not kept on disk
+    save_adv: Optional[Path]
+    adv_from: Optional[Path]
+    sweep: Optional[tuple[list[int], list[int], Path]]  # steps, restarts, the plot
+    wandb: Optional[str]
+    folder: Path  # where the reports go (W&B's files)
+
+    @classmethod
+    def from_options(cls, o: dict[str, Any], card: dict[str, Any]) -> "AttackTools":
+        reports = [card["json_out"], card["csv_out"], card["markdown_out"]]
+        if o["adv_from"] is not None:
+            names = ("attacks", "eps", "step", "restarts", "n_examples", "eps_low")
+            _refuse_with_adv_from(
+                {f"--{k.replace('_', '-')}": card[k] for k in names}
+                | {"--save-adv": o["save_adv"], "--sweep": o["sweep"] or None}
+                | {"--state": o["state"]}
+            )
+        sweep = None
+        if o["sweep"]:
+            sweep = (
+                _int_list(o["sweep_steps"], "--sweep-steps", part.MAX_ATTACK_STEPS),
+                _int_list(o["sweep_restarts"], "--sweep-restarts", part.MAX_RESTARTS),
+                o["sweep_plot"]
+                or next(
+                    (p.with_name(p.stem + "-sweep.png") for p in reports if p), Path("sweep.png")
+                ),
+            )
+        state = o["state"] or next(
+            (p.with_name(p.name + ".state.safetensors") for p in reports if p), None
+        )
+        check_output_file(sweep and sweep[2], "--sweep-plot")
+        check_output_file(o["state"], "--state")
+        if o["wandb"] and importlib.util.find_spec("wandb") is None:
+            raise CliError("--wandb needs the wandb package: pip install wandb")
+        folder = next((p.parent for p in reports if p is not None), Path("."))
+        return cls(
+            **{k: o[k] for k in ("threat", "model_dir", "save_adv", "adv_from", "wandb")},
+            state=None if o["adv_from"] else state,
+            sweep=sweep,
+            folder=folder,
+        )
+
+    def sources(self, paths: list[Path], request: AttackRequest) -> list[tuple[Path, Any]]:
+        return [
+            robustbench_source(p, request.arch, request.dataset, self.threat, self.model_dir)
+            for p in paths
+        ]
+
+    def specs(self, specs: list[AttackSpec]) -> list[AttackSpec]:
+        return expand_sweep(specs, *self.sweep[:2]) if self.sweep else specs
+
+    def replaces(self, targets: list[EvalTarget], n: int, request: AttackRequest, dev):
+        if self.adv_from is None:
+            return None
+        return [_transfer_row(t, Path(self.adv_from), request, dev) for t in targets]
+
+    @contextlib.contextmanager
+    def evaluation(self, targets, n, specs, request, dist):
+        """One evaluation at a time writes a state file or a --save-adv folder: both locked."""
+        signature = {
+            "checkpoints": [t.sha256 for t in targets],
+            "points": [part.fingerprint(t.test.first(n)) for t in targets],
+            "attacks": [s.key for s in specs],
+            "n": n,
+            "eps": request.eps_levels,
+            "step": request.step_levels,
+            "eps_low": request.eps_low,
+            "seed": request.seed,
+            "batch_size": request.batch_size,
+            "save_adv": str(self.save_adv) if self.save_adv else None,
+        }
+        with contextlib.ExitStack() as locks:
+            if dist.main and self.state is not None:
+                self.state.parent.mkdir(parents=True, exist_ok=True)
+                lock = self.state.with_name(f".{self.state.name}.lock")
+                locks.enter_context(
+                    part.file_lock(lock, "an evaluation", str(self.state), remove=True)
+                )
+            if dist.main and self.save_adv is not None:
+                part.check_output_folder(self.save_adv, "--save-adv")
+                locks.enter_context(part.folder_lock(self.save_adv, "an evaluation"))
+            state = EvalState(self.state, signature, writer=dist.main)
+
+            def hooks_for(t: EvalTarget, setup: AttackSetup) -> EvalHooks:
+                adv = self._writer(t, setup, request, signature) if self.save_adv else None
+                return EvalHooks(state=state, prefix=f"{t.sha256[:16]}/", dist=dist, adv=adv)
+
+            yield hooks_for
+
+    def _writer(self, t: EvalTarget, setup: AttackSetup, r: AttackRequest, signature: dict):
+        info = {
+            "eps": setup.eps,
+            "eps_levels": r.eps_levels,
+            "step_levels": r.step_levels,
+            "seed": r.seed,
+            "checkpoint": str(t.path),
+            "checkpoint_sha256": t.sha256,
+            "dataset": t.dataset,
+            "n": signature["n"],
+            "versions": versions(),
+        }
+        folder = self.save_adv / f"{t.path.stem.split('.')[0]}-{t.sha256[:8]}"
+        return AdvWriter(folder, info, {**signature, "checkpoint": t.sha256})
+
+    def warnings(self, specs: list[AttackSpec], result: dict, n: int) -> list[str]:
+        return convergence_warnings(specs, result, n, self.sweep[0]) if self.sweep else []
+
+    def finish(self, rows: list[dict], names: list[str], specs: list[AttackSpec]) -> None:
+        if self.wandb:
+            part.TRACKERS["wandb"].log_report(self.wandb, rows, names, self.folder)
+        if self.sweep:
+            show_sweep(rows, specs, self.sweep[2], rows[0]["eps_levels"])
+        if self.state is not None:  # the evaluation is complete: its reports hold everything
+            self.state.unlink(missing_ok=True)
+
+
+TOOLS_PANEL = "With part_tools"
+
+
+def _attack_tool_options(
+    threat: Annotated[
+        str,
+        _opt(
+            "Threat model of a robustbench:NAME model: linf, l2 or corruptions.",
+            rich_help_panel=TOOLS_PANEL,
+        ),
+    ] = "linf",
+    model_dir: Annotated[
+        str,
+        _opt(
+            "RobustBench's model folder (its layout: DIR/<dataset>/<Threat>/<NAME>.pt).",
+            rich_help_panel=TOOLS_PANEL,
+        ),
+    ] = "models",
+    state: Annotated[
+        Optional[Path],
+        _opt(
+            "Keep per-point results here as batches finish; the same command resumes "
+            "(default: beside --json/--csv/--markdown).",
+            rich_help_panel=TOOLS_PANEL,
+        ),
+    ] = None,
+    save_adv: Annotated[
+        Optional[Path],
+        _opt(
+            "Save the adversarial examples (float32 safetensors) in this folder.",
+            rich_help_panel=TOOLS_PANEL,
+        ),
+    ] = None,
+    adv_from: Annotated[
+        Optional[Path],
+        _opt(
+            "Evaluate on saved adversarial examples (a --save-adv folder or file) instead of attacking.",
+            rich_help_panel=TOOLS_PANEL,
+        ),
+    ] = None,
+    sweep: Annotated[
+        bool,
+        _opt(
+            "Accuracy against attack steps and restarts, with a plot and convergence warnings.",
+            rich_help_panel=TOOLS_PANEL,
+        ),
+    ] = False,
+    sweep_steps: Annotated[
+        str, _opt("Steps of the sweep.", rich_help_panel=TOOLS_PANEL)
+    ] = "10,20,50,100,200",
+    sweep_restarts: Annotated[
+        str, _opt("Restarts of the sweep (at its largest step count).", rich_help_panel=TOOLS_PANEL)
+    ] = "1,2,4",
+    sweep_plot: Annotated[
+        Optional[Path],
+        _opt(
+            "PNG of the sweep (default: beside the first report, else sweep.png).",
+            rich_help_panel=TOOLS_PANEL,
+        ),
+    ] = None,
+    wandb: Annotated[
+        Optional[str],
+        _opt(
+            "Also log the results to this Weights & Biases project (needs the wandb package).",
+            rich_help_panel=TOOLS_PANEL,
+        ),
+    ] = None,
+):
+    """The options this module adds to `attack` (typer reads them from this signature)."""
+
+
+def attack_command(**options):
+    tools = {k: options.pop(k) for k in inspect.signature(_attack_tool_options).parameters}
+    with cli_errors():
+        extras = AttackTools.from_options(tools, options)
+    part.attack_with(options, extras)
+
+
+# `attack` with the card's options, then this module's: it takes the card's place in part.app.
+attack_command.__doc__ = part.attack_command.__doc__ + (
+    " Interrupted (with a report file or --state), the same command continues where it stopped."
+)
+attack_command.__signature__ = inspect.Signature(
+    [
+        *inspect.signature(part.attack_command, eval_str=True).parameters.values(),
+        *(
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in inspect.signature(_attack_tool_options, eval_str=True).parameters.values()
+        ),
+    ]
+)
+attack_command.__annotations__ = {
+    p.name: p.annotation for p in attack_command.__signature__.parameters.values()
+}
+next(c for c in app.registered_commands if c.name == "attack").callback = attack_command
 
 
 # ============================================================================ leaderboard entry
