@@ -41,11 +41,13 @@ import inspect
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import re
 import signal
 import sys
+import tempfile
 import time
 import tomllib
 import typing
@@ -4076,6 +4078,40 @@ def load_run_data(cfg: TrainConfig) -> tuple[Split, Split, str, str]:
     return train, test.limited(cfg.eval_subset), "test", fingerprint(full)
 
 
+def run_model(cfg: TrainConfig, train: Split, device: torch.device, dist: Dist, init: bool):
+    """The run's model, channels-last on its device: its weights from the seed, or from --init
+    (`init`: also for a run stopped before its first epoch); PART's CAM layer checked."""
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
+    model = channels_last(
+        build_model(cfg.model, len(train.classes), cfg.cam_layer, int(train.x.shape[-1])).to(device)
+    )
+    if cfg.sync_bn and dist.world > 1:
+        if device.type != "cuda":
+            raise CliError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if init:
+        load_init(model, cfg, len(train.classes))
+    if cfg.method == "part" and cfg.mask_rule not in NO_CAM_RULES:
+        check_cam_layer(model, to_float(train.x[:2]).to(device), cfg)
+    return model
+
+
+def write_run_config(files: RunFiles, cfg: TrainConfig, preset: str, data_hash: str, eval_on: str):
+    """config.json: the settings and where the run ran; `--config` re-runs it from there."""
+    write_json(
+        files.config,
+        {
+            "config": dataclasses.asdict(cfg),
+            "preset": preset,
+            "data_fingerprint": data_hash,
+            "eval_on": eval_on,
+            "versions": versions(),
+            "machine": machine(),
+            "command": sys.argv[1:],
+        },
+    )
+
+
 def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, dist: Dist) -> Run:
     """Data, model, optimizer and wrappers; on --resume the state of the last finished epoch."""
     device = process_device(cfg.device, dist)
@@ -4093,18 +4129,8 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
         else f"the first {len(evaluation.y)} test images (--val-size 0: no validation split)"
     )
     report.print(f"natural / PGD-20 each epoch and `best` on {where}")
-    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
-    model = channels_last(
-        build_model(cfg.model, len(train.classes), cfg.cam_layer, int(train.x.shape[-1])).to(device)
-    )
-    if cfg.sync_bn and dist.world > 1:
-        if device.type != "cuda":
-            raise CliError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.init and not (resume and files.state.is_file()):  # else the run's own weights
-        load_init(model, cfg, len(train.classes))  # also a run stopped before its first epoch
-    if cfg.method == "part" and cfg.mask_rule not in NO_CAM_RULES:
-        check_cam_layer(model, to_float(train.x[:2]).to(device), cfg)
+    init = cfg.init and not (resume and files.state.is_file())  # else the run's own weights
+    model = run_model(cfg, train, device, dist, bool(init))
     optimizer = make_optimizer(model, cfg)
     meta = CheckpointMeta(
         arch=cfg.model,
@@ -4137,18 +4163,7 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
     if resume:
         continue_run(run, data_hash)
     if dist.main:
-        write_json(
-            files.config,
-            {
-                "config": dataclasses.asdict(cfg),
-                "preset": preset,
-                "data_fingerprint": data_hash,
-                "eval_on": eval_on,
-                "versions": versions(),
-                "machine": machine(),
-                "command": sys.argv[1:],
-            },
-        )
+        write_run_config(files, cfg, preset, data_hash, eval_on)
         run.trackers = open_trackers(cfg, files, preset)
     return run
 
@@ -5340,13 +5355,14 @@ def without_option(args: list[str], flag: str) -> list[str]:
 
 
 def run_processes(nproc: int, device: str) -> int:
-    """--nproc N: this same command as N processes with torch.distributed's environment (as
-    torchrun sets it). Errors are relayed once (every rank finds the same bad input), a rank
-    that fails stops the others after a grace period, and the first failure's exit code is
-    returned: no launcher traceback after our one line, as torchrun prints."""
-    import socket
-    import subprocess
-    import threading
+    """--nproc N: this same command as N processes, started by torch's elastic launcher as
+    `torchrun --standalone` would. Every process finds the same bad input, so process 0's
+    output is the one shown (all are in one log each); a process that fails alone, or is
+    killed, is named in one line, with no launcher traceback. Returns the exit code."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if dist_from_env().world > 1:
         raise CliError(
@@ -5358,110 +5374,54 @@ def run_processes(nproc: int, device: str) -> int:
             f"--nproc {nproc} is more than the {torch.cuda.device_count()} CUDA devices here"
         )
     ctx = importlib.import_module(_click.__name__ + ".globals").get_current_context()
-    command = [
-        sys.executable,
+    args = [
         str(Path(__file__).resolve()),
         ctx.info_name,
         *without_option(ctx.meta["part.args"], "--nproc"),
     ]
-    with socket.socket() as s:  # a free port for the rendezvous on this machine
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "WORLD_SIZE": str(nproc),
-        "LOCAL_WORLD_SIZE": str(nproc),
-        "PYTHONUNBUFFERED": "1",
-        "PART_COMMAND": command_name(),
-        "PART_NPROC": str(nproc),
-    }
-    # N processes share the cores instead of each taking all
-    if dev.type == "cpu" and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    # Their own process group: a terminal's Ctrl-C reaches this launcher only, which passes it on once.
-    procs = [
-        subprocess.Popen(
-            command,
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-            process_group=0,
+    os.environ.update(PART_COMMAND=command_name(), PART_NPROC=str(nproc), PYTHONUNBUFFERED="1")
+    if dev.type == "cpu":  # N processes share the cores instead of each taking all
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    with tempfile.TemporaryDirectory(prefix="part-logs-") as logs:
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nproc,
+            run_id=f"part-{os.getpid()}",
+            rdzv_backend="c10d",
+            rdzv_endpoint="localhost:0",
+            max_restarts=0,
+            monitor_interval=0.1,
+            logs_specs=DefaultLogsSpecs(log_dir=logs, tee=Std.ALL, local_ranks_filter={0}),
+            role="",  # with this template: process 0's lines as it writes them, untagged
+            log_line_prefix_template="${role_name}",
         )
-        for r in range(nproc)
-    ]
-    said: dict[str, int] = {}  # line -> the rank that said it first
-    stopped: set[int] = set()
-    lock = threading.Lock()
-
-    def relay(rank: int, stream) -> None:
-        for line in stream:
-            with lock:
-                if rank not in stopped and said.setdefault(line, rank) == rank:
-                    sys.stderr.write(line)
-                    sys.stderr.flush()
-
-    relays = [
-        threading.Thread(target=relay, args=(r, p.stderr), daemon=True) for r, p in enumerate(procs)
-    ]
-    for t in relays:
-        t.start()
-
-    # each process stops and saves on its own, as it would alone
-    def pass_on(signum, frame) -> None:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    previous = signal.signal(signal.SIGINT, pass_on), signal.signal(signal.SIGTERM, pass_on)
-    failures: list[int] = []
-    try:
-        deadline = math.inf
-        while None in [
-            p.poll() for p in procs
-        ]:  # every one polled: any() would stop at the first still running
-            failures += [
-                r
-                for r, p in enumerate(procs)
-                if p.returncode not in (None, 0) and r not in failures + list(stopped)
-            ]
-            if failures and deadline == math.inf:
-                # the others fail too, or wait for ever on a dead peer
-                deadline = time.monotonic() + 20
-            for r, p in enumerate(procs):
-                if time.monotonic() > deadline and p.poll() is None:
-                    if r not in stopped:
-                        with lock:
-                            stopped.add(r)
-                        p.terminate()
-                    elif time.monotonic() > deadline + 20:
-                        p.kill()
-            time.sleep(0.1)
-        for t in relays:
-            t.join(timeout=5)
-    finally:
-        signal.signal(signal.SIGINT, previous[0])
-        signal.signal(signal.SIGTERM, previous[1])
-    failures += [
-        r
-        for r, p in enumerate(procs)
-        if p.returncode != 0 and r not in failures and r not in stopped
-    ]
-    if not failures:
-        return 0
-    # a killed one takes its peers down
-    cause = next((r for r in failures if procs[r].returncode < 0), failures[0])
-    code = procs[cause].returncode
-    if code < 0:  # killed by a signal: it could not say so itself
+        logging.disable(logging.CRITICAL)  # the agent's own notes and its failure report
         try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        err_console.print(f"error: process {cause} of {nproc} was killed by {name}")
-        return 128 - code
-    return code
+            elastic_launch(config, entrypoint=sys.executable)(*args)
+        except SignalException as e:  # passed on to every process, which stops as it would alone
+            return 128 + int(e.sigval)
+        except ChildFailedError as e:
+            return _launch_failure(e.failures, nproc, Path(logs))
+        finally:
+            logging.disable(logging.NOTSET)
+    return 0
+
+
+def _launch_failure(failures: dict, nproc: int, logs: Path) -> int:
+    """The exit code of a failed launch, said once: a killed process could not say so
+    itself; another than process 0 failing alone said why in its own log only. The launcher
+    stops the others with SIGTERM: their failures are not the cause."""
+    order = lambda kv: (kv[1].exitcode == -signal.SIGTERM, kv[1].exitcode >= 0, kv[0])  # noqa: E731
+    rank, failure = min(failures.items(), key=order)
+    if failure.exitcode < 0:
+        err_console.print(f"error: process {rank} of {nproc} was killed by {failure.signal_name()}")
+        return 128 - failure.exitcode
+    if 0 not in failures:
+        for log in logs.rglob(f"{rank}/stderr.log"):
+            said = [line for line in log.read_text(errors="replace").splitlines() if line]
+            err_console.print(said[-1] if said else f"error: process {rank} of {nproc} failed")
+    return failure.exitcode
 
 
 NExamples = Annotated[

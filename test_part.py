@@ -2908,22 +2908,6 @@ def test_cuda_ddp_with_nccl_makes_the_same_update_as_one_process(tmp_path, batch
 
 # ---------------------------------------------------------------- evaluation at research scale
 
-ATTACKER = """
-import os, signal, sys
-import part
-part.EvalState.SAVE_EVERY_S = 0  # write the state after every batch
-at, count, real = int(os.environ["KILL_AT"]), [0], part.save_tensors
-def save(path, tensors, metadata):
-    real(path, tensors, metadata)
-    if str(path).endswith(".state.safetensors"):
-        count[0] += 1
-        if count[0] == at:
-            os.kill(os.getpid(), signal.SIGKILL)
-part.save_tensors = save
-sys.argv[0] = "part.py"
-part.app()
-"""
-
 
 def _accuracies(path):
     return [
@@ -3176,6 +3160,28 @@ def test_the_robust_architectures_of_our_registry_load_robustbench_state_dicts_a
             part.build_model("wrn-28-10", 10).state_dict(),
         )
         assert theirs.keys() == ours.keys()
+
+
+@pytest.fixture(scope="module")
+def attack_reference(smoke_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("attack") / "ref.json"
+    r = cli(
+        "attack",
+        smoke_run / "best.safetensors",
+        smoke_run / "last.safetensors",
+        "--attacks",
+        "pgd20,cw20",
+        "--n-examples",
+        64,
+        "--batch-size",
+        16,
+        "--seed",
+        4,
+        "--json",
+        out,
+    )
+    assert r.returncode == 0, r.stderr
+    return out
 
 
 def torchrun_attack(*args):

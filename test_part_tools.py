@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import part
 import part_tools  # it adds report, cam and bench to part.app
 from test_part import (
-    ATTACKER,
+    attack_reference,  # noqa: F401  (a fixture)
     ROOT,
     _write_folder,
     cli,
@@ -761,6 +761,23 @@ def test_bench_checks_its_options_before_the_work(tmp_path):
 # ---------------------------------------------------------------- attack's tools: sweeps, saved examples, resumable evaluation, RobustBench models
 
 
+ATTACKER = """
+import os, signal, sys
+import part, part_tools
+part_tools.EvalState.SAVE_EVERY_S = 0  # write the state after every batch
+at, count, real = int(os.environ["KILL_AT"]), [0], part.save_tensors
+def save(path, tensors, metadata):
+    real(path, tensors, metadata)
+    if str(path).endswith(".state.safetensors"):
+        count[0] += 1
+        if count[0] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+part.save_tensors = part_tools.save_tensors = save
+sys.argv[0] = "part.py"
+part.app()
+"""
+
+
 def test_a_sweep_whose_accuracy_still_falls_has_not_converged():
     specs = part.parse_attacks("pgd10,pgd20,pgd50")
     falling = {"accuracy": {"natural": 0.8, "pgd10": 0.5, "pgd20": 0.45, "pgd50": 0.40}}
@@ -768,28 +785,6 @@ def test_a_sweep_whose_accuracy_still_falls_has_not_converged():
     found = part_tools.convergence_warnings(specs, falling, 1000, [10, 20, 50])
     assert len(found) == 1 and "pgd: accuracy still falls from 20 to 50 steps" in found[0]
     assert part_tools.convergence_warnings(specs, flat, 1000, [10, 20, 50]) == []
-
-
-@pytest.fixture(scope="module")
-def attack_reference(smoke_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("attack") / "ref.json"
-    r = cli(
-        "attack",
-        smoke_run / "best.safetensors",
-        smoke_run / "last.safetensors",
-        "--attacks",
-        "pgd20,cw20",
-        "--n-examples",
-        64,
-        "--batch-size",
-        16,
-        "--seed",
-        4,
-        "--json",
-        out,
-    )
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 @pytest.mark.parametrize("at", [2, 9])
