@@ -220,21 +220,7 @@ def export_hf(
         write_bytes(out / HF_WEIGHTS, source.read_bytes())
     else:  # now self-describing
         save_checkpoint(out / HF_WEIGHTS, model, dataclasses.replace(meta, format=FORMAT))
-    classes = card["classes"]
-    config = {
-        "library_name": "part",
-        "architecture": meta.arch,
-        "num_classes": meta.num_classes,
-        "id2label": dict(enumerate(classes)),
-        "label2id": {c: i for i, c in enumerate(classes)},
-        "input": card["input"],
-        "dataset": meta.dataset,
-        "format": FORMAT,
-        "training_config": card["config"],
-        "cam_layer": meta.cam_layer,
-        "versions": versions(),
-    }
-    write_json(out / "config.json", config)
+    write_json(out / "config.json", _hf_config(meta, card))
     dataset = meta.dataset or "unknown"
     robustness = card.get("robustness") or {}
     n, eps = robustness.get("n_examples"), robustness.get("eps_levels")
@@ -276,6 +262,24 @@ def export_hf(
     path = out / "README.md"
     write_text(path, f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     return path
+
+
+def _hf_config(meta: CheckpointMeta, card: dict) -> dict:
+    """The model folder's config.json: architecture, classes and the input contract."""
+    classes = card["classes"]
+    return {
+        "library_name": "part",
+        "architecture": meta.arch,
+        "num_classes": meta.num_classes,
+        "id2label": dict(enumerate(classes)),
+        "label2id": {c: i for i, c in enumerate(classes)},
+        "input": card["input"],
+        "dataset": meta.dataset,
+        "format": FORMAT,
+        "training_config": card["config"],
+        "cam_layer": meta.cam_layer,
+        "versions": versions(),
+    }
 
 
 def _how(meta: CheckpointMeta, name: str) -> str:
@@ -1610,122 +1614,97 @@ def report_command(
     """Many runs -> a claim: mean +- std per group of runs that differ only in the seed,
     the trade-off plot, and the seed-paired difference of two groups with a 95% CI."""
     with cli_errors():
-        for path, option in (
-            (markdown_out, "--markdown"),
-            (csv_out, "--csv"),
-            (json_out, "--json"),
-            (plot, "--plot"),
-        ):
+        outputs = {"--markdown": markdown_out, "--csv": csv_out, "--json": json_out}
+        for option, path in {**outputs, "--plot": plot}.items():
             check_output_file(path, option)
         groups = group_observations(read_observations(paths))
         columns = list(dict.fromkeys(k for g in groups for k in g["stats"]))
-        headers = ["group", "n", "seeds", *columns, "evaluation"]
-
-        def cell(g: dict, k: str) -> str:
-            if k not in g["stats"]:
-                return "-"
-            st = g["stats"][k]
-            return (
-                f"{100 * st['mean']:.2f} ± {100 * st['std']:.2f}"
-                if st["n"] > 1
-                else f"{100 * st['mean']:.2f}"
-            )
-
-        rows = [
-            [
-                g["label"],
-                str(len(g["members"])),
-                ",".join(map(str, sorted(g["seeds"]))),
-                *[cell(g, k) for k in columns],
-                g["evaluation"],
-            ]
-            for g in groups
-        ]
-        console.print(
-            text_table(
-                "accuracy (%), mean ± std over seeds",
-                headers,
-                rows,
-                left=("group", "evaluation", "seeds"),
-            )
-        )
-        values = {
-            k: v for g in groups for k, v in g["config"].items() if k not in g["differing"]
-        }  # AT groups lack PART-only keys
-        shared = {k: values[k] for k in in_config_order(values)}
-        console.print("shared settings: " + " ".join(f"{k}={v}" for k, v in shared.items()))
+        table = show_groups(groups, columns)
         comparison, lines = None, []
         if compare is not None:
-            comparison = paired_difference(
-                pick_group(groups, compare[0]), pick_group(groups, compare[1])
-            )
+            comparison = paired_difference(*(pick_group(groups, c) for c in compare))
             lines = [
                 f"{comparison['a']} minus {comparison['b']}, paired by seed {comparison['seeds']}:"
             ]
             lines += [difference_sentence(k, d) for k, d in comparison["columns"].items()]
             for line in lines:
                 console.print(line)
-        if markdown_out is not None:
-            text = (
-                markdown_table(headers, rows)
-                + "\nShared settings: "
-                + ", ".join(f"`{k}={v}`" for k, v in shared.items())
-                + "\n"
-            )
-            comparison_text = (
-                "\n" + lines[0] + "\n\n" + "\n".join(f"- {line}" for line in lines[1:]) + "\n"
-                if lines
-                else ""
-            )
-            write_text(markdown_out, text + comparison_text)
-        if csv_out is not None:
-            values = [
-                [
-                    g["label"],
-                    len(g["members"]),
-                    " ".join(map(str, sorted(g["seeds"]))),
-                    *[
-                        v
-                        for k in columns
-                        for v in (
-                            (g["stats"][k]["mean"], g["stats"][k]["std"])
-                            if k in g["stats"]
-                            else ("", "")
-                        )
-                    ],
-                ]
-                for g in groups
-            ]
-            write_text(
-                csv_out,
-                csv_text(
-                    [
-                        "group",
-                        "n",
-                        "seeds",
-                        *[f"{k}_{m}" for k in columns for m in ("mean", "std")],
-                    ],
-                    values,
-                ),
-            )
-        if json_out is not None:
-            write_json(
-                json_out,
-                {
-                    "groups": [
-                        {k: v for k, v in g.items() if k != "members"}
-                        | {"sources": [o.source for o in g["members"]]}
-                        for g in groups
-                    ],
-                    "comparison": comparison,
-                    "versions": versions(),
-                    "machine": machine(),
-                },
-            )
+        write_group_reports(outputs, groups, columns, table, (comparison, lines))
         if plot is not None:
             robust = "worst" if "worst" in columns else "pgd20"
             if plot_tradeoff(plot, groups, robust):
                 console.print(f"trade-off plot: {plot}")
+
+
+def _cell(g: dict, k: str) -> str:
+    if k not in g["stats"]:
+        return "-"
+    st = g["stats"][k]
+    return (
+        f"{100 * st['mean']:.2f} ± {100 * st['std']:.2f}"
+        if st["n"] > 1
+        else f"{100 * st['mean']:.2f}"
+    )
+
+
+def show_groups(groups: list[dict], columns: list[str]) -> tuple[list[str], list[list[str]], dict]:
+    """The table of groups and the settings they share, printed; returns (headers, rows,
+    shared settings) for the report files."""
+    headers = ["group", "n", "seeds", *columns, "evaluation"]
+    rows = [
+        [
+            g["label"],
+            str(len(g["members"])),
+            ",".join(map(str, sorted(g["seeds"]))),
+            *[_cell(g, k) for k in columns],
+            g["evaluation"],
+        ]
+        for g in groups
+    ]
+    title = "accuracy (%), mean ± std over seeds"
+    console.print(text_table(title, headers, rows, left=("group", "evaluation", "seeds")))
+    # AT groups lack PART-only keys
+    values = {k: v for g in groups for k, v in g["config"].items() if k not in g["differing"]}
+    shared = {k: values[k] for k in in_config_order(values)}
+    console.print("shared settings: " + " ".join(f"{k}={v}" for k, v in shared.items()))
+    return headers, rows, shared
+
+
+def write_group_reports(
+    outputs: dict[str, Optional[Path]],
+    groups: list[dict],
+    columns: list[str],
+    table: tuple[list[str], list[list[str]], dict],
+    compared: tuple[Optional[dict], list[str]],
+) -> None:
+    """`report`'s --markdown (table, shared settings, comparison), --csv (means and stds as
+    numbers) and --json (everything)."""
+    (headers, rows, shared), (comparison, lines) = table, compared
+    if outputs["--markdown"] is not None:
+        text = markdown_table(headers, rows) + "\nShared settings: "
+        text += ", ".join(f"`{k}={v}`" for k, v in shared.items()) + "\n"
+        if lines:
+            text += "\n" + lines[0] + "\n\n" + "\n".join(f"- {line}" for line in lines[1:]) + "\n"
+        write_text(outputs["--markdown"], text)
+    if outputs["--csv"] is not None:
+        stats = lambda g, k: (
+            (g["stats"][k]["mean"], g["stats"][k]["std"]) if k in g["stats"] else ("", "")
+        )  # noqa: E731
+        values = [
+            [g["label"], len(g["members"]), " ".join(map(str, sorted(g["seeds"])))]
+            + [v for k in columns for v in stats(g, k)]
+            for g in groups
+        ]
+        names = ["group", "n", "seeds", *[f"{k}_{m}" for k in columns for m in ("mean", "std")]]
+        write_text(outputs["--csv"], csv_text(names, values))
+    if outputs["--json"] is not None:
+        found = [
+            {k: v for k, v in g.items() if k != "members"}
+            | {"sources": [o.source for o in g["members"]]}
+            for g in groups
+        ]
+        report = {"groups": found, "comparison": comparison}
+        write_json(outputs["--json"], report | {"versions": versions(), "machine": machine()})
 
 
 # ============================================================================ CAM figures
@@ -2022,39 +2001,61 @@ def bench_pieces(
 
 
 def bench_run(
-    model: str,
-    batch_size: int,
-    image_size: int,
-    steps: int,
-    rounds: int,
-    device: torch.device,
-    use_compile: bool,
-    mode: str,
-    amp: bool,
-    peak_tflops: Optional[float],
+    cfg: TrainConfig, image_size: int, rounds: int, device: torch.device, peak: Optional[float]
 ) -> dict:
-    """Every piece timed interleaved over `rounds` rounds after one first (compiling) call."""
+    """Every piece of a training step of `cfg` (model, batch size, steps, compile, amp),
+    timed interleaved over `rounds` rounds after one first (compiling) call."""
     torch.manual_seed(0)
-    net = channels_last(build_model(model, 10, image_size=image_size).to(device))
-    x = torch.rand(batch_size, 3, image_size, image_size, device=device)
-    y = torch.randint(0, 10, (batch_size,), device=device)
-    cfg = TrainConfig(
-        model=model,
-        steps=steps,
-        amp=amp,
-        compile=use_compile,
-        compile_mode=mode,
-        batch_size=batch_size,
+    net = channels_last(build_model(cfg.model, 10, image_size=image_size).to(device))
+    x = torch.rand(cfg.batch_size, 3, image_size, image_size, device=device)
+    y = torch.randint(0, 10, (cfg.batch_size,), device=device)
+    eager_cfg = dataclasses.replace(cfg, compile=False)
+    eager = bench_pieces(net, wrap_for_training(net, eager_cfg, ONE_PROCESS, device), cfg, x, y)
+    pieces = bench_pieces(net, wrap_for_training(net, cfg, ONE_PROCESS, device), cfg, x, y)
+    first, times, peaks = time_pieces(pieces, rounds, device)
+    flops = {label: count_flops(fn) for label, fn in eager.items()}
+    name = device_name(device)
+    peak = peak or next(
+        (v["bf16" if cfg.amp else "tf32"] for k, v in PEAK_TFLOPS.items() if k in name), None
     )
-    parts = wrap_for_training(net, cfg, ONE_PROCESS, device)
-    eager = bench_pieces(
-        net,
-        wrap_for_training(net, dataclasses.replace(cfg, compile=False), ONE_PROCESS, device),
-        cfg,
-        x,
-        y,
-    )
-    pieces = bench_pieces(net, parts, cfg, x, y)
+    results = {}
+    for label in pieces:
+        q1, median, q3 = quartiles(times[label])
+        tflops = flops[label] / median / 1e12
+        results[label] = {
+            "ms_median": 1000 * median,
+            "ms_q1": 1000 * q1,
+            "ms_q3": 1000 * q3,
+            "images_per_s": cfg.batch_size / median,
+            "first_call_ms": 1000 * first[label],
+            "peak_memory_mb": max(peaks[label]) / 2**20,
+            "gflop_per_image": flops[label] / cfg.batch_size / 1e9,
+            "tflops": tflops,
+            "share_of_peak": tflops / peak if peak else None,
+        }
+    ratios = [p / a for p, a in zip(times["PART step"], times["AT step"], strict=True)]
+    r1, r_median, r3 = quartiles(ratios)
+    return {
+        "model": cfg.model,
+        "batch_size": cfg.batch_size,
+        "image_size": image_size,
+        "steps": cfg.steps,
+        "rounds": rounds,
+        "device": name,
+        "compile": cfg.compile,
+        "compile_mode": cfg.compile_mode if cfg.compile else None,
+        "amp": cfg.amp,
+        "peak_tflops": peak,
+        "versions": versions(),
+        "machine": machine(),
+        "results": results,
+        "part_over_at": {"median": r_median, "q1": r1, "q3": r3, "per_round": ratios},
+    }
+
+
+def time_pieces(pieces: dict[str, Callable], rounds: int, device: torch.device) -> tuple:
+    """(first call's seconds, each round's seconds, each round's peak memory) per piece: the
+    pieces take turns in every round, so that a machine's drift touches them alike."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     memory = PeakMemory(device)
     first, times, peaks = {}, {k: [] for k in pieces}, {k: [] for k in pieces}
@@ -2071,44 +2072,7 @@ def bench_run(
                 fn()
                 sync()
                 times[label].append(time.perf_counter() - t0)
-    flops = {label: count_flops(fn) for label, fn in eager.items()}
-    name = device_name(device)
-    peak = peak_tflops or next(
-        (v["bf16" if amp else "tf32"] for k, v in PEAK_TFLOPS.items() if k in name), None
-    )
-    results = {}
-    for label in pieces:
-        q1, median, q3 = quartiles(times[label])
-        tflops = flops[label] / median / 1e12
-        results[label] = {
-            "ms_median": 1000 * median,
-            "ms_q1": 1000 * q1,
-            "ms_q3": 1000 * q3,
-            "images_per_s": batch_size / median,
-            "first_call_ms": 1000 * first[label],
-            "peak_memory_mb": max(peaks[label]) / 2**20,
-            "gflop_per_image": flops[label] / batch_size / 1e9,
-            "tflops": tflops,
-            "share_of_peak": tflops / peak if peak else None,
-        }
-    ratios = [p / a for p, a in zip(times["PART step"], times["AT step"], strict=True)]
-    r1, r_median, r3 = quartiles(ratios)
-    return {
-        "model": model,
-        "batch_size": batch_size,
-        "image_size": image_size,
-        "steps": steps,
-        "rounds": rounds,
-        "device": name,
-        "compile": use_compile,
-        "compile_mode": mode if use_compile else None,
-        "amp": amp,
-        "peak_tflops": peak,
-        "versions": versions(),
-        "machine": machine(),
-        "results": results,
-        "part_over_at": {"median": r_median, "q1": r1, "q3": r3, "per_round": ratios},
-    }
+    return first, times, peaks
 
 
 def bench_table(r: dict) -> Table:
@@ -2206,18 +2170,15 @@ def bench_command(
         )
         runs = []
         for label, use_compile, use_amp, mode in configs:
-            r = bench_run(
-                model,
-                batch_size,
-                image_size,
-                steps,
-                rounds,
-                dev,
-                use_compile,
-                mode,
-                use_amp,
-                peak_tflops,
+            cfg = TrainConfig(
+                model=model,
+                steps=steps,
+                amp=use_amp,
+                compile=use_compile,
+                compile_mode=mode,
+                batch_size=batch_size,
             )
+            r = bench_run(cfg, image_size, rounds, dev, peak_tflops)
             r["label"] = label
             console.print(bench_table(r))
             ratio = r["part_over_at"]
