@@ -1475,12 +1475,6 @@ BUILTIN_MODELS: dict[str, Callable[[int], nn.Module]] = {
 ARCHS = tuple(BUILTIN_MODELS)
 TORCHVISION, TIMM, ROBUSTBENCH = "torchvision:", "timm:", "robustbench:"
 ZOOS = (TORCHVISION, TIMM, ROBUSTBENCH)
-RB_THREATS = {
-    "linf": "Linf",
-    "l2": "L2",
-    "corruptions": "corruptions",
-}  # ours -> RobustBench's names
-RB_DATASETS = ("cifar10", "cifar100")  # the RobustBench data sets that are ours too
 # The CAM layer of common torchvision families: their last convolutional stage. timm
 # models list their stages themselves (`feature_info`).
 TORCHVISION_CAM_LAYERS = {
@@ -1515,70 +1509,6 @@ ARCH_HELP = (
 )
 
 
-def robustbench_arch(text: str, dataset: Optional[str], threat: str = "linf") -> str:
-    """robustbench:NAME with the data set and threat model it belongs to, as one name that
-    checkpoints keep: robustbench:<dataset>/<Threat>/<NAME>."""
-    name = text[len(ROBUSTBENCH) :]
-    if name.count("/") == 2:
-        return text
-    if threat.lower() not in RB_THREATS:
-        raise unknown("threat model", threat, RB_THREATS)
-    dataset = dataset or "cifar10"
-    if dataset not in RB_DATASETS:
-        raise CliError(
-            f"robustbench:{name}: RobustBench models here are for {' and '.join(RB_DATASETS)}, not {dataset}"
-        )
-    return f"{ROBUSTBENCH}{dataset}/{RB_THREATS[threat.lower()]}/{name}"
-
-
-def robustbench_entry(dataset: str, threat: str, name: str) -> dict:
-    """The robustbench package's zoo entry of a model (an unknown name said in one line)."""
-    try:
-        # its imports warn about torch.jit and pkg_resources deprecations
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if (
-                importlib.util.find_spec("autoattack") is None
-                and importlib.util.find_spec("pyautoattack") is not None
-            ):
-                # its PyPI name
-                sys.modules.setdefault("autoattack", importlib.import_module("pyautoattack"))
-            from robustbench.model_zoo import model_dicts
-            from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
-    except ImportError as e:
-        raise CliError(
-            f"robustbench:NAME needs the robustbench package (pip install robustbench; {first_line(e)})"
-        ) from None
-    zoo = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat)]
-    if name not in zoo:
-        raise CliError(
-            f"unknown RobustBench model {name!r} for {dataset} {threat} (e.g. {', '.join(list(zoo)[-3:])})"
-        )
-    return zoo[name]
-
-
-def robustbench_source(
-    path: Path, arch: Optional[str], dataset: Optional[str], threat: str, model_dir: str | Path
-) -> tuple[Path, Optional[str]]:
-    """A checkpoint argument `robustbench:NAME`: the weights in RobustBench's own model folder
-    layout (<model_dir>/<dataset>/<Threat>/<NAME>.pt) and the architecture; `--arch
-    robustbench:NAME` with a file: the file and the architecture. Anything else: as given."""
-    if str(path).startswith(ROBUSTBENCH):
-        arch = robustbench_arch(str(path), dataset, threat)
-        dataset, threat, name = arch[len(ROBUSTBENCH) :].split("/")
-        robustbench_entry(dataset, threat, name)
-        file = Path(model_dir, dataset, threat, f"{name}.pt")
-        if not file.is_file():
-            raise CliError(
-                f"{arch}: its weights are not in {file} (RobustBench's layout under --model-dir; "
-                f"`robustbench.utils.load_model({name!r}, {str(model_dir)!r}, {dataset!r}, {threat!r})` downloads them there)"
-            )
-        return file, arch
-    if arch is not None and arch.startswith(ROBUSTBENCH):
-        return path, robustbench_arch(arch, dataset, threat)
-    return path, arch
-
-
 def is_zoo(name: str) -> bool:
     return name.startswith(ZOOS)
 
@@ -1606,26 +1536,30 @@ def torchvision_zoo(name: str, num_classes: int, image_size: int) -> tuple:
     return net, IMAGENET_MEAN, IMAGENET_STD, None, TORCHVISION_CAM_LAYERS.get(family)
 
 
-def _robustbench_net(spec: str) -> nn.Module:
-    """A RobustBench zoo architecture (random weights), built by the robustbench package."""
-    if spec.count("/") != 2:
-        raise CliError(
-            f"robustbench:{spec}: give --dataset and --threat, or name it robustbench:<dataset>/<threat>/<name>"
-        )
-    return robustbench_entry(*spec.split("/"))["model"]()
-
-
-def robustbench_zoo(name: str, num_classes: int, image_size: int) -> tuple:
-    """RobustBench's architecture: it takes [0, 1] and normalises itself."""
-    return _robustbench_net(name), (0.0,) * 3, (1.0,) * 3, None, None
-
-
 # Model zoos: prefix -> builder(name, num_classes, image_size) -> (net, mean, std, its stages
-# or None, the preferred CAM stage). part_tools adds timm's.
-ZOO_BUILDERS: dict[str, Callable[..., tuple]] = {
-    "torchvision": torchvision_zoo,
-    "robustbench": robustbench_zoo,
-}
+# or None, the preferred CAM stage). part_tools adds timm's and RobustBench's.
+ZOO_BUILDERS: dict[str, Callable[..., tuple]] = {"torchvision": torchvision_zoo}
+# Checkpoints named in a zoo instead of a file, added by other modules (part_tools:
+# robustbench:NAME in RobustBench's folder layout): prefix -> fn(path, arch, dataset, threat,
+# model_dir) -> (the file, its architecture).
+NAMED_CHECKPOINTS: dict[str, Callable[..., tuple[Path, Optional[str]]]] = {}
+
+
+def checkpoint_source(
+    path: Path,
+    arch: Optional[str],
+    dataset: Optional[str],
+    threat: str = "linf",
+    model_dir: str | Path = "models",
+) -> tuple[Path, Optional[str]]:
+    """A checkpoint argument and --arch as a file and its architecture: a file as given, a
+    zoo's name (or an --arch of a zoo) through NAMED_CHECKPOINTS."""
+    for prefix, resolve in NAMED_CHECKPOINTS.items():
+        if str(path).startswith(prefix) or (arch or "").startswith(prefix):
+            return resolve(path, arch, dataset, threat, model_dir)
+    if ROBUSTBENCH in (str(path)[: len(ROBUSTBENCH)], (arch or "")[: len(ROBUSTBENCH)]):
+        raise CliError("robustbench:NAME models come with part_tools.py (pip install .)")
+    return path, arch
 
 
 class ZooNet(nn.Module):
@@ -3133,8 +3067,8 @@ def resolve_config(
         if given["init"].startswith(ROBUSTBENCH) and "model" not in given:
             given["model"] = given["init"]
     cfg = TrainConfig(**{**values, **given})
-    if cfg.model.startswith(ROBUSTBENCH):
-        cfg.model = robustbench_arch(cfg.model, cfg.dataset)
+    if cfg.model.startswith(ROBUSTBENCH):  # with its data set: robustbench:cifar10/Linf/NAME
+        cfg.model = checkpoint_source(Path(), cfg.model, cfg.dataset)[1]
     validate_config(cfg)
     return cfg, preset or cfg.dataset
 
@@ -3429,9 +3363,7 @@ def init_path(cfg: TrainConfig) -> Optional[Path]:
     """The --init file: a path, or robustbench:NAME in RobustBench's model folder layout."""
     if not cfg.init:
         return None
-    if cfg.init.startswith(ROBUSTBENCH):
-        return robustbench_source(Path(cfg.init), None, cfg.dataset, "linf", cfg.model_dir)[0]
-    return Path(cfg.init)
+    return checkpoint_source(Path(cfg.init), None, cfg.dataset, "linf", cfg.model_dir)[0]
 
 
 def load_init(model: nn.Module, cfg: TrainConfig, num_classes: int) -> None:
@@ -5305,15 +5237,11 @@ Checkpoint = Annotated[
     Path,
     typer.Argument(
         help=escape_markup(
-            "Our .safetensors checkpoint, a model folder (export --format hf), a foreign state dict with --arch, or robustbench:NAME "
-            "(its file in --model-dir)."
+            "Our .safetensors checkpoint, a model folder (export --format hf), or a foreign state "
+            "dict with --arch (with part_tools: robustbench:NAME, its file in --model-dir)."
         ),
         show_default=False,
     ),
-]
-Threat = Annotated[str, _opt("Threat model of a robustbench:NAME model: linf, l2 or corruptions.")]
-ModelDir = Annotated[
-    str, _opt("RobustBench's model folder (its layout: DIR/<dataset>/<Threat>/<NAME>.pt).")
 ]
 Levels = Annotated[Optional[str], _opt("1/255 levels, e.g. 8 or 8/255.")]
 Seed = Annotated[int, _opt("Random seed.", min=0, max=MAX_SEED)]
@@ -5875,9 +5803,7 @@ class AttackExtras:
     on the main process)."""
 
     def sources(self, paths: list[Path], request: AttackRequest) -> list[tuple[Path, Any]]:
-        if any(str(p).startswith(ROBUSTBENCH) for p in [*paths, request.arch or ""]):
-            raise CliError("robustbench:NAME models come with part_tools.py (pip install .)")
-        return [(path, request.arch) for path in paths]
+        return [checkpoint_source(path, request.arch, request.dataset) for path in paths]
 
     def specs(self, specs: list[AttackSpec]) -> list[AttackSpec]:
         return specs
@@ -6108,11 +6034,6 @@ def export_command(
         ),
     ] = True,
     arch: Arch = None,
-    dataset: Annotated[
-        Optional[str], _opt("Data set of a robustbench:NAME model (cifar10 or cifar100).")
-    ] = None,
-    threat: Threat = "linf",
-    model_dir: ModelDir = "models",
     image_size: Annotated[
         Optional[int],
         _opt("Input side (default: the checkpoint's, else 32).", min=8, max=MAX_IMAGE_SIZE),
@@ -6128,20 +6049,16 @@ def export_command(
     """Export a checkpoint for deployment: TorchScript, ONNX and/or torch.export (.pt2),
     with <name>.json beside them (input contract, classes, training config, robustness);
     or (--format hf) as a model folder to share on a model hub."""
+    export_with(dict(locals()))
+
+
+def export_with(o: dict[str, Any], zoo: tuple = (None, "linf", "models")) -> None:
+    """The `export` command, its options as typed; `zoo`: the data set, threat model and
+    folder of a checkpoint named in a zoo (part_tools' --dataset, --threat, --model-dir)."""
     with cli_errors():
-        checkpoint, arch = robustbench_source(checkpoint, arch, dataset, threat, model_dir)
-        export_checkpoint(
-            checkpoint,
-            out,
-            formats,
-            arch=arch,
-            image_size=image_size,
-            batch_size=batch_size,
-            opset=opset,
-            verify=verify,
-            report=report,
-            license=license,
-        )
+        checkpoint, arch = checkpoint_source(o["checkpoint"], o["arch"], *zoo)
+        given = ("image_size", "batch_size", "opset", "verify", "report", "license")
+        export_checkpoint(checkpoint, o["out"], o["formats"], arch=arch, **{k: o[k] for k in given})
 
 
 def export_checkpoint(

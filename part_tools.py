@@ -1,18 +1,20 @@
 """part_tools: what goes beyond the card. `part.py` is the method and its three commands
-(train, attack, export); this module adds the tools a researcher uses around them, each
-section ending with its command:
+(train, attack, export); this module adds the tools a researcher uses around them:
 
     python part.py report runs/*/ eval/*.json --compare method=part method=at
     python part.py cam runs/X/best.safetensors --data-dir DIR --out cam.png
     python part.py bench --model resnet18
+    python part.py attack CKPT --sweep --save-adv adv/ --json r.json   # attack's tool options
 
-It imports `part` and adds its commands to `part.app`; `part.py` never imports it except
-when run as a program (its `__main__` block and the `part` command), so `import part`
-stays the card alone. Optional packages (matplotlib) are imported where they are used.
+It imports `part`, adds its commands to `part.app` and its options to the card's `attack`
+and `export`; `part.py` never imports it except when run as a program (its `__main__` block
+and the `part` command), so `import part` stays the card alone. Optional packages
+(matplotlib, timm, robustbench, huggingface_hub, wandb, tensorboard) are imported where used.
 
-Sections: timm models (timm:NAME), model folders (export --format hf), trackers (TensorBoard, W&B), leaderboard
-entry (leaderboard), comparing runs (report), CAM figures (cam),
-benchmark (bench).
+Sections: the card's commands extended, timm models (timm:NAME), RobustBench models
+(robustbench:NAME), model folders (export --format hf), trackers (TensorBoard, W&B), attack's
+tools (sweeps, saved and replayed examples, the resumable evaluation state), leaderboard entry
+(leaderboard), comparing runs (report), CAM figures (cam), benchmark (bench).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import inspect
 import json
 import math
 import os
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, Optional
 
@@ -71,8 +75,8 @@ from part import (
     DEFAULT_STEP_LEVELS,
     Device,
     device_name,
-    eps_map,
     _eps_map,
+    eps_map,
     eval_mode,
     EvalHooks,
     EvalTarget,
@@ -92,7 +96,6 @@ from part import (
     markdown_table,
     MASK_RULES,
     MAX_IMAGE_SIZE,
-    ModelDir,
     NOT_THE_EXPERIMENT,
     note,
     ONE_PROCESS,
@@ -101,14 +104,14 @@ from part import (
     PART_ONLY,
     PENDING,
     per_class_accuracy,
-    pgd,
     _pgd,
+    pgd,
     pick_device,
     PointFlags,
     predict,
     pyplot,
     require_file,
-    robustbench_source,
+    ROBUSTBENCH,
     RunFiles,
     safetensors_metadata,
     save_checkpoint,
@@ -121,13 +124,13 @@ from part import (
     tensors_of,
     text_table,
     Threads,
-    Threat,
     to_float,
     to_levels,
     TOKEN_FAMILIES,
     train_step,
     TrainConfig,
     TrainingModules,
+    unknown,
     upsample,
     versions,
     wrap_for_training,
@@ -135,6 +138,33 @@ from part import (
     write_json,
     write_text,
 )
+
+
+# ============================================================================ the card's commands, extended
+# This module's options for `attack` and `export` are added to the card's own, in the help's
+# panel "With part_tools"; the command then takes the card's place in part.app.
+
+TOOLS_PANEL = "With part_tools"
+
+
+def extend_command(name: str, options: Callable, run: Callable, doc: str = "") -> None:
+    """The card's command `name` with the parameters of `options` added after its own (typer
+    reads a command's options from its signature); `run(the card's options, these)` carries
+    it out."""
+    info = next(c for c in app.registered_commands if c.name == name)
+    card, extra = info.callback, inspect.signature(options, eval_str=True).parameters
+
+    def command(**given):
+        tools = {k: given.pop(k) for k in extra}
+        run(given, tools)
+
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [*inspect.signature(card, eval_str=True).parameters.values()]
+    params += [p.replace(kind=kw) for p in extra.values()]
+    command.__doc__ = card.__doc__ + doc
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    info.callback = command
 
 
 # ============================================================================ timm models
@@ -180,6 +210,143 @@ def timm_zoo(name: str, num_classes: int, image_size: int) -> tuple:
 
 
 part.ZOO_BUILDERS["timm"] = timm_zoo
+
+
+# ============================================================================ RobustBench models
+# `robustbench:NAME` (train --init/--model, attack, export, cam): the architecture built by the
+# robustbench package (added to part's ZOO_BUILDERS), the weights from RobustBench's own folder
+# layout (part's NAMED_CHECKPOINTS); `--threat` and `--model-dir` say where.
+
+Threat = Annotated[str, _opt("Threat model of a robustbench:NAME model: linf, l2 or corruptions.")]
+ModelDir = Annotated[
+    str, _opt("RobustBench's model folder (its layout: DIR/<dataset>/<Threat>/<NAME>.pt).")
+]
+
+
+RB_THREATS = {
+    "linf": "Linf",
+    "l2": "L2",
+    "corruptions": "corruptions",
+}  # ours -> RobustBench's names
+
+
+RB_DATASETS = ("cifar10", "cifar100")  # the RobustBench data sets that are ours too
+
+
+def robustbench_arch(text: str, dataset: Optional[str], threat: str = "linf") -> str:
+    """robustbench:NAME with the data set and threat model it belongs to, as one name that
+    checkpoints keep: robustbench:<dataset>/<Threat>/<NAME>."""
+    name = text[len(ROBUSTBENCH) :]
+    if name.count("/") == 2:
+        return text
+    if threat.lower() not in RB_THREATS:
+        raise unknown("threat model", threat, RB_THREATS)
+    dataset = dataset or "cifar10"
+    if dataset not in RB_DATASETS:
+        raise CliError(
+            f"robustbench:{name}: RobustBench models here are for {' and '.join(RB_DATASETS)}, not {dataset}"
+        )
+    return f"{ROBUSTBENCH}{dataset}/{RB_THREATS[threat.lower()]}/{name}"
+
+
+def robustbench_entry(dataset: str, threat: str, name: str) -> dict:
+    """The robustbench package's zoo entry of a model (an unknown name said in one line)."""
+    try:
+        # its imports warn about torch.jit and pkg_resources deprecations
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if (
+                importlib.util.find_spec("autoattack") is None
+                and importlib.util.find_spec("pyautoattack") is not None
+            ):
+                # its PyPI name
+                sys.modules.setdefault("autoattack", importlib.import_module("pyautoattack"))
+            from robustbench.model_zoo import model_dicts
+            from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    except ImportError as e:
+        raise CliError(
+            f"robustbench:NAME needs the robustbench package (pip install robustbench; {first_line(e)})"
+        ) from None
+    zoo = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat)]
+    if name not in zoo:
+        raise CliError(
+            f"unknown RobustBench model {name!r} for {dataset} {threat} (e.g. {', '.join(list(zoo)[-3:])})"
+        )
+    return zoo[name]
+
+
+def robustbench_source(
+    path: Path, arch: Optional[str], dataset: Optional[str], threat: str, model_dir: str | Path
+) -> tuple[Path, Optional[str]]:
+    """A checkpoint argument `robustbench:NAME`: the weights in RobustBench's own model folder
+    layout (<model_dir>/<dataset>/<Threat>/<NAME>.pt) and the architecture; `--arch
+    robustbench:NAME` with a file: the file and the architecture. Anything else: as given."""
+    if str(path).startswith(ROBUSTBENCH):
+        arch = robustbench_arch(str(path), dataset, threat)
+        dataset, threat, name = arch[len(ROBUSTBENCH) :].split("/")
+        robustbench_entry(dataset, threat, name)
+        file = Path(model_dir, dataset, threat, f"{name}.pt")
+        if not file.is_file():
+            raise CliError(
+                f"{arch}: its weights are not in {file} (RobustBench's layout under --model-dir; "
+                f"`robustbench.utils.load_model({name!r}, {str(model_dir)!r}, {dataset!r}, {threat!r})` downloads them there)"
+            )
+        return file, arch
+    if arch is not None and arch.startswith(ROBUSTBENCH):
+        return path, robustbench_arch(arch, dataset, threat)
+    return path, arch
+
+
+def _robustbench_net(spec: str) -> nn.Module:
+    """A RobustBench zoo architecture (random weights), built by the robustbench package."""
+    if spec.count("/") != 2:
+        raise CliError(
+            f"robustbench:{spec}: give --dataset and --threat, or name it robustbench:<dataset>/<threat>/<name>"
+        )
+    return robustbench_entry(*spec.split("/"))["model"]()
+
+
+def robustbench_zoo(name: str, num_classes: int, image_size: int) -> tuple:
+    """RobustBench's architecture: it takes [0, 1] and normalises itself."""
+    return _robustbench_net(name), (0.0,) * 3, (1.0,) * 3, None, None
+
+
+part.ZOO_BUILDERS["robustbench"] = robustbench_zoo
+part.NAMED_CHECKPOINTS[ROBUSTBENCH] = robustbench_source
+
+
+def _export_tool_options(
+    dataset: Annotated[
+        Optional[str],
+        _opt(
+            "Data set of a robustbench:NAME model (cifar10 or cifar100).",
+            rich_help_panel=TOOLS_PANEL,
+        ),
+    ] = None,
+    threat: Annotated[
+        str,
+        _opt(
+            "Threat model of a robustbench:NAME model: linf, l2 or corruptions.",
+            rich_help_panel=TOOLS_PANEL,
+        ),
+    ] = "linf",
+    model_dir: Annotated[
+        str,
+        _opt(
+            "RobustBench's model folder (its layout: DIR/<dataset>/<Threat>/<NAME>.pt).",
+            rich_help_panel=TOOLS_PANEL,
+        ),
+    ] = "models",
+):
+    """The options this module adds to `export` (typer reads them from this signature)."""
+
+
+extend_command(
+    "export",
+    _export_tool_options,
+    lambda card, tools: part.export_with(card, tuple(tools.values())),
+    " A checkpoint may be robustbench:NAME (its file in --model-dir).",
+)
 
 
 # ============================================================================ model folders
@@ -1033,9 +1200,6 @@ class AttackTools(part.AttackExtras):
             self.state.unlink(missing_ok=True)
 
 
-TOOLS_PANEL = "With part_tools"
-
-
 def _attack_tool_options(
     threat: Annotated[
         str,
@@ -1104,30 +1268,18 @@ def _attack_tool_options(
     """The options this module adds to `attack` (typer reads them from this signature)."""
 
 
-def attack_command(**options):
-    tools = {k: options.pop(k) for k in inspect.signature(_attack_tool_options).parameters}
+def _attack(card: dict[str, Any], tools: dict[str, Any]) -> None:
     with cli_errors():
-        extras = AttackTools.from_options(tools, options)
-    part.attack_with(options, extras)
+        extras = AttackTools.from_options(tools, card)
+    part.attack_with(card, extras)
 
 
-# `attack` with the card's options, then this module's: it takes the card's place in part.app.
-attack_command.__doc__ = part.attack_command.__doc__ + (
-    " Interrupted (with a report file or --state), the same command continues where it stopped."
+extend_command(
+    "attack",
+    _attack_tool_options,
+    _attack,
+    " Interrupted (with a report file or --state), the same command continues where it stopped.",
 )
-attack_command.__signature__ = inspect.Signature(
-    [
-        *inspect.signature(part.attack_command, eval_str=True).parameters.values(),
-        *(
-            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-            for p in inspect.signature(_attack_tool_options, eval_str=True).parameters.values()
-        ),
-    ]
-)
-attack_command.__annotations__ = {
-    p.name: p.annotation for p in attack_command.__signature__.parameters.values()
-}
-next(c for c in app.registered_commands if c.name == "attack").callback = attack_command
 
 
 # ============================================================================ leaderboard entry

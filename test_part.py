@@ -1955,8 +1955,9 @@ def test_part_py_alone_trains_attacks_and_exports_without_the_optional_packages(
     assert r.returncode == 1 and "unknown export format 'hf'" in r.stderr, r.stderr
     r = python("part.py", "train", "--out", "run", "--resume", "--epochs", 3, "--tensorboard")
     assert r.returncode == 0 and "--tensorboard comes with part_tools.py" in r.stderr, r.stderr
-    r = python("part.py", "attack", "robustbench:Wong2020Fast")
-    assert r.returncode == 1 and "robustbench:NAME models come with part_tools.py" in r.stderr
+    for command in ("attack", "export"):
+        r = python("part.py", command, "robustbench:Wong2020Fast")
+        assert r.returncode == 1 and "robustbench:NAME models come with part_tools.py" in r.stderr
     assert "--sweep" not in python("part.py", "attack", "--help").stdout
 
 
