@@ -3051,6 +3051,26 @@ def preset_settings(
     return {**values, **from_file}, preset or file_preset, origins
 
 
+# Settings that only count beside another's value: setting -> (that setting, the value).
+IDLE_UNLESS = {
+    "lr_milestones": ("schedule", "step"),
+    "lr_gamma": ("schedule", "step"),
+    "momentum": ("optimizer", "sgd"),
+}
+
+
+def refuse_idle_options(given: dict[str, Any], cfg: TrainConfig) -> None:
+    """An option given that the other settings make do nothing is refused, naming the one
+    that would make it count (a value from a preset or file is no option given)."""
+    flag = lambda key: "--" + key.replace("_", "-")  # noqa: E731
+    for key, (other, value) in IDLE_UNLESS.items():
+        if key in given and getattr(cfg, other) != value:
+            raise CliError(
+                f"{flag(key)} goes with {flag(other)} {value}; with {flag(other)} "
+                f"{getattr(cfg, other)} it would do nothing"
+            )
+
+
 def resolve_config(
     overrides: dict[str, Any],
     preset: Optional[str],
@@ -3067,6 +3087,7 @@ def resolve_config(
         if given["init"].startswith(ROBUSTBENCH) and "model" not in given:
             given["model"] = given["init"]
     cfg = TrainConfig(**{**values, **given})
+    refuse_idle_options(given, cfg)
     if cfg.model.startswith(ROBUSTBENCH):  # with its data set: robustbench:cifar10/Linf/NAME
         cfg.model = checkpoint_source(Path(), cfg.model, cfg.dataset)[1]
     validate_config(cfg)

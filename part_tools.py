@@ -145,6 +145,7 @@ from part import (
 # panel "With part_tools"; the command then takes the card's place in part.app.
 
 TOOLS_PANEL = "With part_tools"
+SWEEP_STEPS, SWEEP_RESTARTS = "10,20,50,100,200", "1,2,4"
 
 
 def extend_command(name: str, options: Callable, run: Callable, doc: str = "") -> None:
@@ -943,9 +944,13 @@ def _transfer_row(t: EvalTarget, source: Path, request: AttackRequest, dev: torc
 def expand_sweep(
     specs: list[AttackSpec], steps: list[int], restarts: list[int]
 ) -> list[AttackSpec]:
-    """--sweep: every iterative family asked for (pgd when none) at each step count, and at
-    the largest step count with each number of restarts."""
-    families = [s.family for s in specs if s.family in ("pgd", "cw")] or ["pgd"]
+    """--sweep: every iterative family asked for (pgdK, cwK) at each step count, and at the
+    largest step count with each number of restarts."""
+    families = [s.family for s in specs if s.family in ("pgd", "cw")]
+    if not families:
+        raise CliError(
+            "--sweep: nothing to sweep; it varies the steps of the pgdK and cwK attacks, and --attacks names none"
+        )
     extra = [AttackSpec(f"{f}{k}", f, k, 1) for f in dict.fromkeys(families) for k in steps]
     extra += [
         AttackSpec(f"{f}{max(steps)}x{r}", f, max(steps), r)
@@ -1039,7 +1044,9 @@ def plot_sweep(
     return True
 
 
-def show_sweep(rows: list[dict], specs: list[AttackSpec], plot: Path, eps_levels: float) -> None:
+def show_sweep(
+    rows: list[dict], specs: list[AttackSpec], plot: Optional[Path], eps_levels: float
+) -> None:
     """--sweep: each checkpoint's curve in a line, and the first one's plot."""
     for row in rows:
         curves = sweep_curves(specs, row["accuracy"])
@@ -1052,7 +1059,9 @@ def show_sweep(rows: list[dict], specs: list[AttackSpec], plot: Path, eps_levels
         console.print(f"{row['path']}: sweep " + "; ".join(f"{f}: {p}" for f, p in points.items()))
     first = rows[0]
     curves = sweep_curves(specs, first["accuracy"])
-    if plot_sweep(plot, curves, first["n_examples"], eps_levels, f"{first['path']}\n"):
+    if plot is None:
+        note("note: no sweep plot without a report file or --sweep-plot FILE")
+    elif plot_sweep(plot, curves, first["n_examples"], eps_levels, f"{first['path']}\n"):
         console.print(f"sweep plot ({first['path']}): {plot}")
 
 
@@ -1078,6 +1087,21 @@ def _refuse_with_adv_from(given: dict[str, Any]) -> None:
         )
 
 
+def _sweep_of(o: dict[str, Any], reports: list[Optional[Path]]) -> Optional[tuple]:
+    """--sweep's (steps, restarts, plot or None); its options refused without it. The plot
+    goes to --sweep-plot, else beside the first report; with neither, the curve is printed."""
+    given = {f"--sweep-{k}": o[f"sweep_{k}"] for k in ("steps", "restarts", "plot")}
+    if not o["sweep"]:
+        for option in (k for k, v in given.items() if v is not None):
+            raise CliError(f"{option} goes with --sweep; without it nothing is swept")
+        return None
+    return (
+        _int_list(o["sweep_steps"] or SWEEP_STEPS, "--sweep-steps", part.MAX_ATTACK_STEPS),
+        _int_list(o["sweep_restarts"] or SWEEP_RESTARTS, "--sweep-restarts", part.MAX_RESTARTS),
+        o["sweep_plot"] or next((p.with_name(p.stem + "-sweep.png") for p in reports if p), None),
+    )
+
+
 @dataclasses.dataclass
 class AttackTools(part.AttackExtras):
     """What this module adds to `attack`, from its options (checked by `from_options`)."""
@@ -1087,7 +1111,7 @@ class AttackTools(part.AttackExtras):
     state: Optional[Path]  # None: the evaluation is not kept on disk
     save_adv: Optional[Path]
     adv_from: Optional[Path]
-    sweep: Optional[tuple[list[int], list[int], Path]]  # steps, restarts, the plot
+    sweep: Optional[tuple[list[int], list[int], Optional[Path]]]  # steps, restarts, the plot
     wandb: Optional[str]
     folder: Path  # where the reports go (W&B's files)
 
@@ -1101,16 +1125,7 @@ class AttackTools(part.AttackExtras):
                 | {"--save-adv": o["save_adv"], "--sweep": o["sweep"] or None}
                 | {"--state": o["state"]}
             )
-        sweep = None
-        if o["sweep"]:
-            sweep = (
-                _int_list(o["sweep_steps"], "--sweep-steps", part.MAX_ATTACK_STEPS),
-                _int_list(o["sweep_restarts"], "--sweep-restarts", part.MAX_RESTARTS),
-                o["sweep_plot"]
-                or next(
-                    (p.with_name(p.stem + "-sweep.png") for p in reports if p), Path("sweep.png")
-                ),
-            )
+        sweep = _sweep_of(o, reports)
         state = o["state"] or next(
             (p.with_name(p.name + ".state.safetensors") for p in reports if p), None
         )
@@ -1245,15 +1260,20 @@ def _attack_tool_options(
         ),
     ] = False,
     sweep_steps: Annotated[
-        str, _opt("Steps of the sweep.", rich_help_panel=TOOLS_PANEL)
-    ] = "10,20,50,100,200",
+        Optional[str],
+        _opt(f"Steps of the sweep. [default: {SWEEP_STEPS}]", rich_help_panel=TOOLS_PANEL),
+    ] = None,
     sweep_restarts: Annotated[
-        str, _opt("Restarts of the sweep (at its largest step count).", rich_help_panel=TOOLS_PANEL)
-    ] = "1,2,4",
+        Optional[str],
+        _opt(
+            f"Restarts of the sweep (at its largest step count). [default: {SWEEP_RESTARTS}]",
+            rich_help_panel=TOOLS_PANEL,
+        ),
+    ] = None,
     sweep_plot: Annotated[
         Optional[Path],
         _opt(
-            "PNG of the sweep (default: beside the first report, else sweep.png).",
+            "PNG of the sweep (default: beside the first report; without one, no plot).",
             rich_help_panel=TOOLS_PANEL,
         ),
     ] = None,

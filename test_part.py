@@ -3822,3 +3822,34 @@ def test_odd_inputs_give_one_clear_line(fake_ckpt, tmp_path):
     )
     r = invoke("attack", tmp_path / "nanconfig.safetensors", "--attacks", "fgsm", "--n-examples", 4)
     assert r.exit_code == 1 and "stored" in r.stderr and "--eps" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- options that would do nothing are refused
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            ["--schedule", "cosine", "--lr-milestones", "3,5"],
+            "--lr-milestones goes with --schedule step",
+        ),
+        (["--optimizer", "adamw", "--momentum", "0.5"], "--momentum goes with --optimizer sgd"),
+    ],
+)
+def test_a_training_option_that_would_do_nothing_is_refused_naming_what_makes_it_count(
+    tmp_path, options, message
+):
+    r = invoke("train", *MICRO, *options, "--out", tmp_path / "run")
+    assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    # the same values from a preset the options replace are no option given: they run
+    presets = tmp_path / "p.toml"
+    presets.write_text('[mine]\nextends = "smoke"\nlr_milestones = [3, 5]\nmomentum = 0.5\n')
+    cfg, _ = part.resolve_config({"schedule": "cosine", "optimizer": "adamw"}, "mine", presets)
+    assert cfg.schedule == "cosine" and cfg.optimizer == "adamw"
+
+
+def test_a_restart_count_below_one_is_refused_not_scored(fake_ckpt):
+    r = invoke("attack", fake_ckpt, "--attacks", "natural,pgd5", "--restarts", 0, "--n-examples", 8)
+    assert r.exit_code != 0 and "--restarts" in r.stderr and "pgd5" not in r.stdout

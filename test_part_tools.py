@@ -1285,3 +1285,23 @@ def test_sweeps_keep_the_bounds_of_the_attack_names(fake_ckpt):
             "attack", fake_ckpt, "--attacks", "pgd5", "--sweep", option, value, "--n-examples", 8
         )
         assert r.exit_code == 1 and "expected integers from 1 to" in r.stderr
+
+
+def test_sweep_options_without_the_sweep_are_refused_and_a_sweep_needs_something_to_sweep(
+    fake_ckpt, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    base = ["attack", fake_ckpt, "--attacks", "pgd2", "--n-examples", 8]
+    for option, value in (
+        ("--sweep-steps", "1,2"),
+        ("--sweep-restarts", "1,2"),
+        ("--sweep-plot", "s.png"),
+    ):
+        r = invoke(*base, option, value)
+        assert r.exit_code == 1 and f"{option} goes with --sweep" in r.stderr, r.stderr
+    r = invoke("attack", fake_ckpt, "--attacks", "natural,fgsm", "--sweep", "--n-examples", 8)
+    assert r.exit_code == 1 and "nothing to sweep" in r.stderr, r.stderr
+    # no report and no --sweep-plot: the curve is printed, no PNG lands in the current folder
+    r = invoke(*base, "--sweep", "--sweep-steps", "1,2", "--sweep-restarts", "1")
+    assert r.exit_code == 0 and "sweep" in r.stdout, r.stderr
+    assert list(tmp_path.iterdir()) == []
