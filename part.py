@@ -5113,34 +5113,60 @@ def run_exported(fmt: str, path: Path, x: Tensor) -> Tensor:
 
 
 def robustness_of(report: Path, sha256: str) -> dict:
-    """This checkpoint's row of an `attack --json` report, found by its sha256."""
+    """This checkpoint's row of an `attack --json` report, found by its sha256 and checked as
+    `report` checks one before it reaches a card: fractions in [0, 1], only attacks the
+    evaluation ran, the points and budget of its own record. The card then says what ran."""
     require_file(report, "--report")
     try:
         rows = json.loads(Path(report).read_text())["checkpoints"]
-    except (RecursionError, OSError, ValueError, KeyError, TypeError) as e:
-        raise CliError(
-            f"--report {report}: not an `attack --json` report ({first_line(e)})"
-        ) from None
-    matching = [r for r in rows if isinstance(r, dict) and r.get("sha256") == sha256]
-    if not matching:
+        row = [r for r in rows if isinstance(r, dict) and r.get("sha256") == sha256][-1:]
+        evaluation = row and checked_evaluation(row[0])
+    except (RecursionError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        if isinstance(e, CliError):
+            raise CliError(f"--report {report}: {e}") from None
+        why = first_line(e)
+        raise CliError(f"--report {report}: not an `attack --json` report ({why})") from None
+    if not row:
         raise CliError(
             f"--report {report} has no results for this checkpoint (its sha256 {sha256[:12]}... is not there)"
         )
-    row = matching[-1]
-    keep = (
-        "accuracy",
-        "n_examples",
-        "eps_levels",
-        "step_levels",
-        "restarts",
-        "seed",
-        "dataset",
-        "selection",
-        "components",
-        "versions",
-        "device",
-    )
-    return {k: row[k] for k in keep if k in row}
+    keep = ("accuracy", "step_levels", "restarts", "seed", "dataset", "selection", "components")
+    return {k: row[0][k] for k in (*keep, "versions", "device") if k in row[0]} | {
+        "n_examples": evaluation["n_examples"],
+        "eps_levels": evaluation["eps_levels"],
+        "evaluation": evaluation,
+    }
+
+
+def checked_evaluation(row: dict) -> dict:
+    """What a report row's evaluation ran (attacks, points, budget, whether it is the standard
+    one: AutoAttack on 10,000 points at 8/255), from its own record; a figure it could not
+    have measured is refused."""
+    fractions = [row["accuracy"], *row.get("components", {}).values()]
+    bad = [f"{k}={v!r}" for f in fractions for k, v in f.items() if not _is_fraction(v)]
+    if bad or not {"natural", "worst"} <= set(row["accuracy"]):
+        raise CliError(
+            f"accuracies must be fractions in [0, 1] with natural and worst ({', '.join(bad[:3])})"
+        )
+    ran = {"natural", *row["attacks"], *(o["column"] for o in row.get("adv_from", []))}
+    for name in set(row["accuracy"]) - ran - {"worst"}:
+        raise CliError(f"{name} was not run (the evaluation ran {', '.join(sorted(ran))})")
+    n, first = row["n_examples"], row["selection"]["first"]
+    if n != first:
+        raise CliError(f"the row claims {n} points; its evaluation took the first {first}")
+    eps = to_levels(row["eps"])
+    if not math.isclose(eps, row["eps_levels"], abs_tol=1e-6):
+        raise CliError(
+            f"the row claims eps {row['eps_levels']:g}/255; its evaluation's budget is {eps:g}/255"
+        )
+    attacks = [k for k in row["accuracy"] if k != "worst"]
+    keys = set(row["attacks"].values())
+    standard = "aa" in keys and n == 10_000 and math.isclose(eps, EVAL_EPS_LEVELS)
+    return {"attacks": attacks, "n_examples": n, "eps_levels": round(eps, 6), "standard": standard}
+
+
+def _is_fraction(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
 
 
 # ============================================================================ commands

@@ -423,6 +423,14 @@ def export_hf(
         "",
     ]
     if results:
+        ran = robustness["evaluation"]
+        kind = "the standard" if ran["standard"] else "not the standard"
+        lines += [
+            f"Evaluated by `part attack`: {', '.join(ran['attacks'])} on the first {n} {dataset} "
+            f"test images at eps {eps:g}/255; {kind} evaluation (AutoAttack on 10,000 test "
+            "images at 8/255).",
+            "",
+        ]
         lines += [f"| accuracy (%), eps {eps:g}/255, first {n} test images | |", "|---|---|"]
         lines += [f"| {labels[a]} | {100 * v:.2f} |" for a, v in robustness["accuracy"].items()]
         lines.append("")

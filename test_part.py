@@ -3063,6 +3063,59 @@ def test_the_model_card_carries_the_attack_results(fake_run, tmp_path):
     assert r.exit_code == 1 and "no results for this checkpoint" in r.stderr
 
 
+def test_a_report_is_checked_before_it_reaches_a_card_and_the_card_says_what_was_run(
+    fake_run, tmp_path
+):
+    ckpt = fake_run / "best.safetensors"
+    r = invoke("attack", ckpt, "--attacks", "fgsm", "--n", 16, "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+
+    def forged(name, **changes):
+        row = {**report["checkpoints"][0], **changes}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**report, "checkpoints": [row]}))
+        return path
+
+    accuracy = report["checkpoints"][0]["accuracy"]
+    forgeries = {
+        "above one": ({"accuracy": {**accuracy, "fgsm": 5.0}}, "fractions in [0, 1]"),
+        "nan": ({"accuracy": {**accuracy, "fgsm": math.nan}}, "fractions in [0, 1]"),
+        "negative": ({"accuracy": {**accuracy, "worst": -1}}, "fractions in [0, 1]"),
+        "never run": ({"accuracy": {**accuracy, "aa": 0.99}}, "aa was not run"),
+        "points": ({"n_examples": 10000}, "10000 points"),
+        "budget": ({"eps_levels": 16}, "16/255"),
+        "row": ({"accuracy": "high"}, "not an `attack --json` report"),
+    }
+    for name, (changes, message) in forgeries.items():
+        r = invoke(
+            "export",
+            ckpt,
+            "--format",
+            "onnx",
+            "--out",
+            tmp_path / name,
+            "--report",
+            forged(name, **changes),
+        )
+        assert r.exit_code == 1 and message in r.stderr and len(r.stderr.splitlines()) == 1, (
+            name,
+            r.stderr,
+        )
+        assert not (tmp_path / name).exists()
+    r = invoke(
+        "export", ckpt, "--format", "onnx", "--out", tmp_path / "e", "--report", tmp_path / "r.json"
+    )
+    assert r.exit_code == 0, r.stderr
+    said = json.loads((tmp_path / "e" / "best.json").read_text())["robustness"]["evaluation"]
+    assert said == {
+        "attacks": ["natural", "fgsm"],
+        "n_examples": 16,
+        "eps_levels": 8.0,
+        "standard": False,
+    }
+
+
 needs_hub = pytest.mark.skipif(
     importlib.util.find_spec("huggingface_hub") is None,
     reason="huggingface_hub not installed (pip install huggingface_hub)",

@@ -172,6 +172,7 @@ def test_an_hf_model_folder_has_a_card_the_hub_parses_and_loads_as_a_checkpoint(
         e.dataset_type == "synthetic" and "16 test images" in e.metric_name
         for e in card.data.eval_results
     )
+    assert "on the first 16 synthetic test images at eps 8/255; not the standard" in card.text
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architecture"] == "cnn" and config["id2label"]["0"] == part.SYNTHETIC_CLASSES[0]
     # the folder is a checkpoint: same weights, same sha256 (so the report still matches it)
