@@ -5002,10 +5002,13 @@ EXPORT_FORMATS = ("torchscript", "onnx", "pt2")
 SUFFIX = {"torchscript": ".ts.pt", "onnx": ".onnx", "pt2": ".pt2"}
 
 
-def model_card(meta: CheckpointMeta, image_size: int, robustness: Optional[dict] = None) -> dict:
+def model_card(
+    meta: CheckpointMeta, sha256: str, image_size: int, robustness: Optional[dict] = None
+) -> dict:
     """What a deployment needs to know, stored beside the exported files and inside the ONNX.
     `robustness`: the `attack` results of this checkpoint (export --report)."""
     return {
+        "checkpoint_sha256": sha256,
         "input": {
             "name": "image",
             "dtype": "float32",
@@ -6092,6 +6095,9 @@ def export_command(
     license: Annotated[
         str, _opt("License in the hf model card's front matter (an SPDX id or a Hub license name).")
     ] = "mit",
+    replace: Annotated[
+        bool, _opt("Overwrite another model's export of the same name in --out.")
+    ] = False,
 ):
     """Export a checkpoint for deployment: TorchScript, ONNX and/or torch.export (.pt2),
     with <name>.json beside them (input contract, classes, training config, robustness);
@@ -6104,8 +6110,28 @@ def export_with(o: dict[str, Any], zoo: tuple = (None, "linf", "models")) -> Non
     folder of a checkpoint named in a zoo (part_tools' --dataset, --threat, --model-dir)."""
     with cli_errors():
         checkpoint, arch = checkpoint_source(o["checkpoint"], o["arch"], *zoo)
-        given = ("image_size", "batch_size", "opset", "verify", "report", "license")
+        given = ("image_size", "batch_size", "opset", "verify", "report", "license", "replace")
         export_checkpoint(checkpoint, o["out"], o["formats"], arch=arch, **{k: o[k] for k in given})
+
+
+def previous_export(out: Path, name: str, formats: list[str], sha256: str, replace: bool) -> dict:
+    """The card of what `out` holds under `name` (a model folder's config.json for a folder
+    format): {} for none, or with `replace`; another model's is refused."""
+    card = out / ("config.json" if any(f in FOLDER_EXPORTS for f in formats) else f"{name}.json")
+    if replace or not card.is_file():
+        return {}
+    try:
+        before = json.loads(card.read_text())
+        theirs = before.get("checkpoint_sha256") if isinstance(before, dict) else None
+    except (OSError, ValueError, RecursionError):
+        before, theirs = {}, None
+    if theirs != sha256:
+        whose = f"sha256 {theirs[:12]}" if isinstance(theirs, str) else "no sha256 part can check"
+        raise CliError(
+            f"--out {out} holds the export of another model ({card.name}: {whose}); give "
+            "another --out, or --replace to overwrite it"
+        )
+    return before
 
 
 def export_checkpoint(
@@ -6120,21 +6146,24 @@ def export_checkpoint(
     verify: bool = True,
     report: str | Path | None = None,
     license: str = "mit",
+    replace: bool = False,
 ) -> dict[str, Path]:
     """What `export` does, from Python: the checkpoint as TorchScript / ONNX / torch.export
     files in `out` with the model card <name>.json; `verify` runs each file on a batch of
     another size against PyTorch. A format of FOLDER_EXPORTS ("hf", with part_tools) makes
-    `out` a model folder to share.
+    `out` a model folder to share. Another model's export of the same name in `out` is
+    refused unless `replace`; the same model's keeps its results when no `report` is given.
     Returns {format: path, ..., "card": path}."""
     checkpoint, out = Path(checkpoint), Path(out)
     chosen = parse_formats(formats if isinstance(formats, str) else ",".join(formats))
     model, meta, sha256 = _load_checkpoint(checkpoint, arch, "cpu", None)
     robustness = robustness_of(Path(report), sha256) if report is not None else None
     check_output_folder(out, "--out")  # before the exports, the slow part
-    size = image_size or meta.image_size or 32
-    card = model_card(meta, size, robustness)
-    example = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
     name = checkpoint.name.split(".")[0] if checkpoint.is_file() else checkpoint.name
+    before = previous_export(out, name, chosen, sha256, replace)
+    size = image_size or meta.image_size or 32
+    card = model_card(meta, sha256, size, robustness or before.get("robustness"))
+    example = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     for fmt in (f for f in chosen if f in FOLDER_EXPORTS):

@@ -454,6 +454,8 @@ def _hf_config(meta: CheckpointMeta, card: dict) -> dict:
         "format": FORMAT,
         "training_config": card["config"],
         "cam_layer": meta.cam_layer,
+        "checkpoint_sha256": card["checkpoint_sha256"],
+        "robustness": card["robustness"],
         "versions": versions(),
     }
 

@@ -3906,3 +3906,25 @@ def test_a_training_option_that_would_do_nothing_is_refused_naming_what_makes_it
 def test_a_restart_count_below_one_is_refused_not_scored(fake_ckpt):
     r = invoke("attack", fake_ckpt, "--attacks", "natural,pgd5", "--restarts", 0, "--n-examples", 8)
     assert r.exit_code != 0 and "--restarts" in r.stderr and "pgd5" not in r.stdout
+
+
+def test_an_export_never_replaces_another_models_and_keeps_its_own_results(fake_run, tmp_path):
+    ckpt, other = fake_run / "best.safetensors", tmp_path / "other" / "best.safetensors"
+    other.parent.mkdir()
+    other.write_bytes((fake_run / "last.safetensors").read_bytes())  # another model, same name
+    r = invoke("attack", ckpt, "--attacks", "fgsm", "--n", 8, "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.stderr
+    out = ["--format", "onnx", "--no-verify", "--out", tmp_path / "e"]
+    assert invoke("export", ckpt, *out, "--report", tmp_path / "r.json").exit_code == 0
+    card = (tmp_path / "e" / "best.json").read_text()
+    r = invoke("export", other, *out)
+    assert r.exit_code == 1 and "holds the export of another model" in r.stderr
+    assert "--replace" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert (tmp_path / "e" / "best.json").read_text() == card
+    # the same model again keeps its results; --replace makes way for another
+    assert invoke("export", ckpt, *out).exit_code == 0
+    kept = json.loads((tmp_path / "e" / "best.json").read_text())
+    assert kept["robustness"] == json.loads(card)["robustness"] is not None
+    assert invoke("export", other, *out, "--replace").exit_code == 0
+    replaced = json.loads((tmp_path / "e" / "best.json").read_text())
+    assert replaced["checkpoint_sha256"] == part.file_hash(other) and replaced["robustness"] is None

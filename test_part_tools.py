@@ -1306,3 +1306,18 @@ def test_sweep_options_without_the_sweep_are_refused_and_a_sweep_needs_something
     r = invoke(*base, "--sweep", "--sweep-steps", "1,2", "--sweep-restarts", "1")
     assert r.exit_code == 0 and "sweep" in r.stdout, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_hub
+def test_a_model_folder_is_never_replaced_by_another_models(fake_run, tmp_path):
+    a, b = fake_run / "best.safetensors", fake_run / "last.safetensors"
+    r = invoke("attack", a, "--attacks", "fgsm", "--n", 8, "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.stderr
+    hf = ["--format", "hf", "--out", tmp_path / "hf"]
+    assert invoke("export", a, *hf, "--report", tmp_path / "r.json").exit_code == 0
+    readme = (tmp_path / "hf" / "README.md").read_text()
+    r = invoke("export", b, *hf)
+    assert r.exit_code == 1 and "holds the export of another model" in r.stderr, r.stderr
+    assert (tmp_path / "hf" / "README.md").read_text() == readme
+    assert invoke("export", a, *hf).exit_code == 0  # the same model: its results stay
+    assert (tmp_path / "hf" / "README.md").read_text() == readme
