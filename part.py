@@ -255,9 +255,16 @@ console = Console(
 err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
-def note(message: str) -> None:
-    """A one-line notice on stderr (never markup: paths may hold brackets)."""
+def note(message: str, once: bool = False) -> None:
+    """A one-line notice on stderr (never markup: paths may hold brackets); `once`: at most
+    once in this process (what the help's defaults and the run both meet)."""
+    if once and message in _SAID:
+        return
+    _SAID.add(message)
     err_console.print(message)
+
+
+_SAID: set[str] = set()
 
 
 @contextlib.contextmanager
@@ -2958,23 +2965,29 @@ def config_paths() -> list[Path]:
     ]
 
 
-def read_presets(path: Path) -> dict[str, dict]:
-    require_file(path, "config file")
+def read_presets(path: Path, what: str = "--presets") -> dict[str, dict]:
+    require_file(path, what)
     try:
         return tomllib.loads(path.read_text())
     except (RecursionError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise CliError(f"config file {path} is not valid TOML: {e}") from None
 
 
+SHIPPED = "shipped:"  # the key of a shipped preset that a user's preset of its name replaces
+
+
 def all_presets(presets_file: Optional[Path] = None) -> tuple[dict[str, dict], dict[str, Path]]:
-    """The shipped presets, then those of the user's --presets file (one of the same name
-    replaces the shipped one; `extends` may name either): the tables and where each is from."""
+    """The shipped presets, then those of the user's --presets file: one of the same name
+    replaces the shipped one, which stays reachable as its `extends` (kept under SHIPPED +
+    name). Returns the tables and where each is from."""
     shipped = next((p for p in config_paths() if p.is_file()), None)
     tables: dict[str, dict] = {}
     where: dict[str, Path] = {}
-    for path in (shipped, presets_file):
-        for name, table in (read_presets(path) if path is not None else {}).items():
+    for path, what in ((shipped, "config file"), (presets_file, "--presets")):
+        for name, table in (read_presets(path, what) if path is not None else {}).items():
             if isinstance(table, dict):
+                if name in tables:
+                    tables[SHIPPED + name], where[SHIPPED + name] = tables[name], where[name]
                 tables[name], where[name] = table, path
     return tables, where
 
@@ -2985,14 +2998,18 @@ def preset_values(presets: dict[str, dict], name: str, path: Path | dict, seen: 
     at = path.get(name, "the presets") if isinstance(path, dict) else path
     if name not in presets or not isinstance(presets[name], dict):
         raise CliError(
-            f"unknown preset {name!r} in {at} (presets: {', '.join(k for k, v in presets.items() if isinstance(v, dict))})"
+            f"unknown preset {name!r} in {at} (presets: {', '.join(k for k, v in presets.items() if isinstance(v, dict) and SHIPPED not in k)})"
         )
     if name in seen:
         raise CliError(f"preset {name!r} in {at} extends itself")
     table = dict(presets[name])
-    values = {}
-    if "extends" in table:
-        values = preset_values(presets, str(table.pop("extends")), path, seen + (name,))
+    values, base = {}, str(table.pop("extends", ""))
+    if base == name and SHIPPED + name in presets:  # the user's preset tweaks the shipped one
+        base = SHIPPED + name
+    elif SHIPPED + name in presets and not seen:
+        note(f"note: preset {name} of {at} replaces the shipped preset {name}", once=True)
+    if base:
+        values = preset_values(presets, base, path, seen + (name,))
     for key, value in table.items():
         if key not in CONFIG_FIELDS:
             raise CliError(f"{at} [{name}]: unknown key {key!r}")
@@ -3317,6 +3334,25 @@ def _head_size(state: dict[str, Tensor], arch: str) -> Optional[int]:
     return None
 
 
+def check_weights(state: dict[str, Tensor], own: dict[str, Tensor], path: Path) -> None:
+    """Weights a model can compute with: floating point where the model's are (an integer
+    file would be cast silently) and finite (a model that computes NaN cannot be scored,
+    nor trained on)."""
+    floats = [k for k, v in own.items() if v.is_floating_point() and k in state]
+    cast = [k for k in floats if not state[k].is_floating_point()]
+    if cast:
+        raise CliError(
+            f"{path}: {len(cast)} weight tensor(s) are not floating point ({', '.join(cast[:3])}: "
+            f"{state[cast[0]].dtype}); part loads the floating-point weights it saves"
+        )
+    broken = [k for k in floats if not bool(torch.isfinite(state[k]).all())]
+    if broken:
+        raise CliError(
+            f"{path}: {len(broken)} weight tensor(s) hold NaN or inf ({', '.join(broken[:3])}); "
+            "a model that computes NaN cannot be scored or trained"
+        )
+
+
 def load_state_into(model: nn.Module, state: dict[str, Tensor], arch: str, path: Path) -> None:
     """Strict load with a one-line explanation when the file does not fit the architecture."""
     unused = arch in ("wrn-34-10", "wrn-28-10")  # TRADES' and Carmon's unused sub_block1
@@ -3324,6 +3360,7 @@ def load_state_into(model: nn.Module, state: dict[str, Tensor], arch: str, path:
     if hasattr(model, "adapt_state"):
         state = model.adapt_state(state)
     own = model.state_dict()
+    check_weights(state, own, path)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
@@ -3479,16 +3516,6 @@ def _load_checkpoint(
     meta.cam_layer = cam_layer or meta.cam_layer
     model = build_model(meta.arch, meta.num_classes, meta.cam_layer, meta.image_size or 32)
     load_state_into(model, state, meta.arch, path)
-    broken = [
-        name
-        for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
-        if t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
-    if broken:
-        raise CliError(
-            f"{path}: {len(broken)} weight tensor(s) hold NaN or inf ({', '.join(broken[:3])}); "
-            "a model that computes NaN cannot be scored"
-        )
     return model.to(device).eval(), meta, sha256
 
 
@@ -4115,9 +4142,9 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
         run.ema = copy.deepcopy(model).requires_grad_(False).eval()
     if resume:
         continue_run(run, data_hash)
-    if dist.main:
-        write_run_config(files, cfg, preset, data_hash, eval_on)
+    if dist.main:  # trackers first: one that fails to start leaves no run in the folder
         run.trackers = open_trackers(cfg, files, preset)
+        write_run_config(files, cfg, preset, data_hash, eval_on)
     return run
 
 
@@ -4184,7 +4211,9 @@ def open_trackers(cfg: TrainConfig, files: RunFiles, preset: str) -> list:
     """The experiment trackers asked for; a missing one is said once and the run goes on
     (every figure is in metrics.jsonl and summary.csv anyway)."""
     trackers: list = []
-    for name in (n for n in ("tensorboard", "wandb") if getattr(cfg, n)):
+    for name in (
+        n for n in ("wandb", "tensorboard") if getattr(cfg, n)
+    ):  # the one that may fail first
         if name not in TRACKERS:
             note(
                 f"note: --{name} comes with part_tools.py (pip install .); logging to the CSV only"
@@ -5451,7 +5480,7 @@ def _config_option(name: str, field: dataclasses.Field) -> inspect.Parameter:
 def preset_names(presets_file: Optional[Path] = None) -> list[str]:
     """The presets of configs.toml and of the user's file; none when they cannot be read."""
     try:
-        return list(all_presets(presets_file)[0])
+        return [name for name in all_presets(presets_file)[0] if not name.startswith(SHIPPED)]
     except CliError:
         return []
 
@@ -5515,6 +5544,8 @@ class TrainCommand(KeepsArgs):
 def recorded_processes(config: Path) -> int:
     """The process count a run's config.json records (1 for any other settings file; a file
     that cannot be read is said by the run itself)."""
+    if not config.is_file():  # a FIFO would block the read; the run says what it is
+        return 1
     try:
         return max(1, int(json.loads(config.read_text())["machine"]["processes"]))
     except (OSError, ValueError, KeyError, TypeError, RecursionError):

@@ -2489,10 +2489,13 @@ def test_ctrl_c_after_the_config_is_written_but_before_the_loop_says_how_to_go_o
     tmp_path, monkeypatch
 ):
     # the window the test above can hit under load: config.json is there, the epoch loop not yet
+    written = part.write_run_config
+
     def interrupted(*args):
+        written(*args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(part, "open_trackers", interrupted)
+    monkeypatch.setattr(part, "write_run_config", interrupted)
     r = invoke("train", *TINY, "--out", tmp_path / "run")
     assert r.exit_code == 130 and "no epoch had finished" in r.stderr and "--resume" in r.stderr, (
         r.stderr
@@ -3928,3 +3931,63 @@ def test_an_export_never_replaces_another_models_and_keeps_its_own_results(fake_
     assert invoke("export", other, *out, "--replace").exit_code == 0
     replaced = json.loads((tmp_path / "e" / "best.json").read_text())
     assert replaced["checkpoint_sha256"] == part.file_hash(other) and replaced["robustness"] is None
+
+
+# ---------------------------------------------------------------- messages that point the right way
+
+
+def test_a_fifo_given_as_a_file_is_said_to_be_no_regular_file(fake_ckpt, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for args in (
+        ["train", *MICRO, "--config", fifo, "--out", tmp_path / "a"],
+        ["train", *MICRO, "--presets", fifo, "--out", tmp_path / "b"],
+        ["train", *MICRO, "--init", fifo, "--out", tmp_path / "c"],
+        ["attack", fifo],
+        ["export", fifo, "--out", tmp_path / "d"],
+    ):
+        r = invoke(*args)
+        assert r.exit_code == 1 and "is not a regular file" in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_user_preset_may_extend_the_shipped_one_it_replaces_and_replacing_is_said(
+    tmp_path, capsys
+):
+    presets = tmp_path / "p.toml"
+    presets.write_text('[smoke]\nextends = "smoke"\nepochs = 3\n')
+    cfg, _ = part.resolve_config({}, "smoke", presets)
+    shipped, _ = part.resolve_config({}, "smoke", None)
+    assert cfg.epochs == 3 and dataclasses.replace(cfg, epochs=shipped.epochs) == shipped
+    assert "replaces the shipped" not in capsys.readouterr().err
+    presets.write_text(
+        '[smoke]\ndataset = "synthetic"\nmodel = "cnn"\nepochs = 3\nwarmup_epochs = 1\n'
+    )
+    cfg, _ = part.resolve_config({}, "smoke", presets)
+    said = capsys.readouterr().err
+    assert cfg.epochs == 3 and said.count("replaces the shipped preset smoke") == 1, said
+    assert "smoke" in part.preset_names(presets) and not any(
+        ":" in n for n in part.preset_names(presets)
+    )
+
+
+def test_init_weights_that_are_not_finite_or_not_floating_point_are_refused_at_load(
+    fake_ckpt, tmp_path
+):
+    from safetensors import safe_open
+
+    with safe_open(str(fake_ckpt), "pt") as f:
+        metadata = f.metadata()
+    weights = load_file(str(fake_ckpt))
+    key = next(k for k, v in weights.items() if v.is_floating_point() and v.dim() > 1)
+    for name, value, message in (
+        ("nan", weights[key].clone().fill_(math.nan), "NaN or inf"),
+        ("int", weights[key].round().long(), "not floating point"),
+    ):
+        bad = tmp_path / f"{name}.safetensors"
+        save_file({**weights, key: value}, str(bad), metadata=metadata)
+        r = invoke("train", *MICRO, "--init", bad, "--out", tmp_path / name)
+        assert r.exit_code == 1 and message in r.stderr and key in r.stderr, r.stderr
+        assert "learning rate" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        r = invoke("attack", bad, "--attacks", "natural", "--n", 8)
+        assert r.exit_code == 1 and message in r.stderr, r.stderr

@@ -1321,3 +1321,17 @@ def test_a_model_folder_is_never_replaced_by_another_models(fake_run, tmp_path):
     assert (tmp_path / "hf" / "README.md").read_text() == readme
     assert invoke("export", a, *hf).exit_code == 0  # the same model: its results stay
     assert (tmp_path / "hf" / "README.md").read_text() == readme
+
+
+def test_a_tracker_that_fails_to_start_leaves_no_run_in_the_way(tmp_path, monkeypatch):
+    import wandb
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    args = ["train", *MICRO, "--epochs", 1, "--warmup-epochs", 0, "--out", tmp_path / "run"]
+    r = invoke(*args, "--wandb", "proj")
+    assert r.exit_code == 1 and "W&B did not start" in r.stderr, r.stderr
+    assert part.RunFiles(tmp_path / "run").present() == []
+    assert invoke(*args).exit_code == 0  # the same folder, now without W&B: no run in the way
