@@ -1782,7 +1782,7 @@ def class_activation(
     if method not in CAM_WEIGHTS:
         raise unknown("CAM method", method, CAM_WEIGHTS)
     check_attack_inputs(model, x, target)
-    return _class_activation(model, x, method, target)
+    return _class_activation(model, in_model_dtype(model, x), method, target)
 
 
 def _class_activation(
@@ -2113,12 +2113,29 @@ def check_attack_arguments(eps: float | Tensor, step: float, steps: int) -> None
         raise ValueError(f"eps must be a finite budget in [0, 1] ({UNITS_HINT}), got {eps!r}")
 
 
+def in_model_dtype(model: nn.Module, x: Tensor) -> Tensor:
+    """Images in the dtype of the model's weights: numpy's float64 for a float32 model."""
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return x if weight is None or x.dtype == weight.dtype else x.to(weight.dtype)
+
+
+def check_channels(model: nn.Module, x: Tensor) -> None:
+    """Images with the channels the model's first convolution takes (when it has one)."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and x.shape[1] != first.in_channels:
+        raise ValueError(
+            f"images of {x.shape[1]} channels; the model takes {first.in_channels} "
+            f"(its first convolution), images of shape {tuple(x.shape)}"
+        )
+
+
 def check_attack_inputs(
     model: nn.Module, x: Tensor, y: Optional[Tensor], eps: float | Tensor = 0.0
 ) -> None:
     """What an attack or CAM is given from the API: images in [0, 1] on the model's device,
     labels beside them, a budget tensor that fits the images."""
     check_unit_images(x)
+    check_channels(model, x)
     device = model_device(model)
     if device is not None and device != x.device:
         raise ValueError(
@@ -2247,7 +2264,7 @@ def pgd(
     here (each check a device sync); the training and evaluation loops call _pgd."""
     check_attack_arguments(eps, step, steps)
     check_attack_inputs(model, x, y, eps)
-    return _pgd(model, x, y, eps, step, steps, loss, random_start, stepper)
+    return _pgd(model, in_model_dtype(model, x), y, eps, step, steps, loss, random_start, stepper)
 
 
 def _pgd(
@@ -2297,7 +2314,7 @@ def mma(
     The API's entry: its input is checked here; the loops call _mma."""
     check_attack_arguments(eps, step, steps)
     check_attack_inputs(model, x, y, eps)
-    return _mma(model, x, y, eps, step, steps, k, random_start, stepper)
+    return _mma(model, in_model_dtype(model, x), y, eps, step, steps, k, random_start, stepper)
 
 
 def _mma(
@@ -2588,11 +2605,12 @@ def on_model_device(model: nn.Module, data: Split | tuple) -> Split:
     """Evaluation data (a Split or an (images, labels) pair) on the model's device, its
     labels checked against the model's outputs."""
     data = as_split(data)
+    check_channels(model, data.x)
     device = model_device(model)
     data = data if device is None or data.y.device == device else data.to(device)
     if len(data.y):
         with torch.no_grad(), eval_mode(model), full_fp32():
-            outputs = model(to_float(data.x[:1])).shape[-1]
+            outputs = model(in_model_dtype(model, to_float(data.x[:1]))).shape[-1]
         if int(data.y.max()) >= outputs:
             raise ValueError(
                 f"labels go up to {int(data.y.max())}, but the model has {outputs} outputs (another data set?)"
@@ -3477,6 +3495,7 @@ def load_checkpoint(
     """Our .safetensors checkpoints (architecture and classes from the metadata), or a
     foreign state dict (.safetensors, or .pt/.pth opened with weights_only=True) with `arch`.
     Returns (model in eval mode, metadata)."""
+    device = pick_device(device) if isinstance(device, str) else device
     return _load_checkpoint(Path(path), arch, device, cam_layer)[:2]
 
 
@@ -4978,7 +4997,7 @@ def evaluate_suite(
     if progress is not None:  # the caller's hooks stay as they were
         hooks = dataclasses.replace(hooks, progress=progress)
     state, adv = hooks.state, hooks.adv
-    device, x_all = data.y.device, to_float(data.x)
+    device, x_all = data.y.device, in_model_dtype(model, to_float(data.x))
     with eval_mode(model), full_fp32():
         clean = predict(model, x_all, setup.batch_size) == data.y
         correct, seconds = {"natural": clean}, {"natural": 0.0}

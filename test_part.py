@@ -3991,3 +3991,41 @@ def test_init_weights_that_are_not_finite_or_not_floating_point_are_refused_at_l
         assert "learning rate" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
         r = invoke("attack", bad, "--attacks", "natural", "--n", 8)
         assert r.exit_code == 1 and message in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- the notebook gets the command line's care
+
+
+def test_float64_images_from_numpy_work_like_float32_everywhere_in_the_api():
+    torch.manual_seed(0)
+    model = part.build_model("cnn").eval()
+    test = part.load_split("synthetic", "test", "unused").first(16)
+    x, y = part.to_float(test.x), test.y
+    setup = part.AttackSetup(8 / 255, 2 / 255, seed=1)
+    as_float32 = part.evaluate_suite(model, (x, y), "natural,pgd3", setup)["accuracy"]
+    as_numpy = part.evaluate_suite(model, (x.double().numpy(), y.numpy()), "natural,pgd3", setup)
+    assert as_numpy["accuracy"] == as_float32
+    assert torch.equal(part.grad_cam(model, x.double()), part.grad_cam(model, x))
+    torch.manual_seed(3)
+    a = part.pgd(model, x.double(), y, 8 / 255, 2 / 255, 3)
+    torch.manual_seed(3)
+    b = part.pgd(model, x, y, 8 / 255, 2 / 255, 3)
+    assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_images_the_model_cannot_take_and_a_missing_device_are_said_in_one_line(fake_ckpt):
+    model = part.build_model("cnn").eval()
+    x = part.to_float(part.load_split("synthetic", "test", "unused").first(4).x)
+    y = torch.zeros(4, dtype=torch.long)
+    for bad in (x[:, :1], torch.cat([x, x[:, :1]], 1)):
+        channels = bad.shape[1]
+        for call, args in (
+            (part.evaluate_suite, (model, (bad, y), "natural")),
+            (part.pgd, (model, bad, y, 8 / 255, 2 / 255, 2)),
+            (part.grad_cam, (model, bad)),
+        ):
+            with pytest.raises(ValueError, match=f"{channels} channels; the model takes 3"):
+                call(*args)
+    if not torch.cuda.is_available():
+        with pytest.raises(part.CliError, match="no CUDA device"):
+            part.load_checkpoint(fake_ckpt, device="cuda")
