@@ -749,6 +749,30 @@ def check_labels(y: Any, n: int, device: torch.device, what: str = "labels") -> 
         )
 
 
+def in_model_dtype(model: nn.Module, x: Tensor) -> Tensor:
+    """Images in the dtype of the model's weights: numpy's float64 for a float32 model."""
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return x if weight is None or x.dtype == weight.dtype else x.to(weight.dtype)
+
+
+def check_model_takes(model: nn.Module, x: Tensor) -> int:
+    """Images the model can take: the channels its first convolution takes (when it has
+    one), and a size it computes on (one image through it). Returns its number of outputs."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and x.shape[1] != first.in_channels:
+        raise ValueError(
+            f"images of {x.shape[1]} channels; the model takes {first.in_channels} "
+            f"(its first convolution), images of shape {tuple(x.shape)}"
+        )
+    try:
+        with torch.no_grad(), eval_mode(model), full_fp32():
+            return model(in_model_dtype(model, to_float(x[:1]))).shape[-1]
+    except RuntimeError as e:
+        raise ValueError(
+            f"the model cannot take images of shape {tuple(x.shape[1:])} ({first_line(e)})"
+        ) from None
+
+
 @dataclasses.dataclass
 class Split:
     """One split: images [N, C, H, W] as uint8 (0..255, as decoded and cached) or floating
@@ -2113,34 +2137,19 @@ def check_attack_arguments(eps: float | Tensor, step: float, steps: int) -> None
         raise ValueError(f"eps must be a finite budget in [0, 1] ({UNITS_HINT}), got {eps!r}")
 
 
-def in_model_dtype(model: nn.Module, x: Tensor) -> Tensor:
-    """Images in the dtype of the model's weights: numpy's float64 for a float32 model."""
-    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
-    return x if weight is None or x.dtype == weight.dtype else x.to(weight.dtype)
-
-
-def check_channels(model: nn.Module, x: Tensor) -> None:
-    """Images with the channels the model's first convolution takes (when it has one)."""
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first is not None and x.shape[1] != first.in_channels:
-        raise ValueError(
-            f"images of {x.shape[1]} channels; the model takes {first.in_channels} "
-            f"(its first convolution), images of shape {tuple(x.shape)}"
-        )
-
-
 def check_attack_inputs(
     model: nn.Module, x: Tensor, y: Optional[Tensor], eps: float | Tensor = 0.0
 ) -> None:
     """What an attack or CAM is given from the API: images in [0, 1] on the model's device,
     labels beside them, a budget tensor that fits the images."""
     check_unit_images(x)
-    check_channels(model, x)
     device = model_device(model)
     if device is not None and device != x.device:
         raise ValueError(
             f"the model is on {device}, the images on {x.device}: move one of them (x.to(...) or model.to(...))"
         )
+    if len(x):
+        check_model_takes(model, x)
     if y is not None:
         check_labels(y, len(x), x.device)
     if torch.is_tensor(eps) and eps.dim():
@@ -2605,12 +2614,10 @@ def on_model_device(model: nn.Module, data: Split | tuple) -> Split:
     """Evaluation data (a Split or an (images, labels) pair) on the model's device, its
     labels checked against the model's outputs."""
     data = as_split(data)
-    check_channels(model, data.x)
     device = model_device(model)
     data = data if device is None or data.y.device == device else data.to(device)
     if len(data.y):
-        with torch.no_grad(), eval_mode(model), full_fp32():
-            outputs = model(in_model_dtype(model, to_float(data.x[:1]))).shape[-1]
+        outputs = check_model_takes(model, data.x)
         if int(data.y.max()) >= outputs:
             raise ValueError(
                 f"labels go up to {int(data.y.max())}, but the model has {outputs} outputs (another data set?)"

@@ -4026,6 +4026,14 @@ def test_images_the_model_cannot_take_and_a_missing_device_are_said_in_one_line(
         ):
             with pytest.raises(ValueError, match=f"{channels} channels; the model takes 3"):
                 call(*args)
+    fixed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 10)).eval()
+    small = torch.rand(4, 3, 16, 16)
+    for call, args in (
+        (part.pgd, (fixed, small, y, 8 / 255, 2 / 255, 2)),
+        (part.grad_cam, (fixed, small)),
+    ):
+        with pytest.raises(ValueError, match=re.escape("cannot take images of shape (3, 16, 16)")):
+            call(*args)
     if not torch.cuda.is_available():
         with pytest.raises(part.CliError, match="no CUDA device"):
             part.load_checkpoint(fake_ckpt, device="cuda")
