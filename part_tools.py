@@ -423,21 +423,27 @@ def export_hf(
         "",
     ]
     if results:
-        ran = robustness["evaluation"]
-        kind = "the standard" if ran["standard"] else "not the standard"
-        lines += [
-            f"Evaluated by `part attack`: {', '.join(ran['attacks'])} on the first {n} {dataset} "
-            f"test images at eps {eps:g}/255; {kind} evaluation (AutoAttack on 10,000 test "
-            "images at 8/255).",
-            "",
-        ]
-        lines += [f"| accuracy (%), eps {eps:g}/255, first {n} test images | |", "|---|---|"]
-        lines += [f"| {labels[a]} | {100 * v:.2f} |" for a, v in robustness["accuracy"].items()]
-        lines.append("")
+        lines += _hf_results(robustness, labels, dataset)
     lines += HF_USE
     path = out / "README.md"
     write_text(path, f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     return path
+
+
+def _hf_results(robustness: dict, labels: dict[str, str], dataset: str) -> list[str]:
+    """The card's lines on what `attack` ran and found (the report's own evaluation record)."""
+    ran, n, eps = robustness["evaluation"], robustness["n_examples"], robustness["eps_levels"]
+    kind = "the standard" if ran["standard"] else "not the standard"
+    lines = [
+        f"Evaluated by `part attack`: {', '.join(ran['attacks'])} on the first {n} {dataset} "
+        f"test images at eps {eps:g}/255; {kind} evaluation (AutoAttack on 10,000 test "
+        "images at 8/255).",
+        "",
+        f"| accuracy (%), eps {eps:g}/255, first {n} test images | |",
+        "|---|---|",
+    ]
+    lines += [f"| {labels[a]} | {100 * v:.2f} |" for a, v in robustness["accuracy"].items()]
+    return [*lines, ""]
 
 
 def _hf_config(meta: CheckpointMeta, card: dict) -> dict:
