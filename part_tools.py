@@ -20,6 +20,7 @@ tools (sweeps, saved and replayed examples, the resumable evaluation state), lea
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -29,6 +30,7 @@ import math
 import os
 import sys
 import time
+import typing
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, Optional
@@ -148,6 +150,15 @@ TOOLS_PANEL = "With part_tools"
 SWEEP_STEPS, SWEEP_RESTARTS = "10,20,50,100,200", "1,2,4"
 
 
+def _in_tools_panel(annotation: Any) -> Any:
+    """An Annotated option shown in the help's panel of this module's options."""
+    base, *infos = typing.get_args(annotation)
+    infos = [copy.copy(info) for info in infos]  # the same option type may serve elsewhere
+    for info in infos:
+        info.rich_help_panel = TOOLS_PANEL
+    return Annotated[(base, *infos)]
+
+
 def extend_command(name: str, options: Callable, run: Callable, doc: str = "") -> None:
     """The card's command `name` with the parameters of `options` added after its own (typer
     reads a command's options from its signature); `run(the card's options, these)` carries
@@ -161,7 +172,7 @@ def extend_command(name: str, options: Callable, run: Callable, doc: str = "") -
 
     kw = inspect.Parameter.KEYWORD_ONLY
     params = [*inspect.signature(card, eval_str=True).parameters.values()]
-    params += [p.replace(kind=kw) for p in extra.values()]
+    params += [p.replace(kind=kw, annotation=_in_tools_panel(p.annotation)) for p in extra.values()]
     command.__doc__ = card.__doc__ + doc
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
@@ -318,26 +329,10 @@ part.NAMED_CHECKPOINTS[ROBUSTBENCH] = robustbench_source
 
 def _export_tool_options(
     dataset: Annotated[
-        Optional[str],
-        _opt(
-            "Data set of a robustbench:NAME model (cifar10 or cifar100).",
-            rich_help_panel=TOOLS_PANEL,
-        ),
+        Optional[str], _opt("Data set of a robustbench:NAME model (cifar10 or cifar100).")
     ] = None,
-    threat: Annotated[
-        str,
-        _opt(
-            "Threat model of a robustbench:NAME model: linf, l2 or corruptions.",
-            rich_help_panel=TOOLS_PANEL,
-        ),
-    ] = "linf",
-    model_dir: Annotated[
-        str,
-        _opt(
-            "RobustBench's model folder (its layout: DIR/<dataset>/<Threat>/<NAME>.pt).",
-            rich_help_panel=TOOLS_PANEL,
-        ),
-    ] = "models",
+    threat: Threat = "linf",
+    model_dir: ModelDir = "models",
 ):
     """The options this module adds to `export` (typer reads them from this signature)."""
 
@@ -1232,73 +1227,44 @@ class AttackTools(part.AttackExtras):
 
 
 def _attack_tool_options(
-    threat: Annotated[
-        str,
-        _opt(
-            "Threat model of a robustbench:NAME model: linf, l2 or corruptions.",
-            rich_help_panel=TOOLS_PANEL,
-        ),
-    ] = "linf",
-    model_dir: Annotated[
-        str,
-        _opt(
-            "RobustBench's model folder (its layout: DIR/<dataset>/<Threat>/<NAME>.pt).",
-            rich_help_panel=TOOLS_PANEL,
-        ),
-    ] = "models",
+    threat: Threat = "linf",
+    model_dir: ModelDir = "models",
     state: Annotated[
         Optional[Path],
         _opt(
             "Keep per-point results here as batches finish; the same command resumes "
-            "(default: beside --json/--csv/--markdown).",
-            rich_help_panel=TOOLS_PANEL,
+            "(default: beside --json/--csv/--markdown)."
         ),
     ] = None,
     save_adv: Annotated[
         Optional[Path],
-        _opt(
-            "Save the adversarial examples (float32 safetensors) in this folder.",
-            rich_help_panel=TOOLS_PANEL,
-        ),
+        _opt("Save the adversarial examples (float32 safetensors) in this folder."),
     ] = None,
     adv_from: Annotated[
         Optional[Path],
         _opt(
-            "Evaluate on saved adversarial examples (a --save-adv folder or file) instead of attacking.",
-            rich_help_panel=TOOLS_PANEL,
+            "Evaluate on saved adversarial examples (a --save-adv folder or file) instead of attacking."
         ),
     ] = None,
     sweep: Annotated[
         bool,
-        _opt(
-            "Accuracy against attack steps and restarts, with a plot and convergence warnings.",
-            rich_help_panel=TOOLS_PANEL,
-        ),
+        _opt("Accuracy against attack steps and restarts, with a plot and convergence warnings."),
     ] = False,
     sweep_steps: Annotated[
         Optional[str],
-        _opt(f"Steps of the sweep. [default: {SWEEP_STEPS}]", rich_help_panel=TOOLS_PANEL),
+        _opt(f"Steps of the sweep. [default: {SWEEP_STEPS}]"),
     ] = None,
     sweep_restarts: Annotated[
         Optional[str],
-        _opt(
-            f"Restarts of the sweep (at its largest step count). [default: {SWEEP_RESTARTS}]",
-            rich_help_panel=TOOLS_PANEL,
-        ),
+        _opt(f"Restarts of the sweep (at its largest step count). [default: {SWEEP_RESTARTS}]"),
     ] = None,
     sweep_plot: Annotated[
         Optional[Path],
-        _opt(
-            "PNG of the sweep (default: beside the first report; without one, no plot).",
-            rich_help_panel=TOOLS_PANEL,
-        ),
+        _opt("PNG of the sweep (default: beside the first report; without one, no plot)."),
     ] = None,
     wandb: Annotated[
         Optional[str],
-        _opt(
-            "Also log the results to this Weights & Biases project (needs the wandb package).",
-            rich_help_panel=TOOLS_PANEL,
-        ),
+        _opt("Also log the results to this Weights & Biases project (needs the wandb package)."),
     ] = None,
 ):
     """The options this module adds to `attack` (typer reads them from this signature)."""

@@ -3219,24 +3219,15 @@ def test_the_robust_architectures_of_our_registry_load_robustbench_state_dicts_a
         assert theirs.keys() == ours.keys()
 
 
+REFERENCE_ATTACK = "--attacks pgd20,cw20 --n-examples 64 --batch-size 16 --seed 4".split()
+
+
 @pytest.fixture(scope="module")
 def attack_reference(smoke_run, tmp_path_factory):
+    """The report of an uninterrupted evaluation of the smoke run's two checkpoints."""
     out = tmp_path_factory.mktemp("attack") / "ref.json"
-    r = cli(
-        "attack",
-        smoke_run / "best.safetensors",
-        smoke_run / "last.safetensors",
-        "--attacks",
-        "pgd20,cw20",
-        "--n-examples",
-        64,
-        "--batch-size",
-        16,
-        "--seed",
-        4,
-        "--json",
-        out,
-    )
+    checkpoints = [smoke_run / "best.safetensors", smoke_run / "last.safetensors"]
+    r = cli("attack", *checkpoints, *REFERENCE_ATTACK, "--json", out)
     assert r.returncode == 0, r.stderr
     return out
 

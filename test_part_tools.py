@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 import part
 import part_tools  # it adds report, cam and bench to part.app
 from test_part import (
+    REFERENCE_ATTACK,
     attack_reference,  # noqa: F401  (a fixture)
     ROOT,
     _write_folder,
@@ -793,23 +794,9 @@ def test_a_sweep_whose_accuracy_still_falls_has_not_converged():
 def test_a_killed_attack_continues_to_the_uninterrupted_report(
     smoke_run, attack_reference, tmp_path, at
 ):
-    args = [
-        "attack",
-        smoke_run / "best.safetensors",
-        smoke_run / "last.safetensors",
-        "--attacks",
-        "pgd20,cw20",
-        "--n-examples",
-        64,
-        "--batch-size",
-        16,
-        "--seed",
-        4,
-        "--save-adv",
-        tmp_path / "adv",
-        "--json",
-        tmp_path / "r.json",
-    ]
+    checkpoints = [smoke_run / "best.safetensors", smoke_run / "last.safetensors"]
+    args = ["attack", *checkpoints, *REFERENCE_ATTACK, "--save-adv", tmp_path / "adv"]
+    args += ["--json", tmp_path / "r.json"]  # args[:-4]: the attack without these two
     killed = subprocess.run(
         [sys.executable, "-c", ATTACKER, *map(str, args)],
         capture_output=True,
@@ -1030,14 +1017,7 @@ def test_a_robustbench_zoo_entry_in_its_own_layout_is_attacked_exported_and_fine
         "train",
         "--preset",
         "smoke",
-        "--dataset",
-        "cifar10",
-        "--data-dir",
-        tmp_path / "data",
-        "--cache-dir",
-        tmp_path / "cache",
-        "--model-dir",
-        tmp_path / "models",
+        *where,
         "--init",
         "robustbench:Wong2020Fast",
         "--val-size",
