@@ -6243,7 +6243,9 @@ def export_checkpoint(
             raise CliError(f"{fmt} export failed: {first_line(e)}") from None
         files[fmt] = path
         console.print(f"{fmt}: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-    card["files"] = {fmt: p.name for fmt, p in files.items()}
+    # the same model's files of other formats stay, and stay listed
+    kept = {f: n for f, n in before.get("files", {}).items() if (out / str(n)).is_file()}
+    card["files"] = kept | {fmt: p.name for fmt, p in files.items()}
     write_json(out / f"{name}.json", card)
     console.print(f"model card: {out / f'{name}.json'}")
     runtimes = {fmt: p for fmt, p in files.items() if fmt not in FOLDER_EXPORTS}

@@ -3915,10 +3915,11 @@ def test_an_export_never_replaces_another_models_and_keeps_its_own_results(fake_
     assert r.exit_code == 1 and "holds the export of another model" in r.stderr
     assert "--replace" in r.stderr and len(r.stderr.splitlines()) == 1
     assert (tmp_path / "e" / "best.json").read_text() == card
-    # the same model again keeps its results; --replace makes way for another
-    assert invoke("export", ckpt, *out).exit_code == 0
+    # the same model again keeps its results and its other files; --replace makes way for another
+    assert invoke("export", ckpt, *out[2:], "--format", "torchscript").exit_code == 0
     kept = json.loads((tmp_path / "e" / "best.json").read_text())
     assert kept["robustness"] == json.loads(card)["robustness"] is not None
+    assert kept["files"] == {"onnx": "best.onnx", "torchscript": "best.ts.pt"}
     assert invoke("export", other, *out, "--replace").exit_code == 0
     replaced = json.loads((tmp_path / "e" / "best.json").read_text())
     assert replaced["checkpoint_sha256"] == part.file_hash(other) and replaced["robustness"] is None
