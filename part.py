@@ -4237,9 +4237,8 @@ def open_trackers(cfg: TrainConfig, files: RunFiles, preset: str) -> list:
     """The experiment trackers asked for; a missing one is said once and the run goes on
     (every figure is in metrics.jsonl and summary.csv anyway)."""
     trackers: list = []
-    for name in (
-        n for n in ("wandb", "tensorboard") if getattr(cfg, n)
-    ):  # the one that may fail first
+    # W&B, the one that may fail to start (no login, no network), first
+    for name in (n for n in ("wandb", "tensorboard") if getattr(cfg, n)):
         if name not in TRACKERS:
             note(
                 f"note: --{name} comes with part_tools.py (pip install .); logging to the CSV only"
