@@ -3024,6 +3024,13 @@ def test_an_out_of_memory_batch_is_halved_once_said(fake_model, test_points, mon
     )
 
 
+def _onnx_export(ckpt, out, report=None):
+    """`export CKPT --format onnx --out OUT [--report REPORT]`, as typed."""
+    return invoke(
+        "export", ckpt, "--format", "onnx", "--out", out, *(["--report", report] if report else [])
+    )
+
+
 def test_the_model_card_carries_the_attack_results(fake_run, tmp_path):
     ckpt = fake_run / "best.safetensors"
     assert (
@@ -3032,16 +3039,7 @@ def test_the_model_card_carries_the_attack_results(fake_run, tmp_path):
         ).exit_code
         == 0
     )
-    r = invoke(
-        "export",
-        ckpt,
-        "--format",
-        "onnx",
-        "--out",
-        tmp_path / "exp",
-        "--report",
-        tmp_path / "r.json",
-    )
+    r = _onnx_export(ckpt, tmp_path / "exp", tmp_path / "r.json")
     assert r.exit_code == 0, r.stderr
     card = json.loads((tmp_path / "exp" / "best.json").read_text())
     assert (
@@ -3091,24 +3089,13 @@ def test_a_report_is_checked_before_it_reaches_a_card_and_the_card_says_what_was
         "row": ({"accuracy": "high"}, "not an `attack --json` report"),
     }
     for name, (changes, message) in forgeries.items():
-        r = invoke(
-            "export",
-            ckpt,
-            "--format",
-            "onnx",
-            "--out",
-            tmp_path / name,
-            "--report",
-            forged(name, **changes),
-        )
+        r = _onnx_export(ckpt, tmp_path / name, forged(name, **changes))
         assert r.exit_code == 1 and message in r.stderr and len(r.stderr.splitlines()) == 1, (
             name,
             r.stderr,
         )
         assert not (tmp_path / name).exists()
-    r = invoke(
-        "export", ckpt, "--format", "onnx", "--out", tmp_path / "e", "--report", tmp_path / "r.json"
-    )
+    r = _onnx_export(ckpt, tmp_path / "e", tmp_path / "r.json")
     assert r.exit_code == 0, r.stderr
     said = json.loads((tmp_path / "e" / "best.json").read_text())["robustness"]["evaluation"]
     assert said == {

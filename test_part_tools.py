@@ -1170,26 +1170,20 @@ def test_saved_examples_of_another_evaluation_are_never_mixed_in(fake_ckpt, tmp_
     )  # a killed run of other settings left its parts
     stale.write("pgd3", 0, torch.arange(8), torch.zeros(8, 3, 32, 32))
     signature = {"eps": 8}
-    state = part_tools.EvalState(tmp_path / "s.safetensors", signature)
     info = {"eps": setup.eps, "eps_levels": 8.0, "seed": 0, "checkpoint_sha256": "0" * 64, "n": 24}
-    first = part.evaluate_suite(
-        model,
-        points,
-        ["pgd3"],
-        setup,
-        hooks=part.EvalHooks(state=state, adv=part_tools.AdvWriter(folder, info, signature)),
-    )
+
+    def evaluate():  # with the state on disk and the examples saved, as `attack` runs it
+        state = part_tools.EvalState(tmp_path / "s.safetensors", signature)
+        adv = part_tools.AdvWriter(folder, info, signature)
+        return part.evaluate_suite(
+            model, points, ["pgd3"], setup, hooks=part.EvalHooks(state=state, adv=adv)
+        )
+
+    first = evaluate()
     assert not any(p.name.startswith(stale.id) for p in (folder / ".parts").iterdir())
     # the final file and the parts are lost, the state says every batch is done: the batches are attacked again
     (folder / "pgd3.safetensors").unlink()
-    state = part_tools.EvalState(tmp_path / "s.safetensors", signature)
-    again = part.evaluate_suite(
-        model,
-        points,
-        ["pgd3"],
-        setup,
-        hooks=part.EvalHooks(state=state, adv=part_tools.AdvWriter(folder, info, signature)),
-    )
+    again = evaluate()
     x_adv = load_file(str(folder / "pgd3.safetensors"))["x_adv"]
     replay = (model(x_adv).argmax(1) == points.y).float().mean().item()
     assert first["accuracy"] == again["accuracy"] and replay == pytest.approx(
