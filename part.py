@@ -278,7 +278,9 @@ def live_progress(enabled: bool = True):
         TextColumn("{task.description:>11}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("elapsed"),
         TimeElapsedColumn(),
+        TextColumn("left"),
         TimeRemainingColumn(),
         TextColumn("{task.fields[extra]}", markup=False),
     )
@@ -313,6 +315,14 @@ def set_threads(threads: int) -> None:
     other jobs one thread is often much faster than one per core."""
     if threads:
         torch.set_num_threads(threads)
+        return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores and console.is_terminal:  # said to a person; logs keep their lines
+        note(
+            f"note: other jobs keep this machine busy (load {load:.1f} on {cores} cores): "
+            f"PyTorch's {threads_text(torch.get_num_threads())} then wait on each other, "
+            "--threads 1 is often several times faster"
+        )
 
 
 def threads_text(n: int) -> str:
@@ -1535,8 +1545,8 @@ TOKEN_FAMILIES = (
 )  # transformers: tokens, not [N, C, H, W] maps
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ARCH_HELP = (
-    f"{'|'.join(ARCHS)}, torchvision:NAME, timm:NAME or robustbench:NAME (e.g. torchvision:resnet50, "
-    "timm:convnext_atto, robustbench:Wang2023Better_WRN-28-10)"
+    f"{', '.join(ARCHS)}, torchvision:NAME, timm:NAME or robustbench:NAME (e.g. "
+    "torchvision:resnet50, timm:convnext_atto, robustbench:Wang2023Better_WRN-28-10)"
 )
 
 
@@ -2564,7 +2574,7 @@ def train_epoch(run: Run, epoch: int) -> dict:
     steady = (
         None  # (time, images) after the first 10 steps: compilation and warm-up are over by then
     )
-    with run.report.epoch(epoch + 1, len(batches)) as show:
+    with run.report.bar(f"epoch {epoch + 1}", len(batches)) as show:
         for i, index in enumerate(batches):
             x = to_float(augment(run.train.x[index], DATASETS[cfg.dataset].flip, aug))
             y = run.train.y[index]
@@ -2630,11 +2640,12 @@ def evaluate(
     data: Split | tuple,
     setup: Optional[AttackSetup] = None,
     dist: Dist = ONE_PROCESS,
+    progress: Callable[[int], None] = lambda done: None,
 ) -> dict[str, float]:
     """Natural and PGD-`setup.steps` accuracy on `data` (a Split or (images, labels); moved
     to the model's device), fp32, eval mode, random start; sharded across processes,
     counts summed. The PGD result is named by its steps (pgd20 for the standard protocol,
-    the default setup)."""
+    the default setup). `progress(points done)` is told after each batch (all processes')."""
     data, setup = on_model_device(model, data), setup or eval_setup(256)
     n = len(data.y)
     shard = torch.arange(dist.rank, n, dist.world, device=data.y.device)
@@ -2648,6 +2659,7 @@ def evaluate(
             with torch.no_grad():
                 counts[1] += (model(x_adv).argmax(1) == y).sum()
             counts[2] += len(y)
+            progress(min(n, int(counts[2]) * dist.world))
     counts = all_sum(counts, dist).tolist()
     return {
         "natural": counts[0] / max(counts[2], 1),
@@ -2830,7 +2842,11 @@ class TrainConfig:
         bounds=(0, 0.999999),
     )
     eval_subset: int = setting(
-        1000, "Evaluate on the first N test images (0: all).", EVALUATION, bounds=(0, 10**8)
+        1000,
+        "With --val-size 0: evaluate each epoch, and pick `best`, on the first N test images "
+        "(0: all).",
+        EVALUATION,
+        bounds=(0, 10**8),
     )
     eval_every: int = setting(
         1,
@@ -3098,6 +3114,7 @@ IDLE_UNLESS = {
     "lr_milestones": ("schedule", "step"),
     "lr_gamma": ("schedule", "step"),
     "momentum": ("optimizer", "sgd"),
+    "eval_subset": ("val_size", 0),
 }
 
 
@@ -3629,6 +3646,16 @@ def test_set_of(meta: CheckpointMeta, dataset: Optional[str]) -> tuple[str, int]
     return name, meta.image_size or DATASETS[name].image_size or 32
 
 
+def trained_data_dir(meta: CheckpointMeta, dataset: str) -> str:
+    """No --data-dir: the folder the model was trained from, when it holds this data set
+    and is here; else `data`."""
+    cfg = meta.config
+    if cfg and cfg.dataset == dataset and cfg.data_dir != "data" and Path(cfg.data_dir).is_dir():
+        note(f"note: test images from {cfg.data_dir}, where the model was trained", once=True)
+        return cfg.data_dir
+    return "data"
+
+
 def check_fits(meta: CheckpointMeta, data: Split, name: str, data_dir: str) -> None:
     if len(data.classes) != meta.num_classes:
         raise CliError(
@@ -3658,17 +3685,18 @@ def load_for_eval(
     arch: Optional[str],
     device: torch.device,
     dataset: Optional[str],
-    data_dir: str,
+    data_dir: Optional[str],
     cache_dir: str,
     cam_layer: Optional[str] = None,
     splits: Optional[dict] = None,
 ) -> EvalTarget:
     """The chain `attack` and `cam` share: load, channels-last, the test split the model
-    belongs to (read once per data set when `splits` is shared), and the checks that the
-    two fit."""
+    belongs to (read once per data set when `splits` is shared; from `data_dir`, else where
+    the model was trained), and the checks that the two fit."""
     model, meta, sha256 = _load_checkpoint(Path(path), arch, device, cam_layer)
     model = channels_last(model)
     key = test_set_of(meta, dataset)
+    data_dir = data_dir or trained_data_dir(meta, key[0])
     splits = {} if splits is None else splits
     if key not in splits:
         splits[key] = load_split(key[0], "test", data_dir, cache_dir, key[1])
@@ -3865,12 +3893,13 @@ class Reporter:
         self.print("  ".join(name.rjust(width) for name, width in self.COLUMNS), style="bold")
 
     @contextlib.contextmanager
-    def epoch(self, epoch: int, total: int):
+    def bar(self, label: str, total: int):
+        """A bar on a terminal (`label`, done of `total`, loss and accuracy so far)."""
         with live_progress(self.enabled) as bars:
             if bars is None:
                 yield lambda done, loss=None, acc=None: None
                 return
-            task = bars.add_task(f"epoch {epoch}", total=total, extra="")
+            task = bars.add_task(label, total=total, extra="")
 
             def update(
                 done: int, loss: Optional[float] = None, acc: Optional[float] = None
@@ -3879,6 +3908,16 @@ class Reporter:
                 bars.update(task, completed=done, **stats)
 
             yield update
+
+    def time_left(self, done: list[dict], left: int) -> None:
+        """After the run's first epoch, and the first of a new phase (PART's CAM costs more
+        than the warm-up's AT): the rest at this epoch's pace."""
+        if left and (len(done) == 1 or done[-1]["phase"] != done[-2]["phase"]):
+            pace, epochs = done[-1]["seconds"], "epoch" if left == 1 else f"{left} epochs"
+            self.print(
+                f"about {fmt_duration(pace * left)} for the {epochs} left "
+                f"({pace:.0f} s each at this {done[-1]['phase']} epoch's pace)"
+            )
 
     def row(self, m: dict) -> None:
         values = (
@@ -4128,6 +4167,13 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
     report.config(cfg, preset, files.folder, device, extra)
     if cfg.amp and device.type != "cuda":
         report.print("note: --amp is CUDA-only; training in fp32")
+    late = [m for m in cfg.lr_milestones if m >= cfg.epochs] if cfg.schedule == "step" else []
+    if late:
+        report.print(
+            f"note: --epochs {cfg.epochs} ends before lr milestone {','.join(map(str, late))}: "
+            f"the learning rate {'never decays' if late == cfg.lr_milestones else 'decays less'} "
+            f"(--lr-milestones moves them, e.g. --lr-milestones {cfg.epochs - 1})"
+        )
     train, evaluation, eval_on, data_hash = load_run_data(cfg)
     where = (
         f"{len(evaluation.y)} validation images held out of the training set"
@@ -4291,6 +4337,8 @@ def write_history(run: Run) -> None:
 
 
 def fmt_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
     if seconds >= 2 * 86400:
         return f"{seconds / 86400:.1f} days"
     if seconds >= 3600:
@@ -4321,7 +4369,9 @@ def finish_epoch(run: Run, metrics: dict) -> dict:
     cfg, epoch = run.cfg, metrics["epoch"]
     t0 = time.perf_counter()
     if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-        result = evaluate(run.scored, run.evaluation, eval_setup(2 * cfg.batch_size), run.dist)
+        with run.report.bar(f"eval {epoch}", len(run.evaluation.y)) as show:
+            setup = eval_setup(2 * cfg.batch_size)
+            result = evaluate(run.scored, run.evaluation, setup, run.dist, show)
         metrics.update(
             natural=result["natural"],
             pgd20=result[f"pgd{EVAL_STEPS}"],
@@ -4372,6 +4422,8 @@ def run_training(
     epoch = 0
     try:  # from the set-up on: once config.json is written, an interrupt says how to go on
         run = prepare_run(cfg, preset, files, resume, dist)
+        if 0 < run.start < cfg.epochs:
+            run.report.print(f"resuming at epoch {run.start + 1} of {cfg.epochs}")
         run.report.header()
         if run.start >= cfg.epochs:
             run.report.print(
@@ -4380,6 +4432,7 @@ def run_training(
         metrics = run.history[-1] if run.history else {}
         for epoch in range(run.start, cfg.epochs):
             metrics = finish_epoch(run, train_epoch(run, epoch))
+            run.report.time_left(run.history[run.start :], cfg.epochs - epoch - 1)
     except KeyboardInterrupt:
         if run is None:
             if not files.config.is_file():
@@ -4629,11 +4682,16 @@ def autoattack(
     eps: float,
     seed: int,
     components: tuple[str, ...] = AA_STANDARD,
+    known: Optional[dict[str, Tensor]] = None,
+    tell: Optional[Callable[[str, Tensor], None]] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The reference AutoAttack, standard version, from pyautoattack: its components run one
     after the other on the points still robust, each seeded as in run_standard_evaluation,
     so the result is what that gives (a test checks). Returns the AEs and, per component,
-    which points were still robust after it. The global RNG is left as it was."""
+    which points were still robust after it. The global RNG is left as it was. `known`:
+    the flags of the first components from an interrupted run (each component seeds
+    itself, so the rest is as if they had run; their AEs are not kept); `tell(component,
+    flags)` hears each component's flags as it finishes."""
     try:
         from pyautoattack import AutoAttack
     except ImportError:
@@ -4652,21 +4710,26 @@ def autoattack(
         x_adv, robust, after = x.clone(), model(x).argmax(1) == y, {}
         for name in components:
             idx = robust.nonzero().squeeze(1)
-            if len(idx):
+            if name in (known or {}):
+                robust &= known[name].to(robust.device)
+            elif len(idx):
                 adv = _aa_component(adversary, name, x[idx], y[idx], seed)
                 fooled = model(adv).argmax(1) != y[idx]
                 x_adv[idx[fooled]] = adv[fooled].to(x_adv.dtype)
                 robust[idx[fooled]] = False
             after[name] = robust.clone()
+            if tell is not None:
+                tell(name, after[name])
     return x_adv, after
 
 
-def attack_aa(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    """aa: the four components in order, with the robust flags after each (for its log);
-    a component asked for alone (apgd-ce, ..., square): that one, its flags are the attack's."""
+def attack_aa(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int, known=None, tell=None):
+    """aa: the four components in order, with the robust flags after each (for its log and
+    a continued evaluation: `known`, `tell` as in autoattack); a component asked for alone
+    (apgd-ce, ..., square): that one, its flags are the attack's."""
     if spec.family != "aa":
         return autoattack(model, x, y, setup.eps, seed, (spec.family,))[0], {}
-    return autoattack(model, x, y, setup.eps, seed, AA_STANDARD)
+    return autoattack(model, x, y, setup.eps, seed, AA_STANDARD, known, tell)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4930,16 +4993,32 @@ def _run_attack(
     chunker, attack = Chunker(setup.batch_size), ATTACKS[spec.family].run
     t0, before = time.perf_counter(), state.seconds.get(f"{prefix}{spec.key}", 0.0)
 
+    aa: dict[str, Any] = {}  # AutoAttack's batch: the components known, who hears the next
+
     def one(xs: Tensor, ys: Tensor, seed: int) -> tuple[Tensor, dict]:
         torch.manual_seed(seed)
-        return attack(model, xs, ys, setup, spec, seed)
+        whole = len(xs) == len(aa.get("idx", ()))  # not split by the Chunker
+        kw = {"known": aa["known"], "tell": aa["tell"]} if whole else {}
+        return attack(model, xs, ys, setup, spec, seed, **kw)
 
+    def tell(c: str, robust: Tensor) -> None:  # a component finished: kept, and shown
+        idx = aa["idx"]
+        parts[c][idx] = robust.to(torch.int8)
+        state.put(f"{prefix}{spec.key}/{c}", parts[c])
+        done = int((flags[clean] != PENDING).sum()) + len(idx) * (names.index(c) + 1) // len(names)
+        summary = _component_summary(clean, flags, parts)
+        hooks.progress(spec.name, done, int(clean.sum()), summary)
+
+    hooks.progress(spec.name, int((flags[clean] != PENDING).sum()), int(clean.sum()), "")
     for first in range(0, len(batches), dist.world):
         i = first + dist.rank
         # done, but its examples are gone
         redo = adv is not None and i < len(batches) and not adv.has(spec.key, i)
         if i < len(batches) and (redo or bool((flags[batches[i]] == PENDING).any())):
             idx = batches[i]
+            if parts:  # an interrupted batch keeps its finished components (not their AEs)
+                known = _known_components(parts, idx) if adv is None else {}
+                aa.update(idx=idx, known=known, tell=tell)
             with rng_fork(device):
                 x_adv, extras = chunker(
                     one, x_all[idx], y_all[idx], batch_seed(setup.seed, spec.seed_key, i)
@@ -4947,7 +5026,10 @@ def _run_attack(
             check_budget(x_adv, x_all[idx], setup.eps, spec.name)
             if adv is not None:
                 adv.write(spec.key, i, idx, x_adv)
-            flags[idx] = (predict(model, x_adv, setup.batch_size) == y_all[idx]).to(torch.int8)
+            robust = predict(model, x_adv, setup.batch_size) == y_all[idx]
+            if aa.get("known"):
+                robust &= extras[names[-1]]
+            flags[idx] = robust.to(torch.int8)
             for c, robust in extras.items():
                 parts[c][idx] = robust.to(torch.int8)
         _sync_flags([flags, *parts.values()], dist)
@@ -4959,6 +5041,16 @@ def _run_attack(
         done = int((flags[clean] != PENDING).sum())
         hooks.progress(spec.name, done, int(clean.sum()), _component_summary(clean, flags, parts))
     return {spec.key: flags == 1, **{f"{spec.key}/{c}": f == 1 for c, f in parts.items()}}
+
+
+def _known_components(parts: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
+    """The leading AutoAttack components an interrupted run finished on these points."""
+    known = {}
+    for c, f in parts.items():
+        if bool((f[idx] == PENDING).any()):
+            break
+        known[c] = f[idx] == 1
+    return known
 
 
 def _component_summary(clean: Tensor, flags: Tensor, parts: dict[str, Tensor]) -> str:
@@ -5237,6 +5329,8 @@ class OneLineErrors(typer.core.TyperGroup):
     errors: one line on stderr and a non-zero exit, not a usage box."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
+        for each in (self, *self.commands.values()):
+            readable_help(each)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except _click.exceptions.ClickException as e:
@@ -5255,6 +5349,43 @@ class OneLineErrors(typer.core.TyperGroup):
         if standalone_mode:
             sys.exit(code if isinstance(code, int) else 0)
         return code
+
+
+def readable_help(cli_command: Any) -> None:
+    """`--help` that reads at 80 columns: short value names (none for a flag, NAME for a
+    long list of choices, which the text then lists), bounds said by the error, not shown;
+    paragraphs that rich would cut where the docstring's lines end rewrapped to the screen."""
+    paragraphs = inspect.cleandoc(cli_command.help or "").split("\n\n")
+    cli_command.help = "\n\n".join(" ".join(text.split()) for text in paragraphs)
+    if not hasattr(cli_command, "plain_help_option"):  # --help is made per call, as a flag
+        cli_command.plain_help_option = cli_command.get_help_option
+        cli_command.get_help_option = lambda ctx: _flag(
+            cli_command, cli_command.plain_help_option(ctx)
+        )
+    for p in cli_command.params:
+        if p.param_type_name != "option":
+            continue
+        p._get_number_range_help_str = lambda: None
+        kind = p.type_descriptor
+        choices = [str(c) for c in kind.choices or ()] if kind.is_choice else []
+        if p.metavar is None and (p.is_flag or not choices):
+            base = _base_type(kind.annotation)[0]
+            p.metavar = "PATH" if kind.is_path else {int: "N", float: "X"}.get(base, "TEXT")
+            p.metavar = "" if p.is_flag else p.metavar
+        elif p.metavar is None:
+            p.metavar = "|".join(choices) if len("|".join(choices)) <= 16 else "NAME"
+        if p.metavar == "NAME" and not all(c in (p.help or "") for c in choices):
+            p.help = f"{p.help or ''} One of: {', '.join(choices)}.".strip()
+
+
+def _flag(cli_command: Any, option: Any) -> Any:
+    """--help without a value name, in the last panel when every option has one."""
+    if option is not None:
+        option.metavar = ""
+        panels = [p.rich_help_panel for p in cli_command.params if p.param_type_name == "option"]
+        if panels and all(panels):
+            option.rich_help_panel = panels[-1]
+    return option
 
 
 app = typer.Typer(
@@ -5289,8 +5420,8 @@ def cli_errors():
     """Bad input ends in one line on stderr and a non-zero exit, never a traceback."""
     try:
         yield
-    except CliError as e:
-        err_console.print(f"error: {e}")
+    except CliError as e:  # a Ctrl-C (130) was asked for: not an error, but how to go on
+        err_console.print(str(e) if e.code == 130 else f"error: {e}")
         raise typer.Exit(e.code) from None
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -5327,15 +5458,27 @@ def _opt(help: str, *names: str, **kw):
 
 
 # Options shared by several commands, declared once.
-Device = Annotated[str, _opt("auto, cpu, cuda, cuda:N or mps.")]
-DataDir = Annotated[str, _opt("Dataset folder (only the test split is read).")]
-CacheDir = Annotated[str, _opt("Cache of decoded image folders.")]
-DatasetOpt = Annotated[
-    Optional[Literal[tuple(DATASETS)]], _opt("Dataset (default: the checkpoint's, else cifar10).")
+ON_DATA, ATTACKING, REPORTS = "Model and data", "Attacks", "Reports"
+Device = Annotated[str, _opt("auto, cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)]
+DataDir = Annotated[
+    Optional[str],
+    _opt(
+        "Dataset folder, only its test split is read (default: the checkpoint's, else data).",
+        rich_help_panel=ON_DATA,
+    ),
 ]
-Arch = Annotated[Optional[str], _opt(f"Architecture of a foreign state dict: {ARCH_HELP}.")]
+CacheDir = Annotated[str, _opt("Cache of decoded image folders.", rich_help_panel=ON_DATA)]
+DatasetOpt = Annotated[
+    Optional[Literal[tuple(DATASETS)]],
+    _opt("Dataset (default: the checkpoint's, else cifar10).", rich_help_panel=ON_DATA),
+]
+Arch = Annotated[
+    Optional[str],
+    _opt(f"Architecture of a foreign state dict: {ARCH_HELP}.", rich_help_panel=ON_DATA),
+]
 CamLayer = Annotated[
-    Optional[str], _opt("Module whose output the CAM uses (default: the model's).")
+    Optional[str],
+    _opt("Module whose output the CAM uses (default: the model's).", rich_help_panel=ON_DATA),
 ]
 Checkpoint = Annotated[
     Path,
@@ -5348,7 +5491,7 @@ Checkpoint = Annotated[
     ),
 ]
 Levels = Annotated[Optional[str], _opt("1/255 levels, e.g. 8 or 8/255.")]
-Seed = Annotated[int, _opt("Random seed.", min=0, max=MAX_SEED)]
+Seed = Annotated[int, _opt("Random seed.", min=0, max=MAX_SEED, rich_help_panel=RUN)]
 Threads = Annotated[
     int,
     _opt(
@@ -5356,6 +5499,7 @@ Threads = Annotated[
         "shared with other jobs).",
         min=0,
         max=4096,
+        rich_help_panel=RUN,
     ),
 ]
 JsonOut = Annotated[Optional[Path], _opt("Write the figures as JSON here.", "--json")]
@@ -5363,7 +5507,7 @@ NPROC_HELP = (
     "Run as N processes on this machine (one per GPU on CUDA; gloo on a CPU), as torchrun would, with one "
     "line per error and no launcher traceback."
 )
-NProc = Annotated[int, _opt(NPROC_HELP, min=1, max=1024)]
+NProc = Annotated[int, _opt(NPROC_HELP, min=1, max=1024, rich_help_panel=RUN)]
 
 
 class KeepsArgs(typer.core.TyperCommand):
@@ -5459,7 +5603,11 @@ def _launch_failure(failures: dict, nproc: int, logs: Path) -> int:
 NExamples = Annotated[
     Optional[int],
     _opt(
-        "The first N test images in canonical order (default: all).", "--n-examples", "--n", min=1
+        "The first N test images in canonical order (default: all).",
+        "--n-examples",
+        "--n",
+        min=1,
+        rich_help_panel=ATTACKING,
     ),
 ]
 
@@ -5560,9 +5708,10 @@ class TrainCommand(KeepsArgs):
                         f", from {origins[param.name]}" if param.name in origins else ", built in"
                     )
                 if param.name == "out":
-                    text = "runs/<preset>-<method>-<timestamp>"
+                    text = "runs/PRESET-METHOD-TIME"
                 shown = f" [default: {text}]" if text is not None else ""
                 param.help = escape_markup(field.metadata["help"] + shown)
+        readable_help(self)
         return super().parse_args(ctx, args)
 
 
@@ -5607,6 +5756,7 @@ ResumeOpt = Annotated[
         "command line for a job that is stopped and run again. A continued run keeps its settings: "
         "options, --config and --preset that repeat them are accepted, a different value is refused "
         "(where/how fast, --epochs and --threads may change).",
+        "--resume",
         rich_help_panel="Presets",
     ),
 ]
@@ -5670,11 +5820,7 @@ def attack_progress(enabled: bool):
         return
     with live_progress() as bars:
         if bars is None:
-            yield (
-                lambda name, done, total, extra: (
-                    console.print(f"{name}: {done}/{total} points | {extra}") if extra else None
-                )
-            )
+            yield _progress_lines()
             return
         tasks: dict[str, Any] = {}
 
@@ -5684,6 +5830,24 @@ def attack_progress(enabled: bool):
             bars.update(tasks[name], completed=done, extra=extra)
 
         yield show
+
+
+def _progress_lines() -> ProgressFn:
+    """Progress in a log: each attack's time left once its first batch is done (a bar's
+    `left` on a terminal), and AutoAttack's figures after each component."""
+    started: dict[str, tuple[float, int]] = {}
+
+    def line(name: str, done: int, total: int, extra: str) -> None:
+        now = time.perf_counter()
+        t0, first = started.setdefault(name, (now, done))
+        if first is not None and first < done < total:
+            left = (now - t0) / (done - first) * (total - done)
+            console.print(f"{name}: {done}/{total} points, about {fmt_duration(left)} left")
+            started[name] = (t0, None)
+        if extra:
+            console.print(f"{name}: {done}/{total} points | {extra}")
+
+    return line
 
 
 def _attack_row(
@@ -5927,6 +6091,10 @@ class AttackExtras:
     def finish(self, rows: list[dict], names: list[str], specs: list[AttackSpec]) -> None:
         pass
 
+    def interrupted(self) -> str:
+        """How an interrupted evaluation goes on."""
+        return "nothing was kept (part_tools.py adds --state, which keeps finished batches)"
+
 
 def attack_with(options: dict[str, Any], extras: AttackExtras) -> None:
     """The `attack` command with what `extras` adds; `options` as typed."""
@@ -5943,12 +6111,15 @@ def attack_with(options: dict[str, Any], extras: AttackExtras) -> None:
             sources = extras.sources(_model_paths(options["checkpoints"]), request)
             targets, n = load_targets(sources, request, dev)
             rows = extras.replaces(targets, n, request, dev)
-            if rows is None:
-                with extras.evaluation(targets, n, specs, request, dist) as hooks_for:
-                    rows = [
-                        evaluate_target(t, n, specs, request, (dev, dist), hooks_for, extras)
-                        for t in targets
-                    ]
+            try:
+                if rows is None:
+                    with extras.evaluation(targets, n, specs, request, dist) as hooks_for:
+                        rows = [
+                            evaluate_target(t, n, specs, request, (dev, dist), hooks_for, extras)
+                            for t in targets
+                        ]
+            except KeyboardInterrupt:
+                raise CliError(f"interrupted: {extras.interrupted()}", code=130) from None
         if dist.main:
             names = [k for k in rows[0]["accuracy"] if k != "worst"]
             _print_attack_tables(rows, names, request.eps_levels, request.per_class)
@@ -5970,10 +6141,15 @@ def load_targets(
         for p, arch in sources
     ]
     n = r.n_examples or min(len(t.test.y) for t in targets)
+    if not r.n_examples and dev.type == "cpu" and n > 1000:
+        note(
+            f"note: all {n} test images on a CPU can take hours (each attack says its time left); "
+            "--n-examples 1000 is a first look"
+        )
     for t in targets:
         if n > len(t.test.y):
             raise CliError(
-                f"--n-examples {n} is more than the {len(t.test.y)} test images of {t.dataset} in {r.data_dir}"
+                f"--n-examples {n} is more than the {len(t.test.y)} test images of {t.dataset}"
             )
     return targets, n
 
@@ -6049,22 +6225,31 @@ def attack_command(
         _opt(
             f"Comma-separated: {ATTACK_HELP}. natural always runs. [default: {DEFAULT_ATTACKS}]",
             autocompletion=complete_attacks,
+            rich_help_panel=ATTACKING,
         ),
     ] = None,
     dataset: DatasetOpt = None,
-    data_dir: DataDir = "data",
+    data_dir: DataDir = None,
     cache_dir: CacheDir = DEFAULT_CACHE,
     arch: Arch = None,
     cam_layer: CamLayer = None,
     n_examples: NExamples = None,
     batch_size: Annotated[
-        int, _opt("Batch size (halved automatically on CUDA out-of-memory).", min=1, max=1 << 20)
+        int,
+        _opt(
+            "Batch size (halved automatically on CUDA out-of-memory).",
+            min=1,
+            max=1 << 20,
+            rich_help_panel=ATTACKING,
+        ),
     ] = 256,
     eps: Annotated[
-        Optional[str], _opt("L-inf budget, 1/255 levels (8 or 8/255). [default: 8]")
+        Optional[str],
+        _opt("L-inf budget, 1/255 levels (8 or 8/255). [default: 8]", rich_help_panel=ATTACKING),
     ] = None,
     step: Annotated[
-        Optional[str], _opt("Step of the PGD-type attacks, 1/255 levels. [default: 2]")
+        Optional[str],
+        _opt("Step of the PGD-type attacks, 1/255 levels. [default: 2]", rich_help_panel=ATTACKING),
     ] = None,
     restarts: Annotated[
         Optional[int],
@@ -6073,16 +6258,30 @@ def attack_command(
             "kept). [default: 1]",
             min=1,
             max=MAX_RESTARTS,
+            rich_help_panel=ATTACKING,
         ),
     ] = None,
-    eps_low: Levels = None,
-    per_class: Annotated[bool, _opt("Also report accuracy per class.")] = False,
-    json_out: JsonOut = None,
+    eps_low: Annotated[
+        Optional[str],
+        _opt(
+            "pgdK-part's budget of the unimportant pixels, 1/255 levels (default: the "
+            "checkpoint's training eps-low, else 7).",
+            rich_help_panel=ATTACKING,
+        ),
+    ] = None,
+    per_class: Annotated[
+        bool, _opt("Also report accuracy per class.", "--per-class", rich_help_panel=REPORTS)
+    ] = False,
+    json_out: Annotated[
+        Optional[Path], _opt("Write the figures as JSON here.", "--json", rich_help_panel=REPORTS)
+    ] = None,
     csv_out: Annotated[
-        Optional[Path], _opt("Write a CSV table here (one row per checkpoint).", "--csv")
+        Optional[Path],
+        _opt("Write a CSV table here (one row per checkpoint).", "--csv", rich_help_panel=REPORTS),
     ] = None,
     markdown_out: Annotated[
-        Optional[Path], _opt("Write a markdown table here (for a paper).", "--markdown")
+        Optional[Path],
+        _opt("Write a markdown table here (for a paper).", "--markdown", rich_help_panel=REPORTS),
     ] = None,
     seed: Seed = 0,
     device: Device = "auto",

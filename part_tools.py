@@ -696,11 +696,11 @@ class EvalState(PointFlags):
         self, key: str, flags: Tensor, seconds: Optional[float] = None, force: bool = False
     ) -> None:
         super().put(key, flags, seconds)
-        if (
-            self.path is not None
-            and self.writer
-            and (force or time.monotonic() - self.saved_at >= self.SAVE_EVERY_S)
-        ):
+        if force or time.monotonic() - self.saved_at >= self.SAVE_EVERY_S:
+            self.save()
+
+    def save(self) -> None:
+        if self.path is not None and self.writer:
             meta = {
                 "format": "part/1-eval",
                 "signature": json.dumps(self.signature),
@@ -1197,7 +1197,16 @@ class AttackTools(part.AttackExtras):
                 adv = self._writer(t, setup, request, signature) if self.save_adv else None
                 return EvalHooks(state=state, prefix=f"{t.sha256[:16]}/", dist=dist, adv=adv)
 
-            yield hooks_for
+            try:
+                yield hooks_for
+            except KeyboardInterrupt:
+                state.save()  # what finished since the last save is kept too
+                raise
+
+    def interrupted(self) -> str:
+        if self.state is None:
+            return "nothing was kept; with --state FILE (or a --json report) the same command continues where it stops"
+        return f"the finished work is kept in {self.state}; the same command continues from there"
 
     def _writer(self, t: EvalTarget, setup: AttackSetup, r: AttackRequest, signature: dict):
         info = {
@@ -1248,7 +1257,10 @@ def _attack_tool_options(
     ] = None,
     sweep: Annotated[
         bool,
-        _opt("Accuracy against attack steps and restarts, with a plot and convergence warnings."),
+        _opt(
+            "Accuracy against attack steps and restarts, with a plot and convergence warnings.",
+            "--sweep",
+        ),
     ] = False,
     sweep_steps: Annotated[
         Optional[str],
@@ -1356,7 +1368,7 @@ def leaderboard_command(
     ],
     out: Annotated[Path, _opt("Write RobustBench's model-info entry here.")] = Path("entry.json"),
     partial: Annotated[
-        bool, _opt("Allow a partial evaluation (the entry's footnote says so).")
+        bool, _opt("Allow a partial evaluation (the entry's footnote says so).", "--partial")
     ] = False,
 ):
     """RobustBench's model-info entry (clean and AutoAttack accuracy) from an `attack --json`
@@ -1754,7 +1766,7 @@ def report_command(
     ],
     compare: Annotated[
         Optional[tuple[str, str]],
-        _opt("Two groups, A B (labels or key=value), compared paired by seed."),
+        _opt("Two groups, A B (labels or key=value), compared paired by seed.", metavar="A B"),
     ] = None,
     markdown_out: Annotated[
         Optional[Path], _opt("Write the table (and the comparison) as markdown here.", "--markdown")
@@ -1922,7 +1934,7 @@ def save_grid(
 def cam_command(
     checkpoint: Checkpoint,
     dataset: DatasetOpt = None,
-    data_dir: DataDir = "data",
+    data_dir: DataDir = None,
     cache_dir: CacheDir = DEFAULT_CACHE,
     arch: Arch = None,
     threat: Threat = "linf",
@@ -1938,7 +1950,8 @@ def cam_command(
         Optional[Literal[tuple(MASK_RULES)]], _opt("Mask rule (default: the checkpoint's).")
     ] = None,
     compare_rules: Annotated[
-        bool, _opt("Add a budget-map column per rule (zscore, official, random).")
+        bool,
+        _opt("Add a budget-map column per rule (zscore, official, random).", "--compare-rules"),
     ] = False,
     eps: Annotated[
         Optional[str], _opt("Full budget, 1/255 levels (default: the checkpoint's, else 8).")

@@ -46,7 +46,7 @@ def cli(*args, timeout=600):
     )
 
 
-def in_terminal(*args, cwd=ROOT, timeout=600, command=None):
+def in_terminal(*args, cwd=ROOT, timeout=600, command=None, columns=160):
     """Run the real command line as a person does, in a pseudo-terminal: rich draws its live
     progress bars only there. Returns (exit code, everything the terminal showed)."""
     import fcntl
@@ -56,7 +56,7 @@ def in_terminal(*args, cwd=ROOT, timeout=600, command=None):
     import termios
 
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160 x 40 window
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM", "COLUMNS", "LINES")}
     env["TERM"] = "xterm-256color"
     argv = command or [sys.executable, str(ROOT / "part.py"), *map(str, args)]
@@ -1274,6 +1274,44 @@ def test_autoattack_shows_each_component_and_reports_its_robust_accuracy(suite_w
 
 
 @pytest.mark.slow
+def test_autoattacks_bar_moves_with_each_component_inside_a_batch(suite_with_aa):
+    done = [d for name, d, total, extra in suite_with_aa["shown"] if name == "aa"]
+    assert done[0] == 0 and done == sorted(done)  # shown at once, then only forward
+    assert len(set(done)) == 5, done  # the start and after each of 4 components: one batch
+
+
+@pytest.mark.slow
+def test_an_interrupted_autoattack_batch_keeps_its_finished_components(
+    smoke_model, test_points, suite_with_aa, monkeypatch
+):
+    setup, state = part.AttackSetup(8 / 255, 2 / 255, seed=3, batch_size=64), part.PointFlags()
+    ran, real = [], part._aa_component
+
+    def component(adversary, name, *args):
+        if name == "apgd-t" and "stopped" not in ran:
+            ran.append("stopped")
+            raise KeyboardInterrupt
+        ran.append(name)
+        return real(adversary, name, *args)
+
+    monkeypatch.setattr(part, "_aa_component", component)
+    run = lambda: part.evaluate_suite(  # noqa: E731
+        smoke_model,
+        test_points.first(16),
+        ["natural", "fgsm", "pgd20", "aa"],
+        setup,
+        hooks=part.EvalHooks(state=state),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert ran == ["apgd-ce", "stopped"]
+    result = run()
+    assert ran[2:] == ["apgd-t", "fab-t", "square"][: len(ran) - 2] and "apgd-ce" not in ran[2:]
+    assert result["accuracy"] == suite_with_aa["accuracy"]
+    assert result["components"] == suite_with_aa["components"]
+
+
+@pytest.mark.slow
 def test_the_aa_path_gives_exactly_what_pyautoattack_gives_directly(
     smoke_model, test_points, suite_with_aa
 ):
@@ -1868,7 +1906,7 @@ def test_nproc_interrupted_says_how_to_go_on_and_a_killed_process_is_named(tmp_p
     assert proc.returncode == 130, err
     assert (
         err
-        == f"error: interrupted in epoch 1 (no epoch had finished). Continue with: python part.py train --out {out} --resume --nproc 2\n"
+        == f"interrupted in epoch 1 (no epoch had finished). Continue with: python part.py train --out {out} --resume --nproc 2\n"
     )
     # the way on works, and a process killed from outside is named by the launcher
     proc = subprocess.Popen(
@@ -3360,6 +3398,23 @@ QUICK = "--preset smoke --train-subset 256 --eval-subset 64 --epochs 2 --warmup-
 
 
 @pytest.mark.slow
+def test_every_commands_help_reads_at_80_columns_in_a_terminal():
+    names = ["", *typer.main.get_command(part.app).commands]  # with part_tools' when it is here
+    for name in names:
+        code, screen = in_terminal(*([name] if name else []), "--help", columns=80)
+        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
+        assert code == 0, text
+        assert max(map(len, text.splitlines())) <= 80, text
+        for cut in ("…", "<bool>", "<str", "<int", "<float", "<path>..."):
+            assert cut not in text, (name, cut, text)  # nothing cut short, no type noise
+        if name:  # every option is there, with its description's first word
+            command = typer.main.get_command(part.app).commands[name]
+            for p in command.params:
+                if p.param_type_name == "option":
+                    assert p.opts[0] in text and (p.help or " ").split()[0] in text, (name, p.opts)
+
+
+@pytest.mark.slow
 def test_train_in_a_terminal_draws_its_bars_and_finishes(tmp_path):
     code, screen = in_terminal(
         "train", *QUICK, "--epochs", 1, "--warmup-epochs", 0, "--out", tmp_path / "run"
@@ -3597,7 +3652,7 @@ def test_every_help_text_is_shown_as_written():
         .invoke(part.app, ["train", "--preset", "smoke", "--help"], env={"COLUMNS": "250"})
         .output
     )
-    assert "runs/<preset>-<method>-<timestamp>" in text
+    assert "runs/PRESET-METHOD-TIME" in text
     assert (
         "[default: 0.05, from preset smoke]" in text and "[default: 8, built in]" in text
     )  # lr from the preset; eps built in
@@ -3869,6 +3924,7 @@ def test_odd_inputs_give_one_clear_line(fake_ckpt, tmp_path):
             "--lr-milestones goes with --schedule step",
         ),
         (["--optimizer", "adamw", "--momentum", "0.5"], "--momentum goes with --optimizer sgd"),
+        (["--val-size", "32"], "--eval-subset goes with --val-size 0"),  # MICRO gives 16
     ],
 )
 def test_a_training_option_that_would_do_nothing_is_refused_naming_what_makes_it_count(
