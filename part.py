@@ -3853,6 +3853,7 @@ SUMMARY_COLUMNS = (
     "natural",
     "pgd20",
     "eval_on",
+    "eval_points",
     "seconds",
     "img_per_s",
     "steady_img_per_s",
@@ -4376,6 +4377,7 @@ def finish_epoch(run: Run, metrics: dict) -> dict:
             natural=result["natural"],
             pgd20=result[f"pgd{EVAL_STEPS}"],
             eval_on="val" if cfg.val_size else "test",
+            eval_points=len(run.evaluation.y),
         )
     metrics["seconds"] = metrics["train_seconds"] + time.perf_counter() - t0
     improved = metrics.get("pgd20") is not None and (
@@ -5886,6 +5888,7 @@ def _attack_row(
         "config": dataclasses.asdict(meta.config) if meta.config else None,
         "warnings": warnings_found,
         **result,
+        "interval95": {k: binomial_interval(v, n) for k, v in result["accuracy"].items()},
     }
 
 
@@ -5972,13 +5975,14 @@ def _print_attack_tables(
     console.print(
         text_table(
             f"accuracy (%) at eps {eps_levels:g}/255",
-            ["checkpoint", "arch", "n", *names, "worst"],
+            ["checkpoint", "arch", "n", *names, "worst", "±95%"],
             [
                 [
                     r["path"],
                     r["arch"],
                     r["n_examples"],
                     *[fmt_pct(r["accuracy"].get(a)) for a in [*names, "worst"]],
+                    fmt_pct(max(half_width(v, r["n_examples"]) for v in r["accuracy"].values())),
                 ]
                 for r in rows
             ],
@@ -5999,10 +6003,34 @@ def _print_attack_tables(
         )
 
 
+def binomial_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's 95% interval of an accuracy measured on n points: how far another draw of
+    n test points could move it (+-7 points at 50% on 200 points, +-3 on 1,000)."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))  # p inside: rounding
+
+
+def half_width(p: float, n: int) -> float:
+    low, high = binomial_interval(p, n)
+    return (high - low) / 2
+
+
 def robustness_warnings(specs: list[AttackSpec], result: dict) -> list[str]:
     """Signs that the numbers overstate robustness (gradient masking): a black-box attack
-    (Square) that beats the white-box ones, alone or inside AutoAttack."""
+    (Square) that beats the white-box ones, alone or inside AutoAttack; a single step
+    (FGSM) that beats a multi-step attack."""
     acc, found, alpha = result["accuracy"], [], 0.002
+    steps = [s for s in specs if s.family in ("pgd", "cw") and s.name in acc]
+    weakest = max(steps, key=lambda s: acc[s.name], default=None)
+    if weakest and "fgsm" in acc and acc["fgsm"] < acc[weakest.name] - alpha:
+        found.append(
+            f"the single-step FGSM ({fmt_pct(acc['fgsm'])}%) beats {weakest.name} "
+            f"({fmt_pct(acc[weakest.name])}%): the multi-step attack is not converging (gradient "
+            "masking?); its figure overstates robustness"
+        )
     white = [
         acc[s.name]
         for s in specs

@@ -1493,6 +1493,7 @@ class Observation:
     figures: dict[str, float]  # natural, each attack, worst (fractions)
     source: str
     evaluation: str  # how the figures were measured (they are only compared like with like)
+    points: Optional[int] = None  # how many test points each figure counts (None: unknown)
 
     @property
     def seed(self) -> int:
@@ -1509,7 +1510,7 @@ class Observation:
 
 
 def checked_observation(
-    config: Any, figures: Any, source: str, evaluation: str, where: str = ""
+    config: Any, figures: Any, source: str, evaluation: str, where: str = "", points=None
 ) -> Observation:
     """An observation only with what part writes: a config with an integer seed, and
     accuracies that are fractions in [0, 1] (NaN, 5.0 or a string would be averaged)."""
@@ -1530,12 +1531,14 @@ def checked_observation(
         raise CliError(
             f"{shown}: accuracies must be fractions in [0, 1], found {', '.join(bad[:3])}"
         )
-    return Observation(config, dict(figures), source, evaluation)
+    return Observation(config, dict(figures), source, evaluation, points)
 
 
 def _from_run_folder(folder: Path) -> Optional[Observation]:
     """The training-time figures of a finished run; None (left out) for an unfinished one."""
     files = RunFiles(folder)
+    if not files.metrics.is_file() or not files.metrics.read_text().strip():
+        return None  # stopped before its first epoch ended
     try:
         stored = json.loads(files.config.read_text())
         rows = [json.loads(line) for line in files.metrics.read_text().splitlines() if line.strip()]
@@ -1555,6 +1558,7 @@ def _from_run_folder(folder: Path) -> Optional[Observation]:
         figures,
         str(folder),
         f"training-time PGD-20 on {where} images, epoch {epoch}",
+        points=last.get("eval_points") or stored["config"].get("val_size") or None,
     )
 
 
@@ -1580,6 +1584,7 @@ def _from_attack_report(path: Path) -> list[Observation]:
                     row["path"],
                     evaluation,
                     f"{path} ({row['path']})",
+                    row["n_examples"],
                 )
             )
         return found
@@ -1675,6 +1680,9 @@ def group_observations(observations: list[Observation]) -> list[dict]:
             )
         columns = [k for k in members[0].figures if all(k in o.figures for o in members)]
         stats = {k: mean_std([o.figures[k] for o in members]) for k in columns}
+        points = members[0].points if len({o.points for o in members}) == 1 else None
+        for k in columns if points else []:  # one evaluation's own sampling noise
+            stats[k]["binomial95"] = part.half_width(stats[k]["mean"], points)
         result.append(
             {
                 "label": label,
@@ -1733,14 +1741,29 @@ def paired_difference(a: dict, b: dict) -> dict:
         d = [fa[s][key] - fb[s][key] for s in seeds]
         stats = mean_std(d)
         half = t975(len(d) - 1) * stats["std"] / math.sqrt(len(d)) if len(d) > 1 else math.inf
+        floored = len(d) > 1 and stats["std"] == 0  # seeds that agree exactly: no spread to use
+        half = sampling_floor(a, b, key, len(d)) if floored else half
         low, high = stats["mean"] - half, stats["mean"] + half
         result[key] = {
             **stats,
             "ci95": [low, high],
+            "sampling_floor": floored,
             "differences": d,
             "distinguishable": bool(len(d) > 1 and (low > 0 or high < 0)),
         }
     return {"a": a["label"], "b": b["label"], "seeds": seeds, "columns": result}
+
+
+def sampling_floor(a: dict, b: dict, key: str, pairs: int) -> float:
+    """The interval of a mean difference whose seeds agree exactly (two seeds, the same
+    difference: a t interval of zero width): the binomial noise of the two groups'
+    evaluations (n points each, as if drawn apart: an upper bound) over the pairs; where
+    the points are unknown, nothing can be said."""
+    points = {o.points for o in a["members"] + b["members"]}
+    if len(points) != 1 or None in points:
+        return math.inf
+    (n,), pa, pb = points, a["stats"][key]["mean"], b["stats"][key]["mean"]
+    return 1.96 * math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / n / pairs)
 
 
 def difference_sentence(key: str, d: dict) -> str:
@@ -1750,7 +1773,10 @@ def difference_sentence(key: str, d: dict) -> str:
     verdict = (
         "distinguishable from zero" if d["distinguishable"] else "NOT distinguishable from zero"
     )
-    return f"{key}: {100 * d['mean']:+.2f} points (95% CI {100 * low:+.2f} to {100 * high:+.2f}, n={d['n']} seeds): {verdict}"
+    floor = (
+        "; the seeds agree exactly: the evaluations' binomial noise" if d["sampling_floor"] else ""
+    )
+    return f"{key}: {100 * d['mean']:+.2f} points (95% CI {100 * low:+.2f} to {100 * high:+.2f}, n={d['n']} seeds{floor}): {verdict}"
 
 
 @app.command("report")
@@ -1790,7 +1816,8 @@ def report_command(
         if compare is not None:
             comparison = paired_difference(*(pick_group(groups, c) for c in compare))
             lines = [
-                f"{comparison['a']} minus {comparison['b']}, paired by seed {comparison['seeds']}:"
+                f"{comparison['a']} minus {comparison['b']}, paired by seed {comparison['seeds']} "
+                "(intervals over the seeds, on the same test points):"
             ]
             lines += [difference_sentence(k, d) for k, d in comparison["columns"].items()]
             for line in lines:
@@ -1806,11 +1833,8 @@ def _cell(g: dict, k: str) -> str:
     if k not in g["stats"]:
         return "-"
     st = g["stats"][k]
-    return (
-        f"{100 * st['mean']:.2f} ± {100 * st['std']:.2f}"
-        if st["n"] > 1
-        else f"{100 * st['mean']:.2f}"
-    )
+    shown = f"{100 * st['mean']:.2f}" + (f" ± {100 * st['std']:.2f}" if st["n"] > 1 else "")
+    return shown + (f" (±{100 * st['binomial95']:.1f})" if "binomial95" in st else "")
 
 
 def show_groups(groups: list[dict], columns: list[str]) -> tuple[list[str], list[list[str]], dict]:
@@ -1827,7 +1851,7 @@ def show_groups(groups: list[dict], columns: list[str]) -> tuple[list[str], list
         ]
         for g in groups
     ]
-    title = "accuracy (%), mean ± std over seeds"
+    title = "accuracy (%), mean ± std over seeds (±: one evaluation's 95% binomial interval)"
     console.print(text_table(title, headers, rows, left=("group", "evaluation", "seeds")))
     # AT groups lack PART-only keys
     values = {k: v for g in groups for k, v in g["config"].items() if k not in g["differing"]}

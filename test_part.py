@@ -964,6 +964,57 @@ def test_bad_config_files_are_reported(tmp_path):
     )
 
 
+def test_a_run_says_what_it_will_take_where_it_resumes_and_a_schedule_that_never_decays(
+    tmp_path,
+):
+    run = [*MICRO, "--epochs", 2, "--warmup-epochs", 1, "--out", tmp_path / "run"]
+    r = invoke("train", *run)
+    assert r.exit_code == 0, r.stderr
+    assert "ends before lr milestone 6: the learning rate never decays" in r.stdout  # smoke's [6]
+    assert re.search(r"about \d+ s for the epoch left \(\d+ s each at this warm-up epoch", r.stdout)
+    r = invoke("train", *run, "--epochs", 3, "--resume")  # the last --epochs counts
+    assert r.exit_code == 0, r.stderr
+    assert "resuming at epoch 3 of 3" in r.stdout and "epoch left" not in r.stdout
+
+
+def test_a_busy_machine_is_said_in_a_terminal_with_what_threads_would_do(monkeypatch, capsys):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    part.set_threads(0)
+    assert capsys.readouterr().err == ""  # a log or a pipe keeps its lines
+    monkeypatch.setattr(type(part.console), "is_terminal", property(lambda self: True))
+    part.set_threads(0)
+    said = capsys.readouterr().err
+    assert "load 9.0 on 2 cores" in said and "--threads 1" in said
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    part.set_threads(0)
+    assert capsys.readouterr().err == "" and torch.get_num_threads() == threads
+
+
+def test_attack_reads_the_test_images_where_the_model_was_trained(fake_run, tmp_path, monkeypatch):
+    meta = part.load_checkpoint(fake_run / "last.safetensors")[1]
+    elsewhere = tmp_path / "my-data"
+    elsewhere.mkdir()
+    trained = dataclasses.replace(meta.config, dataset="cifar10", data_dir=str(elsewhere))
+    meta = dataclasses.replace(meta, config=trained)
+    assert part.trained_data_dir(meta, "cifar10") == str(elsewhere)
+    assert part.trained_data_dir(meta, "svhn") == "data"  # another data set: the default
+    monkeypatch.chdir(tmp_path / "my-data")  # the folder is not here (relative to the run)
+    gone = dataclasses.replace(meta, config=dataclasses.replace(trained, data_dir="my-data"))
+    assert part.trained_data_dir(gone, "cifar10") == "data"
+
+
+def test_an_interrupted_attack_says_how_to_go_on(fake_ckpt, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(part, "evaluate_suite", interrupted)
+    r = invoke("attack", fake_ckpt, "--attacks", "natural,fgsm", "--n", 8)
+    assert r.exit_code == 130 and r.stderr.startswith("interrupted: nothing was kept")
+    assert "error" not in r.stderr and len(r.stderr.splitlines()) == 1
+
+
 def test_a_run_is_rerun_exactly_from_its_config_json_and_user_presets_add_to_the_shipped_ones(
     tmp_path,
 ):
@@ -2979,6 +3030,33 @@ def test_attack_strength_is_a_parameter_and_restarts_only_find_more(smoke_model,
         smoke_model, test_points.first(128), ["natural", "pgd3", "pgd3x4"], setup
     )
     assert result["accuracy"]["pgd3x4"] <= result["accuracy"]["pgd3"]
+
+
+def test_a_single_step_beating_a_multi_step_attack_is_a_warning():
+    specs = part.parse_attacks("natural,fgsm,pgd20,cw20")
+    accuracy = {"natural": 0.8, "pgd20": 0.2, "cw20": 0.21, "worst": 0.19}
+    found = part.robustness_warnings(specs, {"accuracy": {**accuracy, "fgsm": 0.195}})
+    assert len(found) == 1 and "FGSM (19.50%) beats cw20 (21.00%)" in found[0]
+    assert part.robustness_warnings(specs, {"accuracy": {**accuracy, "fgsm": 0.3}}) == []
+
+
+@pytest.mark.parametrize("p, n", [(0.5, 200), (0.2, 1000), (0.0, 50), (1.0, 10_000), (0.97, 30)])
+def test_each_accuracy_has_a_binomial_interval_for_its_number_of_points(p, n):
+    low, high = part.binomial_interval(p, n)
+    assert 0 <= low <= p <= high <= 1 and high - low > 0
+    assert part.half_width(p, 4 * n) < part.half_width(p, n)  # more points, narrower
+    if (p, n) == (0.5, 200):
+        assert 0.065 < part.half_width(p, n) < 0.072  # +-1.96 sqrt(p (1 - p) / n)
+
+
+def test_attacks_table_and_json_carry_each_figures_interval(fake_ckpt, tmp_path):
+    out = tmp_path / "r.json"
+    r = invoke("attack", fake_ckpt, "--attacks", "natural,fgsm", "--n", 16, "--json", out)
+    assert r.exit_code == 0, r.stderr
+    row = json.loads(out.read_text())["checkpoints"][0]
+    for name, value in row["accuracy"].items():
+        assert row["interval95"][name] == list(part.binomial_interval(value, 16)), name
+    assert "±95%" in r.stdout
 
 
 def test_a_black_box_attack_beating_the_white_box_ones_is_a_warning():

@@ -566,6 +566,42 @@ def test_report_skips_what_is_not_a_run_or_an_attack_report_with_one_note(tmp_pa
     assert invoke("report", tmp_path / "report.md").exit_code == 1
 
 
+def test_an_interrupted_attack_says_where_its_finished_work_is_kept(
+    fake_ckpt, tmp_path, monkeypatch
+):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(part, "evaluate_suite", interrupted)
+    r = invoke("attack", fake_ckpt, "--attacks", "fgsm", "--n", 8, "--json", tmp_path / "r.json")
+    state = tmp_path / "r.json.state.safetensors"
+    assert r.exit_code == 130 and f"kept in {state}; the same command continues" in r.stderr
+    r = invoke("attack", fake_ckpt, "--attacks", "fgsm", "--n", 8)
+    assert r.exit_code == 130 and "with --state FILE (or a --json report)" in r.stderr
+
+
+def test_seeds_that_agree_exactly_get_an_interval_not_a_zero_width_one(tmp_path):
+    same = {"natural": 0.5, "pgd20": 0.2, "worst": 0.2}
+    rows = [_row(s, same, method="at") for s in (0, 1)]
+    rows += [_row(s, {**same, "natural": 0.52}) for s in (0, 1)]  # +2 points on both seeds
+    r = invoke(
+        "report",
+        _attack_json(tmp_path / "a.json", rows),
+        "--compare",
+        "method=part",
+        "method=at",
+        "--json",
+        tmp_path / "out.json",
+    )
+    assert r.exit_code == 0, r.stderr
+    natural = json.loads((tmp_path / "out.json").read_text())["comparison"]["columns"]["natural"]
+    low, high = natural["ci95"]
+    assert natural["sampling_floor"] and low < 0.02 < high and high - low > 0.1  # 100 points
+    assert "binomial noise" in r.stdout and "+0.00 to +0.00" not in r.stdout
+    shown = f"(±{100 * part.half_width(0.5, 100):.1f})"  # one evaluation of 100 points
+    assert shown == "(±9.6)" and shown in r.stdout
+
+
 def test_report_compares_only_what_is_comparable(tmp_path):
     a = _attack_json(
         tmp_path / "a.json",
@@ -614,6 +650,10 @@ def test_report_compares_only_what_is_comparable(tmp_path):
         )
     r = invoke("report", tmp_path / "run0", tmp_path / "run1")
     assert r.exit_code == 0 and "left out 1 unfinished run" in r.stderr and "run1" in r.stderr
+    (tmp_path / "run2").mkdir()  # stopped in epoch 1: a config, no epoch yet
+    (tmp_path / "run2" / "config.json").write_text((tmp_path / "run1" / "config.json").read_text())
+    r = invoke("report", tmp_path / "run0", tmp_path / "run1", tmp_path / "run2")
+    assert r.exit_code == 0 and "left out 2 unfinished run" in r.stderr and "run2" in r.stderr
 
 
 # ---------------------------------------------------------------- CAM figures (cam)
