@@ -43,103 +43,22 @@ from rich.markup import escape as escape_markup
 from rich.table import Table
 
 import part
-from part import (
-    app,
-    Arch,
-    ARCH_HELP,
-    atomic_write,
-    _attack_row,
-    AttackRequest,
-    AttackSetup,
-    AttackSpec,
-    autocast,
-    budget_for,
-    build_model,
-    CacheDir,
-    CAM_METHODS,
-    CamLayer,
-    channels_last,
-    check_budget,
-    check_output_file,
-    Checkpoint,
-    CheckpointMeta,
-    class_activation,
-    _class_activation,
-    cli_errors,
-    CliError,
-    COMPILE_MODES,
-    CONFIG_FIELDS,
-    console,
-    csv_text,
-    DataDir,
-    DatasetOpt,
-    DEFAULT_CACHE,
-    DEFAULT_STEP_LEVELS,
-    Device,
-    device_name,
-    _eps_map,
-    eps_map,
-    eval_mode,
-    EvalHooks,
-    EvalTarget,
-    first_line,
-    fmt_pct,
-    FORMAT,
-    fraction,
-    from_levels,
-    full_fp32,
-    HF_WEIGHTS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    jet,
-    JsonOut,
-    load_for_eval,
-    machine,
-    markdown_table,
-    MASK_RULES,
-    MAX_IMAGE_SIZE,
-    NOT_THE_EXPERIMENT,
-    note,
-    ONE_PROCESS,
-    _opt,
-    parse_levels,
-    PART_ONLY,
-    PENDING,
-    per_class_accuracy,
-    _pgd,
-    pgd,
-    pick_device,
-    PointFlags,
-    predict,
-    pyplot,
-    require_file,
-    ROBUSTBENCH,
-    RunFiles,
-    safetensors_metadata,
-    save_checkpoint,
-    save_figure_png,
-    save_tensors,
-    Seed,
-    set_threads,
-    Split,
-    Tensor,
-    tensors_of,
-    text_table,
-    Threads,
-    to_float,
-    to_levels,
-    TOKEN_FAMILIES,
-    train_step,
-    TrainConfig,
-    TrainingModules,
-    unknown,
-    upsample,
-    versions,
-    wrap_for_training,
-    write_bytes,
-    write_json,
-    write_text,
-)
+from part import app, Arch, ARCH_HELP, atomic_write, _attack_row, AttackRequest, AttackSetup
+from part import AttackSpec, autocast, budget_for, build_model, CacheDir, CAM_METHODS, CamLayer
+from part import channels_last, check_budget, check_output_file, Checkpoint, CheckpointMeta
+from part import class_activation, _class_activation, cli_errors, CliError, COMPILE_MODES
+from part import CONFIG_FIELDS, console, cpu_bf16, cpu_model, csv_text, DataDir, DatasetOpt
+from part import DEFAULT_CACHE, DEFAULT_STEP_LEVELS, Device, device_name, _eps_map, eps_map
+from part import eval_mode, EvalHooks, EvalTarget, first_line, fmt_pct, FORMAT, fraction
+from part import from_levels, full_fp32, HF_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, jet, JsonOut
+from part import load_for_eval, machine, markdown_table, MASK_RULES, MAX_IMAGE_SIZE
+from part import NOT_THE_EXPERIMENT, note, ONE_PROCESS, _opt, parse_levels, PART_ONLY, PENDING
+from part import per_class_accuracy, _pgd, pgd, pick_device, PointFlags, predict, pyplot
+from part import require_file, ROBUSTBENCH, RunFiles, safetensors_metadata, save_checkpoint
+from part import save_figure_png, save_tensors, Seed, set_threads, Split, Tensor, tensors_of
+from part import text_table, Threads, to_float, to_levels, TOKEN_FAMILIES, train_step, TrainConfig
+from part import TrainingModules, unknown, upsample, versions, wrap_for_training, write_bytes
+from part import write_json, write_text
 
 
 # ============================================================================ the card's commands, extended
@@ -2307,6 +2226,60 @@ GPU_SUITE = (
 )
 
 
+CPU_SUITE = (("fp32", False, False), ("bf16", False, True), ("compiled + bf16", True, True))
+
+
+def bench_cpu_suite(model: str, batch_size: int, image_size: int, steps: int, rounds: int) -> dict:
+    """fp32 against bf16 autocast (eager, and compiled) on this CPU: one PART step of the
+    same model on the same batch, the three taking turns in every round."""
+    pieces = {}
+    for label, use_compile, use_amp in CPU_SUITE:
+        torch.manual_seed(0)  # the same weights and batch for each
+        net = channels_last(build_model(model, 10, image_size=image_size))
+        x, y = (
+            torch.rand(batch_size, 3, image_size, image_size),
+            torch.randint(0, 10, (batch_size,)),
+        )
+        cfg = TrainConfig(model=model, steps=steps, amp=use_amp, compile=use_compile)
+        parts = wrap_for_training(net, cfg, ONE_PROCESS, torch.device("cpu"))
+        pieces[label] = bench_pieces(net, parts, cfg, x, y)["PART step"]
+    first, times, _ = time_pieces(pieces, rounds, torch.device("cpu"))
+    q = {label: quartiles(t) for label, t in times.items()}
+    results = {
+        label: {
+            "ms_median": 1000 * q[label][1],
+            "ms_q1_q3": [1000 * q[label][0], 1000 * q[label][2]],
+            "images_per_s": batch_size / q[label][1],
+            "speedup_over_fp32": q["fp32"][1] / q[label][1],
+            "first_call_ms": 1000 * first[label],
+        }
+        for label in pieces
+    }
+    bf16 = cpu_bf16() or "none"
+    return {
+        **{"suite": "cpu", "model": model, "batch_size": batch_size, "image_size": image_size},
+        **{"steps": steps, "rounds": rounds, "cpu": cpu_model(), "bf16_units": bf16},
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "amp_by_default": bf16 in part.AMP_BY_DEFAULT,
+        **{"threads": torch.get_num_threads(), "versions": versions(), "results": results},
+    }
+
+
+def show_cpu_suite(r: dict) -> None:
+    title = (
+        f"PART step, {r['model']}, batch {r['batch_size']}, {r['image_size']} px, PGD-{r['steps']}: "
+        f"{r['cpu']} ({r['capability']}, bf16 units: {r['bf16_units']}), {r['threads']} threads, "
+        f"{r['rounds']} interleaved rounds; --amp by default: {'on' if r['amp_by_default'] else 'off'}"
+    )
+    headers = ("mode", "ms median", "ms q1-q3", "images/s", "x fp32", "first call ms")
+    rows = [
+        [label, f"{v['ms_median']:.1f}", "{:.1f}-{:.1f}".format(*v["ms_q1_q3"])]
+        + [f"{v['images_per_s']:.0f}", f"{v['speedup_over_fp32']:.2f}", f"{v['first_call_ms']:.0f}"]
+        for label, v in r["results"].items()
+    ]
+    console.print(text_table(title, headers, rows, left=("mode",)))
+
+
 @app.command("bench")
 def bench_command(
     model: Annotated[str, _opt(f"Architecture: {ARCH_HELP}.")] = "resnet18",
@@ -2329,14 +2302,17 @@ def bench_command(
     ] = None,
     compile_mode: Annotated[Literal[COMPILE_MODES], _opt("torch.compile mode.")] = "default",
     amp: Annotated[
-        bool, _opt("bf16 autocast for the attack and update (CUDA only).", "--amp/--no-amp")
+        bool, _opt("bf16 autocast for the attack and update (CUDA or CPU).", "--amp/--no-amp")
     ] = False,
     peak_tflops: Annotated[
         Optional[float], _opt("The device's peak TFLOP/s (default: known for H100/H200/A100).")
     ] = None,
     suite: Annotated[
-        Optional[Literal["gpu"]],
-        _opt("gpu: eager, compiled, compiled + bf16, + CUDA graphs (ignores --compile/--amp)."),
+        Optional[Literal["gpu", "cpu"]],
+        _opt(
+            "gpu: eager, compiled, compiled + bf16, + CUDA graphs; cpu: a PART step in fp32, "
+            "bf16 and compiled bf16 side by side (both ignore --compile/--amp)."
+        ),
     ] = None,
     json_out: JsonOut = None,
     threads: Threads = 0,
@@ -2354,6 +2330,14 @@ def bench_command(
             raise CliError(
                 f"--suite gpu compares compiled, bf16 and CUDA-graph steps: it needs a CUDA device, not {dev.type}"
             )
+        if suite == "cpu":
+            if dev.type != "cpu":
+                raise CliError(f"--suite cpu compares fp32 and bf16 on the CPU, not on {dev.type}")
+            r = bench_cpu_suite(model, batch_size, image_size, steps, rounds)
+            show_cpu_suite(r)
+            if json_out is not None:
+                write_json(json_out, r)
+            return
         configs = (
             GPU_SUITE
             if suite == "gpu"

@@ -885,8 +885,9 @@ def test_smoke_training_writes_a_loadable_checkpoint_and_learns(smoke_run):
             "--ema",
             0.9,
         ],
+        ["--amp"],  # bf16 autocast on the CPU
     ],
-    ids=["paper", "adamw-cosine-ema"],
+    ids=["paper", "adamw-cosine-ema", "bf16"],
 )
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, recipe):
     args = ["train", *SMALL, "--epochs", 3, "--warmup-epochs", 1, *recipe]
@@ -975,6 +976,66 @@ def test_a_run_says_what_it_will_take_where_it_resumes_and_a_schedule_that_never
     r = invoke("train", *run, "--epochs", 3, "--resume")  # the last --epochs counts
     assert r.exit_code == 0, r.stderr
     assert "resuming at epoch 3 of 3" in r.stdout and "epoch left" not in r.stdout
+
+
+@pytest.fixture(autouse=True)
+def _no_bf16_units(monkeypatch):
+    """In-process runs train in fp32 whatever this machine's CPU (the default rule is
+    tested with the detection stubbed)."""
+    monkeypatch.setattr(part, "cpu_bf16", lambda: "")
+
+
+def test_a_bf16_training_step_on_the_cpu_stays_in_budget_and_its_evaluation_in_fp32():
+    torch.manual_seed(0)
+    model = part.build_model("cnn", 10)
+    cfg = part.TrainConfig(model="cnn", amp=True, steps=3, batch_size=16)
+    parts = part.wrap_for_training(model, cfg, part.ONE_PROCESS, torch.device("cpu"))
+    setup = part.AttackSetup.from_config(cfg)
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    budget = part.budget_for(model, x, setup, part_phase=True)
+    with part.autocast(x.device, True):
+        x_adv = part.make_adversarial(model, x, y, budget, setup, "ce", "pgd", parts.stepper)
+    assert x_adv.dtype == torch.float32 and budget.dtype == torch.float32
+    assert bool(((x_adv - x).abs() <= budget).all()) and 0 <= x_adv.min() <= x_adv.max() <= 1
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss, _ = part.train_step(parts, optimizer, x, y, cfg, setup, part_phase=True)
+    assert torch.isfinite(loss)
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as a notebook might call it
+        part.evaluate(model, (x, y), part.eval_setup(16))
+        part.evaluate_suite(model, (x, y), ["natural", "fgsm"])
+    assert seen and set(seen) == {torch.float32}
+
+
+@pytest.mark.parametrize(
+    "device, bf16, on, said",
+    [
+        ("cpu", "amx", True, ""),  # the run's header says so
+        ("cpu", "avx512_bf16", False, "hint: this CPU computes bf16 natively (avx512_bf16)"),
+        ("cpu", "", False, ""),
+        ("cuda", "amx", False, ""),
+    ],
+)
+def test_amp_by_default_follows_the_cpus_bf16_units(device, bf16, on, said):
+    got, text = part.default_amp(torch.device(device), bf16)
+    assert got == on and said in text and bool(text) == bool(said)
+
+
+def test_a_run_on_a_cpu_with_amx_trains_in_bf16_records_it_and_says_how_to_turn_it_off(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(part, "cpu_bf16", lambda: "amx")
+    r = invoke("train", *MICRO, "--epochs", 1, "--warmup-epochs", 0, "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.stderr
+    assert "amp=bf16 (--no-amp: fp32)" in r.stdout.splitlines()[0]
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["config"]["amp"] is True
+    assert part.load_checkpoint(tmp_path / "a" / "last.safetensors")[1].config.amp is True
+    r = invoke(
+        "train", *MICRO, "--epochs", 1, "--warmup-epochs", 0, "--no-amp", "--out", tmp_path / "b"
+    )
+    assert r.exit_code == 0 and "amp=bf16" not in r.stdout
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["config"]["amp"] is False
 
 
 def test_a_busy_machine_is_said_in_a_terminal_with_what_threads_would_do(monkeypatch, capsys):
@@ -2121,7 +2182,7 @@ def test_config_values_are_checked_by_their_real_types():
     )
     for key, bad in (
         ("compile", "yes"),
-        ("amp", None),
+        ("sync_bn", None),  # amp may be None (the machine decides), sync_bn may not
         ("epochs", 2.5),
         ("epochs", True),
         ("lr", "fast"),

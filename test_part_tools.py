@@ -23,6 +23,7 @@ import part
 import part_tools  # it adds report, cam and bench to part.app
 from test_part import (
     REFERENCE_ATTACK,
+    _no_bf16_units,  # noqa: F401  (an autouse fixture: in-process runs in fp32)
     attack_reference,  # noqa: F401  (a fixture)
     ROOT,
     _write_folder,
@@ -777,6 +778,22 @@ def test_bench_interleaves_the_pieces_and_reports_ratio_memory_and_flops(tmp_pat
     assert results["PGD-2 attack"]["gflop_per_image"] == pytest.approx(4 * forward, rel=0.05)
     assert all(v["first_call_ms"] > 0 and v["peak_memory_mb"] >= 0 for v in results.values())
     assert info["versions"]["torch"] == torch.__version__ and info["compile"] is False
+
+
+@pytest.mark.slow
+def test_bench_cpu_suite_times_fp32_and_bf16_side_by_side_and_names_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(part_tools, "cpu_bf16", lambda: "amx")  # the rule, not this machine
+    out = tmp_path / "cpu.json"
+    suite = ["--suite", "cpu", "--model", "cnn", "--batch-size", 4, "--steps", 1, "--rounds", 2]
+    r = invoke("bench", *suite, "--json", out)
+    assert r.exit_code == 0, r.output
+    info = json.loads(out.read_text())
+    assert list(info["results"]) == ["fp32", "bf16", "compiled + bf16"]
+    assert info["results"]["fp32"]["speedup_over_fp32"] == 1.0
+    assert all(v["images_per_s"] > 0 and v["first_call_ms"] > 0 for v in info["results"].values())
+    assert info["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["bf16_units"] == "amx" and info["amp_by_default"] is True
+    assert "bf16 units: amx" in r.stdout and "--amp by default: on" in r.stdout
 
 
 def test_bench_checks_its_options_before_the_work(tmp_path):
