@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import datetime
 import errno
+import functools
 import gc
 import hashlib
 import importlib.util
@@ -1577,7 +1578,7 @@ TOKEN_FAMILIES = (
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ARCH_HELP = (
     f"{', '.join(ARCHS)}, torchvision:NAME, timm:NAME or robustbench:NAME (e.g. "
-    "torchvision:resnet50, timm:convnext_atto, robustbench:Wang2023Better_WRN-28-10)"
+    "torchvision:resnet50, timm:convnext_atto, robustbench:Standard)"
 )
 
 
@@ -2206,6 +2207,26 @@ def check_attack_inputs(
             )
 
 
+def api_attack(attack: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The API's entry to one of the loops' attacks (_pgd, _mma: same arguments, same
+    docs): its input is checked here, once (each check a device sync), and cast to the
+    model's dtype; the loops call the attack itself."""
+    signature = inspect.signature(attack)
+
+    @functools.wraps(attack)
+    def checked(*args: Any, **kwargs: Any) -> Tensor:
+        bound = signature.bind(*args, **kwargs)  # a wrong call: the attack's own TypeError
+        bound.apply_defaults()
+        given = bound.arguments
+        check_attack_arguments(given["eps"], given["step"], given["steps"])
+        check_attack_inputs(given["model"], given["x"], given["y"], given["eps"])
+        given["x"] = in_model_dtype(given["model"], given["x"])
+        return attack(*bound.args, **bound.kwargs)
+
+    checked.__name__ = checked.__qualname__ = attack.__name__.lstrip("_")
+    return checked
+
+
 def ascent_step(
     model: nn.Module,
     x_adv: Tensor,
@@ -2293,7 +2314,7 @@ def start_point(
     return torch.clamp(x0, *box)
 
 
-def pgd(
+def _pgd(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
@@ -2310,24 +2331,8 @@ def pgd(
     TRADES/MART start, e.g. 0.001); False = start at x. loss: ce, cw or kl (TRADES' inner
     KL against the model's clean prediction). `stepper`: compiled_ascent_step() for the
     torch.compile'd step (default: eager). Runs the model in eval mode, restores it; the
-    input is never modified; no per-example Python. The API's entry: its input is checked
-    here (each check a device sync); the training and evaluation loops call _pgd."""
-    check_attack_arguments(eps, step, steps)
-    check_attack_inputs(model, x, y, eps)
-    return _pgd(model, in_model_dtype(model, x), y, eps, step, steps, loss, random_start, stepper)
-
-
-def _pgd(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    eps: float | Tensor,
-    step: float,
-    steps: int,
-    loss: str = "ce",
-    random_start: bool | float = True,
-    stepper: Optional[Stepper] = None,
-) -> Tensor:
+    input is never modified; no per-example Python. As the API's `pgd` its input is checked
+    first (each check a device sync); the training and evaluation loops call _pgd."""
     box = budget_box(x, eps)
     with eval_mode(model):
         ref = None
@@ -2339,6 +2344,9 @@ def _pgd(
         )
 
 
+pgd = api_attack(_pgd)
+
+
 def _tile(eps: float | Tensor, x: Tensor, k: int) -> float | Tensor:
     """A budget for x repeated k times along the batch (a scalar stays a scalar)."""
     if not torch.is_tensor(eps) or eps.dim() == 0:
@@ -2346,7 +2354,7 @@ def _tile(eps: float | Tensor, x: Tensor, k: int) -> float | Tensor:
     return eps.expand_as(x).repeat(k, 1, 1, 1) if eps.dim() == 4 else eps
 
 
-def mma(
+def _mma(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
@@ -2361,23 +2369,7 @@ def mma(
     z_t - z_y (capped at 50) for each of the k highest wrong classes of the clean
     prediction, run as one batch of k*B; per example the candidate with the smallest true
     margin z_y - max_{j != y} z_j is kept (so if any target succeeds, the result fails).
-    The API's entry: its input is checked here; the loops call _mma."""
-    check_attack_arguments(eps, step, steps)
-    check_attack_inputs(model, x, y, eps)
-    return _mma(model, in_model_dtype(model, x), y, eps, step, steps, k, random_start, stepper)
-
-
-def _mma(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    eps: float | Tensor,
-    step: float,
-    steps: int = 20,
-    k: int = 3,
-    random_start: bool = True,
-    stepper: Optional[Stepper] = None,
-) -> Tensor:
+    As the API's `mma` its input is checked first; the loops call _mma."""
     b = x.shape[0]
     with eval_mode(model):
         with torch.no_grad():
@@ -2402,6 +2394,9 @@ def _mma(
             margin = -cw_margin(model(candidates).float(), y_k, kappa=float("inf")).view(k, b)
     best = margin.argmin(0)
     return candidates.view(k, b, *x.shape[1:])[best, torch.arange(b, device=x.device)]
+
+
+mma = api_attack(_mma)
 
 
 # ============================================================================ training step and evaluation

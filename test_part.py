@@ -2330,7 +2330,7 @@ def test_the_validation_split_is_class_balanced_disjoint_and_a_function_of_the_s
 def test_best_is_chosen_on_the_validation_split_when_there_is_one(tmp_path):
     r = cli(
         "train",
-        *SMALL,
+        *SMALL[:-2],  # --eval-subset would do nothing with a validation split: it is refused
         "--epochs",
         1,
         "--warmup-epochs",
@@ -3560,9 +3560,14 @@ def test_train_in_a_terminal_draws_its_bars_and_finishes(tmp_path):
     )
     assert code == 0, screen[-2000:]
     assert drew_a_bar(screen) and "epoch 1" in screen and "done:" in screen
+    assert "eval 1" in screen and "elapsed" in screen and "left" in screen  # labelled columns
     assert (tmp_path / "run" / "last.safetensors").is_file() and (
         tmp_path / "run" / "summary.csv"
     ).is_file()
+    code, screen = in_terminal(
+        "train", *QUICK, "--epochs", 2, "--warmup-epochs", 0, "--out", tmp_path / "run", "--resume"
+    )
+    assert code == 0 and "resuming at epoch 2 of 2" in screen, screen[-2000:]
 
 
 @pytest.mark.slow
