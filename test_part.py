@@ -422,6 +422,7 @@ def test_a_model_whose_cam_is_known_gets_the_full_budget_where_each_rule_says():
     assert full["quadrant-br"][:, :8, :8].all()
 
 
+@pytest.mark.slow  # a real run, processes or a terminal: over 2 s
 def test_the_fig1_presets_run_the_papers_quadrant_experiment_without_a_cam(tmp_path):
     for name in ("cifar10-quadrant", "cifar10-study-quadrant"):
         cfg, _ = part.resolve_config({"out": str(tmp_path / name)}, name, None)
@@ -1970,6 +1971,7 @@ def test_torchrun_with_two_cpu_processes_writes_one_model_and_resumes_bit_exactl
     assert r.returncode == 0 and "the run used 2 processes, this resume 1" in r.stderr, r.stderr
 
 
+@pytest.mark.slow  # a real run, processes or a terminal: over 2 s
 def test_nproc_says_an_error_once_and_no_launcher_traceback(monkeypatch):
     r = cli("attack", "missing.safetensors", "--nproc", 2)  # both processes find the same bad input
     assert r.returncode == 1 and r.stderr == "error: checkpoint missing.safetensors not found\n", (

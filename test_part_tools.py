@@ -70,6 +70,7 @@ def test_timm_models_train_with_part_and_their_batched_cam_equals_a_loop(batch, 
     zoo_model_trains_and_its_cam_equals_a_loop(batch, name)
 
 
+@pytest.mark.slow  # a real run, processes or a terminal: over 2 s
 @needs_timm
 def test_a_plain_timm_state_dict_loads_with_its_own_normalisation_and_the_cam_layer_can_be_chosen(
     batch, tmp_path
@@ -245,6 +246,7 @@ def wandb_key(item) -> str:
 @pytest.mark.skipif(
     importlib.util.find_spec("wandb") is None, reason="wandb not installed (pip install wandb)"
 )
+@pytest.mark.slow  # a real run, processes or a terminal: over 2 s
 def test_wandb_offline_logs_the_config_and_every_epoch_and_a_resume_continues_the_same_run(
     tmp_path, monkeypatch
 ):
@@ -726,6 +728,7 @@ def test_cam_draws_from_a_model_folder_as_from_its_checkpoint(fake_ckpt, tmp_pat
     assert (tmp_path / "cam.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # a real run, processes or a terminal: over 2 s
 def test_report_and_cam_in_a_terminal(fake_ckpt, tmp_path):
     r = invoke(
         "attack",
