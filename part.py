@@ -5048,19 +5048,20 @@ def _run_attack(
         kw = {"known": aa["known"], "tell": aa["tell"]} if whole else {}
         return attack(model, xs, ys, setup, spec, seed, **kw)
 
+    def show(more: int = 0, summary: str = "") -> None:  # the points done, and `more` of a batch
+        done = int((flags[clean] != PENDING).sum()) + more
+        hooks.progress(spec.name, done, int(clean.sum()), summary)
+
     def tell(c: str, robust: Tensor) -> None:  # a component finished: kept, and shown
         idx = aa["idx"]
         parts[c][idx] = robust.to(torch.int8)
         state.put(f"{prefix}{spec.key}/{c}", parts[c])
-        done = int((flags[clean] != PENDING).sum()) + len(idx) * (names.index(c) + 1) // len(names)
-        summary = _component_summary(clean, flags, parts)
-        hooks.progress(spec.name, done, int(clean.sum()), summary)
+        show(len(idx) * (names.index(c) + 1) // len(names), _component_summary(clean, flags, parts))
 
-    hooks.progress(spec.name, int((flags[clean] != PENDING).sum()), int(clean.sum()), "")
+    show()
     for first in range(0, len(batches), dist.world):
         i = first + dist.rank
-        # done, but its examples are gone
-        redo = adv is not None and i < len(batches) and not adv.has(spec.key, i)
+        redo = adv is not None and i < len(batches) and not adv.has(spec.key, i)  # AEs gone
         if i < len(batches) and (redo or bool((flags[batches[i]] == PENDING).any())):
             idx = batches[i]
             if parts:  # an interrupted batch keeps its finished components (not their AEs)
@@ -5085,8 +5086,7 @@ def _run_attack(
         state.put(f"{prefix}{spec.key}", flags, seconds, force=last)
         for c, f in parts.items():
             state.put(f"{prefix}{spec.key}/{c}", f, force=last)
-        done = int((flags[clean] != PENDING).sum())
-        hooks.progress(spec.name, done, int(clean.sum()), _component_summary(clean, flags, parts))
+        show(0, _component_summary(clean, flags, parts))
     return {spec.key: flags == 1, **{f"{spec.key}/{c}": f == 1 for c, f in parts.items()}}
 
 
