@@ -1359,33 +1359,21 @@ class ResNet18(FeaturesHead):
         return self.linear(F.adaptive_avg_pool2d(a, 1).flatten(1))
 
 
-class PreActBlockRB(PreActBlock):
-    """RobustBench's PreActBlock: the shortcut convolution takes the block's input."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        skip = self.shortcut(x) if hasattr(self, "shortcut") else x
-        return self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x)))))) + skip
-
-
 class PreActResNet18(FeaturesHead):
-    """PreAct ResNet-18 (fast_adversarial); CAM layer `layer4`, final bn + ReLU in the head.
-    `preact-resnet18-rb` is RobustBench's (Andriushchenko2020Understanding, Wong2020Fast's
-    network): same names, the RobustBench block, no final bn and no ReLU."""
+    """PreAct ResNet-18 (fast_adversarial); CAM layer `layer4`, final bn + ReLU in the head."""
 
-    def __init__(self, num_classes: int = 10, block: type = PreActBlock, final_bn: bool = True):
+    def __init__(self, num_classes: int = 10):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.layer1, self.layer2, self.layer3, self.layer4 = _stages(block)
-        self.bn = nn.BatchNorm2d(512) if final_bn else None
+        self.layer1, self.layer2, self.layer3, self.layer4 = _stages(PreActBlock)
+        self.bn = nn.BatchNorm2d(512)
         self.linear = nn.Linear(512, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
         return self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
 
     def head(self, a: Tensor) -> Tensor:
-        if self.bn is not None:
-            a = F.relu(self.bn(a))
-        return self.linear(F.adaptive_avg_pool2d(a, 1).flatten(1))
+        return self.linear(F.adaptive_avg_pool2d(F.relu(self.bn(a)), 1).flatten(1))
 
 
 class WideBlock(nn.Module):
@@ -1420,8 +1408,7 @@ class NetworkBlock(nn.Module):
 
 
 class WideResNet(FeaturesHead):
-    """WRN-34-10 as in TRADES/MART (and WRN-28-10 with depth=28, RobustBench's WideResNet);
-    CAM layer `block3` (640x8x8 at 32x32)."""
+    """WRN-34-10 as in TRADES/MART; CAM layer `block3` (640x8x8 at 32x32)."""
 
     def __init__(self, num_classes: int = 10, depth: int = 34, widen: int = 10):
         super().__init__()
@@ -1448,66 +1435,6 @@ class WideResNet(FeaturesHead):
 
     def head(self, a: Tensor) -> Tensor:
         return self.fc(F.adaptive_avg_pool2d(self.relu(self.bn1(a)), 1).flatten(1))
-
-
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-
-
-class DMBlock(nn.Module):
-    """A block of DeepMind's WideResNet (Gowal et al. 2020) as RobustBench defines it
-    (dm_wide_resnet._Block, same parameter names): SiLU, TensorFlow's "same" padding."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.batchnorm_0, self.relu_0 = nn.BatchNorm2d(cin), nn.SiLU()
-        self.conv_0 = nn.Conv2d(cin, cout, 3, stride, 0, bias=False)
-        self.batchnorm_1, self.relu_1 = nn.BatchNorm2d(cout), nn.SiLU()
-        self.conv_1 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride, 0, bias=False) if cin != cout else None
-        self.pad = (1, 1, 1, 1) if stride == 1 else (0, 1, 0, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.relu_0(self.batchnorm_0(x))
-        # the pre-activation feeds both paths of a block that changes width
-        if self.shortcut is not None:
-            x = self.shortcut(out)
-        return x + self.conv_1(self.relu_1(self.batchnorm_1(self.conv_0(F.pad(out, self.pad)))))
-
-
-class DMWideResNet(FeaturesHead):
-    """WRN-70-16 / WRN-28-10 of the best RobustBench CIFAR entries (Gowal 2020, Rebuffi 2021,
-    Wang 2023), with their parameter names; the CIFAR normalisation is inside (not in the
-    state dict, as there). CAM layer: the last group (8x8 at 32x32)."""
-
-    def __init__(self, num_classes: int = 10, depth: int = 70, width: int = 16):
-        super().__init__()
-        n, w = (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
-        mean, std = (
-            (CIFAR100_MEAN, CIFAR100_STD) if num_classes == 100 else (CIFAR10_MEAN, CIFAR10_STD)
-        )
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.init_conv = nn.Conv2d(3, w[0], 3, 1, 1, bias=False)
-        groups = []
-        for i, stride in enumerate((1, 2, 2)):
-            group = nn.Sequential()  # RobustBench's _BlockGroup: its blocks under `block`
-            group.block = nn.Sequential(
-                *(
-                    DMBlock(w[i] if j == 0 else w[i + 1], w[i + 1], stride if j == 0 else 1)
-                    for j in range(n)
-                )
-            )
-            groups.append(group)
-        self.layer = nn.Sequential(*groups)
-        self.batchnorm, self.relu = nn.BatchNorm2d(w[3]), nn.SiLU()
-        self.logits = nn.Linear(w[3], num_classes)
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.layer(self.init_conv((x - self.mean) / self.std))
-
-    def head(self, a: Tensor) -> Tensor:
-        return self.logits(F.adaptive_avg_pool2d(self.relu(self.batchnorm(a)), 1).flatten(1))
 
 
 class SmallCNN(FeaturesHead):
@@ -1539,11 +1466,6 @@ BUILTIN_MODELS: dict[str, Callable[[int], nn.Module]] = {
     "preact-resnet18": PreActResNet18,
     "wrn-34-10": WideResNet,
     "cnn": SmallCNN,
-    # RobustBench's layouts: WideResNet (Carmon 2019, Standard, ...) and DeepMind's (Gowal, Rebuffi, Wang 2023)
-    "wrn-28-10": lambda n: WideResNet(n, depth=28),
-    "wrn-28-10-dm": lambda n: DMWideResNet(n, 28, 10),
-    "wrn-70-16": lambda n: DMWideResNet(n, 70, 16),
-    "preact-resnet18-rb": lambda n: PreActResNet18(n, PreActBlockRB, False),
 }
 ARCHS = tuple(BUILTIN_MODELS)
 TORCHVISION, TIMM, ROBUSTBENCH = "torchvision:", "timm:", "robustbench:"
@@ -3428,7 +3350,7 @@ def check_weights(state: dict[str, Tensor], own: dict[str, Tensor], path: Path) 
 
 def load_state_into(model: nn.Module, state: dict[str, Tensor], arch: str, path: Path) -> None:
     """Strict load with a one-line explanation when the file does not fit the architecture."""
-    unused = arch in ("wrn-34-10", "wrn-28-10")  # TRADES' and Carmon's unused sub_block1
+    unused = arch == "wrn-34-10"  # TRADES' unused sub_block1
     state = {k: v for k, v in state.items() if not (unused and k.startswith("sub_block1."))}
     if hasattr(model, "adapt_state"):
         state = model.adapt_state(state)
