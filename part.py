@@ -5586,19 +5586,15 @@ def shown_value(value: Any) -> Optional[str]:
         return None
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return (
-        ",".join(map(str, value))
-        if isinstance(value, list)
-        else f"{value:g}"
-        if isinstance(value, float)
-        else str(value)
-    )
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _config_option(name: str, field: dataclasses.Field) -> inspect.Parameter:
     """The `train` option of one TrainConfig field: its type for the command line, choices
-    as a Literal (shown by --help, offered by shell completion), its help and panel. The
-    default shown is set per call by TrainCommand (the preset's value where one applies)."""
+    as a Literal (shown by --help, offered by shell completion), its help and panel, and its
+    built-in default (a preset may set another)."""
     meta = field.metadata
     base, _ = _base_type(CONFIG_TYPES[name])
     if meta["levels"] or typing.get_origin(base) is list:
@@ -5609,7 +5605,10 @@ def _config_option(name: str, field: dataclasses.Field) -> inspect.Parameter:
         cli_type = base
     flag = "--" + name.replace("_", "-")
     decls = (f"{flag}/--no-{flag[2:]}",) if base is bool else (flag,)
-    option = _opt(meta["help"], *decls, rich_help_panel=meta["panel"], show_default=False)
+    default = field.default_factory() if callable(field.default_factory) else field.default
+    shown = "runs/PRESET-METHOD-TIME" if name == "out" else shown_value(default)
+    text = meta["help"] + (f" [default: {shown}]" if shown is not None else "")
+    option = _opt(text, *decls, rich_help_panel=meta["panel"], show_default=False)
     return inspect.Parameter(
         name,
         inspect.Parameter.KEYWORD_ONLY,
@@ -5637,48 +5636,19 @@ def complete_attacks(incomplete: str) -> list[str]:
 
 
 class TrainCommand(KeepsArgs):
-    """`train --help` lists the presets and shows, for every setting, the value that applies:
-    the preset's (the one given with --preset, else the dataset's own) or the built-in one."""
+    """`train --help` lists the presets of configs.toml and of a --presets file."""
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
-        given = {}
-        for i, arg in enumerate(args):
-            for flag in ("--preset", "--presets", "--config", "--dataset"):
-                if arg == flag and i + 1 < len(args):
-                    given[flag] = args[i + 1]
-                elif arg.startswith(flag + "="):
-                    given[flag] = arg.split("=", 1)[1]
-        presets_file, config_file = (
-            Path(given[f]) if f in given else None for f in ("--presets", "--config")
+        after = dict(zip(args, args[1:]))
+        given = after.get("--presets") or next(
+            (a[10:] for a in args if a.startswith("--presets=")), None
         )
-        try:
-            values, _, origins = preset_settings(
-                given.get("--preset"), presets_file, given.get("--dataset"), config_file
+        names = preset_names(Path(given) if given else None)
+        for param in (p for p in self.params if p.name == "preset"):
+            param.help = escape_markup(
+                f"Preset: {', '.join(names) or 'none found'} (default: the dataset's own, else "
+                "cifar10)."
             )
-        except CliError:  # an unknown preset or a bad file is said when the command runs
-            values, origins = {}, {}
-        for param in self.params:
-            if param.name == "preset":
-                names = preset_names(presets_file)
-                param.help = escape_markup(
-                    f"Preset: {', '.join(names) or 'none found'} (default: the dataset's own, else cifar10)."
-                )
-            elif param.name in CONFIG_FIELDS:
-                field = CONFIG_FIELDS[param.name]
-                default = (
-                    field.default_factory()
-                    if field.default_factory is not dataclasses.MISSING
-                    else field.default
-                )
-                text = shown_value(values.get(param.name, default))
-                if text is not None:
-                    text += (
-                        f", from {origins[param.name]}" if param.name in origins else ", built in"
-                    )
-                if param.name == "out":
-                    text = "runs/PRESET-METHOD-TIME"
-                shown = f" [default: {text}]" if text is not None else ""
-                param.help = escape_markup(field.metadata["help"] + shown)
         readable_help(self)
         return super().parse_args(ctx, args)
 
