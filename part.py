@@ -16,12 +16,6 @@ conversion is `from_levels()`, applied once when a threat model (`AttackSetup`) 
 names that still hold levels say so (`eps_levels`). The Python API (`grad_cam`, `eps_map`,
 `pgd`, ...) takes budgets in [0, 1] units.
 
-Contents, in the order the method runs: specs and units, console, files, runtime, data,
-models; then the method in one stretch: CAM, budget maps, losses, attacks, training step
-and epoch (train_step, train_epoch); then config, checkpoints, plots and tables, the
-training run (fit), robustness evaluation (evaluate_suite), export, and the commands
-(train, attack, export).
-
 This file is the card and runs alone. part_tools.py, beside it, holds what goes beyond
 (report, cam, bench); `import part` never loads it, running this file (or the `part`
 command) adds its commands when it is there.
@@ -111,28 +105,12 @@ __all__ = [
 # ============================================================================ specs and units
 
 FORMAT = "part/1"  # checkpoint format, stored in every file we write
-HF_WEIGHTS = (
-    "model.safetensors"  # the weights of a model folder as people share them (export --format hf)
-)
+HF_WEIGHTS = "model.safetensors"  # the weights of a shared model folder (export --format hf)
 STATE_FORMAT = FORMAT + "-state"  # the resume state beside `last`
-SYNTHETIC_CLASSES = (
-    "disk",
-    "square",
-    "ring",
-    "plus",
-    "cross",
-    "triangle",
-    "hbar",
-    "vbar",
-    "diamond",
-    "frame",
-)
+SYNTHETIC_CLASSES = tuple("disk square ring plus cross triangle hbar vbar diamond frame".split())
 DEFAULT_CACHE = "~/.cache/part"
-DEFAULT_EPS_LEVELS, DEFAULT_EPS_LOW_LEVELS, DEFAULT_STEP_LEVELS = (
-    8.0,
-    7.0,
-    2.0,
-)  # the paper's budgets, 1/255 levels
+# the paper's budgets, 1/255 levels
+DEFAULT_EPS_LEVELS, DEFAULT_EPS_LOW_LEVELS, DEFAULT_STEP_LEVELS = 8.0, 7.0, 2.0
 MAX_SEED = 2**63 - 1
 
 
@@ -211,32 +189,42 @@ def parse_levels(text: str | float | int, name: str) -> float:
     return value
 
 
-def check_budget_levels(
-    eps_levels: float,
-    eps_low_levels: float,
-    step_levels: float,
+def check_threat(
+    eps: float | Tensor,
+    eps_low: Optional[float],
+    step: Optional[float],
+    unit: float = 1.0,
     where: str = "",
     zero_eps: bool = False,
 ) -> None:
-    """The one check of a threat model given in 1/255 levels (train, attack, cam, bench)."""
-    at = f" ({where})" if where else ""
-    for name, value in (("eps", eps_levels), ("eps-low", eps_low_levels), ("step", step_levels)):
-        if not math.isfinite(value):
-            raise CliError(f"--{name} must be a finite number, got {value}{at}")
-    if eps_levels < 0 or eps_low_levels < 0:
-        raise CliError(
-            f"budgets must be non-negative (eps {eps_levels:g}, eps-low {eps_low_levels:g}){at}"
-        )
-    if eps_levels == 0 and not zero_eps:
+    """The one check of a threat model: 0 <= eps_low <= eps <= unit, eps > 0 (unless
+    `zero_eps`), 0 < step <= unit. `unit` 255: 1/255 levels (the command line, configs);
+    1: the API's [0, 1] units. `eps` may be a budget map; None is not checked."""
+    at, hint = f" ({where})" if where else "", "" if unit == 255 else f" ({UNITS_HINT})"
+    for name, v in (("eps", eps), ("eps-low", eps_low), ("step", step)):
+        if torch.is_tensor(v) and v.is_floating_point() and v.numel():
+            low, high = (float(t) for t in torch.aminmax(v.detach()))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            low = high = float(v)
+        elif v is not None:
+            raise CliError(f"{name} must be a number{hint}, got {type(v).__name__}{at}")
+        if v is not None and not (math.isfinite(low) and math.isfinite(high)):
+            raise CliError(f"--{name} must be a finite number, got {v}{at}")
+        if v is not None and name == "step" and low <= 0:
+            raise CliError(f"--step must be positive, got {low:g}{at}")
+        if v is not None and (low < 0 or high > unit):
+            raise CliError(
+                f"budgets must be non-negative and at most {unit:g}: {name} {v}{hint}{at}"
+                if low < 0
+                else f"{name} {high:g} is larger than the whole intensity range ({unit:g}){hint}{at}"
+            )
+    if not torch.is_tensor(eps) and eps == 0 and not zero_eps:
         raise CliError(f"--eps must be positive, got 0{at}")
-    if eps_levels > 255:
-        raise CliError(f"eps {eps_levels:g}/255 is larger than the whole intensity range{at}")
-    if eps_low_levels > eps_levels:
-        raise CliError(
-            f"eps-low ({eps_low_levels:g}/255) must not exceed eps ({eps_levels:g}/255){at}"
-        )
-    if not 0 < step_levels <= 255:
-        raise CliError(f"--step must be in (0, 255] levels, got {step_levels:g}{at}")
+    if eps_low is not None and eps_low > eps:
+        raise CliError(f"eps-low ({eps_low:g}) must not exceed eps ({eps:g}){at}")
+
+
+UNITS_HINT = "budgets are in [0, 1] units here: 8/255, not 8"
 
 
 # ============================================================================ console
@@ -1934,7 +1922,7 @@ def eps_map(
     if rule not in MASK_RULES:
         raise unknown("mask rule", rule, MASK_RULES)
     check_unit_images(cam, "cam")
-    check_unit_budgets(eps, eps_low)
+    check_threat(eps, eps_low, None, zero_eps=True)
     return _eps_map(cam, eps, eps_low, rule, tuple(size or cam.shape[-2:]), generator)
 
 
@@ -2058,49 +2046,6 @@ def budget_box(x: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
     return lowest, highest
 
 
-UNITS_HINT = "budgets are in [0, 1] units here: 8/255, not 8"
-
-
-def check_unit_budgets(eps: float, eps_low: float, step: Optional[float] = None) -> None:
-    """The API's threat-model check, in the [0, 1] units it takes (the command line checks
-    its 1/255 levels with check_budget_levels)."""
-    for name, value in (("eps", eps), ("eps_low", eps_low), ("step", step)):
-        if name == "step" and value is None:
-            continue
-        # NaN fails too
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise CliError(f"{name} must be a number in [0, 1] ({UNITS_HINT}), got {value!r}")
-    if eps_low > eps:
-        raise CliError(f"eps_low ({eps_low:g}) must not exceed eps ({eps:g})")
-    if step == 0:
-        raise CliError("step must be positive")
-
-
-def check_attack_arguments(eps: float | Tensor, step: float, steps: int) -> None:
-    """The API's guard: a NaN, infinite, negative or > 1 budget or step would invent a number
-    (a budget of 8 in [0, 1] units is no budget at all)."""
-    if (
-        isinstance(step, bool)
-        or not isinstance(step, (int, float))
-        or not math.isfinite(step)
-        or not 0 < step <= 1
-    ):
-        raise ValueError(f"step must be a finite number in (0, 1] ({UNITS_HINT}), got {step!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_ATTACK_STEPS:
-        raise ValueError(f"steps must be an integer from 1 to {MAX_ATTACK_STEPS}, got {steps!r}")
-    if torch.is_tensor(eps):
-        # NaN fails too
-        if not eps.is_floating_point() or not bool(((eps >= 0) & (eps <= 1)).all()):
-            raise ValueError(f"eps must hold finite budgets in [0, 1] ({UNITS_HINT})")
-    elif (
-        isinstance(eps, bool)
-        or not isinstance(eps, (int, float))
-        or not math.isfinite(eps)
-        or not 0 <= eps <= 1
-    ):
-        raise ValueError(f"eps must be a finite budget in [0, 1] ({UNITS_HINT}), got {eps!r}")
-
-
 def check_attack_inputs(
     model: nn.Module, x: Tensor, y: Optional[Tensor], eps: float | Tensor = 0.0
 ) -> None:
@@ -2140,7 +2085,16 @@ def api_attack(attack: Callable[..., Tensor]) -> Callable[..., Tensor]:
         bound = signature.bind(*args, **kwargs)  # a wrong call: the attack's own TypeError
         bound.apply_defaults()
         given = bound.arguments
-        check_attack_arguments(given["eps"], given["step"], given["steps"])
+        check_threat(given["eps"], None, given["step"], zero_eps=True)
+        steps = given["steps"]
+        if (
+            isinstance(steps, bool)
+            or not isinstance(steps, int)
+            or not 0 < steps <= MAX_ATTACK_STEPS
+        ):
+            raise ValueError(
+                f"steps must be an integer from 1 to {MAX_ATTACK_STEPS}, got {steps!r}"
+            )
         check_attack_inputs(given["model"], given["x"], given["y"], given["eps"])
         given["x"] = in_model_dtype(given["model"], given["x"])
         return attack(*bound.args, **bound.kwargs)
@@ -2933,7 +2887,7 @@ def validate_config(cfg: TrainConfig) -> None:
                 else f"at most {high:g}"
             )
             raise CliError(f"{name.replace('_', '-')} must be {what}, got {value}")
-    check_budget_levels(cfg.eps, cfg.eps_low, cfg.step, zero_eps=True)
+    check_threat(cfg.eps, cfg.eps_low, cfg.step, 255, zero_eps=True)
     if not is_zoo(cfg.model) and cfg.model not in BUILTIN_MODELS:
         raise unknown("model", cfg.model, [ARCH_HELP])
     if not DEVICE_PATTERN.match(cfg.device):
@@ -3139,7 +3093,7 @@ class AttackSetup:
     steps: int = 10
 
     def __post_init__(self):
-        check_unit_budgets(self.eps, self.eps_low, self.step)
+        check_threat(self.eps, self.eps_low, self.step, zero_eps=True)
         if not (isinstance(self.restarts, int) and 1 <= self.restarts <= 10_000):
             raise CliError(f"restarts must be between 1 and 10000, got {self.restarts}")
         if not (isinstance(self.batch_size, int) and 1 <= self.batch_size <= 1 << 20):
@@ -3161,7 +3115,7 @@ class AttackSetup:
         **settings,
     ) -> "AttackSetup":
         """The command line's budgets (1/255 levels), checked with the message a user needs."""
-        check_budget_levels(eps_levels, eps_low_levels, step_levels, where)
+        check_threat(eps_levels, eps_low_levels, step_levels, 255, where)
         return cls(
             eps=from_levels(eps_levels),
             step=from_levels(step_levels),
@@ -5639,7 +5593,7 @@ class TrainCommand(KeepsArgs):
     """`train --help` lists the presets of configs.toml and of a --presets file."""
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
-        after = dict(zip(args, args[1:]))
+        after = dict(zip(args, args[1:], strict=False))
         given = after.get("--presets") or next(
             (a[10:] for a in args if a.startswith("--presets=")), None
         )
@@ -6012,7 +5966,7 @@ def attack_request(o: dict[str, Any]) -> tuple[AttackRequest, list[AttackSpec]]:
     """`attack`'s options (as typed) checked once: the request and its attacks."""
     eps_levels = parse_levels(o["eps"] or DEFAULT_EPS_LEVELS, "eps")
     step_levels = parse_levels(o["step"] or DEFAULT_STEP_LEVELS, "step")
-    check_budget_levels(eps_levels, 0.0, step_levels)
+    check_threat(eps_levels, 0.0, step_levels, 255)
     reports = {"--json": o["json_out"], "--csv": o["csv_out"], "--markdown": o["markdown_out"]}
     for option, path in reports.items():
         check_output_file(path, option)
