@@ -388,33 +388,21 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return stale
 
 
-def check_output_file(path: Optional[Path], option: str) -> None:
-    """Before any work: an output file's folder can be made and written, and the name is not a folder."""
+def check_output(path: Optional[Path], option: str, folder: bool = False) -> None:
+    """Before any work: an output file (or `folder`) that can be made and written. Tried for
+    real: os.access says yes to root even where a write fails (a read-only mount)."""
     if path is None:
         return
     path = Path(path)
-    if path.is_dir():
-        raise CliError(f"{option} {path} is a folder, not a file name")
+    where = path if folder else path.parent
+    if path.exists() and path.is_dir() != folder:
+        kind = "a file, not a folder" if folder else "a folder, not a file name"
+        raise CliError(f"{option} {path} is {kind}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        where.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=where).close()
     except OSError as e:
-        raise CliError(
-            f"{option} {path}: cannot create its folder ({e.strerror or first_line(e)})"
-        ) from None
-    if not writable(path.parent):
-        raise CliError(f"{option} {path}: the folder {path.parent} is not writable")
-
-
-def writable(folder: Path) -> bool:
-    """Whether a file can be made in `folder`, tried for real: os.access says yes to root even
-    where the write then fails (a read-only mount, an immutable folder)."""
-    import tempfile
-
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
+        raise CliError(f"{option} {path}: cannot create or write {where} ({e.strerror})") from None
 
 
 def require_file(path: Path, what: str, folder: str = "is a folder, not a file") -> None:
@@ -429,21 +417,6 @@ def require_file(path: Path, what: str, folder: str = "is a folder, not a file")
             else "is not a regular file"
         )
         raise CliError(f"{what} {path} {why}")
-
-
-def check_output_folder(folder: Path, option: str) -> None:
-    """Before any work: an output folder that can be made and written."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise CliError(f"{option} {folder} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CliError(
-            f"{option} {folder}: cannot create it ({e.strerror or first_line(e)})"
-        ) from None
-    if not writable(folder):
-        raise CliError(f"{option} {folder} is not writable")
 
 
 def file_hash(path: Path) -> str:
@@ -3707,11 +3680,6 @@ def text_table(
     return table
 
 
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
-
-
 def csv_text(headers: list[str], rows: list[list[Any]]) -> str:
     import csv
     import io
@@ -4458,7 +4426,7 @@ def fit(
         )
     lock = contextlib.nullcontext()
     if dist.main:
-        check_output_folder(files.folder, "--out")
+        check_output(files.folder, "--out", folder=True)
         lock = folder_lock(files.folder, "a training run")
     with lock:
         if dist.main:
@@ -5782,54 +5750,6 @@ def _attack_row(
     }
 
 
-def _write_reports(rows: list[dict], names: list[str], reports: dict[str, Optional[Path]]) -> None:
-    json_out, csv_out, markdown_out = reports["--json"], reports["--csv"], reports["--markdown"]
-    if json_out is not None:
-        write_json(json_out, {"checkpoints": rows, "versions": versions(), "machine": machine()})
-    headers = ["checkpoint", "sha256", "arch", "dataset", "n", "eps (/255)", *names, "worst"]
-    values = [
-        [
-            r["path"],
-            r["sha256"][:12],
-            r["arch"],
-            r["dataset"],
-            r["n_examples"],
-            f"{r['eps_levels']:g}",
-            *[fmt_pct(r["accuracy"].get(a)) for a in names],
-            fmt_pct(r["accuracy"]["worst"]),
-        ]
-        for r in rows
-    ]
-    if csv_out is not None:  # full hashes and fractions, for programs
-        write_text(
-            csv_out,
-            csv_text(
-                headers,
-                [
-                    [
-                        r["path"],
-                        r["sha256"],
-                        *v[2:6],
-                        *[r["accuracy"].get(a) for a in names],
-                        r["accuracy"]["worst"],
-                    ]
-                    for v, r in zip(values, rows, strict=True)
-                ],
-            ),
-        )
-    if markdown_out is not None:
-        first = rows[0]
-        footer = (
-            f"\nAccuracy (%) on the first {first['n_examples']} {first['dataset']} test images (canonical order) at "
-            f"eps {first['eps_levels']:g}/255, step {first['step_levels']:g}/255, seed {first['seed']}, "
-            f"restarts {first['restarts']}; `worst`: robust to every attack. part {first['versions']['part']}, "
-            f"torch {first['versions']['torch']}, {first['device']}.\n"
-        )
-        write_text(
-            markdown_out, markdown_table(headers, [[str(c) for c in v] for v in values]) + footer
-        )
-
-
 def _model_paths(checkpoints: list[Path]) -> list[Path]:
     """The checkpoints to evaluate; resume states picked up by a glob are skipped."""
     kept = []
@@ -5958,7 +5878,7 @@ class AttackRequest:
     eps_low: Optional[str]
     seed: int
     per_class: bool
-    reports: dict[str, Optional[Path]]  # --json, --csv, --markdown -> file or None
+    json_out: Optional[Path]
     device: str
 
 
@@ -5967,16 +5887,14 @@ def attack_request(o: dict[str, Any]) -> tuple[AttackRequest, list[AttackSpec]]:
     eps_levels = parse_levels(o["eps"] or DEFAULT_EPS_LEVELS, "eps")
     step_levels = parse_levels(o["step"] or DEFAULT_STEP_LEVELS, "step")
     check_threat(eps_levels, 0.0, step_levels, 255)
-    reports = {"--json": o["json_out"], "--csv": o["csv_out"], "--markdown": o["markdown_out"]}
-    for option, path in reports.items():
-        check_output_file(path, option)
+    check_output(o["json_out"], "--json")
     request = AttackRequest(
         **{k: o[k] for k in ("arch", "dataset", "data_dir", "cache_dir", "cam_layer")},
         **{k: o[k] for k in ("n_examples", "batch_size", "eps_low", "seed", "per_class")},
         eps_levels=eps_levels,
         step_levels=step_levels,
         restarts=o["restarts"] or 1,
-        reports=reports,
+        json_out=o["json_out"],
         device=o["device"],
     )
     return request, parse_attacks(o["attacks"] or DEFAULT_ATTACKS, request.restarts)
@@ -6041,7 +5959,9 @@ def attack_with(options: dict[str, Any], extras: AttackExtras) -> None:
         if dist.main:
             names = [k for k in rows[0]["accuracy"] if k != "worst"]
             _print_attack_tables(rows, names, request.eps_levels, request.per_class)
-            _write_reports(rows, names, request.reports)
+            if request.json_out is not None:
+                report = {"checkpoints": rows, "versions": versions(), "machine": machine()}
+                write_json(request.json_out, report)
             for row in rows:
                 for warning in row["warnings"]:
                     note(f"warning: {row['path']}: {warning}")
@@ -6193,20 +6113,12 @@ def attack_command(
     json_out: Annotated[
         Optional[Path], _opt("Write the figures as JSON here.", "--json", rich_help_panel=REPORTS)
     ] = None,
-    csv_out: Annotated[
-        Optional[Path],
-        _opt("Write a CSV table here (one row per checkpoint).", "--csv", rich_help_panel=REPORTS),
-    ] = None,
-    markdown_out: Annotated[
-        Optional[Path],
-        _opt("Write a markdown table here (for a paper).", "--markdown", rich_help_panel=REPORTS),
-    ] = None,
     seed: Seed = 0,
     device: Device = "auto",
     threads: Threads = 0,
     nproc: NProc = 1,
 ):
-    """Robust accuracy of checkpoints on the first N test images: a table, optionally JSON/CSV/markdown.
+    """Robust accuracy of checkpoints on the first N test images: a table, and JSON.
 
     Standard protocol: inputs in [0, 1], eval mode, fp32; each attack runs on the points the
     model gets right; `worst` counts a point robust only if no attack broke it. With --nproc N
@@ -6331,7 +6243,7 @@ def export_checkpoint(
     chosen = parse_formats(formats if isinstance(formats, str) else ",".join(formats))
     model, meta, sha256 = _load_checkpoint(checkpoint, arch, "cpu", None)
     robustness = robustness_of(Path(report), sha256) if report is not None else None
-    check_output_folder(out, "--out")  # before the exports, the slow part
+    check_output(out, "--out", folder=True)  # before the exports, the slow part
     name = checkpoint.name.split(".")[0] if checkpoint.is_file() else checkpoint.name
     before = previous_export(out, name, chosen, sha256, replace)
     size = image_size or meta.image_size or 32

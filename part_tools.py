@@ -45,13 +45,13 @@ from rich.table import Table
 import part
 from part import app, Arch, ARCH_HELP, atomic_write, _attack_row, AttackRequest, AttackSetup
 from part import AttackSpec, autocast, budget_for, build_model, CacheDir, CAM_METHODS, CamLayer
-from part import channels_last, check_budget, check_output_file, Checkpoint, CheckpointMeta
+from part import channels_last, check_budget, check_output, Checkpoint, CheckpointMeta
 from part import class_activation, _class_activation, cli_errors, CliError, COMPILE_MODES
 from part import CONFIG_FIELDS, console, cpu_bf16, cpu_model, csv_text, DataDir, DatasetOpt
 from part import DEFAULT_CACHE, DEFAULT_STEP_LEVELS, Device, device_name, _eps_map, eps_map
 from part import eval_mode, EvalHooks, EvalTarget, first_line, fmt_pct, FORMAT, fraction
 from part import from_levels, full_fp32, HF_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, jet, JsonOut
-from part import load_for_eval, machine, markdown_table, MASK_RULES, MAX_IMAGE_SIZE
+from part import load_for_eval, machine, MASK_RULES, MAX_IMAGE_SIZE
 from part import NOT_THE_EXPERIMENT, note, ONE_PROCESS, _opt, parse_levels, PART_ONLY, PENDING
 from part import per_class_accuracy, _pgd, pgd, pick_device, PointFlags, predict, pyplot
 from part import require_file, ROBUSTBENCH, RunFiles, safetensors_metadata, save_checkpoint
@@ -1047,7 +1047,7 @@ class AttackTools(part.AttackExtras):
 
     @classmethod
     def from_options(cls, o: dict[str, Any], card: dict[str, Any]) -> "AttackTools":
-        reports = [card["json_out"], card["csv_out"], card["markdown_out"]]
+        reports = [card["json_out"]]
         if o["adv_from"] is not None:
             names = ("attacks", "eps", "step", "restarts", "n_examples", "eps_low")
             _refuse_with_adv_from(
@@ -1059,8 +1059,8 @@ class AttackTools(part.AttackExtras):
         state = o["state"] or next(
             (p.with_name(p.name + ".state.safetensors") for p in reports if p), None
         )
-        check_output_file(sweep and sweep[2], "--sweep-plot")
-        check_output_file(o["state"], "--state")
+        check_output(sweep and sweep[2], "--sweep-plot")
+        check_output(o["state"], "--state")
         if o["wandb"] and importlib.util.find_spec("wandb") is None:
             raise CliError("--wandb needs the wandb package: pip install wandb")
         folder = next((p.parent for p in reports if p is not None), Path("."))
@@ -1108,7 +1108,7 @@ class AttackTools(part.AttackExtras):
                     part.file_lock(lock, "an evaluation", str(self.state), remove=True)
                 )
             if dist.main and self.save_adv is not None:
-                part.check_output_folder(self.save_adv, "--save-adv")
+                part.check_output(self.save_adv, "--save-adv", folder=True)
                 locks.enter_context(part.folder_lock(self.save_adv, "an evaluation"))
             state = EvalState(self.state, signature, writer=dist.main)
 
@@ -1161,7 +1161,7 @@ def _attack_tool_options(
         Optional[Path],
         _opt(
             "Keep per-point results here as batches finish; the same command resumes "
-            "(default: beside --json/--csv/--markdown)."
+            "(default: beside --json)."
         ),
     ] = None,
     save_adv: Annotated[
@@ -1293,7 +1293,7 @@ def leaderboard_command(
     """RobustBench's model-info entry (clean and AutoAttack accuracy) from an `attack --json`
     report; the standard evaluation only (aa, 10,000 points, eps 8/255) unless --partial."""
     with cli_errors():
-        check_output_file(out, "--out")
+        check_output(out, "--out")
         row = leaderboard_row(report)
         problems = leaderboard_problems(row)
         if problems and not partial:
@@ -1727,7 +1727,7 @@ def report_command(
     with cli_errors():
         outputs = {"--markdown": markdown_out, "--csv": csv_out, "--json": json_out}
         for option, path in {**outputs, "--plot": plot}.items():
-            check_output_file(path, option)
+            check_output(path, option)
         groups = group_observations(read_observations(paths))
         columns = list(dict.fromkeys(k for g in groups for k in g["stats"]))
         table = show_groups(groups, columns)
@@ -1746,6 +1746,11 @@ def report_command(
             robust = "worst" if "worst" in columns else "pgd20"
             if plot_tradeoff(plot, groups, robust):
                 console.print(f"trade-off plot: {plot}")
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
 
 
 def _cell(g: dict, k: str) -> str:
@@ -1919,7 +1924,7 @@ def cam_command(
 
         if out.is_dir() or out.suffix.lower() not in Image.registered_extensions():
             raise CliError(f"--out {out} is not an image file name (e.g. cams.png)")
-        check_output_file(out, "--out")
+        check_output(out, "--out")
         dev = pick_device(device)
         checkpoint, arch = robustbench_source(checkpoint, arch, dataset, threat, model_dir)
         target = load_for_eval(checkpoint, arch, dev, dataset, data_dir, cache_dir, cam_layer)
@@ -2321,7 +2326,7 @@ def bench_command(
     interleaved rounds, the PART/AT step ratio, compile time, peak memory, FLOP/s."""
     with cli_errors():
         set_threads(threads)
-        check_output_file(json_out, "--json")
+        check_output(json_out, "--json")
         if peak_tflops is not None and not (math.isfinite(peak_tflops) and peak_tflops > 0):
             raise CliError(f"--peak-tflops must be a positive number, got {peak_tflops}")
         dev = pick_device(device)
