@@ -24,6 +24,7 @@ command) adds its commands when it is there.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import datetime
@@ -87,6 +88,7 @@ __all__ = [
     "pgd",
     "mma",
     "compiled_ascent_step",
+    "stepping",
     "AttackSetup",
     "evaluate",
     "evaluate_suite",
@@ -2130,6 +2132,18 @@ def compiled_ascent_step(mode: str = "default") -> Callable:
 
 
 Stepper = Callable[..., Tensor]
+_STEPPER: contextvars.ContextVar[Optional[Stepper]] = contextvars.ContextVar("step", default=None)
+
+
+@contextlib.contextmanager
+def stepping(stepper: Optional[Stepper]):
+    """Inside, pgd and mma take their ascent steps with `stepper` (compiled_ascent_step():
+    one torch.compile graph a step); None: the eager ascent_step."""
+    token = _STEPPER.set(stepper)
+    try:
+        yield
+    finally:
+        _STEPPER.reset(token)
 
 
 def _ascend(
@@ -2141,9 +2155,8 @@ def _ascend(
     step: float,
     steps: int,
     loss: str,
-    stepper: Optional[Stepper],
 ) -> Tensor:
-    step_fn = stepper or ascent_step
+    step_fn = _STEPPER.get() or ascent_step
     for _ in range(steps):
         x_adv = step_fn(model, x_adv, y, aux, *box, step, loss)
     return x_adv.detach()
@@ -2172,14 +2185,13 @@ def _pgd(
     steps: int,
     loss: str = "ce",
     random_start: bool | float = True,
-    stepper: Optional[Stepper] = None,
 ) -> Tensor:
     """L-inf PGD inside a per-pixel budget; returns x' with |x' - x| <= eps element-wise and
     x' in [0, 1]. `eps` is a float or a tensor broadcastable to x ([0, 1] units).
     random_start: True = uniform in the per-pixel budget; a float s = N(0, s^2) noise (the
     TRADES/MART start, e.g. 0.001); False = start at x. loss: ce, cw or kl (TRADES' inner
-    KL against the model's clean prediction). `stepper`: compiled_ascent_step() for the
-    torch.compile'd step (default: eager). Runs the model in eval mode, restores it; the
+    KL against the model's clean prediction). Inside `stepping(compiled_ascent_step())` each
+    step is one torch.compile graph. Runs the model in eval mode, restores it; the
     input is never modified; no per-example Python. As the API's `pgd` its input is checked
     first (each check a device sync); the training and evaluation loops call _pgd."""
     box = budget_box(x, eps)
@@ -2189,7 +2201,7 @@ def _pgd(
             with torch.no_grad():
                 ref = F.softmax(upcast(model(x)), 1)
         return _ascend(
-            model, start_point(x, eps, random_start, box), y, ref, box, step, steps, loss, stepper
+            model, start_point(x, eps, random_start, box), y, ref, box, step, steps, loss
         )
 
 
@@ -2212,7 +2224,6 @@ def _mma(
     steps: int = 20,
     k: int = 3,
     random_start: bool = True,
-    stepper: Optional[Stepper] = None,
 ) -> Tensor:
     """Minimum-margin attack (as in the PART paper): a targeted PGD on the CW-type margin
     z_t - z_y (capped at 50) for each of the k highest wrong classes of the clean
@@ -2237,7 +2248,6 @@ def _mma(
             step,
             steps,
             "target-margin",
-            stepper,
         )
         with torch.no_grad():
             margin = -cw_margin(model(candidates).float(), y_k, kappa=float("inf")).view(k, b)
@@ -2349,10 +2359,11 @@ def make_adversarial(
     stepper: Optional[Stepper] = None,
 ) -> Tensor:
     """Training AEs: PGD with the base loss's inner loss and start, or MMA."""
-    if generator == "mma":
-        return _mma(model, x, y, budget, setup.step, setup.steps, stepper=stepper)
-    spec = LOSSES[loss]
-    return _pgd(model, x, y, budget, setup.step, setup.steps, spec.inner, spec.start, stepper)
+    with stepping(stepper):
+        if generator == "mma":
+            return _mma(model, x, y, budget, setup.step, setup.steps)
+        spec = LOSSES[loss]
+        return _pgd(model, x, y, budget, setup.step, setup.steps, spec.inner, spec.start)
 
 
 def train_step(
@@ -4510,42 +4521,16 @@ def attack_fgsm(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
     return _pgd(model, x, y, setup.eps, setup.eps, 1, random_start=False), {}
 
 
-def attack_pgd(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(
-        model,
-        y,
-        spec.restarts,
-        lambda: _pgd(model, x, y, setup.eps, setup.step, spec.steps, "ce"),
-    ), {}
-
-
-def attack_cw(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(
-        model,
-        y,
-        spec.restarts,
-        lambda: _pgd(model, x, y, setup.eps, setup.step, spec.steps, "cw"),
-    ), {}
-
-
-def attack_mma(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    return worst_of_restarts(
-        model,
-        y,
-        spec.restarts,
-        lambda: _mma(model, x, y, setup.eps, setup.step, spec.steps, k=3),
-    ), {}
-
-
-def attack_pgd_part(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
-    """PGD inside the model's own PART budget map of these clean images (for analysis)."""
-    budget = budget_for(model, x, setup, part_phase=True)
-    return worst_of_restarts(
-        model,
-        y,
-        spec.restarts,
-        lambda: _pgd(model, x, y, budget, setup.step, spec.steps),
-    ), {}
+def attack_iterative(model, x, y, setup: AttackSetup, spec: AttackSpec, seed: int):
+    """pgdK, cwK, mmaK and pgdK-part (PGD inside the model's own PART budget map of these
+    clean images, for analysis): K steps, the worst case of R restarts."""
+    eps = budget_for(model, x, setup, part_phase=True) if spec.family == "pgd-part" else setup.eps
+    if spec.family == "mma":
+        run = lambda: _mma(model, x, y, eps, setup.step, spec.steps, k=3)  # noqa: E731
+    else:
+        loss = "cw" if spec.family == "cw" else "ce"
+        run = lambda: _pgd(model, x, y, eps, setup.step, spec.steps, loss)  # noqa: E731
+    return worst_of_restarts(model, y, spec.restarts, run), {}
 
 
 AA_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -4635,10 +4620,10 @@ class AttackFamily:
 ATTACKS: dict[str, AttackFamily] = {
     "natural": AttackFamily(attack_natural),
     "fgsm": AttackFamily(attack_fgsm),
-    "pgd": AttackFamily(attack_pgd, iterative=True, default_steps=20),
-    "cw": AttackFamily(attack_cw, iterative=True, default_steps=20),
-    "mma": AttackFamily(attack_mma, iterative=True, default_steps=20),
-    "pgd-part": AttackFamily(attack_pgd_part, iterative=True, default_steps=20),
+    "pgd": AttackFamily(attack_iterative, iterative=True, default_steps=20),
+    "cw": AttackFamily(attack_iterative, iterative=True, default_steps=20),
+    "mma": AttackFamily(attack_iterative, iterative=True, default_steps=20),
+    "pgd-part": AttackFamily(attack_iterative, iterative=True, default_steps=20),
     "aa": AttackFamily(attack_aa, needs="pyautoattack"),
     "apgd-ce": AttackFamily(attack_aa, needs="pyautoattack"),
     "apgd-t": AttackFamily(attack_aa, needs="pyautoattack"),
@@ -4646,21 +4631,8 @@ ATTACKS: dict[str, AttackFamily] = {
     "square": AttackFamily(attack_aa, white_box=False, needs="pyautoattack"),
 }
 # What shell completion offers for --attacks (any K steps and xR restarts work too).
-ATTACK_NAMES = (
-    "natural",
-    "fgsm",
-    "pgd20",
-    "pgd50",
-    "pgd100",
-    "cw20",
-    "cw50",
-    "mma",
-    "pgd20-part",
-    "aa",
-    "apgd-ce",
-    "apgd-t",
-    "fab-t",
-    "square",
+ATTACK_NAMES = tuple(
+    "natural fgsm pgd20 pgd50 pgd100 cw20 cw50 mma pgd20-part aa apgd-ce apgd-t fab-t square".split()
 )
 DEFAULT_ATTACKS = "natural,fgsm,pgd20,cw20,mma"
 ATTACK_HELP = "natural, fgsm, pgdK, cwK, mmaK, pgdK-part (K steps, e.g. pgd50; add xR for R restarts: pgd50x5), aa, apgd-ce, apgd-t, fab-t, square"
@@ -4723,12 +4695,8 @@ def check_budget(
     inside = (x_adv - x).abs() <= torch.as_tensor(eps, dtype=x.dtype, device=x.device) + tolerance
     in_range = (x_adv >= 0) & (x_adv <= 1)
     if not bool((inside & in_range & torch.isfinite(x_adv)).all()):
-        excess = (
-            ((x_adv - x).abs() - torch.as_tensor(eps, dtype=x.dtype, device=x.device))
-            .nan_to_num(math.inf)
-            .max()
-            .item()
-        )
+        over = (x_adv - x).abs() - torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+        excess = over.nan_to_num(math.inf).max().item()
         raise CliError(
             f"{name} produced inputs outside the eps ball or [0, 1] (by {excess:.2e}) or not finite; no accuracy reported"
         )
@@ -5099,7 +5067,7 @@ def export_torchscript(model: nn.Module, example: Tensor, path: Path) -> None:
     write_bytes(path, buffer.getvalue())
 
 
-def export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int, card: dict) -> None:
+def export_onnx(model: nn.Module, example: Tensor, path: Path, card: dict) -> None:
     """Dynamo exporter, weights inside the file, dynamic batch; the model card as metadata_props."""
     import onnx
 
@@ -5110,7 +5078,7 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int, card:
         dynamo=True,
         input_names=["image"],
         output_names=["logits"],
-        opset_version=opset,
+        opset_version=18,  # the dynamo exporter's oldest
         dynamic_shapes=({0: batch},),
         external_data=False,
         verbose=False,
@@ -5133,9 +5101,9 @@ def export_pt2(model: nn.Module, example: Tensor, path: Path) -> None:
 
 
 EXPORTERS = {
-    "torchscript": lambda model, x, path, opset, card: export_torchscript(model, x, path),
+    "torchscript": lambda model, x, path, card: export_torchscript(model, x, path),
     "onnx": export_onnx,
-    "pt2": lambda model, x, path, opset, card: export_pt2(model, x, path),
+    "pt2": lambda model, x, path, card: export_pt2(model, x, path),
 }
 
 
@@ -6154,13 +6122,6 @@ def export_command(
         ),
     ] = "all",
     out: Annotated[Path, _opt("Output folder.")] = Path("export"),
-    batch_size: Annotated[
-        int,
-        _opt(
-            "Batch size of the example input (the batch dimension stays dynamic).", min=2, max=4096
-        ),
-    ] = 2,
-    opset: Annotated[int, _opt("ONNX opset.", min=18, max=30)] = 18,
     verify: Annotated[
         bool,
         _opt(
@@ -6177,9 +6138,6 @@ def export_command(
         Optional[Path],
         _opt("An `attack --json` report: its results for this checkpoint go into the model card."),
     ] = None,
-    license: Annotated[
-        str, _opt("License in the hf model card's front matter (an SPDX id or a Hub license name).")
-    ] = "mit",
     replace: Annotated[
         bool, _opt("Overwrite another model's export of the same name in --out.")
     ] = False,
@@ -6190,13 +6148,14 @@ def export_command(
     export_with(dict(locals()))
 
 
-def export_with(o: dict[str, Any], zoo: tuple = (None, "linf", "models")) -> None:
+def export_with(o: dict[str, Any], zoo: tuple = (None, "linf", "models"), **folder: Any) -> None:
     """The `export` command, its options as typed; `zoo`: the data set, threat model and
-    folder of a checkpoint named in a zoo (part_tools' --dataset, --threat, --model-dir)."""
+    folder of a checkpoint named in a zoo (part_tools' --dataset, --threat, --model-dir);
+    `folder`: the options of a folder format (part_tools' --license)."""
     with cli_errors():
         checkpoint, arch = checkpoint_source(o["checkpoint"], o["arch"], *zoo)
-        given = ("image_size", "batch_size", "opset", "verify", "report", "license", "replace")
-        export_checkpoint(checkpoint, o["out"], o["formats"], arch=arch, **{k: o[k] for k in given})
+        given = {k: o[k] for k in ("image_size", "verify", "report", "replace")}
+        export_checkpoint(checkpoint, o["out"], o["formats"], arch=arch, **given, **folder)
 
 
 def previous_export(out: Path, name: str, formats: list[str], sha256: str, replace: bool) -> dict:
@@ -6226,17 +6185,15 @@ def export_checkpoint(
     *,
     arch: Optional[str] = None,
     image_size: Optional[int] = None,
-    batch_size: int = 2,
-    opset: int = 18,
     verify: bool = True,
     report: str | Path | None = None,
-    license: str = "mit",
     replace: bool = False,
+    **folder: Any,
 ) -> dict[str, Path]:
     """What `export` does, from Python: the checkpoint as TorchScript / ONNX / torch.export
     files in `out` with the model card <name>.json; `verify` runs each file on a batch of
     another size against PyTorch. A format of FOLDER_EXPORTS ("hf", with part_tools) makes
-    `out` a model folder to share. Another model's export of the same name in `out` is
+    `out` a model folder to share (`folder`: its options, e.g. license). Another model's export of the same name in `out` is
     refused unless `replace`; the same model's keeps its results when no `report` is given.
     Returns {format: path, ..., "card": path}."""
     checkpoint, out = Path(checkpoint), Path(out)
@@ -6248,11 +6205,11 @@ def export_checkpoint(
     before = previous_export(out, name, chosen, sha256, replace)
     size = image_size or meta.image_size or 32
     card = model_card(meta, sha256, size, robustness or before.get("robustness"))
-    example = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     for fmt in (f for f in chosen if f in FOLDER_EXPORTS):
-        folder_card = FOLDER_EXPORTS[fmt](model, meta, card, out, name, license, checkpoint)
+        folder_card = FOLDER_EXPORTS[fmt](model, meta, card, out, name, checkpoint, **folder)
         files[fmt] = out
         shown = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
         console.print(f"{fmt}: {out} (model folder: {shown})")
@@ -6261,7 +6218,7 @@ def export_checkpoint(
     for fmt in (f for f in chosen if f not in FOLDER_EXPORTS):
         path = out / f"{name}{SUFFIX[fmt]}"
         try:
-            EXPORTERS[fmt](model, example, path, opset, card)
+            EXPORTERS[fmt](model, example, path, card)
         except OSError:  # a full disk or a folder that cannot be written: not the exporter's fault
             raise
         except Exception as e:  # exporters fail in many ways; each is reported in one line
@@ -6278,7 +6235,7 @@ def export_checkpoint(
     console.print(f"model card: {out / f'{name}.json'}")
     runtimes = {fmt: p for fmt, p in files.items() if fmt not in FOLDER_EXPORTS}
     if verify and runtimes:
-        check_exports(model, runtimes, batch_size + 3, size)
+        check_exports(model, runtimes, 5, size)
     return {**files, "card": out / f"{name}.json"}
 
 

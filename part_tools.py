@@ -51,9 +51,9 @@ from part import CONFIG_FIELDS, console, cpu_bf16, cpu_model, csv_text, DataDir,
 from part import DEFAULT_CACHE, DEFAULT_STEP_LEVELS, Device, device_name, _eps_map, eps_map
 from part import eval_mode, EvalHooks, EvalTarget, first_line, fmt_pct, FORMAT, fraction
 from part import from_levels, full_fp32, HF_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, jet, JsonOut
-from part import load_for_eval, machine, MASK_RULES, MAX_IMAGE_SIZE
+from part import load_for_eval, machine, make_adversarial, MASK_RULES, MAX_IMAGE_SIZE
 from part import NOT_THE_EXPERIMENT, note, ONE_PROCESS, _opt, parse_levels, PART_ONLY, PENDING
-from part import per_class_accuracy, _pgd, pgd, pick_device, PointFlags, predict, pyplot
+from part import per_class_accuracy, pgd, pick_device, PointFlags, predict, pyplot
 from part import require_file, ROBUSTBENCH, RunFiles, safetensors_metadata, save_checkpoint
 from part import save_figure_png, save_tensors, Seed, set_threads, Split, Tensor, tensors_of
 from part import text_table, Threads, to_float, to_levels, TOKEN_FAMILIES, train_step, TrainConfig
@@ -252,6 +252,9 @@ def _export_tool_options(
     ] = None,
     threat: Threat = "linf",
     model_dir: ModelDir = "models",
+    license: Annotated[
+        str, _opt("License in the hf model card's front matter (an SPDX id or a Hub license name).")
+    ] = "mit",
 ):
     """The options this module adds to `export` (typer reads them from this signature)."""
 
@@ -259,7 +262,9 @@ def _export_tool_options(
 extend_command(
     "export",
     _export_tool_options,
-    lambda card, tools: part.export_with(card, tuple(tools.values())),
+    lambda card, t: part.export_with(
+        card, (t["dataset"], t["threat"], t["model_dir"]), license=t["license"]
+    ),
     " A checkpoint may be robustbench:NAME (its file in --model-dir).",
 )
 
@@ -282,8 +287,8 @@ def export_hf(
     card: dict,
     out: Path,
     name: str,
-    license: str,
     source: Path,
+    license: str = "mit",
 ) -> Path:
     """model.safetensors (our checkpoint format: `attack`, `cam` and `export` load the folder
     itself; our checkpoint's own bytes, so its sha256 and the reports that name it still
@@ -2101,7 +2106,7 @@ def bench_pieces(
 
     def attack():
         with autocast(x.device, cfg.amp):
-            _pgd(net, x, y, budget, setup.step, cfg.steps, stepper=parts.stepper)
+            make_adversarial(net, x, y, budget, setup, "ce", "pgd", parts.stepper)
 
     return {
         "forward (eval, no grad)": forward,

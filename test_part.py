@@ -2912,7 +2912,8 @@ def test_the_compiled_attack_equals_the_eager_one_and_holds_the_budget_exactly(b
         runs = []
         for stepper in (None, part.compiled_ascent_step()):
             torch.manual_seed(3)
-            runs.append(part.pgd(model, x, y, budget, 2 / 255, 5, loss, start, stepper=stepper))
+            with part.stepping(stepper):
+                runs.append(part.pgd(model, x, y, budget, 2 / 255, 5, loss, start))
         eager, compiled = runs
         assert (
             ((compiled - x).abs() <= torch.as_tensor(budget)).all()
@@ -2926,7 +2927,8 @@ def test_the_compiled_attack_equals_the_eager_one_and_holds_the_budget_exactly(b
 def test_the_compiled_attack_holds_a_float32_per_pixel_budget_exactly(batch):
     model, (x, y) = Tiny().eval(), batch
     budget = part.eps_map(part.class_activation(model, x), EPS, EPS_LOW, "zscore", size=(32, 32))
-    x_adv = part.pgd(model, x, y, budget, 2 / 255, 5, stepper=part.compiled_ascent_step())
+    with part.stepping(part.compiled_ascent_step()):
+        x_adv = part.pgd(model, x, y, budget, 2 / 255, 5)
     assert ((x_adv - x).abs() <= budget).all() and (
         (x_adv.double() - x.double()).abs() <= budget.double()
     ).all()
@@ -2989,8 +2991,8 @@ def test_cuda_compiled_bf16_attack_holds_the_budget_exactly(batch):
     model = part.channels_last(part.build_model("resnet18").cuda().eval())
     x, y = batch[0].cuda(), batch[1].cuda()
     budget = part.eps_map(part.class_activation(model, x), EPS, EPS_LOW, size=(32, 32))
-    with part.autocast(x.device, True):
-        x_adv = part.pgd(model, x, y, budget, 2 / 255, 5, stepper=part.compiled_ascent_step())
+    with part.autocast(x.device, True), part.stepping(part.compiled_ascent_step()):
+        x_adv = part.pgd(model, x, y, budget, 2 / 255, 5)
     assert x_adv.dtype == torch.float32
     assert (
         ((x_adv.double() - x.double()).abs() <= budget.double()).all()
