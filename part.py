@@ -66,42 +66,12 @@ __version__ = "0.5.0"
 # The Python API (budgets in [0, 1] units; images as uint8 or floats in [0, 1]). Everything
 # else is internal and may change.
 __all__ = [
-    # data
-    "Split",
-    "as_split",
-    "load_split",
-    "synthetic_split",
-    "to_float",
-    "DATASETS",
-    # models and checkpoints
-    "build_model",
-    "load_checkpoint",
-    "save_checkpoint",
-    "CheckpointMeta",
-    # CAM and budget maps
-    "class_activation",
-    "grad_cam",
-    "eps_map",
-    "CAM_METHODS",
-    "MASK_RULES",
-    # attacks and evaluation
-    "pgd",
-    "mma",
-    "compiled_ascent_step",
-    "stepping",
-    "AttackSetup",
-    "evaluate",
-    "evaluate_suite",
-    "EvalHooks",
-    # training and export
-    "TrainConfig",
-    "fit",
-    "TrainedRun",
-    "export_checkpoint",
-    # the command line
-    "app",
-    "CliError",
-    "__version__",
+    *"Split as_split load_split synthetic_split to_float DATASETS".split(),  # data
+    *"build_model load_checkpoint save_checkpoint CheckpointMeta".split(),  # models
+    *"class_activation grad_cam eps_map CAM_METHODS MASK_RULES".split(),  # CAM and budgets
+    *"pgd mma compiled_ascent_step stepping AttackSetup".split(),  # attacks
+    *"evaluate evaluate_suite EvalHooks".split(),  # evaluation
+    *"TrainConfig fit TrainedRun export_checkpoint app CliError __version__".split(),
 ]
 
 # ============================================================================ specs and units
@@ -1452,14 +1422,8 @@ TORCHVISION_CAM_LAYERS = {
     "googlenet": "inception5b",
     "inception": "Mixed_7c",
 }
-TOKEN_FAMILIES = (
-    "vit",
-    "swin",
-    "maxvit",
-    "deit",
-    "beit",
-    "eva",
-)  # transformers: tokens, not [N, C, H, W] maps
+# transformers: their blocks give tokens, not [N, C, H, W] maps
+TOKEN_FAMILIES = ("vit", "swin", "maxvit", "deit", "beit", "eva")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ARCH_HELP = (
     f"{', '.join(ARCHS)}, torchvision:NAME, timm:NAME or robustbench:NAME (e.g. "
@@ -2585,15 +2549,8 @@ def setting(
     return dataclasses.field(default=default, metadata=meta)
 
 
-DATA, MODEL, METHOD, THREAT, SCHEDULE, EVALUATION, RUN = (
-    "Data",
-    "Model",
-    "Method",
-    "Threat model (1/255 levels)",
-    "Schedule",
-    "Evaluation during training",
-    "Run",
-)
+DATA, MODEL, METHOD, SCHEDULE, RUN = "Data", "Model", "Method", "Schedule", "Run"
+THREAT, EVALUATION = "Threat model (1/255 levels)", "Evaluation during training"
 OPTIMIZERS, SCHEDULES = ("sgd", "adamw"), ("step", "cosine")
 
 
@@ -2787,21 +2744,10 @@ CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 CONFIG_TYPES = typing.get_type_hints(TrainConfig)
 # Settings that say where or how fast a run computes, not what: they may differ between
 # seeds of one experiment (and between a run and its resume).
-NOT_THE_EXPERIMENT = {
-    "data_dir",
-    "cache_dir",
-    "out",
-    "device",
-    "compile",
-    "compile_mode",
-    "eval_every",
-    "tensorboard",
-    "seed",
-    "threads",
-    "init",
-    "wandb",
-    "model_dir",
-}  # init: the file's name; its sha256 is the experiment
+NOT_THE_EXPERIMENT = set(  # init: the file's name; its sha256 is the experiment
+    "data_dir cache_dir out device compile compile_mode eval_every tensorboard seed threads "
+    "init wandb model_dir".split()
+)
 # Settings that only the PART phase reads: an AT run computes the same whatever they hold.
 PART_ONLY = {"cam", "cam_layer", "mask_rule", "eps_low", "warmup_epochs"}
 
@@ -3245,15 +3191,12 @@ def _clean_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
 def _unpickling_reason(e: Exception) -> str:
     """Why torch.load(weights_only=True) refused a file, in a few words (never the advice to
     turn weights_only off: files that need code are not opened at all)."""
-    text = str(e)
-    if isinstance(e, EOFError):
-        return "it is empty or truncated"
-    found = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", text, re.IGNORECASE)
+    found = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", str(e), re.IGNORECASE)
     if found:
         return f"it needs the Python object {found.group(1)}, i.e. code, not only tensors"
-    if "weightsunpickler" in text.lower() or isinstance(e, (UnicodeDecodeError, ValueError)):
-        return "it is damaged, or not a PyTorch pickle"
-    return first_line(text.split("Re-running `torch.")[0], 120) or type(e).__name__
+    if isinstance(e, EOFError):
+        return "it is empty or truncated"
+    return "it is damaged, or not a PyTorch pickle of tensors"
 
 
 def _head_size(state: dict[str, Tensor], arch: str) -> Optional[int]:
@@ -3298,17 +3241,11 @@ def load_state_into(model: nn.Module, state: dict[str, Tensor], arch: str, path:
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        parts = [
-            f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-            f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
-            f"{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})"
-            if wrong
-            else "",
-        ]
+        k = (missing or unexpected or wrong)[0]
+        shapes = f" ({tuple(state[k].shape)} vs {tuple(own[k].shape)})" if k in wrong else ""
         raise CliError(
-            f"{path} does not match architecture {arch}: "
-            + ", ".join(p for p in parts if p)
-            + " keys"
+            f"{path} does not match architecture {arch}: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(wrong)} of another shape keys (e.g. {k}{shapes})"
         )
     model.load_state_dict(state)
 
@@ -3316,24 +3253,12 @@ def load_state_into(model: nn.Module, state: dict[str, Tensor], arch: str, path:
 def _read_pickle(path: Path) -> tuple[Any, str]:
     """A foreign .pt/.pth file, opened with weights_only=True and nothing else, and the
     sha256 of the bytes read."""
-    import pickle
-
+    data = path.read_bytes()
     try:
-        data = path.read_bytes()
         with warnings.catch_warnings():  # torch's notes on pickle protocols; failures raise below
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        AttributeError,
-        ImportError,
-        UnicodeDecodeError,
-        TypeError,
-    ) as e:
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ...: all mean the same
         raise CliError(
             f"{path} was not loaded: {_unpickling_reason(e)}. part never unpickles files that need code "
             "(weights-only loading); convert it to a state dict of tensors with code you trust"
@@ -3516,25 +3441,13 @@ def load_resume_state(
         raise CliError(f"{path}: a damaged resume state ({first_line(e)})") from None
     load_state_into(model, weights, meta.arch, path)
     if ema is not None:
-        load_state_into(
-            ema,
-            {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")},
-            meta.arch,
-            path,
-        )
+        averaged = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        load_state_into(ema, averaged, meta.arch, path)
     try:
         optimizer.load_state_dict({"state": optim_state, "param_groups": info["param_groups"]})
     except (RecursionError, ValueError, KeyError, TypeError) as e:
         raise CliError(f"{path} does not fit this model's optimizer ({first_line(e)})") from None
     return meta, history
-
-
-def test_set_of(meta: CheckpointMeta, dataset: Optional[str]) -> tuple[str, int]:
-    """(dataset, image side) to evaluate a checkpoint on: --dataset, else its own, else cifar10."""
-    name = dataset or meta.dataset or "cifar10"
-    if name not in DATASETS:
-        raise unknown("dataset", name, DATASETS)
-    return name, meta.image_size or DATASETS[name].image_size or 32
 
 
 def trained_data_dir(meta: CheckpointMeta, dataset: str) -> str:
@@ -3545,17 +3458,6 @@ def trained_data_dir(meta: CheckpointMeta, dataset: str) -> str:
         note(f"note: test images from {cfg.data_dir}, where the model was trained", once=True)
         return cfg.data_dir
     return "data"
-
-
-def check_fits(meta: CheckpointMeta, data: Split, name: str, data_dir: str) -> None:
-    if len(data.classes) != meta.num_classes:
-        raise CliError(
-            f"the model predicts {meta.num_classes} classes but {name} in {data_dir} has {len(data.classes)}"
-        )
-    if meta.classes and list(meta.classes) != list(data.classes):
-        raise CliError(
-            f"the model's classes ({', '.join(meta.classes[:4])}, ...) differ from those of {name} in {data_dir}"
-        )
 
 
 @dataclasses.dataclass
@@ -3585,18 +3487,28 @@ def load_for_eval(
     belongs to (read once per data set when `splits` is shared; from `data_dir`, else where
     the model was trained), and the checks that the two fit."""
     model, meta, sha256 = _load_checkpoint(Path(path), arch, device, cam_layer)
-    model = channels_last(model)
-    key = test_set_of(meta, dataset)
-    data_dir = data_dir or trained_data_dir(meta, key[0])
+    name = dataset or meta.dataset or "cifar10"  # --dataset, else its own, else cifar10
+    if name not in DATASETS:
+        raise unknown("dataset", name, DATASETS)
+    key = name, meta.image_size or DATASETS[name].image_size or 32
+    data_dir = data_dir or trained_data_dir(meta, name)
     splits = {} if splits is None else splits
     if key not in splits:
-        splits[key] = load_split(key[0], "test", data_dir, cache_dir, key[1])
-    check_fits(meta, splits[key], key[0], data_dir)
-    if tuple(splits[key].x.shape[-2:]) != (key[1], key[1]):
+        splits[key] = load_split(name, "test", data_dir, cache_dir, key[1])
+    classes, side = splits[key].classes, splits[key].x.shape[-1]
+    if len(classes) != meta.num_classes:
         raise CliError(
-            f"the model was trained on {key[1]} px images, the test images of {key[0]} are {splits[key].x.shape[-1]} px"
+            f"the model predicts {meta.num_classes} classes but {name} in {data_dir} has {len(classes)}"
         )
-    return EvalTarget(Path(path), model, meta, key[0], splits[key], sha256)
+    if meta.classes and list(meta.classes) != list(classes):
+        raise CliError(
+            f"the model's classes ({', '.join(meta.classes[:4])}, ...) differ from those of {name} in {data_dir}"
+        )
+    if side != key[1]:
+        raise CliError(
+            f"the model was trained on {key[1]} px images, the test images of {name} are {side} px"
+        )
+    return EvalTarget(Path(path), channels_last(model), meta, name, splits[key], sha256)
 
 
 # ============================================================================ plots and tables
@@ -3652,25 +3564,15 @@ def plot_curves(
         if points:
             right.plot(*zip(*points, strict=True), marker=".", label=label, color=colour)
     where = rows[-1].get("eval_on", "test")
-    right.set(
-        xlabel="epoch", ylabel="accuracy (%)", title=f"accuracy (natural, PGD-20 on {where} images)"
-    )
+    right.set(xlabel="epoch", ylabel="accuracy (%)", title=f"natural, PGD-20 on {where} images")
+    marks = [(m, "black", ":", "lr drop") for m in milestones if m < epochs[-1]]
+    if method == "part" and 0 < warmup_epochs < epochs[-1] + 1:
+        marks.append((warmup_epochs, "tab:green", "--", "PART starts"))
     for ax in (left, right):
-        if method == "part" and 0 < warmup_epochs < epochs[-1] + 1:
+        for i, (epoch, colour, style, label) in enumerate(marks):
+            first = label == "PART starts" or i == 0
             ax.axvline(
-                warmup_epochs + 0.5,
-                color="tab:green",
-                linestyle="--",
-                linewidth=1,
-                label="PART starts",
-            )
-        for i, m in enumerate(m for m in milestones if m < epochs[-1]):
-            ax.axvline(
-                m + 0.5,
-                color="black",
-                linestyle=":",
-                linewidth=1,
-                label="lr drop" if i == 0 else None,
+                epoch + 0.5, color=colour, linestyle=style, lw=1, label=label if first else None
             )
         ax.grid(alpha=0.3)
     right.legend(fontsize=8)
@@ -3730,19 +3632,9 @@ def stop_signals_deferred():
             raise KeyboardInterrupt
 
 
-SUMMARY_COLUMNS = (
-    "epoch",
-    "phase",
-    "lr",
-    "train_loss",
-    "train_acc",
-    "natural",
-    "pgd20",
-    "eval_on",
-    "eval_points",
-    "seconds",
-    "img_per_s",
-    "steady_img_per_s",
+SUMMARY_COLUMNS = tuple(
+    "epoch phase lr train_loss train_acc natural pgd20 eval_on eval_points seconds img_per_s "
+    "steady_img_per_s".split()
 )
 
 
@@ -3841,17 +3733,8 @@ class RunFiles:
 
     def present(self) -> list[Path]:
         """The files of a run that are there (any one of them makes the folder a run)."""
-        names = (
-            self.last,
-            self.state,
-            self.best,
-            self.metrics,
-            self.config,
-            self.summary,
-            self.curves,
-            self.tensorboard,
-        )
-        return [p for p in names if p.exists()]
+        names = ("last", "state", "best", "metrics", "config", "summary", "curves", "tensorboard")
+        return [p for n in names if (p := getattr(self, n)).exists()]
 
 
 def command_name() -> str:
