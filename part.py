@@ -948,20 +948,6 @@ def _decode_files(files: list[Path], size: int) -> Tensor:
     return out
 
 
-def _valid_cache_entry(t: dict[str, Tensor], classes: list, n: int, size: int) -> bool:
-    x, y = t.get("x"), t.get("y")
-    return (
-        x is not None
-        and y is not None
-        and x.dtype == torch.uint8
-        and tuple(x.shape) == (n, 3, size, size)
-        and y.dtype == torch.int64
-        and tuple(y.shape) == (n,)
-        and len(classes) > 0
-        and (n == 0 or (int(y.min()) >= 0 and int(y.max()) < len(classes)))
-    )
-
-
 def _cached(
     cache_dir: str, name: str, files: list[Path], size: int, build: Callable[[], Split]
 ) -> Split:
@@ -980,8 +966,13 @@ def _cached(
             # memory-mapped: a data set's cache need not be read into memory twice or hashed
             t = load_file(str(path))
             classes = json.loads(safetensors_metadata(path)["classes"])
-            if _valid_cache_entry(t, classes, len(files), size):
-                return Split(t["x"], t["y"], list(classes))
+            x, fits = t["x"], t["x"].dtype == torch.uint8 and classes
+            if (
+                fits
+                and tuple(x.shape) == (len(files), 3, size, size)
+                and t["y"].dtype == torch.int64
+            ):
+                return Split(x, t["y"], list(classes))  # which checks the labels
         except Exception:  # unreadable or inconsistent: rebuilt below
             pass
         note(f"note: the cache entry {path} was damaged; decoding the images again")
@@ -1732,6 +1723,7 @@ def grad_cam(
 # A new rule is one function (cam, eps, eps_low, size, generator) -> budget and one line in
 # MASK_RULES.
 
+Size = tuple[int, int]  # an image's height and width
 # matplotlib's `jet` segment data (x, value) per channel, as the authors' mask uses it.
 JET = (
     ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
@@ -1769,17 +1761,13 @@ def _zscore_hot(v: Tensor) -> Tensor:
     return (v - mean) / std.clamp(min=1e-12) > 1
 
 
-def zscore_rule(
-    cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None
-) -> Tensor:
+def zscore_rule(cam: Tensor, eps: float, eps_low: float, size: Size, generator=None) -> Tensor:
     """The paper's rule: standardise the upsampled CAM per image; z > 1 keeps `eps` on all
     channels, the rest get `eps_low`. -> [B, 1, H, W]"""
     return torch.where(_zscore_hot(upsample(cam, size)), eps, eps_low)
 
 
-def official_rule(
-    cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None
-) -> Tensor:
+def official_rule(cam: Tensor, eps: float, eps_low: float, size: Size, generator=None) -> Tensor:
     """The authors' code re-created: Pillow bicubic upsampling, squared, coloured with jet,
     standardised over all H x W x 3 values, > 1 gets `eps`. -> [B, 3, H, W]"""
     heat = pil_bicubic(cam, size)  # Pillow's float images are not clipped; matplotlib clips below
@@ -1787,9 +1775,7 @@ def official_rule(
     return torch.where(_zscore_hot(rgb), eps, eps_low)
 
 
-def random_rule(
-    cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None
-) -> Tensor:
+def random_rule(cam: Tensor, eps: float, eps_low: float, size: Size, generator=None) -> Tensor:
     """As many `eps` pixels per image as zscore gives, at random positions. -> [B, 1, H, W]"""
     b, n = cam.shape[0], size[0] * size[1]
     count = _zscore_hot(upsample(cam, size)).flatten(1).sum(1, keepdim=True)
@@ -1797,18 +1783,14 @@ def random_rule(
     return torch.where((rank < count).view(b, 1, *size), eps, eps_low)
 
 
-def uniform_rule(
-    cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None
-) -> Tensor:
+def uniform_rule(cam: Tensor, eps: float, eps_low: float, size: Size, generator=None) -> Tensor:
     """Every pixel at the per-image mean budget zscore gives (plain AT at PART's budget). -> [B, 1, 1, 1]"""
     return eps_low + (eps - eps_low) * _zscore_hot(upsample(cam, size)).float().mean(
         (1, 2, 3), keepdim=True
     )
 
 
-def inverse_rule(
-    cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None
-) -> Tensor:
+def inverse_rule(cam: Tensor, eps: float, eps_low: float, size: Size, generator=None) -> Tensor:
     """The control for "where": as many `eps` pixels per image as zscore gives, on the pixels
     the CAM ranks least important (ties in pixel order). -> [B, 1, H, W]"""
     heat = upsample(cam, size)
@@ -1821,9 +1803,7 @@ def quadrant_rule(corner: str) -> Callable[..., Tensor]:
     """The paper's Fig. 1: `eps_low` on one image quadrant (tl, tr, bl, br), `eps` on the
     other three; no CAM. -> [B, 1, H, W]"""
 
-    def rule(
-        cam: Tensor, eps: float, eps_low: float, size: tuple[int, int], generator=None
-    ) -> Tensor:
+    def rule(cam: Tensor, eps: float, eps_low: float, size: Size, generator=None) -> Tensor:
         (h, w), low = size, torch.zeros(size, dtype=torch.bool, device=cam.device)
         rows = slice(0, h // 2) if corner[0] == "t" else slice(h - h // 2, h)
         cols = slice(0, w // 2) if corner[1] == "l" else slice(w - w // 2, w)
@@ -1842,9 +1822,7 @@ MASK_RULES: dict[str, Callable[..., Tensor]] = {
     "inverse": inverse_rule,
     **{f"quadrant-{c}": quadrant_rule(c) for c in ("tl", "tr", "bl", "br")},
 }
-NO_CAM_RULES = {
-    name for name in MASK_RULES if name.startswith("quadrant-")
-}  # the budget map needs no CAM
+NO_CAM_RULES = {name for name in MASK_RULES if name.startswith("quadrant-")}  # need no CAM
 
 
 def eps_map(
@@ -3642,17 +3620,8 @@ class Reporter:
     """Run output: the resolved config, a live progress bar per epoch on a terminal, and one
     row per epoch (plain lines when stdout is not a terminal). Silent on ranks other than 0."""
 
-    COLUMNS = (
-        ("epoch", 7),
-        ("phase", 8),
-        ("lr", 9),
-        ("loss", 8),
-        ("train%", 7),
-        ("nat%", 7),
-        ("pgd20%", 7),
-        ("sec", 7),
-        ("img/s", 8),
-    )
+    COLUMNS = "epoch phase lr loss train% nat% pgd20% sec img/s".split()
+    WIDTHS = (7, 8, 9, 8, 7, 7, 7, 7, 8)
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -3669,7 +3638,8 @@ class Reporter:
         self.print(f"config: {items}")
 
     def header(self) -> None:
-        self.print("  ".join(name.rjust(width) for name, width in self.COLUMNS), style="bold")
+        names = zip(self.COLUMNS, self.WIDTHS, strict=True)
+        self.print("  ".join(name.rjust(width) for name, width in names), style="bold")
 
     @contextlib.contextmanager
     def bar(self, label: str, total: int):
@@ -3699,20 +3669,10 @@ class Reporter:
             )
 
     def row(self, m: dict) -> None:
-        values = (
-            f"{m['epoch']}",
-            m["phase"],
-            f"{m['lr']:.2e}",
-            f"{m['train_loss']:.4f}",
-            fmt_pct(m["train_acc"]),
-            fmt_pct(m.get("natural")),
-            fmt_pct(m.get("pgd20")),
-            f"{m['seconds']:.1f}",
-            f"{m['img_per_s']:.0f}",
-        )
-        self.print(
-            "  ".join(v.rjust(width) for v, (_, width) in zip(values, self.COLUMNS, strict=True))
-        )
+        values = [f"{m['epoch']}", m["phase"], f"{m['lr']:.2e}", f"{m['train_loss']:.4f}"]
+        values += [fmt_pct(m.get(k)) for k in ("train_acc", "natural", "pgd20")]
+        values += [f"{m['seconds']:.1f}", f"{m['img_per_s']:.0f}"]
+        self.print("  ".join(v.rjust(w) for v, w in zip(values, self.WIDTHS, strict=True)))
         console.file.flush()  # a row per epoch also reaches logs and pipes at once
 
 
@@ -6141,15 +6101,8 @@ def check_exports(
             note(f"{fmt}: {first_line(e)}")
         ok = diff <= tolerance and same
         failed += [] if ok else [fmt]
-        rows.append(
-            [
-                fmt,
-                path.name,
-                f"{diff:.2e}",
-                "same" if same else "DIFFERENT",
-                "ok" if ok else "FAILED",
-            ]
-        )
+        verdict = ["same" if same else "DIFFERENT", "ok" if ok else "FAILED"]
+        rows.append([fmt, path.name, f"{diff:.2e}", *verdict])
     headers = ["format", "file", "max |diff|", "argmax", "result"]
     console.print(
         text_table(
