@@ -2242,9 +2242,7 @@ class TrainingModules:
     model: nn.Module  # plain module: evaluation, checkpoints
     update: nn.Module  # MultiInput(model), under DDP and/or torch.compile
     stepper: Optional[Stepper] = None  # the compiled attack step; None: eager
-    cam: Optional[Callable[[nn.Module, Tensor, str], Tensor]] = (
-        None  # the compiled CAM; None: eager
-    )
+    cam: Optional[Callable[[nn.Module, Tensor, str], Tensor]] = None  # compiled CAM; None: eager
 
 
 def wrap_for_training(
@@ -2260,11 +2258,7 @@ def wrap_for_training(
         )
     if not use_compile:
         return TrainingModules(model, update)
-    splits = (
-        hasattr(model, "features")
-        and hasattr(model, "head")
-        and getattr(model, "cam_layer", None) is None
-    )
+    splits = hasattr(model, "features") and getattr(model, "cam_layer", None) is None
     return TrainingModules(
         model,
         torch.compile(update, mode=cfg.compile_mode),
@@ -2359,11 +2353,8 @@ def lr_at(cfg: TrainConfig, epoch: int, step: int = 0, steps: int = 1) -> float:
     done = epoch + step / steps  # epochs elapsed before this step
     if done < cfg.lr_warmup:
         return cfg.lr * (done + 1 / steps) / cfg.lr_warmup
-    return (
-        cfg.lr
-        * 0.5
-        * (1 + math.cos(math.pi * (done - cfg.lr_warmup) / max(cfg.epochs - cfg.lr_warmup, 1e-12)))
-    )
+    progress = (done - cfg.lr_warmup) / max(cfg.epochs - cfg.lr_warmup, 1e-12)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -2399,9 +2390,7 @@ def train_epoch(run: Run, epoch: int) -> dict:
     # the epoch's first lr: the one a step schedule keeps all epoch
     lr = lr_at(cfg, epoch, 0, len(batches))
     totals = torch.zeros(3, device=device)  # loss sum, correct, count (this rank)
-    steady = (
-        None  # (time, images) after the first 10 steps: compilation and warm-up are over by then
-    )
+    steady = None  # (time, images) after 10 steps: compilation and warm-up are over by then
     with run.report.bar(f"epoch {epoch + 1}", len(batches)) as show:
         for i, index in enumerate(batches):
             x = to_float(augment(run.train.x[index], DATASETS[cfg.dataset].flip, aug))
