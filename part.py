@@ -393,18 +393,8 @@ def require_file(path: Path, what: str, folder: str = "is a folder, not a file")
 
 def file_hash(path: Path) -> str:
     """sha256 of a file, the identity of a checkpoint in reports and saved examples."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _header_metadata(header: bytes) -> dict[str, str]:
-    metadata = json.loads(header).get("__metadata__") or {}
-    if not isinstance(metadata, dict):
-        raise ValueError("the metadata is not a mapping")
-    return metadata
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tensors_of(path: Path) -> tuple[dict[str, Tensor], dict[str, str], str]:
@@ -413,21 +403,19 @@ def tensors_of(path: Path) -> tuple[dict[str, Tensor], dict[str, str], str]:
 
     data = Path(path).read_bytes()
     tensors = load(data)  # validates the whole file
-    return (
-        tensors,
-        _header_metadata(data[8 : 8 + int.from_bytes(data[:8], "little")]),
-        hashlib.sha256(data).hexdigest(),
-    )
+    metadata = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__")
+    if not isinstance(metadata or {}, dict):
+        raise ValueError("the metadata is not a mapping")
+    return tensors, metadata or {}, hashlib.sha256(data).hexdigest()
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
     """A safetensors file's metadata from its header alone ({} when it is not readable as one)."""
+    from safetensors import safe_open
+
     try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if size > 100 << 20:
-                return {}
-            return _header_metadata(f.read(size))
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
     except Exception:  # missing, not a safetensors file, damaged: no metadata
         return {}
 
@@ -452,10 +440,9 @@ def file_lock(lock: Path, what: str, used: str, remove: bool = False):
     try:
         held.acquire()
     except filelock.Timeout:
-        try:
-            holder = lock.read_text().strip() or "another process"
-        except OSError:
-            holder = "another process"
+        holder = "another process"
+        with contextlib.suppress(OSError):
+            holder = lock.read_text().strip() or holder
         raise CliError(
             f"{used} is in use by {holder}; wait for it to finish or choose another"
         ) from None
@@ -483,19 +470,11 @@ def pick_device(name: str) -> torch.device:
         raise unknown("device", name, DEVICES)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CliError(f"--device {name} asked for, but this PyTorch sees no CUDA device")
-        index = int(name.split(":")[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise CliError(
-                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    if name == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
-        raise CliError("--device mps asked for, but this PyTorch sees no MPS device")
-    return torch.device(name)
+    device = torch.device(name)
+    kind = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if (device.index or 0) >= kind.get(device.type, 1):
+        raise CliError(f"--device {name}: this machine has no {device.type.upper()} device there")
+    return device
 
 
 def device_name(device: torch.device) -> str:
@@ -669,49 +648,35 @@ def same_buffers(model: Optional[nn.Module], dist: Dist) -> None:
 # ============================================================================ data
 
 
-def check_images(x: Any, what: str = "images") -> None:
-    """The API's guard on an image batch: a tensor [N, C, H, W], not channels-last."""
-    if not torch.is_tensor(x):
-        raise ValueError(f"{what} must be a torch.Tensor [N, C, H, W], got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{what} must be a batch [N, C, H, W], got shape {tuple(x.shape)}")
+def check_images(x: Any, what: str = "images", uint8: bool = False) -> None:
+    """Images as the models and attacks take them: a tensor [N, C, H, W] (not channels-last),
+    floating point in [0, 1], or uint8 (0..255) where `uint8`. Floats of 0..255 are refused,
+    never rescaled by a guess. One reduction (a sync on a GPU) per call."""
+    if not torch.is_tensor(x) or x.dim() != 4:
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"{what} must be a torch.Tensor batch [N, C, H, W], got {shape}")
     if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
         raise ValueError(
             f"{what} of shape {tuple(x.shape)} look channels-last [N, H, W, C]: pass x.permute(0, 3, 1, 2)"
         )
-
-
-def check_unit_images(x: Any, what: str = "images") -> None:
-    """Images as the models and attacks take them: floating point in [0, 1]. uint8 (0..255)
-    and floats of 0..255 are refused, never rescaled by a guess. One reduction (a sync on
-    a GPU) per call."""
-    check_images(x, what)
+    if uint8 and x.dtype == torch.uint8:
+        return
     if not x.is_floating_point():
         raise ValueError(
             f"{what} must be floating point in [0, 1], got {x.dtype} (part.to_float(x) converts uint8)"
         )
-    if x.numel():
-        low, high = (float(v) for v in torch.aminmax(x.detach()))
-        if not (0 <= low and high <= 1):  # written so that NaN fails too
-            hint = (
-                " (0..255 values: divide by 255, or pass uint8 to part.to_float)"
-                if high > 1.5
-                else ""
-            )
-            raise ValueError(
-                f"{what} must be in [0, 1], these range over [{low:g}, {high:g}]{hint}"
-            )
+    low, high = (float(v) for v in torch.aminmax(x.detach())) if x.numel() else (0.0, 0.0)
+    if not (0 <= low and high <= 1):  # written so that NaN fails too
+        hint = (
+            " (0..255 values: divide by 255, or pass uint8 to part.to_float)" if high > 1.5 else ""
+        )
+        raise ValueError(f"{what} must be in [0, 1], these range over [{low:g}, {high:g}]{hint}")
 
 
 def check_labels(y: Any, n: int, device: torch.device, what: str = "labels") -> None:
     """Labels [N] of integer class indices, beside their images."""
-    if (
-        not torch.is_tensor(y)
-        or y.dim() != 1
-        or y.dtype in (torch.bool, torch.uint8)
-        or y.is_floating_point()
-        or y.is_complex()
-    ):
+    ints = (torch.int8, torch.int16, torch.int32, torch.int64)
+    if not torch.is_tensor(y) or y.dim() != 1 or y.dtype not in ints:
         shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
         raise ValueError(
             f"{what} must be a 1-D tensor of integer class indices, got {getattr(y, 'dtype', '')} {shape}"
@@ -761,9 +726,7 @@ class Split:
 
     def __post_init__(self):
         self.x, self.y = torch.as_tensor(self.x), torch.as_tensor(self.y)
-        if self.x.dtype != torch.uint8:
-            check_unit_images(self.x, "Split images")
-        check_images(self.x, "Split images")
+        check_images(self.x, "Split images", uint8=True)
         check_labels(self.y, len(self.x), self.x.device, "Split labels")
         self.y = self.y.long()
         if self.classes is None:
@@ -921,11 +884,7 @@ def _decode_image(path: Path, size: int) -> Tensor:
         im = im.convert("RGB")
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)
-        return (
-            torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-            .view(size, size, 3)
-            .permute(2, 0, 1)
-        )
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1)
 
 
 def _decode_files(files: list[Path], size: int) -> Tensor:
@@ -937,11 +896,9 @@ def _decode_files(files: list[Path], size: int) -> Tensor:
     with live_progress(len(files) >= 1000) as bars:
         task = bars.add_task("decoding", total=len(files), extra="") if bars else None
         for i, path in enumerate(files):
-            try:
+            try:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
                 out[i] = _decode_image(path, size)
-            except (
-                Exception
-            ) as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+            except Exception as e:
                 raise CliError(f"cannot decode image {path}: {first_line(e)}") from None
             if bars is not None and ((i + 1) % 100 == 0 or i + 1 == len(files)):
                 bars.update(task, completed=i + 1)
@@ -949,39 +906,30 @@ def _decode_files(files: list[Path], size: int) -> Tensor:
 
 
 def _cached(
-    cache_dir: str, name: str, files: list[Path], size: int, build: Callable[[], Split]
+    cache_dir: str, name: str, size: int, files: list, labels: list, classes: list
 ) -> Split:
-    """Decode once, keep a uint8 copy in the cache (keyed by the file list, sizes and mtimes).
-    An entry that does not fit its key is rebuilt; a cache that cannot be written only
-    costs the decoding time next run."""
+    """The images decoded once, a uint8 copy kept in the cache (keyed by the file list, sizes
+    and mtimes). An entry that does not fit its key is decoded again; a cache that cannot be
+    written only costs the decoding time next run."""
     h = hashlib.sha1(f"{FORMAT}|{name}|{size}".encode())
     for f in files:
         st = f.stat()
         h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     path = Path(cache_dir).expanduser() / f"{name}-{size}px-{h.hexdigest()[:16]}.safetensors"
     if path.is_file():
-        try:
-            from safetensors.torch import load_file
+        from safetensors.torch import load_file
 
-            # memory-mapped: a data set's cache need not be read into memory twice or hashed
-            t = load_file(str(path))
-            classes = json.loads(safetensors_metadata(path)["classes"])
-            x, fits = t["x"], t["x"].dtype == torch.uint8 and classes
-            if (
-                fits
-                and tuple(x.shape) == (len(files), 3, size, size)
-                and t["y"].dtype == torch.int64
-            ):
-                return Split(x, t["y"], list(classes))  # which checks the labels
-        except Exception:  # unreadable or inconsistent: rebuilt below
+        try:  # memory-mapped: a data set's cache need not be read into memory twice or hashed
+            t, kept = load_file(str(path)), json.loads(safetensors_metadata(path)["classes"])
+            if kept == classes and tuple(t["x"].shape) == (len(files), 3, size, size):
+                return Split(t["x"], t["y"], classes)  # which checks dtypes and labels
+        except Exception:  # unreadable or inconsistent: decoded again below
             pass
         note(f"note: the cache entry {path} was damaged; decoding the images again")
-    split = build()
+    split = Split(_decode_files(files, size), torch.tensor(labels, dtype=torch.int64), classes)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_tensors(
-            path, {"x": split.x.contiguous(), "y": split.y}, {"classes": json.dumps(split.classes)}
-        )
+        save_tensors(path, {"x": split.x, "y": split.y}, {"classes": json.dumps(classes)})
     except Exception as e:  # read-only folder, full disk, ...
         note(
             f"note: cannot write the cache in {path.parent} ({first_line(e)}); images will be decoded again next run"
@@ -998,10 +946,7 @@ def _folder_split(root: Path, split: str, size: int, cache_dir: str, name: str) 
     files, labels, classes = _class_folder_files(folder)
     if not files:
         raise DataMissing(f"no images in {folder}/<class>/")
-    build = lambda: Split(
-        _decode_files(files, size), torch.tensor(labels, dtype=torch.int64), classes
-    )  # noqa: E731
-    return _cached(cache_dir, f"{name}-{split}", files, size, build)
+    return _cached(cache_dir, f"{name}-{split}", size, files, labels, classes)
 
 
 def _has_class_folders(folder: Path) -> bool:
@@ -1031,42 +976,34 @@ def _torchvision_split(dataset: str, split: str, root: Path) -> Split:
 
     import torchvision.datasets as tvd
 
-    is_train = split == "train"
+    train = split == "train"
     make = {
-        "cifar10": lambda dl: tvd.CIFAR10(str(root), train=is_train, download=dl),
-        "cifar100": lambda dl: tvd.CIFAR100(str(root), train=is_train, download=dl),
+        "cifar10": lambda dl: tvd.CIFAR10(str(root), train=train, download=dl),
+        "cifar100": lambda dl: tvd.CIFAR100(str(root), train=train, download=dl),
         "svhn": lambda dl: tvd.SVHN(str(root), split=split, download=dl),
     }[dataset]
+    old = socket.getdefaulttimeout()
     try:
         try:
             ds = make(False)
         except RuntimeError:  # not there (or corrupt): download it, where the network allows
-            old = socket.getdefaulttimeout()
             socket.setdefaulttimeout(30)
-            try:
-                with _undo_partial_download(root), contextlib.redirect_stdout(sys.stderr):
-                    ds = make(True)
-            except ImportError:
-                raise
-            except Exception as e:  # network errors come in many types; all mean the same here
-                raise DataMissing(
-                    f"{dataset} not found in {root} and could not be downloaded ({type(e).__name__}). "
-                    f"Put torchvision's copy in {root}, or an image-folder copy as {root}/train/<class>/ and {root}/test/<class>/"
-                ) from None
-            finally:
-                socket.setdefaulttimeout(old)
+            with _undo_partial_download(root), contextlib.redirect_stdout(sys.stderr):
+                ds = make(True)
     except ImportError as e:  # torchvision reads SVHN's .mat files with scipy
         raise CliError(f"{dataset} needs an extra package ({e}): pip install scipy") from None
+    except Exception as e:  # network errors come in many types; all mean the same here
+        raise DataMissing(
+            f"{dataset} not found in {root} and could not be downloaded ({type(e).__name__}). "
+            f"Put torchvision's copy in {root}, or an image-folder copy as {root}/train/<class>/ and {root}/test/<class>/"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(old)
     if dataset == "svhn":
-        x, y = torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64)
-        classes = [str(d) for d in range(10)]
+        x, y, classes = torch.from_numpy(ds.data), ds.labels, [str(d) for d in range(10)]
     else:
-        x, y = (
-            torch.from_numpy(ds.data).permute(0, 3, 1, 2),
-            torch.as_tensor(ds.targets, dtype=torch.int64),
-        )
-        classes = list(ds.classes)
-    return Split(x.contiguous(), y, classes)
+        x, y, classes = torch.from_numpy(ds.data).permute(0, 3, 1, 2), ds.targets, ds.classes
+    return Split(x.contiguous(), torch.as_tensor(y, dtype=torch.int64), list(classes))
 
 
 def _tinyimagenet_split(root: Path, split: str, cache_dir: str) -> Split:
@@ -1099,10 +1036,7 @@ def _tinyimagenet_split(root: Path, split: str, cache_dir: str) -> Split:
     if not pairs:
         raise DataMissing(f"no images for the {split} split of tiny-imagenet-200 in {root}")
     files, labels = [p for p, _ in pairs], [label for _, label in pairs]
-    build = lambda: Split(
-        _decode_files(files, 64), torch.tensor(labels, dtype=torch.int64), classes
-    )  # noqa: E731
-    return _cached(cache_dir, f"tinyimagenet-{split}", files, 64, build)
+    return _cached(cache_dir, f"tinyimagenet-{split}", 64, files, labels, classes)
 
 
 def load_split(
@@ -1192,7 +1126,7 @@ def to_float(images: Tensor) -> Tensor:
     never divided again."""
     if torch.is_tensor(images) and images.dtype == torch.uint8:
         return images.float().div_(255)
-    check_unit_images(images)
+    check_images(images)
     return images if images.dtype in (torch.float32, torch.float64) else images.float()
 
 
@@ -1838,7 +1772,7 @@ def eps_map(
     entry: its input is checked here; the loops call _eps_map."""
     if rule not in MASK_RULES:
         raise unknown("mask rule", rule, MASK_RULES)
-    check_unit_images(cam, "cam")
+    check_images(cam, "cam")
     check_threat(eps, eps_low, None, zero_eps=True)
     return _eps_map(cam, eps, eps_low, rule, tuple(size or cam.shape[-2:]), generator)
 
@@ -1968,7 +1902,7 @@ def check_attack_inputs(
 ) -> None:
     """What an attack or CAM is given from the API: images in [0, 1] on the model's device,
     labels beside them, a budget tensor that fits the images."""
-    check_unit_images(x)
+    check_images(x)
     device = model_device(model)
     if device is not None and device != x.device:
         raise ValueError(
