@@ -1360,7 +1360,8 @@ def is_zoo(name: str) -> bool:
     return name.startswith(ZOOS)
 
 
-def _torchvision_net(name: str, num_classes: int) -> nn.Module:
+def torchvision_zoo(name: str, num_classes: int, image_size: int) -> tuple:
+    """torchvision's classifier with ImageNet's normalisation; its family's CAM layer."""
     import torchvision.models as tvm
 
     if name not in tvm.list_models(module=tvm):
@@ -1368,18 +1369,10 @@ def _torchvision_net(name: str, num_classes: int) -> nn.Module:
             f"unknown torchvision classifier {name!r} (e.g. resnet18, resnet50, mobilenet_v3_small, "
             f"efficientnet_b0, convnext_tiny, densenet121)"
         )
-    extra = (
-        {"aux_logits": False, "init_weights": True}
-        if name.startswith(("googlenet", "inception"))
-        else {}
-    )
-    return tvm.get_model(name, weights=None, num_classes=num_classes, **extra)
-
-
-def torchvision_zoo(name: str, num_classes: int, image_size: int) -> tuple:
-    """torchvision's classifier with ImageNet's normalisation; its family's CAM layer."""
+    inception = name.startswith(("googlenet", "inception"))
+    extra = {"aux_logits": False, "init_weights": True} if inception else {}
+    net = tvm.get_model(name, weights=None, num_classes=num_classes, **extra)
     family = max((f for f in TORCHVISION_CAM_LAYERS if name.startswith(f)), key=len, default=None)
-    net = _torchvision_net(name, num_classes)
     return net, IMAGENET_MEAN, IMAGENET_STD, None, TORCHVISION_CAM_LAYERS.get(family)
 
 
@@ -1444,26 +1437,19 @@ class ZooNet(nn.Module):
         (ImageNet models shrink 32 px inputs to 1 x 1 there, a CAM of one value), else the
         deepest stage that still is: among `stages` (timm's own list; none for transformers),
         else among the modules one or two levels down; found by one forward."""
-        shapes: list[tuple[str, tuple]] = []
-        pools = (
-            nn.AdaptiveAvgPool2d,
-            nn.AdaptiveMaxPool2d,
-            nn.Identity,
-            nn.Dropout,
-        )  # resample or copy, add nothing
+        shapes: dict[str, tuple] = {}  # in the order of their last call
+        pools = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Identity, nn.Dropout)  # add nothing
+
+        def seen(name: str, output: Any) -> None:
+            shapes.pop(name, None)
+            shapes[name] = tuple(getattr(output, "shape", ()))
+
         hooks = [
-            m.register_forward_hook(
-                lambda m, i, o, name=name: shapes.append(
-                    (name, tuple(o.shape)) if torch.is_tensor(o) else None
-                )
-            )
+            m.register_forward_hook(lambda m, i, o, name=name: seen(name, o))
             for name, m in self.net.named_modules()
             if name
-            and (
-                name in stages
-                if stages is not None
-                else name.count(".") <= 1 and not isinstance(m, pools)
-            )
+            and (name in stages if stages is not None else name.count(".") <= 1)
+            and not (stages is None and isinstance(m, pools))
         ]
         try:
             with torch.no_grad(), eval_mode(self):
@@ -1475,7 +1461,7 @@ class ZooNet(nn.Module):
         finally:
             for h in hooks:
                 h.remove()
-        usable = [name for name, shape in shapes if len(shape) == 4 and min(shape[2:]) >= 4]
+        usable = [name for name, shape in shapes.items() if len(shape) == 4 and min(shape[2:]) >= 4]
         if preferred in usable:
             return f"net.{preferred}"
         return f"net.{usable[-1]}" if usable else None
@@ -2461,72 +2447,49 @@ class TrainConfig:
 
     dataset: str = setting("cifar10", "Dataset.", DATA, choices=tuple(DATASETS))
     data_dir: str = setting(
-        "data",
-        "Dataset folder (torchvision copies download here when possible).",
-        DATA,
-        on_resume=True,
+        "data", "Dataset folder (torchvision's copies download here).", DATA, on_resume=True
     )
-    cache_dir: str = setting(
-        DEFAULT_CACHE, "Where decoded image folders are cached.", DATA, on_resume=True
-    )
+    cache_dir: str = setting(DEFAULT_CACHE, "Cache of decoded image folders.", DATA, on_resume=True)
     image_size: int = setting(
-        32,
-        "Image side for --dataset imagefolder (fixed datasets use their own).",
-        DATA,
-        bounds=(8, MAX_IMAGE_SIZE),
+        32, "Image side of --dataset imagefolder.", DATA, bounds=(8, MAX_IMAGE_SIZE)
     )
     train_subset: int = setting(
         0, "Train on the first N training images (0: all).", DATA, bounds=(0, 10**8)
     )
     val_size: int = setting(
         0,
-        "Hold out N training images (class-balanced, chosen by the seed) to pick `best`; "
-        "0: pick it on the first --eval-subset test images.",
+        "Hold out N training images (class-balanced, by the seed) to pick `best`; 0: pick it "
+        "on the first --eval-subset test images.",
         DATA,
         bounds=(0, 10**7),
     )
     model: str = setting("resnet18", f"Architecture: {ARCH_HELP}.", MODEL)
     cam_layer: Optional[str] = setting(
-        None,
-        "Module whose output the CAM uses (default: the architecture's last block).",
-        MODEL,
-        on_resume=True,
+        None, "Module whose output the CAM uses (default: the last block).", MODEL, on_resume=True
     )
     init: str = setting(
         "",
-        "Start from this checkpoint's weights (fine-tuning): ours (.safetensors) or a state dict of --model's "
-        "architecture (.safetensors/.pt/.pth); a classifier for another number of classes starts afresh.",
+        "Start from this checkpoint's weights (fine-tuning): ours, or a state dict of --model "
+        "(.safetensors/.pt/.pth); a classifier for another number of classes starts afresh.",
         MODEL,
     )
-    init_sha256: str = setting(
-        "", "sha256 of the --init file (recorded; checked when the config is run again).", None
-    )
+    init_sha256: str = setting("", "sha256 of the --init file (checked on a re-run).", None)
     model_dir: str = setting(
-        "models",
-        "RobustBench's model folder, for --init/--model robustbench:NAME (its layout: "
-        "DIR/<dataset>/Linf/<NAME>.pt).",
-        MODEL,
+        "models", "RobustBench's model folder (DIR/<dataset>/Linf/<NAME>.pt).", MODEL
     )
     method: str = setting(
-        "part",
-        "at: uniform budget; part: pixel-reweighted after the warm-up.",
-        METHOD,
-        choices=METHODS,
+        "part", "at: uniform budget; part: reweighted after the warm-up.", METHOD, choices=METHODS
     )
     loss: str = setting(
-        "ce",
-        "Base loss: ce (AT/PART), trades (PART-T), mart (PART-M).",
-        METHOD,
-        choices=tuple(LOSSES),
+        "ce", "ce (AT/PART), trades (PART-T), mart (PART-M).", METHOD, choices=tuple(LOSSES)
     )
     beta: float = setting(6.0, "TRADES/MART regulariser weight.", METHOD, bounds=(0, 1e6))
     generator: str = setting("pgd", "How training AEs are made.", METHOD, choices=GENERATORS)
     cam: str = setting("gradcam", "CAM method.", METHOD, choices=CAM_METHODS)
     mask_rule: str = setting(
         "zscore",
-        "zscore (paper), official (authors' code); controls: random, uniform (same budget, "
-        "no placement), inverse (the least important pixels); quadrant-tl, quadrant-tr, quadrant-bl, "
-        "quadrant-br (the paper's Fig. 1: eps-low on one quadrant, no CAM).",
+        "zscore (paper), official (authors' code); controls: random, uniform (same budget, no "
+        "placement), inverse (least important pixels), quadrant-tl/tr/bl/br (Fig. 1, no CAM).",
         METHOD,
         choices=tuple(MASK_RULES),
     )
@@ -2543,10 +2506,7 @@ class TrainConfig:
         20, "Epochs of the base method at uniform eps before PART.", SCHEDULE, bounds=(0, 100_000)
     )
     batch_size: int = setting(
-        128,
-        "Global batch size (split across processes under torchrun).",
-        SCHEDULE,
-        bounds=(2, 65_536),
+        128, "Global batch size (split across processes).", SCHEDULE, bounds=(2, 65_536)
     )
     optimizer: str = setting(
         "sgd", "sgd (the paper's) or adamw (--momentum unused).", SCHEDULE, choices=OPTIMIZERS
@@ -2558,30 +2518,24 @@ class TrainConfig:
     )
     schedule: str = setting(
         "step",
-        "step: lr * gamma at each milestone (the paper's); cosine: linear warm-up over "
-        "--lr-warmup epochs, then down to 0, set at every step.",
+        "step: lr * gamma at each milestone (the paper's); cosine: --lr-warmup epochs of linear "
+        "warm-up, then down to 0, set at every step.",
         SCHEDULE,
         choices=SCHEDULES,
     )
     lr_milestones: list[int] = setting(
-        [79], "Global epochs where lr *= gamma, e.g. 79 or 60,75 (step schedule).", SCHEDULE
+        [79], "Epochs where lr *= gamma, e.g. 79 or 60,75 (step schedule).", SCHEDULE
     )
     lr_gamma: float = setting(
-        0.1,
-        "LR decay factor at each milestone (step schedule).",
-        SCHEDULE,
-        bounds=(1e-12, math.inf),
+        0.1, "LR factor at each milestone (step schedule).", SCHEDULE, bounds=(1e-12, math.inf)
     )
     lr_warmup: float = setting(
-        0.0,
-        "Epochs of linear lr warm-up from 0 (cosine schedule; may be a fraction).",
-        SCHEDULE,
-        bounds=(0, 100_000),
+        0.0, "Epochs of lr warm-up from 0 (cosine schedule).", SCHEDULE, bounds=(0, 100_000)
     )
     ema: float = setting(
         0.0,
-        "Decay of an exponential moving average of the weights (e.g. 0.999), evaluated and saved as "
-        "the model; BatchNorm statistics copied (0: off).",
+        "Decay of a moving average of the weights (e.g. 0.999), evaluated and saved as the "
+        "model (0: off).",
         SCHEDULE,
         bounds=(0, 0.999999),
     )
@@ -2594,47 +2548,40 @@ class TrainConfig:
     )
     eval_every: int = setting(
         1,
-        "Evaluate every N epochs (and after the last).",
+        "Evaluate every N epochs and after the last.",
         EVALUATION,
-        bounds=(1, 100_000),
+        bounds=(1, 10**5),
         on_resume=True,
     )
     out: str = setting("", "Run folder.", RUN, on_resume=True)
     seed: int = setting(0, "Random seed.", RUN, bounds=(0, MAX_SEED))
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps.", RUN, on_resume=True)
     compile: Optional[bool] = setting(
-        None,
-        "torch.compile the attack step, CAM and update (default: on with CUDA).",
-        RUN,
-        on_resume=True,
+        None, "torch.compile attack, CAM and update (default: with CUDA).", RUN, on_resume=True
     )
     compile_mode: str = setting(
         "default", "torch.compile mode.", RUN, choices=COMPILE_MODES, on_resume=True
     )
     amp: Optional[bool] = setting(
         None,
-        "bf16 autocast for the training attack and update (CUDA or CPU); the CAM, budget maps "
-        "and every evaluation stay fp32 (default: on a CPU with AMX bf16 units, else off).",
+        "bf16 autocast for the training attack and update (CUDA or CPU); CAM, budget maps and "
+        "evaluation stay fp32 (default: on a CPU with AMX bf16 units).",
         RUN,
     )
-    sync_bn: bool = setting(False, "SyncBatchNorm across processes (torchrun, CUDA).", RUN)
+    sync_bn: bool = setting(False, "SyncBatchNorm across processes (CUDA).", RUN)
     tensorboard: bool = setting(
-        False,
-        "Also log to TensorBoard (runs/X/tensorboard; needs the tensorboard package).",
-        RUN,
-        on_resume=True,
+        False, "Also log to TensorBoard (runs/X/tensorboard).", RUN, on_resume=True
     )
     wandb: str = setting(
         "",
-        "Also log the config and every epoch to this Weights & Biases project (needs the wandb package; "
-        "WANDB_MODE=offline keeps it in runs/X/wandb).",
+        "Also log to this Weights & Biases project (WANDB_MODE=offline works).",
         RUN,
         on_resume=True,
     )
     threads: int = setting(
         0,
-        "CPU threads for PyTorch (0: its default, one per core; 1 is often fastest on a machine "
-        "shared with other jobs). A resume is bit-exact only at the same count.",
+        "CPU threads for PyTorch (0: one per core; 1 is often fastest on a shared machine). A "
+        "resume is bit-exact only at the same count.",
         RUN,
         bounds=(0, 4096),
         on_resume=True,
@@ -2675,29 +2622,23 @@ def coerce(key: str, value: Any, origin: str) -> Any:
         raise bad
     if field.metadata["levels"]:
         return parse_levels(value, key)
-    if base is bool:
-        if not isinstance(value, bool):
-            raise bad
-    elif base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-    elif base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        value = float(value)
-    elif typing.get_origin(base) is list:
-        if isinstance(value, str):
-            try:
-                value = [int(v) for v in value.replace(" ", "").split(",") if v]
-            except ValueError:
-                raise bad from None
-        if not isinstance(value, list) or not all(
+    listed = typing.get_origin(base) is list
+    if listed and isinstance(value, str):
+        try:
+            value = [int(v) for v in value.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise bad from None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if listed:
+        ok = isinstance(value, list) and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
-            raise bad
-        value = list(value)
-    elif not isinstance(value, str):
+        )
+    else:
+        ok = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number}
+        ok = ok.get(base, isinstance(value, str))
+    if not ok:
         raise bad
+    value = float(value) if base is float else list(value) if listed else value
     choices = field.metadata["choices"]
     if choices is not None and value not in choices:
         raise CliError(f"{origin}: {unknown(key.replace('_', '-'), value, choices)}")
@@ -2804,11 +2745,7 @@ def read_settings_file(path: Path) -> tuple[dict, Optional[str]]:
     try:
         text = path.read_text()
         data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
-    except (
-        RecursionError,
-        OSError,
-        ValueError,
-    ) as e:  # JSONDecodeError, TOMLDecodeError, UnicodeDecodeError
+    except (RecursionError, OSError, ValueError) as e:  # JSON, TOML or Unicode decode errors
         raise CliError(f"--config {path} is not valid {kind}: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise CliError(f"--config {path} is not a table of settings")
@@ -5076,62 +5013,41 @@ def cli_errors():
         raise typer.Exit(1) from None
 
 
-def _opt(help: str, *names: str, **kw):
-    """An option whose help is shown as written: typer's rich mode would read `[default: x]`
-    or `[tag]` in it as markup and drop it."""
-    return typer.Option(*names, help=escape_markup(help), **kw)
+def _opt(help: str, *names: str, panel: Optional[str] = None, **kw):
+    """An option whose help is shown as written (typer's rich mode would read `[default: x]`
+    or `[tag]` in it as markup and drop it), in the help's `panel`."""
+    return typer.Option(*names, help=escape_markup(help), rich_help_panel=panel, **kw)
 
 
 # Options shared by several commands, declared once.
 ON_DATA, ATTACKING, REPORTS = "Model and data", "Attacks", "Reports"
-Device = Annotated[str, _opt("auto, cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)]
+Device = Annotated[str, _opt("auto, cpu, cuda, cuda:N or mps.", panel=RUN)]
 DataDir = Annotated[
-    Optional[str],
-    _opt(
-        "Dataset folder, only its test split is read (default: the checkpoint's, else data).",
-        rich_help_panel=ON_DATA,
-    ),
+    Optional[str], _opt("Dataset folder (default: the model's own, else data).", panel=ON_DATA)
 ]
-CacheDir = Annotated[str, _opt("Cache of decoded image folders.", rich_help_panel=ON_DATA)]
+CacheDir = Annotated[str, _opt("Cache of decoded image folders.", panel=ON_DATA)]
 DatasetOpt = Annotated[
     Optional[Literal[tuple(DATASETS)]],
-    _opt("Dataset (default: the checkpoint's, else cifar10).", rich_help_panel=ON_DATA),
+    _opt("Dataset (default: the checkpoint's, else cifar10).", panel=ON_DATA),
 ]
 Arch = Annotated[
-    Optional[str],
-    _opt(f"Architecture of a foreign state dict: {ARCH_HELP}.", rich_help_panel=ON_DATA),
+    Optional[str], _opt(f"A foreign state dict's architecture: {ARCH_HELP}.", panel=ON_DATA)
 ]
-CamLayer = Annotated[
-    Optional[str],
-    _opt("Module whose output the CAM uses (default: the model's).", rich_help_panel=ON_DATA),
-]
-Checkpoint = Annotated[
-    Path,
-    typer.Argument(
-        help=escape_markup(
-            "Our .safetensors checkpoint, a model folder (export --format hf), or a foreign state "
-            "dict with --arch (with part_tools: robustbench:NAME, its file in --model-dir)."
-        ),
-        show_default=False,
-    ),
-]
-Seed = Annotated[int, _opt("Random seed.", min=0, max=MAX_SEED, rich_help_panel=RUN)]
-Threads = Annotated[
-    int,
-    _opt(
-        "CPU threads for PyTorch (0: its default, one per core; 1 is often fastest on a machine "
-        "shared with other jobs).",
-        min=0,
-        max=4096,
-        rich_help_panel=RUN,
-    ),
-]
+CamLayer = Annotated[Optional[str], _opt("The CAM's module (default: the model's).", panel=ON_DATA)]
+CHECKPOINT_HELP = (
+    "Our .safetensors checkpoint, a model folder (export --format hf), or a foreign state dict "
+    "with --arch (with part_tools: robustbench:NAME, its file in --model-dir)."
+)
+Checkpoint = Annotated[Path, typer.Argument(help=CHECKPOINT_HELP, show_default=False)]
+Seed = Annotated[int, _opt("Random seed.", min=0, max=MAX_SEED, panel=RUN)]
+THREADS_HELP = "CPU threads for PyTorch (0: one per core; 1 is often fastest on a shared machine)."
+Threads = Annotated[int, _opt(THREADS_HELP, min=0, max=4096, panel=RUN)]
 JsonOut = Annotated[Optional[Path], _opt("Write the figures as JSON here.", "--json")]
 NPROC_HELP = (
     "Run as N processes on this machine (one per GPU on CUDA; gloo on a CPU), as torchrun would, with one "
     "line per error and no launcher traceback."
 )
-NProc = Annotated[int, _opt(NPROC_HELP, min=1, max=1024, rich_help_panel=RUN)]
+NProc = Annotated[int, _opt(NPROC_HELP, min=1, max=1024, panel=RUN)]
 
 
 class KeepsArgs(typer.core.TyperCommand):
@@ -5224,16 +5140,8 @@ def _launch_failure(failures: dict, nproc: int, logs: Path) -> int:
     return failure.exitcode
 
 
-NExamples = Annotated[
-    Optional[int],
-    _opt(
-        "The first N test images in canonical order (default: all).",
-        "--n-examples",
-        "--n",
-        min=1,
-        rich_help_panel=ATTACKING,
-    ),
-]
+N_HELP = "The first N test images in canonical order (default: all)."
+NExamples = Annotated[Optional[int], _opt(N_HELP, "--n-examples", "--n", min=1, panel=ATTACKING)]
 
 
 def shown_value(value: Any) -> Optional[str]:
@@ -5264,7 +5172,7 @@ def _config_option(name: str, field: dataclasses.Field) -> inspect.Parameter:
     default = field.default_factory() if callable(field.default_factory) else field.default
     shown = "runs/PRESET-METHOD-TIME" if name == "out" else shown_value(default)
     text = meta["help"] + (f" [default: {shown}]" if shown is not None else "")
-    option = _opt(text, *decls, rich_help_panel=meta["panel"], show_default=False)
+    option = _opt(text, *decls, panel=meta["panel"], show_default=False)
     return inspect.Parameter(
         name,
         inspect.Parameter.KEYWORD_ONLY,
@@ -5320,49 +5228,27 @@ def recorded_processes(config: Path) -> int:
         return 1
 
 
+PRESETS = "Presets"
+PRESET_HELP = "Preset: of configs.toml or --presets (default: the dataset's own, else cifar10)."
 PresetOpt = Annotated[
-    Optional[str],
-    _opt(
-        "Preset in the config file (default: the dataset's own, else cifar10).",
-        rich_help_panel="Presets",
-        autocompletion=complete_preset,
-    ),
+    Optional[str], _opt(PRESET_HELP, panel=PRESETS, autocompletion=complete_preset)
 ]
 PresetsOpt = Annotated[
-    Optional[Path],
-    _opt(
-        "Your own presets file (TOML, as configs.toml), added to the shipped presets.",
-        rich_help_panel="Presets",
-    ),
+    Optional[Path], _opt("Your presets file (TOML, as configs.toml), added.", panel=PRESETS)
 ]
-ConfigOpt = Annotated[
-    Optional[Path],
-    _opt(
-        "Settings file: a run's config.json (re-runs it exactly, in a new --out) or a TOML/JSON "
-        "table of settings; over the preset, under the options given here.",
-        rich_help_panel="Presets",
-    ),
-]
-ResumeOpt = Annotated[
-    bool,
-    _opt(
-        "Start the run in --out, or continue it exactly where it stopped if --out holds one: one "
-        "command line for a job that is stopped and run again. A continued run keeps its settings: "
-        "options, --config and --preset that repeat them are accepted, a different value is refused "
-        "(where/how fast, --epochs and --threads may change).",
-        "--resume",
-        rich_help_panel="Presets",
-    ),
-]
-TrainNProc = Annotated[
-    Optional[int],
-    _opt(
-        NPROC_HELP + " [default: 1, or the count a --config run file records]",
-        min=1,
-        max=1024,
-        rich_help_panel=RUN,
-    ),
-]
+CONFIG_HELP = (
+    "Settings file: a run's config.json (re-runs it exactly, in a new --out) or a TOML/JSON "
+    "table of settings; over the preset, under the options given here."
+)
+ConfigOpt = Annotated[Optional[Path], _opt(CONFIG_HELP, panel=PRESETS)]
+RESUME_HELP = (
+    "Start the run in --out, or continue it exactly where it stopped if --out holds one. A "
+    "continued run keeps its settings: the same values are accepted, a different one is refused "
+    "(where/how fast, --epochs and --threads may change)."
+)
+ResumeOpt = Annotated[bool, _opt(RESUME_HELP, "--resume", panel=PRESETS)]
+TRAIN_NPROC_HELP = NPROC_HELP + " [default: 1, or the count a --config run file records]"
+TrainNProc = Annotated[Optional[int], _opt(TRAIN_NPROC_HELP, min=1, max=1024, panel=RUN)]
 
 
 def train_command(
@@ -5781,24 +5667,21 @@ def _say_result(t: EvalTarget, specs: list[AttackSpec], result: dict) -> None:
         )
 
 
+def _attacking(help: str, **kw) -> Any:
+    return _opt(help, panel=ATTACKING, **kw)
+
+
+ATTACKS_HELP = f"Comma-separated: {ATTACK_HELP}. natural always runs. [default: {DEFAULT_ATTACKS}]"
+CHECKPOINTS_HELP = "Checkpoints: ours, model folders, or foreign state dicts with --arch."
+RESTARTS_HELP = "Restarts of each iterative attack without its own xR (worst kept). [default: 1]"
+EPS_LOW_HELP = "pgdK-part's low budget, 1/255 levels (default: the model's eps-low, else 7)."
+
+
 @app.command("attack", cls=KeepsArgs)
 def attack_command(
-    checkpoints: Annotated[
-        list[Path],
-        typer.Argument(
-            help=escape_markup(
-                "Checkpoints: ours (.safetensors), model folders, or foreign state dicts with --arch."
-            ),
-            show_default=False,
-        ),
-    ],
+    checkpoints: Annotated[list[Path], typer.Argument(help=CHECKPOINTS_HELP, show_default=False)],
     attacks: Annotated[
-        Optional[str],
-        _opt(
-            f"Comma-separated: {ATTACK_HELP}. natural always runs. [default: {DEFAULT_ATTACKS}]",
-            autocompletion=complete_attacks,
-            rich_help_panel=ATTACKING,
-        ),
+        Optional[str], _attacking(ATTACKS_HELP, autocompletion=complete_attacks)
     ] = None,
     dataset: DatasetOpt = None,
     data_dir: DataDir = None,
@@ -5807,45 +5690,15 @@ def attack_command(
     cam_layer: CamLayer = None,
     n_examples: NExamples = None,
     batch_size: Annotated[
-        int,
-        _opt(
-            "Batch size (halved automatically on CUDA out-of-memory).",
-            min=1,
-            max=1 << 20,
-            rich_help_panel=ATTACKING,
-        ),
+        int, _attacking("Batch size (halved on CUDA out-of-memory).", min=1, max=1 << 20)
     ] = 256,
-    eps: Annotated[
-        Optional[str],
-        _opt("L-inf budget, 1/255 levels (8 or 8/255). [default: 8]", rich_help_panel=ATTACKING),
-    ] = None,
-    step: Annotated[
-        Optional[str],
-        _opt("Step of the PGD-type attacks, 1/255 levels. [default: 2]", rich_help_panel=ATTACKING),
-    ] = None,
-    restarts: Annotated[
-        Optional[int],
-        _opt(
-            "Random restarts of every iterative attack without its own xR (worst case "
-            "kept). [default: 1]",
-            min=1,
-            max=MAX_RESTARTS,
-            rich_help_panel=ATTACKING,
-        ),
-    ] = None,
-    eps_low: Annotated[
-        Optional[str],
-        _opt(
-            "pgdK-part's budget of the unimportant pixels, 1/255 levels (default: the "
-            "checkpoint's training eps-low, else 7).",
-            rich_help_panel=ATTACKING,
-        ),
-    ] = None,
-    per_class: Annotated[
-        bool, _opt("Also report accuracy per class.", "--per-class", rich_help_panel=REPORTS)
-    ] = False,
+    eps: Annotated[Optional[str], _attacking("L-inf budget, 1/255 levels. [default: 8]")] = None,
+    step: Annotated[Optional[str], _attacking("PGD step, 1/255 levels. [default: 2]")] = None,
+    restarts: Annotated[Optional[int], _attacking(RESTARTS_HELP, min=1, max=MAX_RESTARTS)] = None,
+    eps_low: Annotated[Optional[str], _attacking(EPS_LOW_HELP)] = None,
+    per_class: Annotated[bool, _opt("Also per class.", "--per-class", panel=REPORTS)] = False,
     json_out: Annotated[
-        Optional[Path], _opt("Write the figures as JSON here.", "--json", rich_help_panel=REPORTS)
+        Optional[Path], _opt("Write the figures as JSON here.", "--json", panel=REPORTS)
     ] = None,
     seed: Seed = 0,
     device: Device = "auto",
