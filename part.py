@@ -3558,40 +3558,23 @@ class RunFiles:
 
 
 def command_name() -> str:
-    """How the user started us, for messages that tell what to run next (--nproc says so to
-    the processes it starts)."""
-    return os.environ.get("PART_COMMAND") or (
-        "python part.py" if Path(sys.argv[0]).name == "part.py" else "part"
-    )
+    """How the user started us, for messages that say what to run next (--nproc tells the
+    processes it starts)."""
+    name = "python part.py" if Path(sys.argv[0]).name == "part.py" else "part"
+    return os.environ.get("PART_COMMAND") or name
 
 
 def resume_command(folder: Path) -> str:
-    nproc = os.environ.get("PART_NPROC")
-    return f"{command_name()} train --out {folder} --resume" + (
-        f" --nproc {nproc}" if nproc else ""
-    )
-
-
-def check_out_dir(files: RunFiles, resume: bool) -> None:
-    """Under the folder's lock (check_output_folder made it): without --resume, no run to
-    overwrite."""
-    if not resume and files.present():
-        raise CliError(
-            f"{files.folder} already holds a run ({files.present()[0].name}); pass --resume to "
-            "continue it, or choose another --out"
-        )
+    nproc = f" --nproc {os.environ['PART_NPROC']}" if os.environ.get("PART_NPROC") else ""
+    return f"{command_name()} train --out {folder} --resume{nproc}"
 
 
 def cannot_continue(files: RunFiles, problem: str) -> str:
     """A lost or damaged resume state: the run cannot continue exactly; its weights can
     start a new one."""
     done = _epoch_of(files.last)
-    if not done:
-        return problem
-    return (
-        f"{problem}; {files.last.name} holds epoch {done}: start a new --out with "
-        f"--init {files.last} to train on from its weights"
-    )
+    then = f"start a new --out with --init {files.last} to train on from its weights"
+    return f"{problem}; {files.last.name} holds epoch {done}: {then}" if done else problem
 
 
 def stored_config(files: RunFiles) -> tuple[TrainConfig, str]:
@@ -3602,12 +3585,10 @@ def stored_config(files: RunFiles) -> tuple[TrainConfig, str]:
             _, metadata, _ = read_safetensors(files.state)
             meta = CheckpointMeta.from_metadata(json.loads(metadata["checkpoint"]), files.state)
         except (RecursionError, KeyError, ValueError, TypeError) as e:  # CliError is a ValueError
-            text = (
-                str(e)
-                if isinstance(e, CliError)
-                else f"{files.state}: not a resume state of this version of part ({first_line(e)})"
-            )
-            raise CliError(cannot_continue(files, text)) from None
+            why = f"{files.state}: not a resume state of this version of part ({first_line(e)})"
+            raise CliError(
+                cannot_continue(files, str(e) if isinstance(e, CliError) else why)
+            ) from None
         if meta.config is None:
             raise CliError(f"{files.state} holds no config; the run cannot resume")
         return meta.config, meta.preset or meta.config.dataset
@@ -4143,8 +4124,12 @@ def fit(
         check_output(files.folder, "--out", folder=True)
         lock = folder_lock(files.folder, "a training run")
     with lock:
+        if dist.main and not resume and files.present():  # under the lock: no run overwritten
+            raise CliError(
+                f"{files.folder} already holds a run ({files.present()[0].name}); pass --resume to "
+                "continue it, or choose another --out"
+            )
         if dist.main:
-            check_out_dir(files, resume)
             remove_stale_temporaries(files.folder)
         with process_group(dist, process_device(cfg.device, dist)):
             metrics = run_training(cfg, preset_name, files, resume, dist)
@@ -4413,20 +4398,14 @@ class Chunker:
     def __init__(self, size: int):
         self.size, self.said = size, size
 
-    def __call__(
-        self,
-        fn: Callable[[Tensor, Tensor, int], tuple[Tensor, dict]],
-        x: Tensor,
-        y: Tensor,
-        seed: int,
-    ):
+    def __call__(self, fn: Callable[..., tuple[Tensor, dict]], x: Tensor, y: Tensor, seed: int):
         while True:
             try:
+                chunks = zip(x.split(self.size), y.split(self.size), strict=True)
+                one = len(x) <= self.size  # a whole batch keeps the batch's seed
                 pieces = [
-                    fn(xs, ys, seed if len(x) <= self.size else derived_seed(seed, k))
-                    for k, (xs, ys) in enumerate(
-                        zip(x.split(self.size), y.split(self.size), strict=True)
-                    )
+                    fn(a, b, seed if one else derived_seed(seed, k))
+                    for k, (a, b) in enumerate(chunks)
                 ]
                 break
             except torch.OutOfMemoryError:
@@ -4435,9 +4414,7 @@ class Chunker:
                 torch.cuda.empty_cache()
                 self.size = max(1, self.size // 2)
         if self.size < self.said:
-            note(
-                f"note: out of memory with larger batches; attacking {self.size} images at a time from now on"
-            )
+            note(f"note: out of memory with larger batches; attacking {self.size} images at a time")
             self.said = self.size
         extras = {k: torch.cat([p[1][k] for p in pieces]) for k in pieces[0][1]}
         return torch.cat([p[0] for p in pieces]), extras
@@ -4448,9 +4425,7 @@ def sanity_warnings(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
     found = []
     with torch.no_grad():
         a, b = model(x), model(x)
-    if not (
-        bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
-    ):  # NaN != NaN: not a randomised defence
+    if not bool(torch.isfinite(a).all()):  # before the equality test: NaN != NaN
         raise CliError("the model's outputs are NaN or inf on some inputs: no accuracy is reported")
     if not torch.equal(a, b):
         found.append(
@@ -4988,27 +4963,23 @@ def cli_errors():
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise typer.Exit(130) from None
-    except OSError as e:  # a folder that is a file, no permission, a full disk: writes are atomic, nothing is lost
-        where = f": {e.filename}" if e.filename else ""
-        then = (
-            "; free some space, then run the same command again (finished work is kept)"
-            if e.errno == errno.ENOSPC
-            else ""
+    except OSError as e:  # a folder that is a file, no permission, a full disk: nothing is lost
+        full = (
+            "; free some space, then run the same command again" if e.errno == errno.ENOSPC else ""
         )
-        err_console.print(f"error: {e.strerror or first_line(e)}{where}{then}")
+        where = f": {e.filename}" if e.filename else ""
+        err_console.print(f"error: {e.strerror or first_line(e)}{where}{full}")
         raise typer.Exit(1) from None
     except (MemoryError, torch.OutOfMemoryError) as e:
         err_console.print(
-            f"error: out of memory ({first_line(e, 120)}); try a smaller --batch-size or image size",
+            f"error: out of memory ({first_line(e, 120)}); try a smaller --batch-size"
         )
         raise typer.Exit(1) from None
-    except (
-        Exception
-    ) as e:  # a case nobody foresaw still ends in one line; PART_TRACEBACK=1 shows where
+    except Exception as e:  # a case nobody foresaw still ends in one line
         if os.environ.get("PART_TRACEBACK"):
             raise
         err_console.print(
-            f"error: unexpected {type(e).__name__}: {first_line(e)} (set PART_TRACEBACK=1 for the traceback)",
+            f"error: unexpected {type(e).__name__}: {first_line(e)} (PART_TRACEBACK=1 shows where)"
         )
         raise typer.Exit(1) from None
 
@@ -5402,35 +5373,22 @@ def _eps_low_for(
 def _print_attack_tables(
     rows: list[dict], names: list[str], eps_levels: float, per_class: bool
 ) -> None:
-    console.print(
-        text_table(
-            f"accuracy (%) at eps {eps_levels:g}/255",
-            ["checkpoint", "arch", "n", *names, "worst", "±95%"],
-            [
-                [
-                    r["path"],
-                    r["arch"],
-                    r["n_examples"],
-                    *[fmt_pct(r["accuracy"].get(a)) for a in [*names, "worst"]],
-                    fmt_pct(max(half_width(v, r["n_examples"]) for v in r["accuracy"].values())),
-                ]
-                for r in rows
-            ],
-            left=("checkpoint", "arch"),
-        )
-    )
+    def cells(acc: dict) -> list[str]:
+        return [fmt_pct(acc.get(a)) for a in [*names, "worst"]]
+
+    def widest(r: dict) -> str:
+        return fmt_pct(max(half_width(v, r["n_examples"]) for v in r["accuracy"].values()))
+
+    table = [
+        [r["path"], r["arch"], r["n_examples"], *cells(r["accuracy"]), widest(r)] for r in rows
+    ]
+    headers = ["checkpoint", "arch", "n", *names, "worst", "±95%"]
+    title = f"accuracy (%) at eps {eps_levels:g}/255"
+    console.print(text_table(title, headers, table, left=("checkpoint", "arch")))
     for r in rows if per_class else []:
-        console.print(
-            text_table(
-                f"per class: {r['path']}",
-                ["class", *names, "worst"],
-                [
-                    [cls, *[fmt_pct(acc[a]) for a in [*names, "worst"]]]
-                    for cls, acc in r["per_class"].items()
-                ],
-                left=("class",),
-            )
-        )
+        table = [[name, *cells(acc)] for name, acc in r["per_class"].items()]
+        title = f"per class: {r['path']}"
+        console.print(text_table(title, ["class", *names, "worst"], table, left=("class",)))
 
 
 def binomial_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -5719,9 +5677,8 @@ FOLDER_EXPORTS: dict[str, Callable[..., Path]] = {}
 
 
 def parse_formats(text: str) -> list[str]:
-    names = (
-        EXPORT_FORMATS if text == "all" else tuple(f.strip() for f in text.split(",") if f.strip())
-    )
+    names = [f.strip() for f in text.split(",") if f.strip()]
+    names = list(EXPORT_FORMATS) if names == ["all"] else names
     known = (*EXPORT_FORMATS, *FOLDER_EXPORTS)
     bad = [f for f in names if f not in known]
     if bad or not names:
@@ -5729,37 +5686,27 @@ def parse_formats(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+FORMATS_HELP = (
+    "torchscript|onnx|pt2|all (the three), or hf: a model folder to share (with part_tools.py); "
+    "a comma-separated list."
+)
+VERIFY_HELP = "Run every exported file on a batch of another size and compare with PyTorch."
+REPORT_HELP = "An `attack --json` report: its results for this checkpoint go into the card."
+
+
 @app.command("export")
 def export_command(
     checkpoint: Checkpoint,
-    formats: Annotated[
-        str,
-        _opt(
-            "torchscript|onnx|pt2|all (the three), or hf: a model folder to share (model.safetensors, "
-            "config.json, README.md model card; with part_tools.py); a comma-separated list.",
-            "--format",
-        ),
-    ] = "all",
+    formats: Annotated[str, _opt(FORMATS_HELP, "--format")] = "all",
     out: Annotated[Path, _opt("Output folder.")] = Path("export"),
-    verify: Annotated[
-        bool,
-        _opt(
-            "Run every exported file on a batch of another size and compare with PyTorch.",
-            "--verify/--no-verify",
-        ),
-    ] = True,
+    verify: Annotated[bool, _opt(VERIFY_HELP, "--verify/--no-verify")] = True,
     arch: Arch = None,
     image_size: Annotated[
         Optional[int],
-        _opt("Input side (default: the checkpoint's, else 32).", min=8, max=MAX_IMAGE_SIZE),
+        _opt("Input side (default: the model's, else 32).", min=8, max=MAX_IMAGE_SIZE),
     ] = None,
-    report: Annotated[
-        Optional[Path],
-        _opt("An `attack --json` report: its results for this checkpoint go into the model card."),
-    ] = None,
-    replace: Annotated[
-        bool, _opt("Overwrite another model's export of the same name in --out.")
-    ] = False,
+    report: Annotated[Optional[Path], _opt(REPORT_HELP)] = None,
+    replace: Annotated[bool, _opt("Overwrite another model's export of this name.")] = False,
 ):
     """Export a checkpoint for deployment: TorchScript, ONNX and/or torch.export (.pt2),
     with <name>.json beside them (input contract, classes, training config, robustness);
