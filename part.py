@@ -3104,13 +3104,35 @@ def _read_pickle(path: Path) -> tuple[Any, str]:
     return obj, hashlib.sha256(data).hexdigest()
 
 
-def read_weights(path: Path) -> tuple[Any, dict, str]:
-    """(tensors, metadata, sha256) of a .safetensors file, or of a foreign .pt/.pth/.bin/.ckpt
-    pickle (weights only; no metadata)."""
+def read_weights(
+    path: Path, arch: Optional[str], given: str = ""
+) -> tuple[dict, CheckpointMeta, str]:
+    """(tensors, metadata, sha256) of model weights: ours (.safetensors, metadata inside) or a
+    foreign state dict of architecture `arch` (.safetensors, or .pt/.pth/.bin/.ckpt opened with
+    weights_only=True). `given`: how the user named `arch` (--arch, --model)."""
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        obj, sha256 = _read_pickle(path)
-        return obj, {}, sha256
-    return read_safetensors(path)
+        (state, sha256), metadata = _read_pickle(path), {}
+    else:
+        state, metadata, sha256 = read_safetensors(path)
+    fmt = metadata.get("format", "")
+    if fmt == STATE_FORMAT or path.name.endswith(".state.safetensors"):
+        raise CliError(
+            f"{path} is a resume state (for train --resume), not a model checkpoint; use last.safetensors or best.safetensors"
+        )
+    if fmt.startswith("part/") and fmt != FORMAT:
+        raise CliError(f"{path} is a file of part ({fmt}), not a model checkpoint")
+    if fmt == FORMAT:
+        meta = CheckpointMeta.from_metadata(metadata, path)
+        if arch is not None and arch != meta.arch:
+            raise CliError(f"{path} holds a {meta.arch} model, not {given}{arch}")
+        return state, meta, sha256
+    if arch is None:
+        raise CliError(
+            f"{path} is a foreign state dict: say which architecture with --arch ({ARCH_HELP})"
+        )
+    state = _clean_state_dict(state, path)
+    meta = CheckpointMeta(arch, _head_size(state, arch), format="foreign", source=str(path))
+    return state, meta, sha256
 
 
 def init_path(cfg: TrainConfig) -> Optional[Path]:
@@ -3126,32 +3148,21 @@ def load_init(model: nn.Module, cfg: TrainConfig, num_classes: int) -> None:
     classes (CIFAR-100 weights for CIFAR-10) keeps its fresh initialisation."""
     path = init_path(cfg)
     path = path / HF_WEIGHTS if path.is_dir() else path
-    state, metadata, sha256 = read_weights(path)
+    state, _, sha256 = read_weights(path, cfg.model, "--model ")
     if cfg.init_sha256 and cfg.init_sha256 != sha256:
         raise CliError(
             f"--init {path}: its sha256 ({sha256[:12]}...) is not the recorded {cfg.init_sha256[:12]}...: "
             "not the file this config started from"
         )
-    fmt = metadata.get("format", "")
-    if fmt == FORMAT:
-        arch = CheckpointMeta.from_metadata(metadata, path).arch
-        if arch != cfg.model:
-            raise CliError(f"--init {path} holds a {arch} model, not --model {cfg.model}")
-    elif fmt.startswith("part/"):
-        raise CliError(
-            f"--init {path} is a file of part ({fmt}), not model weights; use last.safetensors or best.safetensors"
-        )
-    else:
-        state = _clean_state_dict(state, path)
     if hasattr(model, "adapt_state"):
         state = model.adapt_state(state)
     own = model.state_dict()
-    head = [
+    head = [  # the classifier's layers, made for another number of classes
         k
         for k, v in own.items()
         if k in state
+        and v.dim()
         and state[k].shape != v.shape
-        and v.dim() >= 1
         and v.shape[0] == num_classes
         and state[k].shape[1:] == v.shape[1:]
     ]
@@ -3186,30 +3197,9 @@ def _load_checkpoint(
     if path.is_dir() and (path / HF_WEIGHTS).is_file():  # a model folder (export --format hf)
         path = path / HF_WEIGHTS
     require_file(path, "checkpoint")
-    state, metadata, sha256 = read_weights(path)
-    fmt = metadata.get("format", "")
-    if fmt == STATE_FORMAT or path.name.endswith(".state.safetensors"):
-        raise CliError(
-            f"{path} is a resume state (for train --resume), not a model checkpoint; use last.safetensors or best.safetensors"
-        )
-    if fmt == FORMAT:
-        meta = CheckpointMeta.from_metadata(metadata, path)
-        if arch is not None and arch != meta.arch:
-            raise CliError(f"{path} holds a {meta.arch} model, not {arch}")
-    elif fmt.startswith("part/"):
-        raise CliError(f"{path} is a file of part ({fmt}), not a model checkpoint")
-    else:
-        if arch is None:
-            raise CliError(
-                f"{path} is a foreign state dict: say which architecture with --arch ({ARCH_HELP})"
-            )
-        state = _clean_state_dict(state, path)
-        num_classes = _head_size(state, arch)
-        if num_classes is None:
-            raise CliError(f"{path} does not match architecture {arch}: no classifier weight found")
-        meta = CheckpointMeta(
-            arch=arch, num_classes=num_classes, format="foreign", source=str(path)
-        )
+    state, meta, sha256 = read_weights(path, arch, "")
+    if meta.num_classes is None:
+        raise CliError(f"{path} does not match architecture {arch}: no classifier weight found")
     meta.cam_layer = cam_layer or meta.cam_layer
     model = build_model(meta.arch, meta.num_classes, meta.cam_layer, meta.image_size or 32)
     load_state_into(model, state, meta.arch, path)
@@ -4721,11 +4711,9 @@ def torchscript_warnings(say: bool):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
+    old = (FutureWarning, DeprecationWarning)
     deprecated = [
-        w
-        for w in caught
-        if issubclass(w.category, (FutureWarning, DeprecationWarning))
-        and "deprecated" in str(w.message)
+        w for w in caught if issubclass(w.category, old) and "deprecated" in str(w.message)
     ]
     if deprecated and say:
         note(
@@ -4749,18 +4737,17 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path, card: dict) -> No
     """Dynamo exporter, weights inside the file, dynamic batch; the model card as metadata_props."""
     import onnx
 
-    batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
         model,
         (example,),
         dynamo=True,
         input_names=["image"],
         output_names=["logits"],
-        opset_version=18,  # the dynamo exporter's oldest
-        dynamic_shapes=({0: batch},),
-        external_data=False,
         verbose=False,
-    )
+        opset_version=18,
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        external_data=False,
+    )  # opset 18: the dynamo exporter's oldest
     proto = program.model_proto
     for key, value in card.items():
         entry = proto.metadata_props.add()
@@ -4770,9 +4757,8 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path, card: dict) -> No
 
 
 def export_pt2(model: nn.Module, example: Tensor, path: Path) -> None:
-    program = torch.export.export(
-        model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
-    )
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     buffer = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer, not our temporary name
     torch.export.save(program, buffer)
     write_bytes(path, buffer.getvalue())
