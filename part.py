@@ -381,13 +381,8 @@ def require_file(path: Path, what: str, folder: str = "is a folder, not a file")
     """An input that must be a regular file: a FIFO or a device would hang the read."""
     path = Path(path)
     if not path.is_file():
-        why = (
-            "not found"
-            if not path.exists()
-            else folder
-            if path.is_dir()
-            else "is not a regular file"
-        )
+        why = folder if path.is_dir() else "is not a regular file"
+        why = why if path.exists() else "not found"
         raise CliError(f"{what} {path} {why}")
 
 
@@ -1924,11 +1919,7 @@ def api_attack(attack: Callable[..., Tensor]) -> Callable[..., Tensor]:
         given = bound.arguments
         check_threat(given["eps"], None, given["step"], zero_eps=True)
         steps = given["steps"]
-        if (
-            isinstance(steps, bool)
-            or not isinstance(steps, int)
-            or not 0 < steps <= MAX_ATTACK_STEPS
-        ):
+        if type(steps) is not int or not 0 < steps <= MAX_ATTACK_STEPS:
             raise ValueError(
                 f"steps must be an integer from 1 to {MAX_ATTACK_STEPS}, got {steps!r}"
             )
@@ -2423,14 +2414,8 @@ def setting(
 ) -> Any:
     """A TrainConfig field with what the command line and the checks need to know (panel
     None: recorded, never an option)."""
-    meta = {
-        "help": help,
-        "panel": panel,
-        "choices": choices,
-        "bounds": bounds,
-        "levels": levels,
-        "on_resume": on_resume,
-    }
+    meta = dict(locals())  # help, panel, choices, bounds, levels, on_resume
+    del meta["default"]
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -2547,11 +2532,7 @@ class TrainConfig:
         bounds=(0, 10**8),
     )
     eval_every: int = setting(
-        1,
-        "Evaluate every N epochs and after the last.",
-        EVALUATION,
-        bounds=(1, 10**5),
-        on_resume=True,
+        1, "Evaluate every N epochs.", EVALUATION, bounds=(1, 10**5), on_resume=True
     )
     out: str = setting("", "Run folder.", RUN, on_resume=True)
     seed: int = setting(0, "Random seed.", RUN, bounds=(0, MAX_SEED))
@@ -2572,12 +2553,7 @@ class TrainConfig:
     tensorboard: bool = setting(
         False, "Also log to TensorBoard (runs/X/tensorboard).", RUN, on_resume=True
     )
-    wandb: str = setting(
-        "",
-        "Also log to this Weights & Biases project (WANDB_MODE=offline works).",
-        RUN,
-        on_resume=True,
-    )
+    wandb: str = setting("", "Also log to this Weights & Biases project.", RUN, on_resume=True)
     threads: int = setting(
         0,
         "CPU threads for PyTorch (0: one per core; 1 is often fastest on a shared machine). A "
@@ -5597,13 +5573,8 @@ def evaluate_target(
 
 def _say_result(t: EvalTarget, specs: list[AttackSpec], result: dict) -> None:
     acc = result["accuracy"]
-    console.print(
-        f"{t.path}: "
-        + ", ".join(
-            f"{s.name} {fmt_pct(acc[s.name])}% ({result['seconds'][s.name]:.1f} s)" for s in specs
-        )
-        + f", worst {fmt_pct(acc['worst'])}%",
-    )
+    said = [f"{s.name} {fmt_pct(acc[s.name])}% ({result['seconds'][s.name]:.1f} s)" for s in specs]
+    console.print(f"{t.path}: {', '.join(said)}, worst {fmt_pct(acc['worst'])}%")
     for name, parts in result.get("components", {}).items():
         console.print(
             f"{t.path}: {name} robust accuracy after "
@@ -5813,14 +5784,8 @@ def check_exports(
         verdict = ["same" if same else "DIFFERENT", "ok" if ok else "FAILED"]
         rows.append([fmt, path.name, f"{diff:.2e}", *verdict])
     headers = ["format", "file", "max |diff|", "argmax", "result"]
-    console.print(
-        text_table(
-            f"export check: batch of {batch}, max |diff| <= {tolerance:g}, same argmax",
-            headers,
-            rows,
-            left=headers,
-        )
-    )
+    title = f"export check: batch of {batch}, max |diff| <= {tolerance:g}, same argmax"
+    console.print(text_table(title, headers, rows, left=headers))
     if failed:
         raise CliError(f"export check failed for {', '.join(failed)}")
 
