@@ -2629,11 +2629,8 @@ def validate_config(cfg: TrainConfig) -> None:
             raise CliError(f"{name.replace('_', '-')} must be a finite number, got {value}")
         if bounds and value is not None and not bounds[0] <= value <= bounds[1]:
             low, high = bounds
-            what = (
-                ("positive" if 0 < low < 1e-9 else f"at least {low:g}")
-                if value < low
-                else f"at most {high:g}"
-            )
+            what = "positive" if 0 < low < 1e-9 else f"at least {low:g}"
+            what = f"at most {high:g}" if value > high else what
             raise CliError(f"{name.replace('_', '-')} must be {what}, got {value}")
     check_threat(cfg.eps, cfg.eps_low, cfg.step, 255, zero_eps=True)
     if not is_zoo(cfg.model) and cfg.model not in BUILTIN_MODELS:
@@ -2744,19 +2741,13 @@ def preset_settings(
 ) -> tuple[dict, Optional[str], dict[str, str]]:
     """(the values, the preset's name, where each value is from): the preset's (without
     --preset the dataset's own, when there is one), then the --config file's."""
-    from_file, file_preset = (
-        read_settings_file(config_file) if config_file is not None else ({}, None)
-    )
+    from_file, file_preset = read_settings_file(config_file) if config_file else ({}, None)
     presets, where = all_presets(presets_file)
-    if preset is None:
-        preset = file_preset if file_preset in presets else None
-    if preset is None:
-        name = dataset or from_file.get("dataset") or "cifar10"
-        preset = name if name in presets else None
+    name = dataset or from_file.get("dataset") or "cifar10"
+    preset = preset or (file_preset if file_preset in presets else None)
+    preset = preset or (name if name in presets else None)
     values = preset_values(presets, preset, where) if preset else {}
-    origins = {key: f"preset {preset}" for key in values} | {
-        key: str(config_file) for key in from_file
-    }
+    origins = dict.fromkeys(values, f"preset {preset}") | dict.fromkeys(from_file, str(config_file))
     return {**values, **from_file}, preset or file_preset, origins
 
 
@@ -4002,9 +3993,7 @@ def run_training(
         ) from None
     except FloatingPointError:
         kept = (
-            f"{run.files.last} keeps epoch {len(run.history)}"
-            if run.history
-            else "no checkpoint was written"
+            f"{run.files.last} keeps epoch {len(run.history)}" if run.history else "no checkpoint"
         )
         raise CliError(
             f"the training loss became NaN/inf in epoch {epoch + 1}; stopped ({kept}). Try a lower --lr",
@@ -4068,12 +4057,11 @@ def fit(
         raise CliError("--resume needs --out DIR, the run folder to start or continue")
     given = RunFiles(Path(values["out"])) if values.get("out") else None
     resume = resume and (given.state.is_file() or given.config.is_file())  # else it starts
-    presets_path = Path(presets) if presets is not None else None
-    config_path = Path(config_file) if config_file is not None else None
+    files_given = [Path(f) if f is not None else None for f in (presets, config_file)]
     if resume:
-        cfg, preset_name = resume_config(given, values, preset, presets_path, config_path)
+        cfg, preset_name = resume_config(given, values, preset, *files_given)
     else:
-        cfg, preset_name = resolve_config(values, preset, presets_path, config_path)
+        cfg, preset_name = resolve_config(values, preset, *files_given)
         init = init_path(cfg)
         if init is not None and not (init / HF_WEIGHTS).is_file():  # before the run folder is made
             require_file(init, "--init", folder=f"is a folder without {HF_WEIGHTS}")
