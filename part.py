@@ -340,9 +340,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    """Every binary file (safetensors, TorchScript, ONNX, pt2) is serialised in memory and
-    written here by Python: a full disk is an OSError with a message, not a C++ abort or a
-    library's own exception type."""
+    """Every binary file is serialised in memory and written here by Python: a full disk is
+    an OSError with a message, not a C++ abort or a library's own exception type."""
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
@@ -511,9 +510,8 @@ AMP_BY_DEFAULT = {"amx"}
 
 
 def default_amp(device: torch.device, bf16: str) -> tuple[bool, str]:
-    """--amp when not given, and a hint: on where the CPU has bf16 matrix units (the run's
-    header says so); off elsewhere (CUDA included, as before), with a hint where the CPU
-    computes bf16 natively."""
+    """--amp when not given, and a hint: on where the CPU has bf16 matrix units; off elsewhere
+    (CUDA included), with a hint where the CPU computes bf16 natively."""
     if device.type != "cpu" or not bf16:
         return False, ""
     if bf16 in AMP_BY_DEFAULT:
@@ -632,9 +630,8 @@ def all_sum(t: Tensor, dist: Dist) -> Tensor:
 
 
 def same_buffers(model: Optional[nn.Module], dist: Dist) -> None:
-    """Every process takes rank 0's buffers (BatchNorm statistics, which each process
-    updates on its own shard): the epoch's figures, `best` and the saved weights are then
-    of one model, the one rank 0 saves, and a resumed run starts where every process was."""
+    """Every process takes rank 0's buffers (BatchNorm statistics, updated on each shard): the
+    epoch's figures, `best`, the saved weights and a resume are then of one model."""
     if model is not None and dist.world > 1:
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, 0)
@@ -769,9 +766,8 @@ MAX_IMAGE_SIZE = (
 
 
 def synthetic_split(n: int, seed: int, size: int = 32) -> Split:
-    """Procedural, learnable images: one of ten shapes (the class) in a random colour at a
-    random position and scale, on a textured background (smooth colour field + stripes +
-    noise). Deterministic in (n, seed, size); made in memory with no per-image Python."""
+    """Procedural, learnable images: one of ten shapes (the class) in a random colour, position
+    and scale on a textured background. Deterministic in (n, seed, size); no per-image Python."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
     y = torch.randint(0, 10, (n,), generator=g)
@@ -903,9 +899,8 @@ def _decode_files(files: list[Path], size: int) -> Tensor:
 def _cached(
     cache_dir: str, name: str, size: int, files: list, labels: list, classes: list
 ) -> Split:
-    """The images decoded once, a uint8 copy kept in the cache (keyed by the file list, sizes
-    and mtimes). An entry that does not fit its key is decoded again; a cache that cannot be
-    written only costs the decoding time next run."""
+    """The images decoded once and kept as uint8 in the cache (keyed by the files, sizes and
+    mtimes); a damaged entry is decoded again, an unwritable cache only costs time."""
     h = hashlib.sha1(f"{FORMAT}|{name}|{size}".encode())
     for f in files:
         st = f.stat()
@@ -1071,9 +1066,8 @@ def load_split(
 
 
 def carve_validation(train: Split, size: int, seed: int) -> tuple[Split, Split]:
-    """A class-balanced validation split taken out of the training split: size // C images
-    per class (the remainder to the first classes), chosen by the seed alone. Returns
-    (train without them, validation), both in canonical order."""
+    """(train, validation): size // C images per class (the remainder to the first classes)
+    taken out of the training split, chosen by the seed alone; both in canonical order."""
     if size == 0:
         return train, train.first(0)
     classes = len(train.classes)
@@ -1116,9 +1110,8 @@ def augment(x: Tensor, flip: bool, generator: torch.Generator, pad: int = 4) -> 
 
 
 def to_float(images: Tensor) -> Tensor:
-    """Images as the models take them, floating point in [0, 1]: uint8 is divided by 255;
-    floating point is checked to lie in [0, 1] (and returned as it is, float32 at least),
-    never divided again."""
+    """Images as the models take them: uint8 divided by 255; floating point checked to lie in
+    [0, 1] and returned as it is (float32 at least), never divided again."""
     if torch.is_tensor(images) and images.dtype == torch.uint8:
         return images.float().div_(255)
     check_images(images)
@@ -1480,9 +1473,8 @@ class ZooNet(nn.Module):
 def build_model(
     name: str, num_classes: int = 10, cam_layer: Optional[str] = None, image_size: int = 32
 ) -> nn.Module:
-    """A fresh model taking images in [0, 1]: a built-in name, torchvision:NAME or timm:NAME.
-    `cam_layer` (a module name) moves the CAM of any model to that layer; torchvision and
-    timm models choose theirs for `image_size`."""
+    """A fresh model taking images in [0, 1]: a built-in name or a zoo's (torchvision:NAME, ...).
+    `cam_layer` moves the CAM to that module; zoo models choose theirs for `image_size`."""
     if not isinstance(num_classes, int) or not 2 <= num_classes <= 100_000:
         raise CliError(f"a classifier needs between 2 and 100000 classes, got {num_classes!r}")
     if is_zoo(name):
@@ -1748,9 +1740,8 @@ def eps_map(
     size: Optional[tuple[int, int]] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """Per-pixel L-inf budget ([0, 1] units) from a CAM [B, 1, h, w] in [0, 1] by one of
-    MASK_RULES. `size` is the output (input image) size; default the CAM's own. The API's
-    entry: its input is checked here; the loops call _eps_map."""
+    """Per-pixel L-inf budget ([0, 1] units) of the image `size` (default: the CAM's) from a
+    CAM [B, 1, h, w] in [0, 1] by a MASK_RULE. Checked here; the loops call _eps_map."""
     if rule not in MASK_RULES:
         raise unknown("mask rule", rule, MASK_RULES)
     check_images(cam, "cam")
@@ -1907,9 +1898,8 @@ def check_attack_inputs(
 
 
 def api_attack(attack: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """The API's entry to one of the loops' attacks (_pgd, _mma: same arguments, same
-    docs): its input is checked here, once (each check a device sync), and cast to the
-    model's dtype; the loops call the attack itself."""
+    """The API's entry to a loop's attack (_pgd, _mma: same arguments and docs): its input
+    checked once (each check a device sync) and cast to the model's dtype."""
     signature = inspect.signature(attack)
 
     @functools.wraps(attack)
@@ -2244,9 +2234,8 @@ def train_step(
 
 
 def epoch_batches(n: int, batch: int, dist: Dist, shuffle: torch.Generator) -> list[Tensor]:
-    """This process's share of every global batch of an epoch: one shuffled order on every
-    rank, each global batch cut into `world` contiguous parts (disjoint, together the whole
-    batch). A last batch too small for two images per process (BatchNorm) is dropped."""
+    """This process's share of each global batch: one shuffled order on every rank, each batch
+    cut into `world` parts; a last batch under two images a process (BatchNorm) is dropped."""
     order = torch.randperm(n, device=shuffle.device, generator=shuffle)
     return [
         idx.tensor_split(dist.world)[dist.rank]
@@ -2256,9 +2245,8 @@ def epoch_batches(n: int, batch: int, dist: Dist, shuffle: torch.Generator) -> l
 
 
 def lr_at(cfg: TrainConfig, epoch: int, step: int = 0, steps: int = 1) -> float:
-    """The lr at `step` of `steps` in `epoch` (from 0). Step schedule: lr * gamma^(number of
-    milestones reached). Cosine: linear warm-up over lr_warmup epochs, then half a cosine
-    down to 0 at the end of the last epoch."""
+    """The lr at `step` of `steps` in `epoch` (from 0): step, lr * gamma^(milestones reached);
+    cosine, linear warm-up over lr_warmup epochs, then half a cosine down to 0."""
     if cfg.schedule == "step":
         return cfg.lr * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
     done = epoch + step / steps  # epochs elapsed before this step
@@ -2670,9 +2658,8 @@ SHIPPED = "shipped:"  # the key of a shipped preset that a user's preset of its 
 
 
 def all_presets(presets_file: Optional[Path] = None) -> tuple[dict[str, dict], dict[str, Path]]:
-    """The shipped presets, then those of the user's --presets file: one of the same name
-    replaces the shipped one, which stays reachable as its `extends` (kept under SHIPPED +
-    name). Returns the tables and where each is from."""
+    """(tables, where each is from): the shipped presets, then the --presets file's; one of the
+    same name replaces the shipped one, which stays reachable as its `extends`."""
     shipped = next((p for p in config_paths() if p.is_file()), None)
     tables: dict[str, dict] = {}
     where: dict[str, Path] = {}
@@ -3074,9 +3061,8 @@ def _read_pickle(path: Path) -> tuple[Any, str]:
 def read_weights(
     path: Path, arch: Optional[str], given: str = ""
 ) -> tuple[dict, CheckpointMeta, str]:
-    """(tensors, metadata, sha256) of model weights: ours (.safetensors, metadata inside) or a
-    foreign state dict of architecture `arch` (.safetensors, or .pt/.pth/.bin/.ckpt opened with
-    weights_only=True). `given`: how the user named `arch` (--arch, --model)."""
+    """(tensors, metadata, sha256) of model weights: ours, or a foreign state dict of `arch`
+    (.pt/.pth/.bin/.ckpt opened weights-only). `given`: how the user named `arch`."""
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         (state, sha256), metadata = _read_pickle(path), {}
     else:
@@ -3110,9 +3096,8 @@ def init_path(cfg: TrainConfig) -> Optional[Path]:
 
 
 def load_init(model: nn.Module, cfg: TrainConfig, num_classes: int) -> None:
-    """--init: a checkpoint's weights as the start of a new run, its sha256 recorded in the
-    config (and checked when that config is run again). A classifier for another number of
-    classes (CIFAR-100 weights for CIFAR-10) keeps its fresh initialisation."""
+    """--init: a checkpoint's weights start the run, its sha256 recorded (and checked on a
+    re-run); a classifier for another number of classes keeps its fresh initialisation."""
     path = init_path(cfg)
     path = path / HF_WEIGHTS if path.is_dir() else path
     state, _, sha256 = read_weights(path, cfg.model, "--model ")
@@ -3148,9 +3133,8 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     cam_layer: Optional[str] = None,
 ) -> tuple[nn.Module, CheckpointMeta]:
-    """Our .safetensors checkpoints (architecture and classes from the metadata), or a
-    foreign state dict (.safetensors, or .pt/.pth opened with weights_only=True) with `arch`.
-    Returns (model in eval mode, metadata)."""
+    """(model in eval mode, metadata) of our checkpoint, or of a foreign state dict with
+    `arch` (.safetensors, or .pt/.pth opened with weights_only=True)."""
     device = pick_device(device) if isinstance(device, str) else device
     return _load_checkpoint(Path(path), arch, device, cam_layer)[:2]
 
@@ -3278,9 +3262,8 @@ def load_for_eval(
     cam_layer: Optional[str] = None,
     splits: Optional[dict] = None,
 ) -> EvalTarget:
-    """The chain `attack` and `cam` share: load, channels-last, the test split the model
-    belongs to (read once per data set when `splits` is shared; from `data_dir`, else where
-    the model was trained), and the checks that the two fit."""
+    """What `attack` and `cam` share: the model, channels-last, and its test split (once per
+    data set in `splits`; from `data_dir`, else where it was trained), checked to fit."""
     model, meta, sha256 = _load_checkpoint(Path(path), arch, device, cam_layer)
     name = dataset or meta.dataset or "cifar10"  # --dataset, else its own, else cifar10
     if name not in DATASETS:
@@ -3467,9 +3450,7 @@ class Reporter:
                 return
             task = bars.add_task(label, total=total, extra="")
 
-            def update(
-                done: int, loss: Optional[float] = None, acc: Optional[float] = None
-            ) -> None:
+            def update(done: int, loss: Optional[float] = None, acc: float = 0.0) -> None:
                 stats = {} if loss is None else {"extra": f"loss {loss:.4f} acc {100 * acc:.1f}%"}
                 bars.update(task, completed=done, **stats)
 
@@ -3803,9 +3784,8 @@ def continue_run(run: Run, data_hash: str) -> None:
 
 
 def check_cam_layer(model: nn.Module, x: Tensor, cfg: TrainConfig) -> None:
-    """Before the first epoch, not after the warm-up: the CAM layer gives a feature map with
-    more than one position (a 1 x 1 map gives every pixel the same budget: PART would be
-    plain AT at eps_low)."""
+    """Before the first epoch: the CAM layer's map has more than one position (at 1 x 1 every
+    pixel has the same budget: PART would be plain AT at eps_low)."""
     low_res = _class_activation(model, x, cfg.cam)
     if low_res.shape[-2] * low_res.shape[-1] < 2:
         layer = cfg.cam_layer or "the default CAM layer"
@@ -4329,9 +4309,8 @@ def batch_seed(seed: int, attack_key: str, batch: int) -> int:
 def check_budget(
     x_adv: Tensor, x: Tensor, eps: float | Tensor, name: str, tolerance: float = 1e-6
 ) -> None:
-    """Every AE inside the eps ball and [0, 1], finite: written so that NaN fails (a
-    comparison with NaN is false). The tolerance admits float32 rounding of foreign attacks
-    (AutoAttack's projection); ours hold the budget exactly."""
+    """Every AE inside the eps ball and [0, 1], finite (NaN fails: its comparisons are false).
+    The tolerance admits AutoAttack's float32 rounding; ours hold the budget exactly."""
     if not len(x):
         return
     inside = (x_adv - x).abs() <= torch.as_tensor(eps, dtype=x.dtype, device=x.device) + tolerance
@@ -4345,9 +4324,8 @@ def check_budget(
 
 
 class Chunker:
-    """Runs an attack on a batch in chunks; a CUDA out-of-memory error halves the chunk
-    (for the rest of the evaluation) and retries, said once the smaller size works,
-    instead of a traceback."""
+    """Runs an attack on a batch in chunks; CUDA out of memory halves the chunk (for the rest
+    of the evaluation) and retries, said once, instead of a traceback."""
 
     def __init__(self, size: int):
         self.size, self.said = size, size
@@ -4408,9 +4386,8 @@ PENDING = -1  # a point's flag before its batch is done; then 0 (broken) or 1 (r
 
 
 class PointFlags:
-    """An evaluation's per-point results by key (int8: PENDING, 0 broken, 1 robust) and the
-    seconds of each attack, in memory. part_tools' EvalState keeps them on disk as well (its
-    `put` saves), which makes an interrupted evaluation continue where it stopped."""
+    """Per-point results by key (int8: PENDING, 0 broken, 1 robust) and each attack's seconds,
+    in memory; part_tools' EvalState also saves them, so an evaluation can continue."""
 
     def __init__(self):
         self.flags: dict[str, Tensor] = {}
@@ -4749,9 +4726,8 @@ def run_exported(fmt: str, path: Path, x: Tensor) -> Tensor:
 
 
 def robustness_of(report: Path, sha256: str) -> dict:
-    """This checkpoint's row of an `attack --json` report, found by its sha256 and checked as
-    `report` checks one before it reaches a card: fractions in [0, 1], only attacks the
-    evaluation ran, the points and budget of its own record. The card then says what ran."""
+    """This checkpoint's row of an `attack --json` report (by its sha256), checked as `report`
+    checks one before it reaches a card; the card then says what ran."""
     require_file(report, "--report")
     try:
         rows = json.loads(Path(report).read_text())["checkpoints"]
@@ -4775,9 +4751,9 @@ def robustness_of(report: Path, sha256: str) -> dict:
 
 
 def checked_evaluation(row: dict) -> dict:
-    """What a report row's evaluation ran (attacks, points, budget, whether it is the standard
-    one: AutoAttack on 10,000 points at 8/255), from its own record; a figure it could not
-    have measured is refused."""
+    """What a row's evaluation ran (attacks, points, budget, whether it is the standard one:
+    AutoAttack, 10,000 points, 8/255) from its own record; a figure it could not measure is
+    refused."""
     fractions = [row["accuracy"], *row.get("components", {}).values()]
     bad = [f"{k}={v!r}" for f in fractions for k, v in f.items() if not _is_fraction(v)]
     if bad or not {"natural", "worst"} <= set(row["accuracy"]):
@@ -4839,9 +4815,8 @@ class OneLineErrors(typer.core.TyperGroup):
 
 
 def readable_help(cli_command: Any) -> None:
-    """`--help` that reads at 80 columns: short value names (none for a flag, NAME for a
-    long list of choices, which the text then lists), bounds said by the error, not shown;
-    paragraphs that rich would cut where the docstring's lines end rewrapped to the screen."""
+    """`--help` that reads at 80 columns: short value names (none for a flag, NAME for a long
+    list of choices, then listed), no bounds, paragraphs rewrapped to the screen."""
     paragraphs = inspect.cleandoc(cli_command.help or "").split("\n\n")
     cli_command.help = "\n\n".join(" ".join(text.split()) for text in paragraphs)
     if not hasattr(cli_command, "plain_help_option"):  # --help is made per call, as a flag
@@ -4890,15 +4865,13 @@ def _show_version(value: bool) -> None:
         raise typer.Exit()
 
 
+VERSION = typer.Option(
+    "--version", help="Print the versions.", callback=_show_version, is_eager=True
+)
+
+
 @app.callback()
-def cli_root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", help="Print the versions and exit.", callback=_show_version, is_eager=True
-        ),
-    ] = False,
-):
+def cli_root(version: Annotated[bool, VERSION] = False):
     """PART: pixel-reweighted adversarial training, evaluation and export. Budgets in 1/255 levels."""
 
 
@@ -5046,9 +5019,8 @@ def run_processes(nproc: int, device: str) -> int:
 
 
 def _launch_failure(failures: dict, nproc: int, logs: Path) -> int:
-    """The exit code of a failed launch, said once: a killed process could not say so
-    itself; another than process 0 failing alone said why in its own log only. The launcher
-    stops the others with SIGTERM: their failures are not the cause."""
+    """The exit code of a failed launch, said once: a killed process or one other than 0 could
+    not say so here. The launcher stops the others with SIGTERM: theirs are not the cause."""
     order = lambda kv: (kv[1].exitcode == -signal.SIGTERM, kv[1].exitcode >= 0, kv[0])  # noqa: E731
     rank, failure = min(failures.items(), key=order)
     if failure.exitcode < 0:
@@ -5077,9 +5049,8 @@ def shown_value(value: Any) -> Optional[str]:
 
 
 def _config_option(name: str, field: dataclasses.Field) -> inspect.Parameter:
-    """The `train` option of one TrainConfig field: its type for the command line, choices
-    as a Literal (shown by --help, offered by shell completion), its help and panel, and its
-    built-in default (a preset may set another)."""
+    """The `train` option of a TrainConfig field: its command-line type, choices as a Literal
+    (for --help and completion), help, panel and built-in default."""
     meta = field.metadata
     base, _ = _base_type(CONFIG_TYPES[name])
     if meta["levels"] or typing.get_origin(base) is list:
@@ -5357,9 +5328,8 @@ def half_width(p: float, n: int) -> float:
 
 
 def robustness_warnings(specs: list[AttackSpec], result: dict) -> list[str]:
-    """Signs that the numbers overstate robustness (gradient masking): a black-box attack
-    (Square) that beats the white-box ones, alone or inside AutoAttack; a single step
-    (FGSM) that beats a multi-step attack."""
+    """Signs of gradient masking: black-box Square beating the white-box attacks (alone or in
+    AutoAttack); the single-step FGSM beating a multi-step attack."""
     acc, found, alpha = result["accuracy"], [], 0.002
     steps = [s for s in specs if s.family in ("pgd", "cw") and s.name in acc]
     weakest = max(steps, key=lambda s: acc[s.name], default=None)
@@ -5653,16 +5623,14 @@ def export_command(
     report: Annotated[Optional[Path], _opt(REPORT_HELP)] = None,
     replace: Annotated[bool, _opt("Overwrite another model's export of this name.")] = False,
 ):
-    """Export a checkpoint for deployment: TorchScript, ONNX and/or torch.export (.pt2),
-    with <name>.json beside them (input contract, classes, training config, robustness);
-    or (--format hf) as a model folder to share on a model hub."""
+    """Export a checkpoint for deployment: TorchScript, ONNX and/or torch.export (.pt2), with
+    <name>.json beside them (input contract, classes, config, robustness)."""
     export_with(dict(locals()))
 
 
 def export_with(o: dict[str, Any], zoo: tuple = (None, "linf", "models"), **folder: Any) -> None:
-    """The `export` command, its options as typed; `zoo`: the data set, threat model and
-    folder of a checkpoint named in a zoo (part_tools' --dataset, --threat, --model-dir);
-    `folder`: the options of a folder format (part_tools' --license)."""
+    """The `export` command, its options as typed; `zoo` and `folder`: part_tools' --dataset,
+    --threat, --model-dir of a zoo's checkpoint, and --license of a folder format."""
     with cli_errors():
         checkpoint, arch = checkpoint_source(o["checkpoint"], o["arch"], *zoo)
         given = {k: o[k] for k in ("image_size", "verify", "report", "replace")}
