@@ -3674,9 +3674,8 @@ def run_header(
     hint = ""
     if cfg.amp is None:
         cfg.amp, hint = default_amp(device, cpu_bf16())
-    extra = (f" threads={torch.get_num_threads()}" if device.type == "cpu" else "") + (
-        f" processes={dist.world}" if dist.world > 1 else ""
-    )
+    extra = f" threads={torch.get_num_threads()}" if device.type == "cpu" else ""
+    extra += f" processes={dist.world}" if dist.world > 1 else ""
     extra += " amp=bf16 (--no-amp: fp32)" if cfg.amp and device.type == "cpu" else ""
     report.config(cfg, preset, out, device, extra)
     if hint:
@@ -3698,11 +3697,9 @@ def prepare_run(cfg: TrainConfig, preset: str, files: RunFiles, resume: bool, di
     report = Reporter(enabled=dist.main)
     run_header(report, cfg, preset, files.folder, device, dist)
     train, evaluation, eval_on, data_hash = load_run_data(cfg)
-    where = (
-        f"{len(evaluation.y)} validation images held out of the training set"
-        if eval_on == "val"
-        else f"the first {len(evaluation.y)} test images (--val-size 0: no validation split)"
-    )
+    n = len(evaluation.y)
+    where = f"the first {n} test images (--val-size 0: no validation split)"
+    where = f"{n} validation images held out of the training set" if eval_on == "val" else where
     report.print(f"natural / PGD-20 each epoch and `best` on {where}")
     init = cfg.init and not (resume and files.state.is_file())  # else the run's own weights
     model = run_model(cfg, train, device, dist, bool(init))
