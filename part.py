@@ -174,22 +174,23 @@ def check_threat(
     1: the API's [0, 1] units. `eps` may be a budget map; None is not checked."""
     at, hint = f" ({where})" if where else "", "" if unit == 255 else f" ({UNITS_HINT})"
     for name, v in (("eps", eps), ("eps-low", eps_low), ("step", step)):
+        flag = f"--{name}" if unit == 255 else name.replace("-", "_")
+        if v is None:
+            continue
         if torch.is_tensor(v) and v.is_floating_point() and v.numel():
             low, high = (float(t) for t in torch.aminmax(v.detach()))
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             low = high = float(v)
-        elif v is not None:
-            raise CliError(f"{name} must be a number{hint}, got {type(v).__name__}{at}")
-        if v is not None and not (math.isfinite(low) and math.isfinite(high)):
-            raise CliError(f"--{name} must be a finite number, got {v}{at}")
-        if v is not None and name == "step" and low <= 0:
-            raise CliError(f"--step must be positive, got {low:g}{at}")
-        if v is not None and (low < 0 or high > unit):
-            raise CliError(
-                f"budgets must be non-negative and at most {unit:g}: {name} {v}{hint}{at}"
-                if low < 0
-                else f"{name} {high:g} is larger than the whole intensity range ({unit:g}){hint}{at}"
-            )
+        else:
+            raise CliError(f"{flag} must be a number{hint}, got {type(v).__name__}{at}")
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise CliError(f"{flag} must be a finite number, got {v}{at}")
+        if name == "step" and low <= 0:
+            raise CliError(f"{flag} must be positive, got {low:g}{at}")
+        if low < 0:
+            raise CliError(f"budgets must be non-negative: {flag} {low:g}{at}")
+        if high > unit:
+            raise CliError(f"{flag} {high:g} is larger than the whole intensity range{hint}{at}")
     if not torch.is_tensor(eps) and eps == 0 and not zero_eps:
         raise CliError(f"--eps must be positive, got 0{at}")
     if eps_low is not None and eps_low > eps:
