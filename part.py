@@ -154,7 +154,7 @@ def parse_levels(text: str | float | int, name: str) -> float:
             value = float(s[:-4] if s.endswith("/255") else s)
         except ValueError:
             raise CliError(
-                f"{option}: expected a number of 1/255 levels like 8 or 8/255, got {text!r}"
+                f"{option}: expected 1/255 levels like 8 or 8/255, got {text!r}"
             ) from None
     if not math.isfinite(value):
         raise CliError(f"{option}: {text!r} is not a finite number of 1/255 levels")
@@ -438,9 +438,7 @@ def file_lock(lock: Path, what: str, used: str, remove: bool = False):
         holder = "another process"
         with contextlib.suppress(OSError):
             holder = lock.read_text().strip() or holder
-        raise CliError(
-            f"{used} is in use by {holder}; wait for it to finish or choose another"
-        ) from None
+        raise CliError(f"{used} is in use by {holder}; wait for it or choose another") from None
     try:
         yield
     finally:
@@ -586,9 +584,7 @@ def dist_from_env() -> Dist:
             return ONE_PROCESS
         return Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
     except ValueError:
-        raise CliError(
-            "WORLD_SIZE, RANK and LOCAL_RANK must be integers (set by torchrun)"
-        ) from None
+        raise CliError("WORLD_SIZE, RANK and LOCAL_RANK must be integers") from None
 
 
 def process_device(name: str, dist: Dist) -> torch.device:
@@ -677,9 +673,7 @@ def check_labels(y: Any, n: int, device: torch.device, what: str = "labels") -> 
     if len(y) != n:
         raise ValueError(f"{what}: {len(y)} labels for {n} images")
     if y.device != device:
-        raise ValueError(
-            f"{what} are on {y.device}, the images on {device}: put them on one device"
-        )
+        raise ValueError(f"{what} are on {y.device}, the images on {device}")
 
 
 def in_model_dtype(model: nn.Module, x: Tensor) -> Tensor:
@@ -1014,16 +1008,8 @@ def _tinyimagenet_split(root: Path, split: str, cache_dir: str) -> Split:
         ann = root / "val" / "val_annotations.txt"
         if not ann.is_file():
             raise DataMissing(f"{ann} not found")
-        rows = [
-            line.split("\t")
-            for line in ann.read_text(errors="replace").splitlines()
-            if line.strip()
-        ]
-        pairs = [
-            (root / "val" / "images" / r[0], index[r[1]])
-            for r in rows
-            if len(r) > 1 and r[1] in index
-        ]
+        rows = [line.split("\t") + [""] for line in ann.read_text(errors="replace").splitlines()]
+        pairs = [(root / "val/images" / r[0], index[r[1]]) for r in rows if r[1] in index]
     if not pairs:
         raise DataMissing(f"no images for the {split} split of tiny-imagenet-200 in {root}")
     files, labels = [p for p, _ in pairs], [label for _, label in pairs]
@@ -1045,9 +1031,7 @@ def load_split(
             5000 if split == "train" else 1000, seed=1 if split == "train" else 2, size=32
         )
     if not 8 <= image_size <= MAX_IMAGE_SIZE:
-        raise CliError(
-            f"image size must be between 8 and {MAX_IMAGE_SIZE} pixels, got {image_size}"
-        )
+        raise CliError(f"image size must be 8 to {MAX_IMAGE_SIZE} pixels, got {image_size}")
     root, cache_dir = Path(data_dir).expanduser(), str(cache_dir)
     if dataset == "tinyimagenet":
         return _tinyimagenet_split(root, split, cache_dir)
@@ -1269,11 +1253,8 @@ class WideResNet(FeaturesHead):
         self.fc = nn.Linear(w[3], num_classes)
         for m in self.modules():  # TRADES' initialisation
             if isinstance(m, nn.Conv2d):
-                nn.init.normal_(
-                    m.weight,
-                    0,
-                    math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)),
-                )
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
@@ -1445,7 +1426,7 @@ class ZooNet(nn.Module):
                 self(torch.zeros(1, 3, image_size, image_size))
         except (RuntimeError, AssertionError, ValueError) as e:
             raise CliError(
-                f"this model cannot take {image_size} px images ({first_line(e)})"
+                f"the model cannot take {image_size} px images ({first_line(e)})"
             ) from None
         finally:
             for h in hooks:
@@ -3536,9 +3517,7 @@ def stored_config(files: RunFiles) -> tuple[TrainConfig, str]:
         cfg = config_from_dict(stored["config"], str(files.config))
         return cfg, str(stored.get("preset") or "") or cfg.dataset
     except (RecursionError, OSError, ValueError, KeyError, TypeError) as e:
-        raise CliError(
-            f"{files.config} is damaged ({first_line(e)}); the run cannot resume"
-        ) from None
+        raise CliError(f"{files.config} is damaged ({first_line(e)}); cannot resume") from None
 
 
 def resume_config(
@@ -4112,9 +4091,7 @@ def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
         for chunk in x.split(batch_size):
             logits = model(chunk)
             if not bool(torch.isfinite(logits).all()):
-                raise CliError(
-                    "the model's outputs are NaN or inf on some inputs: no accuracy is reported"
-                )
+                raise CliError("the model's outputs are NaN or inf: no accuracy is reported")
             found.append(logits.argmax(1))
     return torch.cat(found) if found else x.new_zeros(0, dtype=torch.long)
 
@@ -4191,9 +4168,7 @@ def autoattack(
     try:
         from pyautoattack import AutoAttack
     except ImportError:
-        raise CliError(
-            "AutoAttack needs the optional package pyautoattack: pip install pyautoattack"
-        ) from None
+        raise CliError("AutoAttack needs pyautoattack: pip install pyautoattack") from None
     with rng_fork(x.device), torch.no_grad():
         adversary = AutoAttack(
             model, norm="Linf", eps=eps, version="standard", seed=seed, device=x.device
@@ -5482,9 +5457,7 @@ def load_targets(
         )
     for t in targets:
         if n > len(t.test.y):
-            raise CliError(
-                f"--n-examples {n} is more than the {len(t.test.y)} test images of {t.dataset}"
-            )
+            raise CliError(f"--n-examples {n} is more than the {len(t.test.y)} test images")
     return targets, n
 
 
