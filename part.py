@@ -4523,15 +4523,9 @@ def evaluate_suite(
     does not depend on the process count or on interruptions; the global RNG is left alone.
     `progress(attack, done, total, extra)` is told as batches finish; `hooks` (EvalHooks)
     make it resumable, sharded or saving."""
-    data, setup = (
-        on_model_device(model, data),
-        setup or AttackSetup(eps=from_levels(EVAL_EPS_LEVELS), step=from_levels(EVAL_STEP_LEVELS)),
-    )
-    if isinstance(attacks, str):
-        attacks = attacks.split(",")
-    specs = [
-        a if isinstance(a, AttackSpec) else parse_attack(a.strip(), setup.restarts) for a in attacks
-    ]
+    data, setup = on_model_device(model, data), setup or eval_setup(256)
+    attacks = attacks.split(",") if isinstance(attacks, str) else attacks
+    specs = [a if isinstance(a, AttackSpec) else parse_attack(a, setup.restarts) for a in attacks]
     hooks = hooks or EvalHooks()
     if progress is not None:  # the caller's hooks stay as they were
         hooks = dataclasses.replace(hooks, progress=progress)
@@ -4550,27 +4544,19 @@ def evaluate_suite(
                 adv.finish(spec, x_all, data.y, clean)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            seconds[spec.name] = state.seconds.get(
-                f"{hooks.prefix}{spec.key}", time.perf_counter() - t0
-            )
+            spent = time.perf_counter() - t0  # or, continued, the state's total
+            seconds[spec.name] = state.seconds.get(f"{hooks.prefix}{spec.key}", spent)
     names = ["natural"] + [spec.name for spec in specs if spec.family != "natural"]
     keys = {spec.name: spec.key for spec in specs}
     main = {name: correct[keys.get(name, name)] for name in names}
     worst = torch.stack(list(main.values())).all(0)
-    accuracy = {k: fraction(v) for k, v in main.items()}
-    accuracy["worst"] = fraction(worst)
-    components = {
-        spec.name: {c: fraction(correct[f"{spec.key}/{c}"]) for c in AA_STANDARD}
-        for spec in specs
-        if spec.family == "aa"
-    }
+    accuracy = {k: fraction(v) for k, v in {**main, "worst": worst}.items()}
     per_class = per_class_accuracy(data, {**main, "worst": worst})
-    return {
-        "accuracy": accuracy,
-        "seconds": seconds,
-        "per_class": per_class,
-        **({"components": components} if components else {}),
-    }
+    result = {"accuracy": accuracy, "seconds": seconds, "per_class": per_class}
+    for spec in (s for s in specs if s.family == "aa"):
+        parts = {c: fraction(correct[f"{spec.key}/{c}"]) for c in AA_STANDARD}
+        result.setdefault("components", {})[spec.name] = parts
+    return result
 
 
 def per_class_accuracy(data: Split, flags: dict[str, Tensor]) -> dict[str, dict[str, float]]:
