@@ -2109,6 +2109,7 @@ def test_part_py_alone_trains_attacks_and_exports_without_the_optional_packages(
     assert "--sweep" not in python("part.py", "attack", "--help").stdout
 
 
+@pytest.mark.slow  # a real run, processes or a terminal: over 2 s
 def test_import_part_is_the_card_alone_and_running_it_adds_the_tools():
     code = "import sys, part; print(sorted(c.name for c in part.app.registered_commands), 'part_tools' in sys.modules)"
     r = subprocess.run(
@@ -3260,6 +3261,7 @@ needs_hub = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # a real run, processes or a terminal: over 2 s
 def test_import_part_loads_none_of_the_optional_packages():
     extras = (
         "timm",
