@@ -161,6 +161,9 @@ def parse_levels(text: str | float | int, name: str) -> float:
     return value
 
 
+UNITS_HINT = "budgets are in [0, 1] units here: 8/255, not 8"
+
+
 def check_threat(
     eps: float | Tensor,
     eps_low: Optional[float],
@@ -177,8 +180,8 @@ def check_threat(
         flag = f"--{name}" if unit == 255 else name.replace("-", "_")
         if v is None:
             continue
-        if torch.is_tensor(v) and v.is_floating_point() and v.numel():
-            low, high = (float(t) for t in torch.aminmax(v.detach()))
+        if torch.is_tensor(v) and v.is_floating_point():  # an empty map holds nothing to check
+            low, high = (float(t) for t in torch.aminmax(v.detach())) if v.numel() else (0.0, 0.0)
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             low = high = float(v)
         else:
@@ -195,9 +198,6 @@ def check_threat(
         raise CliError(f"--eps must be positive, got 0{at}")
     if eps_low is not None and eps_low > eps:
         raise CliError(f"eps-low ({eps_low:g}) must not exceed eps ({eps:g}){at}")
-
-
-UNITS_HINT = "budgets are in [0, 1] units here: 8/255, not 8"
 
 
 # ============================================================================ console
@@ -398,10 +398,11 @@ def tensors_of(path: Path) -> tuple[dict[str, Tensor], dict[str, str], str]:
 
     data = Path(path).read_bytes()
     tensors = load(data)  # validates the whole file
-    metadata = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__")
-    if not isinstance(metadata or {}, dict):
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
         raise ValueError("the metadata is not a mapping")
-    return tensors, metadata or {}, hashlib.sha256(data).hexdigest()
+    return tensors, metadata, hashlib.sha256(data).hexdigest()
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
@@ -4572,6 +4573,7 @@ def per_class_accuracy(data: Split, flags: dict[str, Tensor]) -> dict[str, dict[
 # ============================================================================ export
 
 EXPORT_FORMATS = ("torchscript", "onnx", "pt2")
+EXAMPLE_BATCH = 2  # of the example input an export traces; the batch dimension stays dynamic
 SUFFIX = {"torchscript": ".ts.pt", "onnx": ".onnx", "pt2": ".pt2"}
 
 
@@ -5544,7 +5546,7 @@ def attack_command(
 
 
 # Exports that make a folder to share, added by other modules (part_tools: "hf", a model hub
-# folder): name -> fn(model, meta, card, out, name, license, source) -> the folder's card.
+# folder): name -> fn(model, meta, card, out, name, source, **options) -> the folder's card.
 FOLDER_EXPORTS: dict[str, Callable[..., Path]] = {}
 
 
@@ -5629,8 +5631,9 @@ def export_checkpoint(
     """What `export` does, from Python: the checkpoint as TorchScript / ONNX / torch.export
     files in `out` with the model card <name>.json; `verify` runs each file on a batch of
     another size against PyTorch. A format of FOLDER_EXPORTS ("hf", with part_tools) makes
-    `out` a model folder to share (`folder`: its options, e.g. license). Another model's export of the same name in `out` is
-    refused unless `replace`; the same model's keeps its results when no `report` is given.
+    `out` a model folder to share (`folder`: its options, e.g. license). Another model's
+    export of the same name in `out` is refused unless `replace`; the same model's keeps its
+    results when no `report` is given.
     Returns {format: path, ..., "card": path}."""
     checkpoint, out = Path(checkpoint), Path(out)
     chosen = parse_formats(formats if isinstance(formats, str) else ",".join(formats))
@@ -5641,7 +5644,7 @@ def export_checkpoint(
     before = previous_export(out, name, chosen, sha256, replace)
     size = image_size or meta.image_size or 32
     card = model_card(meta, sha256, size, robustness or before.get("robustness"))
-    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    example = torch.rand(EXAMPLE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     for fmt in (f for f in chosen if f in FOLDER_EXPORTS):
@@ -5671,7 +5674,7 @@ def export_checkpoint(
     console.print(f"model card: {out / f'{name}.json'}")
     runtimes = {fmt: p for fmt, p in files.items() if fmt not in FOLDER_EXPORTS}
     if verify and runtimes:
-        check_exports(model, runtimes, 5, size)
+        check_exports(model, runtimes, EXAMPLE_BATCH + 3, size)  # another batch size
     return {**files, "card": out / f"{name}.json"}
 
 
